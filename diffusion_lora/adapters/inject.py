@@ -1,0 +1,130 @@
+"""Placing PEFT LoRA layers into pipeline components and taking them out again."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+
+from ..errors import ConfigError
+from ..families import ALL_LINEAR, Family
+from ..formats.adapter_data import ModuleLora
+from ..formats.peft_format import lora_config_fields
+
+logger = logging.getLogger(__name__)
+_ADAPTABLE = (torch.nn.Linear, torch.nn.Conv2d)
+
+
+def base_module(module: torch.nn.Module) -> torch.nn.Module:
+    """The plain layer under a PEFT wrapper (or the module itself)."""
+    return module.get_base_layer() if isinstance(module, LoraLayer) else module
+
+
+def _plain_modules(model: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Module]]:
+    """(path, module) of every adaptable layer, seeing through existing LoRA wrappers."""
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield path, module.get_base_layer()
+        elif isinstance(module, _ADAPTABLE) and not _inside_lora_layer(path):
+            yield path, module
+
+
+def _inside_lora_layer(path: str) -> bool:
+    parts = path.split(".")
+    return any(p in {"base_layer", "lora_A", "lora_B", "lora_magnitude_vector"} for p in parts)
+
+
+def resolve_targets(
+    model: torch.nn.Module, suffixes: Sequence[str], *, component: str, linear_only: bool = True
+) -> list[str]:
+    """Exact module paths in ``model`` whose names end with one of ``suffixes`` (``*`` = all Linear).
+
+    Raises ConfigError when nothing matches, naming the component and the suffixes.
+    """
+    wanted = tuple(suffixes)
+    everything = wanted == ALL_LINEAR
+    kinds = (torch.nn.Linear,) if linear_only else _ADAPTABLE
+    paths = [
+        path
+        for path, module in _plain_modules(model)
+        if isinstance(module, kinds)
+        and (everything or any(path == s or path.endswith("." + s) for s in wanted))
+    ]
+    if not paths:
+        raise ConfigError(
+            f"targets: no layer of {component} matches {list(wanted)}; check the module names "
+            f"(e.g. to_q, to_k, to_v, to_out.0) or use a preset such as 'attn'"
+        )
+    return paths
+
+
+def target_paths(model: torch.nn.Module, family: Family, targets: str | Sequence[str], component: str) -> list[str]:
+    """Module paths for a preset name or an explicit list of module names/suffixes."""
+    suffixes = family.targets(targets) if isinstance(targets, str) else tuple(targets)
+    return resolve_targets(model, suffixes, component=component)
+
+
+def inject(model: torch.nn.Module, name: str, config: LoraConfig, *, empty: bool) -> None:
+    """Add adapter ``name`` to ``model`` with PEFT, keeping the other adapters' configs.
+
+    ``empty=True`` creates the LoRA tensors on the meta device (they are assigned right after), which
+    skips PEFT's random init and is what makes loading fast.
+    """
+    previous = dict(getattr(model, "peft_config", {}) or {})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
+        inject_adapter_in_model(config, model, adapter_name=name, low_cpu_mem_usage=empty)
+    previous[name] = config
+    model.peft_config = previous
+    model._hf_peft_config_loaded = True
+
+
+def config_for(modules: Mapping[str, ModuleLora], use_rslora: bool) -> LoraConfig:
+    """A LoraConfig that reproduces ``modules`` (paths in one component) exactly."""
+    return LoraConfig(**lora_config_fields(modules, use_rslora))
+
+
+def assign_weights(model: torch.nn.Module, name: str, modules: Mapping[str, ModuleLora]) -> None:
+    """Put the tensors of ``modules`` into the LoRA layers of adapter ``name``, on each layer's device/dtype."""
+    for path, m in modules.items():
+        layer = model.get_submodule(path)
+        weight = layer.get_base_layer().weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+
+        def param(t: torch.Tensor) -> torch.nn.Parameter:
+            return torch.nn.Parameter(t.to(device=weight.device, dtype=dtype), requires_grad=False)
+
+        layer.lora_A[name].weight = param(m.down.reshape(layer.lora_A[name].weight.shape))
+        layer.lora_B[name].weight = param(m.up.reshape(layer.lora_B[name].weight.shape))
+        if m.magnitude is not None:
+            layer.lora_magnitude_vector[name].weight = param(m.magnitude)
+
+
+def remove_from_model(model: torch.nn.Module, name: str) -> int:
+    """Delete adapter ``name`` from ``model``; layers left with no adapter are unwrapped.
+
+    Returns the number of layers the adapter was in. The model ends up exactly as before the adapter
+    was added when it was the only one.
+    """
+    count = 0
+    for path, layer in list(model.named_modules()):
+        if not isinstance(layer, LoraLayer) or name not in layer.lora_A:
+            continue
+        count += 1
+        layer._active_adapter = [a for a in layer.active_adapters if a != name]
+        layer.delete_adapter(name)
+        if not layer.lora_A:
+            parent_path, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            setattr(parent, child, layer.get_base_layer())
+    configs = getattr(model, "peft_config", None)
+    if configs is not None:
+        configs.pop(name, None)
+        if not configs:
+            del model.peft_config
+            model._hf_peft_config_loaded = False
+    return count

@@ -1,0 +1,126 @@
+"""Checking an adapter against a pipeline before anything in the pipeline is touched."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import FormatError, KeyMappingError
+from ..formats.adapter_data import AdapterData, ModuleLora
+from ..formats.family_guess import guess_families
+from .inject import _plain_modules
+from .state import AdapterState
+
+
+@dataclass
+class LoadPlan:
+    """Modules to load per component (paths inside the component), and the keys that matched nothing."""
+
+    modules: dict[str, dict[str, ModuleLora]]
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return sum(len(m) for m in self.modules.values())
+
+
+def _fit_error(where: str, module: torch.nn.Module, m: ModuleLora, source: str) -> str | None:
+    """Why ``m`` cannot be a LoRA of ``module``, or None when it fits."""
+    if isinstance(module, torch.nn.Linear):
+        in_f, out_f, kernel = module.in_features, module.out_features, ()
+    elif isinstance(module, torch.nn.Conv2d):
+        in_f, out_f, kernel = module.in_channels // module.groups, module.out_channels, tuple(module.kernel_size)
+    else:
+        return f"{where} is a {type(module).__name__}, which LoRA cannot adapt"
+    down, up, rank = m.down, m.up, m.rank
+    if rank < 1 or rank > min(in_f * max(1, _numel(kernel)), out_f):
+        return f"{where}: rank {rank} is impossible for a layer of {in_f}→{out_f} features"
+    if down.shape[1:2] != (in_f,) or (kernel and tuple(down.shape[2:]) not in (kernel,)):
+        return f"{where}: down/lora_A has shape {list(down.shape)}, the layer needs [{rank}, {in_f}, …]"
+    if up.shape[0] != out_f or up.shape[1] != rank or up[0].numel() != rank:
+        return f"{where}: up/lora_B has shape {list(up.shape)}, the layer needs [{out_f}, {rank}]"
+    if kernel and down.dim() != 4:
+        return f"{where}: a conv layer needs 4-d LoRA weights, got {list(down.shape)}"
+    if not kernel and (down.dim() != 2 or up.dim() != 2):
+        return f"{where}: a linear layer needs 2-d LoRA weights, got {list(down.shape)} and {list(up.shape)}"
+    if m.magnitude is not None and tuple(m.magnitude.shape) != (out_f,):
+        return f"{where}: DoRA magnitude has shape {list(m.magnitude.shape)}, the layer needs [{out_f}]"
+    return None
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _check_finite(key: str, m: ModuleLora, source: str) -> None:
+    for role, t in (("down", m.down), ("up", m.up), ("magnitude", m.magnitude)):
+        if t is not None and not torch.isfinite(t).all():
+            raise FormatError(
+                f"{source}: the {role} weight of {key} contains NaN or Inf values; the file is broken "
+                f"(re-download or re-export it) and was not loaded"
+            )
+    if not m.alpha > 0 or m.alpha != m.alpha or m.alpha == float("inf"):
+        raise FormatError(f"{source}: alpha of {key} is {m.alpha}, it must be a positive finite number")
+
+
+def plan_load(state: AdapterState, data: AdapterData, source: str, *, strict: bool) -> LoadPlan:
+    """Match every module of ``data`` to a layer of the pipeline and check that it fits.
+
+    Raises KeyMappingError (or FamilyMismatchError) when keys match nothing and ``strict``; a
+    shape that does not fit or a non-finite tensor is always an error.
+    """
+    layers: dict[str, dict[str, torch.nn.Module]] = {}
+    plan = LoadPlan(modules={})
+    misfits: list[str] = []
+    for key, m in data.modules.items():
+        component, _, path = key.partition(".")
+        if component not in layers:
+            model = state.components.get(component)
+            layers[component] = dict(_plain_modules(model)) if model is not None else {}
+        module = layers[component].get(path)
+        if module is None:
+            plan.skipped.append(key)
+            continue
+        problem = _fit_error(key, module, m, source)
+        if problem:
+            misfits.append(problem)
+            continue
+        _check_finite(key, m, source)
+        plan.modules.setdefault(component, {})[path] = m
+    if misfits:
+        raise KeyMappingError(
+            f"{source}: {len(misfits)} module(s) do not fit this {state.family.title} pipeline: "
+            + "; ".join(misfits[:5])
+            + (" …" if len(misfits) > 5 else "")
+        )
+    if plan.skipped and (strict or not plan.modules):
+        raise _unmatched_error(state, data, plan, source)
+    return plan
+
+
+def _unmatched_error(state: AdapterState, data: AdapterData, plan: LoadPlan, source: str) -> KeyMappingError:
+    from ..errors import FamilyMismatchError
+
+    guess = guess_families(list(data.modules))
+    examples = ", ".join(plan.skipped[:5])
+    family_note = ""
+    error_cls = KeyMappingError
+    if guess and state.family.name not in guess:
+        family_note = (
+            f" The keys look like a {' or '.join(sorted(guess))} adapter, but the pipeline is "
+            f"{state.family.name}."
+        )
+        error_cls = FamilyMismatchError
+    advice = (
+        "Load it into a pipeline of the family it was trained for."
+        if family_note
+        else "Pass strict=False to load the modules that match and skip the rest."
+    )
+    return error_cls(
+        f"{source}: {len(plan.skipped)} of {len(data.modules)} module(s) match no layer of the "
+        f"{state.family.title} pipeline (e.g. {examples}).{family_note} {advice}"
+    )

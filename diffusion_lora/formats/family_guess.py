@@ -1,0 +1,34 @@
+"""Which model family an adapter's module keys most likely belong to, from all of its keys."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+# Each rule: (families it points to, pattern over "<component>.<module path>" keys).
+_EVIDENCE: tuple[tuple[frozenset[str], re.Pattern[str]], ...] = (
+    (frozenset({"flux1"}), re.compile(r"^transformer\.single_transformer_blocks\.")),
+    (frozenset({"sd3"}), re.compile(r"^transformer\.transformer_blocks\.\d+\.attn2\.")),
+    (frozenset({"sd3", "flux1"}), re.compile(r"^transformer\.transformer_blocks\.\d+\.attn\.add_[qkv]_proj")),
+    (frozenset({"sdxl"}), re.compile(r"^text_encoder_2\.")),
+    (frozenset({"sdxl"}), re.compile(r"^unet\.(down|up)_blocks\.\d+\.attentions\.\d+\.transformer_blocks\.([2-9]|\d\d)\.")),
+    (frozenset({"sdxl"}), re.compile(r"^unet\.add_embedding\.")),
+    (frozenset({"sd1", "sd2"}), re.compile(r"^unet\.down_blocks\.0\.attentions\.")),
+    (frozenset({"sd1", "sd2"}), re.compile(r"^unet\.up_blocks\.3\.attentions\.")),
+)
+
+
+def guess_families(module_keys: Sequence[str]) -> frozenset[str]:
+    """The families the keys most specifically point to; empty when they say nothing.
+
+    Every key votes for the families its rules name; the evidence naming the fewest families wins
+    (ties: the most votes). sd1 and sd2 cannot be told apart by key names, so they come as a pair.
+    """
+    votes: dict[frozenset[str], int] = {}
+    for key in module_keys:
+        for families, pattern in _EVIDENCE:
+            if pattern.search(key):
+                votes[families] = votes.get(families, 0) + 1
+    if not votes:
+        return frozenset()
+    return min(votes, key=lambda fams: (len(fams), -votes[fams]))

@@ -1,0 +1,156 @@
+"""The diffusers / PEFT key format: ``<component>.<module>.lora_A.weight`` and ``.lora_B.weight``.
+
+Alpha is not stored as a tensor in this format; diffusers keeps each component's LoraConfig (``r``,
+``lora_alpha``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``, ``use_dora``) as JSON in the
+``lora_adapter_metadata`` header entry, flattened with the component as prefix (``unet.lora_alpha``).
+Without it, diffusers and PEFT take alpha = rank (scale 1), and so do we.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Collection, Mapping
+
+import torch
+
+from ..errors import FormatError
+from .adapter_data import AdapterData, ModuleLora
+
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+PEFT_MODEL_PREFIX = "base_model.model."
+_ROLE_SUFFIXES = (
+    (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora_magnitude_vector.weight", "magnitude"),
+    (".lora_magnitude_vector", "magnitude"),
+)
+
+
+def split_peft_key(key: str) -> tuple[str, str] | None:
+    """(module path, role) of a PEFT LoRA key, role in down/up/magnitude; None for other keys."""
+    for suffix, role in _ROLE_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    return None
+
+
+def component_configs(metadata: Mapping[str, str], components: Collection[str]) -> dict[str, dict]:
+    """Each component's LoraConfig fields from ``lora_adapter_metadata``; {} when absent."""
+    raw = metadata.get(LORA_ADAPTER_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"metadata {LORA_ADAPTER_METADATA_KEY!r} is not valid JSON ({exc})") from None
+    if not isinstance(flat, dict):
+        raise FormatError(f"metadata {LORA_ADAPTER_METADATA_KEY!r} must be a JSON object")
+    configs: dict[str, dict] = {}
+    for key, value in flat.items():
+        component, _, field = str(key).partition(".")
+        if component in components and field:
+            configs.setdefault(component, {})[field] = value
+    return configs
+
+
+def _pattern_value(patterns: object, path: str, default: object) -> object:
+    """PEFT's rule: the first pattern key that matches the end of the module path wins."""
+    if not isinstance(patterns, dict):
+        return default
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            return value
+    return default
+
+
+def _module_alpha(path: str, rank: int, config: Mapping[str, object]) -> float:
+    if not config:
+        return float(rank)
+    alpha = _pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", rank))
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
+        raise FormatError(f"lora_alpha for module {path!r} must be a positive number, got {alpha!r}")
+    return float(alpha)
+
+
+def parse_peft(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    components: Collection[str],
+    default_component: str,
+    config: Mapping[str, object] | None = None,
+) -> AdapterData:
+    """Read a diffusers/PEFT state dict into an AdapterData.
+
+    Keys without a known component prefix (a bare PEFT save of one model, possibly with
+    ``base_model.model.``) belong to ``default_component``; ``config`` is that model's
+    ``adapter_config.json`` when the file came from a PEFT folder.
+    """
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        split = split_peft_key(key.removeprefix(PEFT_MODEL_PREFIX))
+        if split is None:
+            raise FormatError(f"key {key!r} is not a diffusers/PEFT LoRA key (…lora_A.weight / …lora_B.weight)")
+        module, role = split
+        if module.partition(".")[0] not in components:
+            module = f"{default_component}.{module}"
+        parts.setdefault(module, {})[role] = tensor
+    configs = component_configs(metadata, components)
+    if config:
+        configs.setdefault(default_component, dict(config))
+    modules: dict[str, ModuleLora] = {}
+    for module, roles in parts.items():
+        if "down" not in roles or "up" not in roles:
+            missing = "lora_A" if "down" not in roles else "lora_B"
+            raise FormatError(f"module {module!r} has no {missing} weight; the file is incomplete")
+        component, _, path = module.partition(".")
+        rank = int(roles["down"].shape[0])
+        modules[module] = ModuleLora(
+            down=roles["down"],
+            up=roles["up"],
+            alpha=_module_alpha(path, rank, configs.get(component, {})),
+            magnitude=roles.get("magnitude"),
+        )
+    use_rslora = any(bool(c.get("use_rslora")) for c in configs.values())
+    return AdapterData(modules=modules, use_rslora=use_rslora, metadata=dict(metadata), format="diffusers")
+
+
+def lora_config_fields(modules: Mapping[str, ModuleLora], use_rslora: bool) -> dict[str, object]:
+    """LoraConfig fields describing ``modules`` (paths inside one component) exactly.
+
+    The most common rank and alpha become ``r``/``lora_alpha``; the others go into exact-path
+    ``rank_pattern``/``alpha_pattern`` entries, so every module keeps its own scale.
+    """
+    ranks = [m.rank for m in modules.values()]
+    alphas = [m.alpha for m in modules.values()]
+    r = max(set(ranks), key=ranks.count)
+    alpha = max(set(alphas), key=alphas.count)
+    return {
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(modules),
+        "rank_pattern": {re.escape(p): m.rank for p, m in modules.items() if m.rank != r},
+        "alpha_pattern": {re.escape(p): m.alpha for p, m in modules.items() if m.alpha != alpha},
+        "use_rslora": use_rslora,
+        "use_dora": any(m.magnitude is not None for m in modules.values()),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "init_lora_weights": True,
+    }
+
+
+def write_peft(data: AdapterData) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of a diffusers-format file for ``data``."""
+    tensors: dict[str, torch.Tensor] = {}
+    flat_config: dict[str, object] = {}
+    for component, modules in data.components().items():
+        for path, m in modules.items():
+            base = f"{component}.{path}"
+            tensors[f"{base}.lora_A.weight"] = m.down
+            tensors[f"{base}.lora_B.weight"] = m.up
+            if m.magnitude is not None:
+                tensors[f"{base}.lora_magnitude_vector"] = m.magnitude
+        for field, value in lora_config_fields(modules, data.use_rslora).items():
+            flat_config[f"{component}.{field}"] = value
+    metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(flat_config, indent=2, sort_keys=True)}
+    return tensors, metadata
