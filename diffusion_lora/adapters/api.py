@@ -225,12 +225,14 @@ def set_weights(pipe: Any, weights: Mapping[str, Weight]) -> None:
     for name, weight in weights.items():
         _require(state, name)
         checked[name] = validate_weight(name, weight, layout)
+    wanted = {n: (n in checked, checked.get(n, state.record(n).weight)) for n in state.peft_adapter_names()}
+    unchanged = all((state.record(n).enabled, state.record(n).weight) == w for n, w in wanted.items())
+    if unchanged and state.fused is not None:
+        return  # re-fusing the same weights would only cost time
     with _refused(state):
-        for name in state.peft_adapter_names():
+        for name, (enabled, weight) in wanted.items():
             rec = state.record(name)
-            rec.enabled = name in checked
-            if rec.enabled:
-                rec.weight = checked[name]
+            rec.enabled, rec.weight = enabled, weight
         apply_weights(state)
 
 

@@ -109,7 +109,8 @@ def apply_weights(state: AdapterState) -> None:
     """
     for name in state.peft_adapter_names():
         state.record(name)
-    enabled = [(n, r.weight) for n, r in state.records.items() if r.enabled]
+    # Sorted by name so the same adapters at the same weights give the same bits whatever the load order.
+    enabled = sorted((n, r.weight) for n, r in state.records.items() if r.enabled)
     cache: dict[tuple[str, Block], float] = {}
     for site in state.sites():
         _apply_site(site, enabled, cache)

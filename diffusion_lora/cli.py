@@ -1,0 +1,102 @@
+"""The ``diffusion-lora`` command line: argument parsing and output, nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import ConfigError, DiffusionLoraError
+
+DEFAULT_MODEL = "tiny-sd15"
+
+
+def split_weighted(spec: str, default: float = 1.0) -> tuple[str, float]:
+    """``PATH[:WEIGHT]`` → (path, weight); a trailing part that is not a number belongs to the path."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return spec, default
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate images with stacked LoRA adapters")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"base model: a tiny-* name, a diffusers folder, "
+                   f"a .safetensors checkpoint or a hub id (default: {DEFAULT_MODEL})")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="adapter file to apply, repeatable; weight defaults to 1")
+    p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
+                   help="folder where <lora:NAME:W> prompt tags look for NAME.safetensors")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="prompt, repeatable; may contain <lora:NAME_OR_PATH:WEIGHT> tags")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, …)")
+    p.add_argument("--out", default="out", help="output folder for the PNGs (default: out)")
+    p.add_argument("--fuse", action="store_true", help="fuse adapters into the weights for speed")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from .adapters import fuse, load_lora
+    from .generate import GenerationSettings, generate
+    from .models import load_pipeline
+
+    pipe = load_pipeline(args.model)
+    loras = {}
+    for spec in args.lora:
+        path, weight = split_weighted(spec)
+        name = load_lora(pipe, path, weight=weight)
+        loras[name] = weight
+    settings = GenerationSettings(
+        prompts=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
+        seed=args.seed, height=args.height, width=args.width, num_images=args.num_images, loras=loras,
+        lora_dirs=args.lora_dir,
+    )
+    if args.fuse:
+        from .adapters import set_weights
+
+        set_weights(pipe, loras)
+        fuse(pipe)
+    images = generate(pipe, settings)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = len(list(out.glob("*.png")))
+    for i, result in enumerate(images):
+        path = result.save(out / f"{start + i:05d}-{result.seed}.png")
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffusion-lora", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"diffusion-lora {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (DiffusionLoraError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Load a base pipeline from a tiny-model name, a diffusers folder, a single checkpoint file or a hub id.
+
+Everything is loaded with ``local_files_only`` except a hub id while the hub is not switched off: the
+library never downloads behind the user's back, and every failure is a :class:`ModelLoadError` that
+says what was tried and what to pass instead.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+
+import diffusers
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.loaders.single_file_utils import (
+    DIFFUSERS_DEFAULT_PIPELINE_PATHS,
+    SingleFileComponentError,
+    infer_diffusers_model_type,
+)
+
+from ..errors import ConfigError, ModelLoadError
+from .tiny import TINY_MODELS, build_tiny_pipeline
+
+__all__ = ["SINGLE_FILE_SUFFIXES", "detect_single_file_pipeline", "load_pipeline", "read_checkpoint_shapes"]
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_WHAT_TO_PASS = (
+    "pass a local diffusers folder (with model_index.json), a .safetensors/.ckpt file "
+    f"or one of {', '.join(TINY_MODELS)}"
+)
+
+# diffusers' single-file model types (infer_diffusers_model_type) -> the pipeline that loads them.
+_PIPELINE_OF_MODEL_TYPE: Mapping[str, str] = MappingProxyType({
+    "v1": "StableDiffusionPipeline",
+    "v2": "StableDiffusionPipeline",
+    "inpainting": "StableDiffusionInpaintPipeline",
+    "inpainting_v2": "StableDiffusionInpaintPipeline",
+    "xl_base": "StableDiffusionXLPipeline",
+    "playground-v2-5": "StableDiffusionXLPipeline",
+    "xl_refiner": "StableDiffusionXLImg2ImgPipeline",
+    "xl_inpaint": "StableDiffusionXLInpaintPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "sd35_medium": "StableDiffusion3Pipeline",
+    "sd35_large": "StableDiffusion3Pipeline",
+    "flux-dev": "FluxPipeline",
+    "flux-schnell": "FluxPipeline",
+    "flux-fill": "FluxFillPipeline",
+    "flux-depth": "FluxControlPipeline",
+})
+# infer_diffusers_model_type answers "v1" for any unknown checkpoint; a real one has the LDM UNet.
+_SD1_MARKER = "model.diffusion_model.input_blocks."
+
+
+def load_pipeline(
+    source: str | os.PathLike[str],
+    *,
+    torch_dtype: torch.dtype | None = None,
+    device: str | None = None,
+    config: str | os.PathLike[str] | None = None,
+) -> DiffusionPipeline:
+    """Load a base pipeline from ``source`` and move it to ``device`` (default: stay on the CPU).
+
+    ``source`` is tried in this order:
+
+    * a name in :data:`TINY_MODELS` — a built-in tiny random-weight pipeline (seed 0);
+    * an existing folder with ``model_index.json`` — ``DiffusionPipeline.from_pretrained``, offline;
+    * an existing ``.safetensors`` / ``.ckpt`` single file — the pipeline class is detected from the
+      checkpoint's keys and loaded with ``from_single_file``, offline; the component configs come from
+      ``config``, a diffusers folder of the same model (without one the hub cache is tried);
+    * an ``org/name`` hub id — ``DiffusionPipeline.from_pretrained`` (only the local cache when
+      ``HF_HUB_OFFLINE`` is set).
+
+    ``torch_dtype`` converts every component (e.g. ``torch.float16``). Weights loaded from disk onto
+    the CPU are copied to aligned memory, so a pipeline loaded from a saved folder computes exactly
+    what the saved one did. Raises ModelLoadError for anything that cannot be loaded, ConfigError for
+    a malformed ``device``.
+    """
+    name = os.fspath(source)
+    target = _parse_device(device)
+    path = Path(name).expanduser()
+    if name in TINY_MODELS:
+        pipe = build_tiny_pipeline(name)
+    elif path.is_dir():
+        pipe = _load_folder(path, torch_dtype)
+    elif path.is_file():
+        pipe = _load_single_file(path, torch_dtype, config)
+    elif _HUB_ID.match(name) and not name.lower().endswith(SINGLE_FILE_SUFFIXES):
+        pipe = _load_hub(name, torch_dtype)
+    else:
+        raise ModelLoadError(_missing_message(name))
+    try:
+        pipe = pipe.to(device=target, dtype=torch_dtype)
+    except (RuntimeError, AssertionError) as exc:  # torch asserts when built without that backend
+        raise ConfigError(f"device: cannot move the pipeline to {device!r}: {exc}") from exc
+    if target.type == "cpu":
+        _realign_cpu_tensors(pipe)
+    return pipe
+
+
+def _parse_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(
+            f"device: {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1', 'mps')"
+        ) from exc
+
+
+def _missing_message(name: str) -> str:
+    close = difflib.get_close_matches(name, TINY_MODELS, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"{name}: no such file or folder, and not a built-in tiny model{hint}; {_WHAT_TO_PASS}"
+
+
+def _load_folder(path: Path, torch_dtype: torch.dtype | None) -> DiffusionPipeline:
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"{path}: folder has no model_index.json, so it is not a diffusers pipeline; pass the folder "
+            "written by save_pretrained (or a hub snapshot), or a single .safetensors/.ckpt file"
+        )
+    try:
+        return DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        raise ModelLoadError(f"{path}: could not load the diffusers pipeline in this folder: {exc}") from exc
+
+
+def _hub_offline() -> bool:
+    """Whether hub access is switched off, read now (huggingface_hub reads it only at import)."""
+    import huggingface_hub.constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    return flag in {"1", "true", "yes", "on"} or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+def _load_hub(repo_id: str, torch_dtype: torch.dtype | None) -> DiffusionPipeline:
+    offline = _hub_offline()
+    try:
+        return DiffusionPipeline.from_pretrained(repo_id, torch_dtype=torch_dtype, local_files_only=offline)
+    except (OSError, ValueError) as exc:
+        why = "offline (HF_HUB_OFFLINE is set) and not in the local cache"
+        if not offline:
+            why = "offline / not found"
+        raise ModelLoadError(f"could not download {repo_id}: {why}; {_WHAT_TO_PASS}") from exc
+
+
+class _Shape:
+    """A stand-in for a tensor that only has a shape, for diffusers' key-and-shape checkpoint sniffing."""
+
+    __slots__ = ("shape",)
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = torch.Size(shape)
+
+
+def read_checkpoint_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
+    """Every tensor key of a single-file checkpoint and its shape, without loading the tensors.
+
+    ``.ckpt`` files are read with ``torch.load(weights_only=True)``, which refuses code in the pickle.
+    Raises ModelLoadError for a file that is not a readable checkpoint.
+    """
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as exc:  # safetensors, pickle and zip each raise their own error types
+        raise ModelLoadError(
+            f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc}); "
+            "if it needs pickle to load, convert it to .safetensors"
+        ) from exc
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise ModelLoadError(f"{path}: holds a {type(state).__name__}, not a dict of tensors")
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def detect_single_file_pipeline(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, str]:
+    """(diffusers model type, pipeline class name) of a single-file checkpoint, from its keys and shapes.
+
+    Uses diffusers' ``infer_diffusers_model_type``. Raises ModelLoadError for a checkpoint that is not
+    Stable Diffusion 1/2, SDXL, SD3 or Flux.1.
+    """
+    sniffable = {k: _Shape(v) for k, v in shapes.items()}
+    try:
+        model_type = infer_diffusers_model_type(sniffable)
+    except (KeyError, IndexError, UnboundLocalError, ValueError) as exc:  # sizes it has no branch for
+        raise ModelLoadError(f"checkpoint layout not recognised by diffusers ({exc})") from exc
+    if model_type == "v1" and not any(k.startswith(_SD1_MARKER) for k in shapes):
+        raise ModelLoadError(
+            "checkpoint is not a Stable Diffusion 1/2, SDXL, SD3 or Flux.1 model "
+            f"(no {_SD1_MARKER}* keys and no other known layout)"
+        )
+    pipeline = _PIPELINE_OF_MODEL_TYPE.get(model_type)
+    if pipeline is None:
+        raise ModelLoadError(
+            f"checkpoint is a {model_type!r} model, which diffusion_lora does not load as a base pipeline"
+        )
+    return model_type, pipeline
+
+
+def _load_single_file(
+    path: Path, torch_dtype: torch.dtype | None, config: str | os.PathLike[str] | None
+) -> DiffusionPipeline:
+    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise ModelLoadError(f"{path}: not a checkpoint file; {_WHAT_TO_PASS}")
+    shapes = read_checkpoint_shapes(path)
+    try:
+        model_type, pipeline_name = detect_single_file_pipeline(shapes)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from exc
+    pipeline_cls = getattr(diffusers, pipeline_name)
+    config_dir = None if config is None else Path(config).expanduser()
+    if config_dir is not None and not (config_dir / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"--config {config}: not a diffusers folder (no model_index.json); pass the folder of the "
+            f"diffusers version of the same model as {path.name}"
+        )
+    logger.info("loading %s as %s (%s)", path, pipeline_name, model_type)
+    try:
+        return pipeline_cls.from_single_file(
+            str(path),
+            config=None if config_dir is None else str(config_dir),
+            torch_dtype=torch_dtype,
+            local_files_only=True,
+        )
+    except SingleFileComponentError as exc:
+        raise ModelLoadError(
+            f"{path}: {str(exc).splitlines()[0]} A file that holds only the denoiser (common for Flux) is "
+            "not a whole pipeline: load the diffusers folder of the base model instead and swap in the "
+            "denoiser with its class's from_single_file(path, config=DIR, subfolder=...)"
+        ) from exc
+    except (OSError, ValueError, KeyError) as exc:
+        if config_dir is not None:
+            raise ModelLoadError(f"{path}: could not load with the configs of {config_dir}: {exc}") from exc
+        repo = DIFFUSERS_DEFAULT_PIPELINE_PATHS[model_type]["pretrained_model_name_or_path"]
+        raise ModelLoadError(
+            f"{path}: a single-file {model_type} checkpoint needs the component configs of its diffusers "
+            f"model ({repo}), which are not in the local hub cache and cannot be downloaded offline; pass "
+            "--config DIR (config=DIR), a folder with model_index.json of that model, e.g. a hub snapshot "
+            "or a pipeline saved with save_pretrained"
+        ) from exc
+
+
+def _realign_cpu_tensors(pipe: DiffusionPipeline) -> None:
+    """Copy CPU parameters and buffers that are not 64-byte aligned into freshly allocated memory.
+
+    Memory-mapped safetensors weights start at arbitrary 8-byte offsets, and CPU matmul kernels take a
+    different (numerically different, ~1e-7) path for them; after the copy a loaded pipeline computes
+    bit-identically to the one that was saved. Parameter objects are kept, so tied weights stay tied.
+    """
+    for component in pipe.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for tensor in (*component.parameters(), *component.buffers()):
+            if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % 64:
+                tensor.data = tensor.data.clone()

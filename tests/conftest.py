@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny pipelines built from the package's own configs, offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models gain nothing from a second thread, and on a shared 2-core machine it costs a lot.
+torch.set_num_threads(1)
+
+from diffusion_lora.models import build_tiny_pipeline  # noqa: E402
+
+from . import helpers  # noqa: E402
+
+ALL_TINY = ("tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux")
+
+
+@pytest.fixture(params=ALL_TINY)
+def tiny_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_pipe():
+    """Build a fresh tiny pipeline (cheap) so tests never see each other's adapters."""
+
+    def make(kind: str):
+        pipe = build_tiny_pipeline(kind)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return make
+
+
+@pytest.fixture
+def pipe(tiny_kind: str, make_pipe):
+    return make_pipe(tiny_kind)
+
+
+@pytest.fixture
+def run():
+    return helpers.run
