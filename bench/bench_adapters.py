@@ -3,8 +3,8 @@
 Both sides use the same model (the real SD1.5 UNet config, random weights, built twice from one seed)
 and the same adapter files. Ours runs in pipeline A, diffusers in pipeline B; the two share nothing.
 
-    python bench/bench_adapters.py            # full run (~12–16 min on 2 busy CPU cores)
-    python bench/bench_adapters.py --quick    # fewer repetitions, k ≤ 2, 16×16 latents (~4 min)
+    python bench/bench_adapters.py            # full run (~10 min on 2 CPU cores)
+    python bench/bench_adapters.py --quick    # fewer repetitions, k ≤ 2 (~4 min)
     python bench/bench_adapters.py --out results.md --profile-loads 3
 
 Measured, in this order:
@@ -14,9 +14,9 @@ Measured, in this order:
    (then ``pipe.delete_adapters``), interleaved, after one untimed warm-up each.
 3. Switch the active pair of adapters with all of them loaded: ``dl.set_weights`` vs
    ``pipe.set_adapters``, interleaved, a different pair each repetition.
-4. UNet forward (batch 1, latents 1×4×S×S, timestep 500, fixed random inputs) with no adapters, and with
-   k stacked adapters unfused and fused, as a ratio to no adapters; plus whether unfuse gives back the
-   base weights bit for bit.
+4. UNet forward (batch 1, latents 1×4×32×32 = 256 px, timestep 500, fixed random inputs) with k stacked
+   adapters unfused and fused, as a ratio to the same model without adapters; plus whether unfuse gives
+   back the base weights bit for bit. Each timed forward is paired with one of the other, plain UNet.
 
 Timings are wall-clock (``time.perf_counter``) with the garbage collector off; each figure is a median.
 """
@@ -35,6 +35,7 @@ import pstats
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +91,7 @@ class Settings:
 
 
 FULL = Settings(adapters=50, load_reps=9, switch_reps=30, forward_reps=5, ks=(1, 2, 4, 8), latent=32)
-QUICK = Settings(adapters=50, load_reps=5, switch_reps=20, forward_reps=3, ks=(1, 2), latent=16)
+QUICK = Settings(adapters=50, load_reps=5, switch_reps=20, forward_reps=3, ks=(1, 2), latent=32)
 
 
 @dataclass
@@ -290,42 +291,52 @@ def bench_switch(a: StableDiffusionPipeline, b: StableDiffusionPipeline, files: 
 
 
 # ── 4. forward passes ─────────────────────────────────────────────────────────────────────────
+#
+# On a shared 2-core machine one forward can take 1.5 s or 8 s depending on what else runs, so every
+# timed forward of a configuration is paired with a forward of the *other*, plain UNet (same weights)
+# right after it, and a configuration's figure is the median over rounds of (config / base). The two
+# UNets are separate tensors, so a calibration pair of both plain UNets is reported as the noise floor.
+
+Inputs = tuple[torch.Tensor, torch.Tensor]
 
 
-def forward_times(unet: torch.nn.Module, inputs: tuple[torch.Tensor, torch.Tensor], reps: int) -> list[float]:
-    """Seconds of ``reps`` UNet forwards after one untimed warm-up."""
+def paired_forwards(unet: torch.nn.Module, base: torch.nn.Module, inputs: Inputs, reps: int) -> list[tuple[float, float]]:
+    """``reps`` rounds of (seconds of ``unet`` forward, seconds of ``base`` forward), after one warm-up round."""
     latents, context = inputs
-    times = []
+    rounds = []
     with torch.inference_mode():
         for rep in range(reps + 1):
             t = timed(lambda: unet(latents, TIMESTEP, encoder_hidden_states=context))
+            b = timed(lambda: base(latents, TIMESTEP, encoder_hidden_states=context))
             if rep:
-                times.append(t)
-    return times
+                rounds.append((t, b))
+    return rounds
 
 
 @dataclass
 class ForwardResult:
-    unfused: dict[int, list[float]] = field(default_factory=dict)
-    fused: dict[int, list[float]] = field(default_factory=dict)
+    """Per k: paired forward rounds unfused and fused, fuse/unfuse seconds, unfuse exactness."""
+
+    unfused: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
+    fused: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
     fuse_s: dict[int, float] = field(default_factory=dict)
     unfuse_s: dict[int, float] = field(default_factory=dict)
     exact: dict[int, tuple[int, int, float]] = field(default_factory=dict)
 
 
-def forwards_ours(a, ref_unet, files, inputs, s: Settings) -> ForwardResult:
-    """k stacked adapters in A, loaded incrementally; ``ref_unet`` (B, plain) is the exactness reference."""
+def forwards_ours(a, ref_unet, files, inputs: Inputs, s: Settings) -> ForwardResult:
+    """k stacked adapters in A, loaded incrementally; ``ref_unet`` (B, plain) is base and exactness reference."""
     r = ForwardResult()
     for k in s.ks:
         for f in files[len(dl.list_loras(a)):k]:
             dl.load_lora(a, f)
         dl.set_weights(a, {f.stem: 1.0 for f in files[:k]})
-        r.unfused[k] = forward_times(a.unet, inputs, s.forward_reps)
+        r.unfused[k] = paired_forwards(a.unet, ref_unet, inputs, s.forward_reps)
         r.fuse_s[k] = timed(lambda: dl.fuse(a))
-        r.fused[k] = forward_times(a.unet, inputs, s.forward_reps)
+        r.fused[k] = paired_forwards(a.unet, ref_unet, inputs, s.forward_reps)
         r.unfuse_s[k] = timed(lambda: dl.unfuse(a))
         r.exact[k] = compare_weights(a.unet, ref_unet)
-        log(f"ours k={k}: unfused {med(r.unfused[k]):.2f} s, fused {med(r.fused[k]):.2f} s, "
+        log(f"ours k={k}: unfused {paired_ratio(r.unfused[k]):.3f}×, fused {paired_ratio(r.fused[k]):.3f}×, "
             f"unfuse differs in {r.exact[k][0]}/{r.exact[k][1]} tensors")
         assert r.exact[k][0] == 0, f"dl.unfuse is not bit-exact at k={k}: {r.exact[k]}"
     for f in files[: max(s.ks)]:
@@ -333,8 +344,8 @@ def forwards_ours(a, ref_unet, files, inputs, s: Settings) -> ForwardResult:
     return r
 
 
-def forwards_diffusers(b, ref_unet, files, inputs, s: Settings) -> ForwardResult:
-    """The same with diffusers' API in B; ``ref_unet`` (A, plain again) is the exactness reference."""
+def forwards_diffusers(b, ref_unet, files, inputs: Inputs, s: Settings) -> ForwardResult:
+    """The same with diffusers' API in B; ``ref_unet`` (A, plain again) is base and exactness reference."""
     r = ForwardResult()
     loaded: list[str] = []
     for k in s.ks:
@@ -342,16 +353,25 @@ def forwards_diffusers(b, ref_unet, files, inputs, s: Settings) -> ForwardResult
             b.load_lora_weights(str(f), adapter_name=f.stem)
             loaded.append(f.stem)
         b.set_adapters(loaded, adapter_weights=[1.0] * k)
-        r.unfused[k] = forward_times(b.unet, inputs, s.forward_reps)
+        r.unfused[k] = paired_forwards(b.unet, ref_unet, inputs, s.forward_reps)
         r.fuse_s[k] = timed(lambda: b.fuse_lora())
-        r.fused[k] = forward_times(b.unet, inputs, s.forward_reps)
+        r.fused[k] = paired_forwards(b.unet, ref_unet, inputs, s.forward_reps)
         r.unfuse_s[k] = timed(lambda: b.unfuse_lora())
         r.exact[k] = compare_weights(b.unet, ref_unet)
-        log(f"diffusers k={k}: unfused {med(r.unfused[k]):.2f} s, fused {med(r.fused[k]):.2f} s, "
+        log(f"diffusers k={k}: unfused {paired_ratio(r.unfused[k]):.3f}×, fused {paired_ratio(r.fused[k]):.3f}×, "
             f"unfuse differs in {r.exact[k][0]}/{r.exact[k][1]} tensors (max |Δ| {r.exact[k][2]:.2e})")
         restore_from(b.unet, ref_unet)  # so the next k starts from the true base weights
     b.unload_lora_weights()
     return r
+
+
+def paired_ratio(rounds: list[tuple[float, float]]) -> float:
+    """Median over rounds of config time / base time."""
+    return med([t / b for t, b in rounds])
+
+
+def cell(rounds: list[tuple[float, float]]) -> str:
+    return f"{paired_ratio(rounds):.3f}× ({med([t for t, _ in rounds]):.2f} s)"
 
 
 def bench_forward(a, b, files, s: Settings, res: Results) -> None:
@@ -359,20 +379,15 @@ def bench_forward(a, b, files, s: Settings, res: Results) -> None:
     inputs = (torch.randn(1, 4, s.latent, s.latent, generator=gen), torch.randn(1, 77, 768, generator=gen))
     same = compare_weights(a.unet, b.unet)
     assert same[0] == 0, f"the two UNets differ before the forward benchmark: {same}"
-    base = forward_times(a.unet, inputs, s.forward_reps)
-    log(f"base forward: {[round(t, 2) for t in base]} s")
+    calib = paired_forwards(a.unet, b.unet, inputs, s.forward_reps)
+    log(f"plain A vs plain B: {paired_ratio(calib):.3f}× ({[(round(x, 2), round(y, 2)) for x, y in calib]} s)")
     ours = forwards_ours(a, b.unet, files, inputs, s)
     theirs = forwards_diffusers(b, a.unet, files, inputs, s)
-    base_end = forward_times(a.unet, inputs, max(1, s.forward_reps // 2))
-    b0 = med(base)
-    res.add(f"UNet forward, no adapters (median of {len(base)}; end of run: {med(base_end):.2f} s)",
-            f"{b0:.2f} s", "same model", "")
-
-    def cell(times: list[float]) -> str:
-        return f"{med(times) / b0:.3f}× (min {min(times) / min(base):.3f}×)"
-
+    res.add(f"UNet forward, no adapters: median s (A; B); {s.forward_reps} rounds after 1 warm-up",
+            f"{med([t for t, _ in calib]):.2f} s", f"{med([x for _, x in calib]):.2f} s",
+            f"{1 / paired_ratio(calib):.3f}× (B/A, noise floor)")
     for k in s.ks:
-        res.add(f"forward, {k} adapter(s) unfused, × base", cell(ours.unfused[k]), cell(theirs.unfused[k]))
+        res.add(f"forward, {k} adapter(s) unfused, × base (median s)", cell(ours.unfused[k]), cell(theirs.unfused[k]))
     for k in s.ks:
         res.add(f"forward, {k} adapter(s) fused, × base (target ours ≤ 1.01×)",
                 cell(ours.fused[k]), cell(theirs.fused[k]))
@@ -380,7 +395,7 @@ def bench_forward(a, b, files, s: Settings, res: Results) -> None:
         res.add(f"fuse / unfuse call, k={k}", f"{ms(ours.fuse_s[k])} / {ms(ours.unfuse_s[k])}",
                 f"{ms(theirs.fuse_s[k])} / {ms(theirs.unfuse_s[k])}")
     for k in s.ks:
-        res.add(f"unfuse bit-exact, k={k} (tensors differing; max |Δ|)",
+        res.add(f"unfuse bit-exact, k={k} (base tensors differing; max abs diff)",
                 exact_cell(ours.exact[k]), exact_cell(theirs.exact[k]))
 
 
@@ -401,6 +416,8 @@ def render(res: Results, s: Settings, elapsed: float) -> str:
         f"(to_q/to_k/to_v/to_out.0) · forward: batch 1, latents 1×4×{s.latent}×{s.latent} "
         f"({s.latent * 8} px), timestep {TIMESTEP}, torch.inference_mode",
         "ours = pipeline A (diffusion_lora API); diffusers = pipeline B (its own API); same weights and files",
+        "forward ratios: each timed forward is followed by one of the other pipeline's plain UNet; the figure "
+        "is the median over rounds of (config / plain), with the median seconds of the config in brackets",
         *res.notes,
         f"total runtime {elapsed / 60:.1f} min",
         "",
@@ -413,8 +430,8 @@ def render(res: Results, s: Settings, elapsed: float) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer repetitions, k ≤ 2, 16×16 latents (~4 min)")
-    p.add_argument("--latent", type=int, help="latent side length (default 32 full, 16 quick)")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions, k ≤ 2 (~4 min)")
+    p.add_argument("--latent", type=int, help="latent side length (default 32, i.e. 256 px)")
     p.add_argument("--adapters", type=int, help="number of adapter files (default 50)")
     p.add_argument("--out", type=Path, help="also write the table to this file")
     p.add_argument("--profile-loads", type=int, default=0, metavar="N",
@@ -429,6 +446,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     s = Settings(**{**s.__dict__, **overrides})
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     diffusers.utils.logging.set_verbosity_error()  # "No LoRA keys ... text_encoder" on every load
+    # PEFT warns on every second adapter that a peft_config exists; stacking is what we do here.
+    warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
     start = time.perf_counter()
     res = Results()
     res.notes.append(f"load average at start: {os.getloadavg()[0]:.2f}")

@@ -48,7 +48,7 @@ def parse_lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
         except ValueError:
             raise ConfigError(f"prompt tag {m.group(0)!r}: weight {raw!r} is not a number") from None
         tags.append(LoraTag(m.group(1).strip(), weight))
-    clean = re.sub(r"\s{2,}", " ", _TAG.sub("", prompt)).strip().strip(",").strip()
+    clean = re.sub(r"\s+,", ",", re.sub(r"\s{2,}", " ", _TAG.sub("", prompt))).strip().strip(",").strip()
     return clean, tags
 
 

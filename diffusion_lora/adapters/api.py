@@ -20,7 +20,7 @@ from .. import __version__
 from ..errors import AdapterNotFoundError, AdapterStateError, ConfigError, DiffusionLoraError, FormatError
 from ..formats.adapter_data import AdapterData, ModuleLora
 from ..formats.peft_format import write_peft
-from ..formats.safetensors_io import write_adapter_file
+from ..formats.safetensors_io import write_adapter_file_with_hashes
 from .files import default_adapter_name, read_adapter
 from .fuse import fuse_state, unfuse_state
 from .inject import config_for, inject, remove_from_model, target_paths
@@ -400,8 +400,8 @@ def save_lora(
     """Write adapter ``name`` as a diffusers/PEFT ``.safetensors`` file (atomically).
 
     The header carries diffusers' ``lora_adapter_metadata`` (so plain ``load_lora_weights`` gets the
-    same alpha) plus diffusion_lora's own keys: family, base model, name, rank, alpha, targets,
-    trigger words and library version.
+    same alpha), diffusion_lora's own keys (family, base model, name, rank, alpha, targets, trigger
+    words, library version) and kohya's ``sshs_model_hash`` (the "addnet" hash A1111 shows).
     """
     state = state_of(pipe)
     data = adapter_data(pipe, name)
@@ -413,7 +413,7 @@ def save_lora(
     out = Path(path)
     if out.suffix != ".safetensors":
         raise ConfigError(f"{out}: adapter files must end in .safetensors")
-    write_adapter_file(out, tensors, metadata)
+    write_adapter_file_with_hashes(out, tensors, metadata)
     rec.trigger_words = words
     return out
 

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from ..errors import FormatError
-from ..families import Family
+from ..families import FAMILIES, Family
 from ..formats.adapter_data import AdapterData
 from ..formats.peft_format import parse_peft
 from ..formats.safetensors_io import read_adapter_file
@@ -51,7 +51,9 @@ def read_adapter(path: str | os.PathLike, family: Family, *, allow_pickle: bool 
     tensors, metadata = read_adapter_file(weight_file, allow_pickle=allow_pickle)
     if not tensors:
         raise FormatError(f"{weight_file}: the file holds no tensors; it is not an adapter")
-    components = (family.denoiser,) + family.text_encoders
+    # Every component name of every family, so another family's keys keep their component and fail
+    # to match visibly instead of being taken for bare keys of this family's denoiser.
+    components = {c for f in FAMILIES.values() for c in (f.denoiser, *f.text_encoders)}
     try:
         data = parse_peft(tensors, metadata, components, family.denoiser, config)
     except FormatError as exc:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import FormatError, KeyMappingError
+from ..errors import FamilyMismatchError, FormatError, KeyMappingError
 from ..formats.adapter_data import AdapterData, ModuleLora
 from ..formats.family_guess import guess_families
 from .inject import _plain_modules
@@ -91,6 +91,14 @@ def plan_load(state: AdapterState, data: AdapterData, source: str, *, strict: bo
             continue
         _check_finite(key, m, source)
         plan.modules.setdefault(component, {})[path] = m
+    guess = guess_families(data.modules)
+    if (misfits or plan.skipped) and guess and state.family.name not in guess:
+        raise FamilyMismatchError(
+            f"{source}: the keys look like a {' or '.join(sorted(guess))} adapter, but the pipeline is "
+            f"{state.family.name} ({state.family.title}): {len(plan.skipped)} of {len(data.modules)} "
+            f"module(s) match no layer and {len(misfits)} have the wrong shape. Load it into a pipeline "
+            f"of the family it was trained for."
+        )
     if misfits:
         raise KeyMappingError(
             f"{source}: {len(misfits)} module(s) do not fit this {state.family.title} pipeline: "
@@ -98,29 +106,10 @@ def plan_load(state: AdapterState, data: AdapterData, source: str, *, strict: bo
             + (" …" if len(misfits) > 5 else "")
         )
     if plan.skipped and (strict or not plan.modules):
-        raise _unmatched_error(state, data, plan, source)
-    return plan
-
-
-def _unmatched_error(state: AdapterState, data: AdapterData, plan: LoadPlan, source: str) -> KeyMappingError:
-    from ..errors import FamilyMismatchError
-
-    guess = guess_families(list(data.modules))
-    examples = ", ".join(plan.skipped[:5])
-    family_note = ""
-    error_cls = KeyMappingError
-    if guess and state.family.name not in guess:
-        family_note = (
-            f" The keys look like a {' or '.join(sorted(guess))} adapter, but the pipeline is "
-            f"{state.family.name}."
+        examples = ", ".join(plan.skipped[:5])
+        raise KeyMappingError(
+            f"{source}: {len(plan.skipped)} of {len(data.modules)} module(s) match no layer of the "
+            f"{state.family.title} pipeline (e.g. {examples}). Pass strict=False to load the modules "
+            f"that match and skip the rest."
         )
-        error_cls = FamilyMismatchError
-    advice = (
-        "Load it into a pipeline of the family it was trained for."
-        if family_note
-        else "Pass strict=False to load the modules that match and skip the rest."
-    )
-    return error_cls(
-        f"{source}: {len(plan.skipped)} of {len(data.modules)} module(s) match no layer of the "
-        f"{state.family.title} pipeline (e.g. {examples}).{family_note} {advice}"
-    )
+    return plan

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+
+from .adapter_data import ModuleLora
 
 # Each rule: (families it points to, pattern over "<component>.<module path>" keys).
 _EVIDENCE: tuple[tuple[frozenset[str], re.Pattern[str]], ...] = (
@@ -18,17 +20,31 @@ _EVIDENCE: tuple[tuple[frozenset[str], re.Pattern[str]], ...] = (
 )
 
 
-def guess_families(module_keys: Sequence[str]) -> frozenset[str]:
-    """The families the keys most specifically point to; empty when they say nothing.
+# Cross-attention context width of the real models: attn2.to_k's input features.
+_CONTEXT_WIDTH = {768: frozenset({"sd1"}), 1024: frozenset({"sd2"}), 2048: frozenset({"sdxl"})}
 
-    Every key votes for the families its rules name; the evidence naming the fewest families wins
-    (ties: the most votes). sd1 and sd2 cannot be told apart by key names, so they come as a pair.
-    """
+
+def _votes(modules: Mapping[str, ModuleLora] | Sequence[str]) -> dict[frozenset[str], int]:
     votes: dict[frozenset[str], int] = {}
-    for key in module_keys:
+    for key in modules:
         for families, pattern in _EVIDENCE:
             if pattern.search(key):
                 votes[families] = votes.get(families, 0) + 1
+        if isinstance(modules, Mapping) and key.startswith("unet.") and key.endswith("attn2.to_k"):
+            families = _CONTEXT_WIDTH.get(int(modules[key].down.shape[1]))
+            if families:
+                votes[families] = votes.get(families, 0) + 1
+    return votes
+
+
+def guess_families(modules: Mapping[str, ModuleLora] | Sequence[str]) -> frozenset[str]:
+    """The families the keys most specifically point to; empty when they say nothing.
+
+    Every key (and, given ModuleLora values, the cross-attention width) votes for the families its
+    rules name; the evidence naming the fewest families wins
+    (ties: the most votes). sd1 and sd2 cannot be told apart by key names, so they come as a pair.
+    """
+    votes = _votes(modules)
     if not votes:
         return frozenset()
     return min(votes, key=lambda fams: (len(fams), -votes[fams]))

@@ -1,0 +1,149 @@
+"""A failed load_lora raises our error and leaves the pipeline exactly as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import diffusion_lora as dl
+from diffusion_lora.adapters.state import state_of
+from diffusion_lora.formats.safetensors_io import read_metadata
+
+from .helpers import assert_same_state, model_state, run, trained_adapter
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A valid SD1.5 adapter, an SDXL adapter, and their tensors for building broken variants."""
+    from diffusion_lora.models import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("adapters")
+    sd15 = build_tiny_pipeline("tiny-sd15")
+    trained_adapter(sd15, "good", seed=30, rank=4, text_encoder=True)
+    good = dl.save_lora(sd15, "good", root / "good.safetensors")
+    sdxl = build_tiny_pipeline("tiny-sdxl")
+    trained_adapter(sdxl, "xl", seed=31, rank=4, text_encoder=True)
+    xl = dl.save_lora(sdxl, "xl", root / "xl.safetensors")
+    return root, good, xl
+
+
+def _variant(root, good, name, change):
+    tensors = load_file(str(good))
+    meta = read_metadata(good)
+    change(tensors)
+    path = root / f"{name}.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def _first_key(tensors, part):
+    return next(k for k in sorted(tensors) if part in k)
+
+
+def _make_bad(root, good, xl, case):
+    if case == "missing":
+        return root / "nope.safetensors", dl.FormatError, "no such file"
+    if case == "not-safetensors":
+        p = root / "notes.safetensors"
+        p.write_text("this is a text file, not weights\n" * 10)
+        return p, dl.FormatError, "notes.safetensors"
+    if case == "pickle":
+        p = root / "old.ckpt"
+        torch.save({"x": torch.zeros(2)}, p)
+        return p, dl.UnsafeFileError, "pickle"
+    if case == "other-family":
+        return xl, dl.FamilyMismatchError, "sdxl"
+    if case == "shape":
+        def change(t):
+            k = _first_key(t, "lora_A")
+            t[k] = torch.randn(4, t[k].shape[1] + 3)
+        return _variant(root, good, "shape", change), dl.KeyMappingError, "lora_A"
+    if case == "nan":
+        def change(t):
+            k = _first_key(t, "lora_B")
+            t[k] = t[k].clone()
+            t[k][0, 0] = float("nan")
+        return _variant(root, good, "nan", change), dl.FormatError, "NaN"
+    if case == "inf":
+        def change(t):
+            k = _first_key(t, "lora_A")
+            t[k] = t[k].clone()
+            t[k][-1, -1] = float("inf")
+        return _variant(root, good, "inf", change), dl.FormatError, "Inf"
+    if case == "incomplete":
+        def change(t):
+            del t[_first_key(t, "lora_B")]
+        return _variant(root, good, "incomplete", change), dl.FormatError, "lora_B"
+    if case == "rank-absurd":
+        def change(t):
+            ka = _first_key(t, "lora_A")
+            kb = ka.replace("lora_A", "lora_B")
+            t[ka] = torch.randn(500, t[ka].shape[1])
+            t[kb] = torch.randn(t[kb].shape[0], 500)
+        return _variant(root, good, "rank", change), dl.KeyMappingError, "rank 500"
+    raise AssertionError(case)
+
+
+CASES = ["missing", "not-safetensors", "pickle", "other-family", "shape", "nan", "inf", "incomplete", "rank-absurd"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_file_leaves_pipeline_untouched(files, make_pipe, case):
+    root, good, xl = files
+    path, error, words = _make_bad(root, good, xl, case)
+    pipe = make_pipe("tiny-sd15")
+    trained_adapter(pipe, "keep", seed=32, rank=4)
+    dl.set_weights(pipe, {"keep": 0.8})
+    before_out = run(pipe)
+    before_state = model_state(pipe)
+    before_list = dl.list_loras(pipe)
+    with pytest.raises(error) as err:
+        dl.load_lora(pipe, path, name="new")
+    assert isinstance(err.value, dl.DiffusionLoraError)
+    assert words.lower() in str(err.value).lower()
+    assert dl.list_loras(pipe) == before_list
+    assert pipe.get_list_adapters() == {"unet": ["keep"]}
+    assert_same_state(model_state(pipe), before_state)
+    assert torch.equal(run(pipe), before_out)
+
+
+def test_bad_file_while_fused_keeps_fused_state(files, make_pipe):
+    root, good, xl = files
+    pipe = make_pipe("tiny-sd15")
+    trained_adapter(pipe, "keep", seed=33, rank=4)
+    dl.fuse(pipe)
+    fused_state = model_state(pipe)
+    fused_out = run(pipe)
+    with pytest.raises(dl.FamilyMismatchError):
+        dl.load_lora(pipe, xl)
+    assert state_of(pipe).fused is not None
+    assert_same_state(model_state(pipe), fused_state)
+    assert torch.equal(run(pipe), fused_out)
+
+
+def test_family_mismatch_message_names_both_families(files, make_pipe):
+    _, _, xl = files
+    with pytest.raises(dl.FamilyMismatchError) as err:
+        dl.load_lora(make_pipe("tiny-sd15"), xl)
+    msg = str(err.value)
+    assert "xl.safetensors" in msg and "sdxl" in msg and "sd1" in msg
+    assert "match no layer" in msg
+
+
+def test_strict_false_loads_matching_and_reports_skipped(files, make_pipe):
+    root, good, _ = files
+    tensors = load_file(str(good))
+    tensors["unet.no_such_block.to_q.lora_A.weight"] = torch.zeros(4, 8)
+    tensors["unet.no_such_block.to_q.lora_B.weight"] = torch.zeros(8, 4)
+    path = root / "extra.safetensors"
+    save_file(tensors, str(path), metadata=read_metadata(good))
+    pipe = make_pipe("tiny-sd15")
+    with pytest.raises(dl.KeyMappingError, match="1 of .* module\\(s\\) match no layer"):
+        dl.load_lora(pipe, path)
+    assert dl.list_loras(pipe) == []
+    report = dl.load_lora(pipe, path, strict=False)
+    assert report.skipped == ("unet.no_such_block.to_q",)
+    reference = make_pipe("tiny-sd15")
+    dl.load_lora(reference, good)
+    assert torch.equal(run(pipe), run(reference))
