@@ -3,19 +3,17 @@
 from .api import (
     LoadReport,
     LoraInfo,
-    adapter_data,
     add_lora,
     disable,
     enable,
     fuse,
-    hotswap,
     list_loras,
     load_lora,
     remove_lora,
-    save_lora,
     set_weights,
     unfuse,
 )
+from .transfer import adapter_data, hotswap, save_lora
 
 __all__ = [
     "LoadReport",

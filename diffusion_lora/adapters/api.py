@@ -1,4 +1,4 @@
-"""The public adapter API: add, load, stack with weights, fuse, hot-swap, save, remove.
+"""The public adapter API: add, load, stack with weights, fuse, remove (hot-swap and save in transfer.py).
 
 Every function takes the diffusers pipeline first. Adapters are PEFT LoRA layers, so diffusers' own
 ``pipe.get_list_adapters()`` and ``pipe.set_adapters()`` see them too. Any number of adapters can be
@@ -7,23 +7,17 @@ active at once, each at its own weight; loading one never deactivates the others
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..errors import AdapterNotFoundError, AdapterStateError, ConfigError, DiffusionLoraError, FormatError
-from ..formats.adapter_data import AdapterData, ModuleLora
-from ..formats.peft_format import write_peft
-from ..formats.safetensors_io import write_adapter_file_with_hashes
+from ..errors import ConfigError, DiffusionLoraError, FormatError
 from .files import default_adapter_name, read_adapter
 from .fuse import fuse_state, unfuse_state
-from .inject import config_for, inject, remove_from_model, target_paths
+from .guards import check_name, refused, require, require_new, trigger_words
+from .inject import assign_weights, config_for, inject, remove_from_model, target_paths
 from .state import AdapterRecord, AdapterState, Weight, state_of
 from .validate import LoadPlan, plan_load
 from .weights import apply_weights, block_layout, validate_weight
@@ -53,38 +47,6 @@ class LoadReport:
     skipped: tuple[str, ...]
 
 
-@contextlib.contextmanager
-def _refused(state: AdapterState) -> Iterator[None]:
-    """Run a change with adapters unfused, fusing again afterwards if they were fused."""
-    was_fused = state.fused is not None
-    unfuse_state(state)
-    try:
-        yield
-    finally:
-        if was_fused:
-            fuse_state(state)
-
-
-def _check_name(name: object) -> str:
-    if not isinstance(name, str) or not name or "." in name or name != name.strip():
-        raise ConfigError(f"adapter name {name!r} must be a non-empty string without dots or outer spaces")
-    return name
-
-
-def _require(state: AdapterState, name: str) -> None:
-    if name not in state.peft_adapter_names():
-        loaded = ", ".join(state.peft_adapter_names()) or "none"
-        raise AdapterNotFoundError(f"no adapter named {name!r} is loaded (loaded: {loaded})")
-
-
-def _require_new(state: AdapterState, name: str) -> None:
-    if name in state.peft_adapter_names():
-        raise AdapterStateError(
-            f"an adapter named {name!r} is already loaded; pass another name, remove_lora() it first, "
-            f"or hotswap() new weights into it"
-        )
-
-
 def add_lora(
     pipe: Any,
     name: str,
@@ -104,8 +66,8 @@ def add_lora(
     from peft import LoraConfig
 
     state = state_of(pipe)
-    _check_name(name)
-    _require_new(state, name)
+    check_name(name)
+    require_new(state, name)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"rank must be a positive integer, got {rank!r}")
     alpha = float(rank if alpha is None else alpha)
@@ -119,7 +81,7 @@ def add_lora(
                 plan[component] = target_paths(
                     state.components[component], family, family.text_encoder_targets, component
                 )
-    with _refused(state):
+    with refused(state):
         try:
             for component, paths in plan.items():
                 config = LoraConfig(
@@ -171,14 +133,14 @@ def load_lora(
     """
     state = state_of(pipe)
     weight_file, data = read_adapter(path, state.family, allow_pickle=allow_pickle)
-    name = _check_name(name if name is not None else default_adapter_name(weight_file))
-    _require_new(state, name)
+    name = check_name(name if name is not None else default_adapter_name(weight_file))
+    require_new(state, name)
     weight = validate_weight(name, weight, block_layout(state))
     plan = plan_load(state, data, str(weight_file), strict=strict)
-    with _refused(state):
+    with refused(state):
         _inject_plan(state, name, plan, data.use_rslora)
         state.records[name] = AdapterRecord(
-            name, weight=weight, file=str(weight_file), trigger_words=_trigger_words(data), metadata=data.metadata
+            name, weight=weight, file=str(weight_file), trigger_words=trigger_words(data), metadata=data.metadata
         )
         apply_weights(state)
     if plan.skipped:
@@ -187,8 +149,6 @@ def load_lora(
 
 
 def _inject_plan(state: AdapterState, name: str, plan: LoadPlan, use_rslora: bool) -> None:
-    from .inject import assign_weights
-
     try:
         for component, modules in plan.modules.items():
             model = state.components[component]
@@ -203,17 +163,6 @@ def _inject_plan(state: AdapterState, name: str, plan: LoadPlan, use_rslora: boo
         state.invalidate()
 
 
-def _trigger_words(data: AdapterData) -> tuple[str, ...]:
-    raw = data.metadata.get("diffusion_lora.trigger_words") or data.metadata.get("modelspec.trigger_phrase")
-    if not raw:
-        return ()
-    try:
-        words = json.loads(raw)
-    except json.JSONDecodeError:
-        words = [w.strip() for w in raw.split(",")]
-    return tuple(str(w) for w in words if str(w).strip()) if isinstance(words, list) else (str(words),)
-
-
 def set_weights(pipe: Any, weights: Mapping[str, Weight]) -> None:
     """Activate exactly the named adapters, each at its weight (a number or a per-block dict).
 
@@ -223,13 +172,13 @@ def set_weights(pipe: Any, weights: Mapping[str, Weight]) -> None:
     layout = block_layout(state)
     checked = {}
     for name, weight in weights.items():
-        _require(state, name)
+        require(state, name)
         checked[name] = validate_weight(name, weight, layout)
     wanted = {n: (n in checked, checked.get(n, state.record(n).weight)) for n in state.peft_adapter_names()}
     unchanged = all((state.record(n).enabled, state.record(n).weight) == w for n, w in wanted.items())
     if unchanged and state.fused is not None:
         return  # re-fusing the same weights would only cost time
-    with _refused(state):
+    with refused(state):
         for name, (enabled, weight) in wanted.items():
             rec = state.record(name)
             rec.enabled, rec.weight = enabled, weight
@@ -240,8 +189,8 @@ def _set_enabled(pipe: Any, names: str | Sequence[str] | None, enabled: bool) ->
     state = state_of(pipe)
     chosen = state.peft_adapter_names() if names is None else [names] if isinstance(names, str) else list(names)
     for name in chosen:
-        _require(state, name)
-    with _refused(state):
+        require(state, name)
+    with refused(state):
         for name in chosen:
             state.record(name).enabled = enabled
         apply_weights(state)
@@ -260,8 +209,8 @@ def disable(pipe: Any, names: str | Sequence[str] | None = None) -> None:
 def remove_lora(pipe: Any, name: str) -> None:
     """Unload an adapter; layers left without adapters become plain layers again."""
     state = state_of(pipe)
-    _require(state, name)
-    with _refused(state):
+    require(state, name)
+    with refused(state):
         _remove_everywhere(state, name)
         state.records.pop(name, None)
         apply_weights(state)
@@ -312,133 +261,3 @@ def unfuse(pipe: Any) -> int:
     """Restore the exact base weights saved by :func:`fuse`; returns layers restored."""
     return unfuse_state(state_of(pipe))
 
-
-def adapter_data(pipe: Any, name: str) -> AdapterData:
-    """The tensors of a loaded adapter as AdapterData (CPU copies), for saving or tools."""
-    state = state_of(pipe)
-    _require(state, name)
-    modules: dict[str, ModuleLora] = {}
-    use_rslora = False
-    for site in state.sites():
-        layer = site.layer
-        if name not in layer.lora_A:
-            continue
-        magnitude = layer.lora_magnitude_vector[name].weight if name in layer.lora_magnitude_vector else None
-        modules[f"{site.component}.{site.path}"] = ModuleLora(
-            down=_cpu(layer.lora_A[name].weight),
-            up=_cpu(layer.lora_B[name].weight),
-            alpha=float(layer.lora_alpha[name]),
-            magnitude=None if magnitude is None else _cpu(magnitude),
-        )
-        use_rslora = use_rslora or bool(layer.use_rslora.get(name, False))
-    return AdapterData(modules=modules, use_rslora=use_rslora, metadata=dict(state.record(name).metadata))
-
-
-def _cpu(t: Any) -> Any:
-    return t.detach().to("cpu").contiguous()
-
-
-def hotswap(pipe: Any, name: str, path: str | os.PathLike, *, allow_pickle: bool = False) -> None:
-    """Replace the weights of loaded adapter ``name`` with a file's, in place (no re-injection).
-
-    The file must cover the same modules with the same ranks; alpha may differ. On any error the
-    pipeline is unchanged.
-    """
-    state = state_of(pipe)
-    _require(state, name)
-    weight_file, data = read_adapter(path, state.family, allow_pickle=allow_pickle)
-    plan = plan_load(state, data, str(weight_file), strict=True)
-    current = adapter_data(pipe, name)
-    new = {f"{c}.{p}": m for c, mods in plan.modules.items() for p, m in mods.items()}
-    if set(new) != set(current.modules):
-        differ = sorted(set(new) ^ set(current.modules))
-        raise AdapterStateError(
-            f"{weight_file}: cannot hot-swap into {name!r}: the files adapt different modules "
-            f"({len(differ)} differ, e.g. {', '.join(differ[:3])}); use remove_lora + load_lora"
-        )
-    for key, m in new.items():
-        old = current.modules[key]
-        if (m.down.shape, m.up.shape) != (old.down.shape, old.up.shape) or (m.magnitude is None) != (
-            old.magnitude is None
-        ):
-            raise AdapterStateError(
-                f"{weight_file}: cannot hot-swap into {name!r}: {key} has rank {m.rank}, loaded rank {old.rank}"
-                f" (or DoRA differs); use remove_lora + load_lora"
-            )
-    with _refused(state):
-        _copy_into(state, name, new, data.use_rslora)
-        rec = state.record(name)
-        rec.file, rec.metadata, rec.trigger_words = str(weight_file), data.metadata, _trigger_words(data)
-        apply_weights(state)
-
-
-def _copy_into(state: AdapterState, name: str, modules: Mapping[str, ModuleLora], use_rslora: bool) -> None:
-    import torch
-
-    with torch.no_grad():
-        for site in state.sites():
-            m = modules.get(f"{site.component}.{site.path}")
-            if m is None:
-                continue
-            layer = site.layer
-            layer.lora_A[name].weight.copy_(m.down.reshape(layer.lora_A[name].weight.shape))
-            layer.lora_B[name].weight.copy_(m.up.reshape(layer.lora_B[name].weight.shape))
-            if m.magnitude is not None:
-                layer.lora_magnitude_vector[name].weight.copy_(m.magnitude)
-            layer.lora_alpha[name] = m.alpha
-            layer.use_rslora[name] = use_rslora
-
-
-def save_lora(
-    pipe: Any,
-    name: str,
-    path: str | os.PathLike,
-    *,
-    trigger_words: Sequence[str] | None = None,
-    extra_metadata: Mapping[str, str] | None = None,
-) -> Path:
-    """Write adapter ``name`` as a diffusers/PEFT ``.safetensors`` file (atomically).
-
-    The header carries diffusers' ``lora_adapter_metadata`` (so plain ``load_lora_weights`` gets the
-    same alpha), diffusion_lora's own keys (family, base model, name, rank, alpha, targets, trigger
-    words, library version) and kohya's ``sshs_model_hash`` (the "addnet" hash A1111 shows).
-    """
-    state = state_of(pipe)
-    data = adapter_data(pipe, name)
-    tensors, metadata = write_peft(data)
-    rec = state.record(name)
-    words = tuple(trigger_words) if trigger_words is not None else rec.trigger_words
-    metadata.update(_our_metadata(pipe, state, name, data, words))
-    metadata.update({str(k): str(v) for k, v in (extra_metadata or {}).items()})
-    out = Path(path)
-    if out.suffix != ".safetensors":
-        raise ConfigError(f"{out}: adapter files must end in .safetensors")
-    write_adapter_file_with_hashes(out, tensors, metadata)
-    rec.trigger_words = words
-    return out
-
-
-def _module_suffix(key: str) -> str:
-    """``to_q`` of ``unet.…attn1.to_q``; ``to_out.0`` of ``unet.…attn1.to_out.0``."""
-    parts = key.split(".")
-    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
-
-
-def _our_metadata(pipe: Any, state: AdapterState, name: str, data: AdapterData, words: Sequence[str]) -> dict:
-    ranks = sorted({m.rank for m in data.modules.values()})
-    alphas = sorted({m.alpha for m in data.modules.values()})
-    suffixes = sorted({_module_suffix(key) for key in data.modules})
-    base = getattr(getattr(pipe, "config", None), "_name_or_path", None) or ""
-    return {
-        "diffusion_lora.version": __version__,
-        "diffusion_lora.name": name,
-        "diffusion_lora.family": state.family.name,
-        "diffusion_lora.base_model": str(base),
-        "diffusion_lora.rank": str(ranks[0]) if len(ranks) == 1 else json.dumps(ranks),
-        "diffusion_lora.alpha": str(alphas[0]) if len(alphas) == 1 else json.dumps(alphas),
-        "diffusion_lora.use_rslora": json.dumps(data.use_rslora),
-        "diffusion_lora.use_dora": json.dumps(data.use_dora),
-        "diffusion_lora.targets": json.dumps(suffixes),
-        "diffusion_lora.components": json.dumps(sorted(data.components())),
-        "diffusion_lora.trigger_words": json.dumps(list(words)),
-    }

@@ -13,7 +13,8 @@ _EVIDENCE: tuple[tuple[frozenset[str], re.Pattern[str]], ...] = (
     (frozenset({"sd3"}), re.compile(r"^transformer\.transformer_blocks\.\d+\.attn2\.")),
     (frozenset({"sd3", "flux1"}), re.compile(r"^transformer\.transformer_blocks\.\d+\.attn\.add_[qkv]_proj")),
     (frozenset({"sdxl"}), re.compile(r"^text_encoder_2\.")),
-    (frozenset({"sdxl"}), re.compile(r"^unet\.(down|up)_blocks\.\d+\.attentions\.\d+\.transformer_blocks\.([2-9]|\d\d)\.")),
+    # SDXL stacks 2 or 10 transformer blocks per attention; SD1/SD2 have one.
+    (frozenset({"sdxl"}), re.compile(r"^unet\.(down|up)_blocks\.\d+\.attentions\.\d+\.transformer_blocks\.[1-9]")),
     (frozenset({"sdxl"}), re.compile(r"^unet\.add_embedding\.")),
     (frozenset({"sd1", "sd2"}), re.compile(r"^unet\.down_blocks\.0\.attentions\.")),
     (frozenset({"sd1", "sd2"}), re.compile(r"^unet\.up_blocks\.3\.attentions\.")),

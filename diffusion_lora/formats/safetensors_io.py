@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from diffusion_lora.errors import FormatError, UnsafeFileError
+from diffusion_lora.formats.atomic import atomic_write_bytes
 from diffusion_lora.formats.hashes import addnet_hash_of_bytes, legacy_hash_of_bytes
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def write_adapter_file(
     """
     path = Path(path)
     data = _serialize(_prepare_tensors(tensors, path), _check_metadata(metadata, path), path)
-    _atomic_write(path, data)
+    atomic_write_bytes(path, data, what="adapter file")
 
 
 def write_adapter_file_with_hashes(
@@ -144,7 +144,7 @@ def write_adapter_file_with_hashes(
     meta["sshs_model_hash"] = addnet_hash_of_bytes(training_only)
     meta["sshs_legacy_hash"] = legacy_hash_of_bytes(training_only)
     del training_only
-    _atomic_write(path, _serialize(prepared, meta, path))
+    atomic_write_bytes(path, _serialize(prepared, meta, path), what="adapter file")
     return meta
 
 
@@ -470,69 +470,3 @@ def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
         return safetensors.torch.save(tensors, metadata=metadata)
     except (SafetensorError, RuntimeError, ValueError) as e:
         raise FormatError(f"{path}: could not serialize the tensors: {e}") from e
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a fresh temp file beside ``path``, fsync it, then replace ``path`` with it."""
-    if path.is_dir():
-        raise FormatError(f"{path}: is a directory; give the path of the file to write")
-    fd, tmp = _create_temp(path)
-    try:
-        try:
-            if path.exists():
-                os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException as e:
-        _remove_quietly(tmp)
-        if isinstance(e, OSError):
-            raise FormatError(f"{path}: could not write the adapter file: {e}") from e
-        raise
-    _fsync_directory(path.parent)
-
-
-def _create_temp(path: Path) -> tuple[int, str]:
-    # O_EXCL with mode 0o666 (unlike mkstemp's 0o600) lets the umask decide a new file's permissions.
-    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    for _ in range(100):
-        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise FormatError(f"{path}: cannot create a file in {path.parent}: {e.strerror or e}") from e
-    raise FormatError(f"{path}: could not find a free temp file name in {path.parent}")
-
-
-def _remove_quietly(tmp: str) -> None:
-    try:
-        os.unlink(tmp)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        logger.warning("could not remove temp file %s: %s", tmp, e)
-
-
-def _fsync_directory(directory: Path) -> None:
-    # The file is already in place; a folder that cannot be fsynced (Windows, some network file
-    # systems) only weakens durability after a power loss, so it is logged, not raised.
-    if os.name != "posix":
-        return
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        logger.warning("could not fsync directory %s: %s", directory, e)

@@ -1,0 +1,58 @@
+"""Checks and context shared by the adapter API functions."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+
+from ..errors import AdapterNotFoundError, AdapterStateError, ConfigError
+from ..formats.adapter_data import AdapterData
+from .fuse import fuse_state, unfuse_state
+from .state import AdapterState
+
+
+@contextlib.contextmanager
+def refused(state: AdapterState) -> Iterator[None]:
+    """Run a change with adapters unfused, fusing again afterwards if they were fused."""
+    was_fused = state.fused is not None
+    unfuse_state(state)
+    try:
+        yield
+    finally:
+        if was_fused:
+            fuse_state(state)
+
+
+def check_name(name: object) -> str:
+    if not isinstance(name, str) or not name or "." in name or name != name.strip():
+        raise ConfigError(f"adapter name {name!r} must be a non-empty string without dots or outer spaces")
+    return name
+
+
+def require(state: AdapterState, name: str) -> None:
+    if name not in state.peft_adapter_names():
+        loaded = ", ".join(state.peft_adapter_names()) or "none"
+        raise AdapterNotFoundError(f"no adapter named {name!r} is loaded (loaded: {loaded})")
+
+
+def require_new(state: AdapterState, name: str) -> None:
+    if name in state.peft_adapter_names():
+        raise AdapterStateError(
+            f"an adapter named {name!r} is already loaded; pass another name, remove_lora() it first, "
+            f"or hotswap() new weights into it"
+        )
+
+
+
+def trigger_words(data: AdapterData) -> tuple[str, ...]:
+    raw = data.metadata.get("diffusion_lora.trigger_words") or data.metadata.get("modelspec.trigger_phrase")
+    if not raw:
+        return ()
+    try:
+        words = json.loads(raw)
+    except json.JSONDecodeError:
+        words = [w.strip() for w in raw.split(",")]
+    return tuple(str(w) for w in words if str(w).strip()) if isinstance(words, list) else (str(words),)
+
+

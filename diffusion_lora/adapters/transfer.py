@@ -1,0 +1,151 @@
+"""Moving adapter tensors in and out of the pipeline: AdapterData export, hot-swap and saving."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..errors import AdapterStateError, ConfigError
+from ..formats.adapter_data import AdapterData, ModuleLora
+from ..formats.peft_format import write_peft
+from ..formats.safetensors_io import write_adapter_file_with_hashes
+from .files import read_adapter
+from .guards import refused, require, trigger_words
+from .state import AdapterState, state_of
+from .validate import plan_load
+from .weights import apply_weights
+
+
+def adapter_data(pipe: Any, name: str) -> AdapterData:
+    """The tensors of a loaded adapter as AdapterData (CPU copies), for saving or tools."""
+    state = state_of(pipe)
+    require(state, name)
+    modules: dict[str, ModuleLora] = {}
+    use_rslora = False
+    for site in state.sites():
+        layer = site.layer
+        if name not in layer.lora_A:
+            continue
+        magnitude = layer.lora_magnitude_vector[name].weight if name in layer.lora_magnitude_vector else None
+        modules[f"{site.component}.{site.path}"] = ModuleLora(
+            down=_cpu(layer.lora_A[name].weight),
+            up=_cpu(layer.lora_B[name].weight),
+            alpha=float(layer.lora_alpha[name]),
+            magnitude=None if magnitude is None else _cpu(magnitude),
+        )
+        use_rslora = use_rslora or bool(layer.use_rslora.get(name, False))
+    return AdapterData(modules=modules, use_rslora=use_rslora, metadata=dict(state.record(name).metadata))
+
+
+def _cpu(t: Any) -> Any:
+    return t.detach().to("cpu").contiguous()
+
+
+def hotswap(pipe: Any, name: str, path: str | os.PathLike, *, allow_pickle: bool = False) -> None:
+    """Replace the weights of loaded adapter ``name`` with a file's, in place (no re-injection).
+
+    The file must cover the same modules with the same ranks; alpha may differ. On any error the
+    pipeline is unchanged.
+    """
+    state = state_of(pipe)
+    require(state, name)
+    weight_file, data = read_adapter(path, state.family, allow_pickle=allow_pickle)
+    plan = plan_load(state, data, str(weight_file), strict=True)
+    current = adapter_data(pipe, name)
+    new = {f"{c}.{p}": m for c, mods in plan.modules.items() for p, m in mods.items()}
+    if set(new) != set(current.modules):
+        differ = sorted(set(new) ^ set(current.modules))
+        raise AdapterStateError(
+            f"{weight_file}: cannot hot-swap into {name!r}: the files adapt different modules "
+            f"({len(differ)} differ, e.g. {', '.join(differ[:3])}); use remove_lora + load_lora"
+        )
+    for key, m in new.items():
+        old = current.modules[key]
+        if (m.down.shape, m.up.shape) != (old.down.shape, old.up.shape) or (m.magnitude is None) != (
+            old.magnitude is None
+        ):
+            raise AdapterStateError(
+                f"{weight_file}: cannot hot-swap into {name!r}: {key} has rank {m.rank}, loaded rank {old.rank}"
+                f" (or DoRA differs); use remove_lora + load_lora"
+            )
+    with refused(state):
+        _copy_into(state, name, new, data.use_rslora)
+        rec = state.record(name)
+        rec.file, rec.metadata, rec.trigger_words = str(weight_file), data.metadata, trigger_words(data)
+        apply_weights(state)
+
+
+def _copy_into(state: AdapterState, name: str, modules: Mapping[str, ModuleLora], use_rslora: bool) -> None:
+    with torch.no_grad():
+        for site in state.sites():
+            m = modules.get(f"{site.component}.{site.path}")
+            if m is None:
+                continue
+            layer = site.layer
+            layer.lora_A[name].weight.copy_(m.down.reshape(layer.lora_A[name].weight.shape))
+            layer.lora_B[name].weight.copy_(m.up.reshape(layer.lora_B[name].weight.shape))
+            if m.magnitude is not None:
+                layer.lora_magnitude_vector[name].weight.copy_(m.magnitude)
+            layer.lora_alpha[name] = m.alpha
+            layer.use_rslora[name] = use_rslora
+
+
+def save_lora(
+    pipe: Any,
+    name: str,
+    path: str | os.PathLike,
+    *,
+    trigger_words: Sequence[str] | None = None,
+    extra_metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write adapter ``name`` as a diffusers/PEFT ``.safetensors`` file (atomically).
+
+    The header carries diffusers' ``lora_adapter_metadata`` (so plain ``load_lora_weights`` gets the
+    same alpha), diffusion_lora's own keys (family, base model, name, rank, alpha, targets, trigger
+    words, library version) and kohya's ``sshs_model_hash`` (the "addnet" hash A1111 shows).
+    """
+    state = state_of(pipe)
+    data = adapter_data(pipe, name)
+    tensors, metadata = write_peft(data)
+    rec = state.record(name)
+    words = tuple(trigger_words) if trigger_words is not None else rec.trigger_words
+    metadata.update(_our_metadata(pipe, state, name, data, words))
+    metadata.update({str(k): str(v) for k, v in (extra_metadata or {}).items()})
+    out = Path(path)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"{out}: adapter files must end in .safetensors")
+    write_adapter_file_with_hashes(out, tensors, metadata)
+    rec.trigger_words = words
+    return out
+
+
+def _module_suffix(key: str) -> str:
+    """``to_q`` of ``unet.…attn1.to_q``; ``to_out.0`` of ``unet.…attn1.to_out.0``."""
+    parts = key.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+
+
+def _our_metadata(pipe: Any, state: AdapterState, name: str, data: AdapterData, words: Sequence[str]) -> dict:
+    ranks = sorted({m.rank for m in data.modules.values()})
+    alphas = sorted({m.alpha for m in data.modules.values()})
+    suffixes = sorted({_module_suffix(key) for key in data.modules})
+    base = getattr(getattr(pipe, "config", None), "_name_or_path", None) or ""
+    return {
+        "diffusion_lora.version": __version__,
+        "diffusion_lora.name": name,
+        "diffusion_lora.family": state.family.name,
+        "diffusion_lora.base_model": str(base),
+        "diffusion_lora.rank": str(ranks[0]) if len(ranks) == 1 else json.dumps(ranks),
+        "diffusion_lora.alpha": str(alphas[0]) if len(alphas) == 1 else json.dumps(alphas),
+        "diffusion_lora.use_rslora": json.dumps(data.use_rslora),
+        "diffusion_lora.use_dora": json.dumps(data.use_dora),
+        "diffusion_lora.targets": json.dumps(suffixes),
+        "diffusion_lora.components": json.dumps(sorted(data.components())),
+        "diffusion_lora.trigger_words": json.dumps(list(words)),
+    }

@@ -1,0 +1,87 @@
+"""Atomic file writing: a crash or a full disk never leaves a half-written file at the target path.
+
+Write to a unique temp file in the target's folder, fsync it, ``os.replace`` it onto the target, then
+fsync the folder. Used for adapter files, checkpoints and anything else that must not be torn.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from ..errors import FormatError
+
+logger = logging.getLogger(__name__)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, what: str = "file") -> None:
+    """Write ``data`` to a fresh temp file beside ``path``, fsync it, then replace ``path`` with it.
+
+    Either the complete new file is at ``path`` or, on any failure, the previous one is untouched and
+    no temp file remains. OS errors (disk full, permission denied) become FormatError naming the path.
+    """
+    if path.is_dir():
+        raise FormatError(f"{path}: is a directory; give the path of the file to write")
+    fd, tmp = _create_temp(path)
+    try:
+        try:
+            if path.exists():
+                os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as e:
+        _remove_quietly(tmp)
+        if isinstance(e, OSError):
+            raise FormatError(f"{path}: could not write the {what}: {e}") from e
+        raise
+    _fsync_directory(path.parent)
+
+
+def _create_temp(path: Path) -> tuple[int, str]:
+    # O_EXCL with mode 0o666 (unlike mkstemp's 0o600) lets the umask decide a new file's permissions.
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise FormatError(f"{path}: cannot create a file in {path.parent}: {e.strerror or e}") from e
+    raise FormatError(f"{path}: could not find a free temp file name in {path.parent}")
+
+
+def _remove_quietly(tmp: str) -> None:
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        logger.warning("could not remove temp file %s: %s", tmp, e)
+
+
+def _fsync_directory(directory: Path) -> None:
+    # The file is already in place; a folder that cannot be fsynced (Windows, some network file
+    # systems) only weakens durability after a power loss, so it is logged, not raised.
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        logger.warning("could not fsync directory %s: %s", directory, e)
