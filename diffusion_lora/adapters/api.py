@@ -87,7 +87,7 @@ def add_lora(
                 config = LoraConfig(
                     r=rank, lora_alpha=alpha, target_modules=paths, use_dora=use_dora, use_rslora=use_rslora
                 )
-                inject(state.components[component], name, config, empty=False)
+                inject(state.components[component], name, config, dict.fromkeys(paths, (rank, alpha)), empty=False)
         except BaseException:
             _remove_everywhere(state, name)
             raise
@@ -152,15 +152,15 @@ def _inject_plan(state: AdapterState, name: str, plan: LoadPlan, use_rslora: boo
     try:
         for component, modules in plan.modules.items():
             model = state.components[component]
-            inject(model, name, config_for(modules, use_rslora), empty=True)
+            layers = {path: (m.rank, m.alpha) for path, m in modules.items()}
+            inject(model, name, config_for(modules, use_rslora), layers, empty=True)
+            state.add_sites(component, layers)
             assign_weights(model, name, modules)
     except BaseException as exc:
         _remove_everywhere(state, name)
         if isinstance(exc, DiffusionLoraError) or not isinstance(exc, Exception):
             raise
         raise FormatError(f"adapter {name!r} could not be placed in the pipeline: {exc}") from exc
-    finally:
-        state.invalidate()
 
 
 def set_weights(pipe: Any, weights: Mapping[str, Weight]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -68,19 +70,54 @@ def target_paths(model: torch.nn.Module, family: Family, targets: str | Sequence
     return resolve_targets(model, suffixes, component=component)
 
 
-def inject(model: torch.nn.Module, name: str, config: LoraConfig, *, empty: bool) -> None:
-    """Add adapter ``name`` to ``model`` with PEFT, keeping the other adapters' configs.
+def inject(
+    model: torch.nn.Module,
+    name: str,
+    config: LoraConfig,
+    layers: Mapping[str, tuple[int, float]],
+    *,
+    empty: bool,
+) -> None:
+    """Add adapter ``name`` to ``model`` at exactly the module paths of ``layers`` (path → rank, alpha).
 
-    ``empty=True`` creates the LoRA tensors on the meta device (they are assigned right after), which
-    skips PEFT's random init and is what makes loading fast.
+    Creates PEFT's own LoRA layers one by one, which skips the whole-model scans, the trainable
+    marking and the activation PEFT's ``inject_adapter_in_model`` does on every call (most of its
+    time on a large UNet). ``empty=True`` creates the LoRA tensors on the meta device because they
+    are assigned right after. Other adapters' configs are kept.
     """
     previous = dict(getattr(model, "peft_config", {}) or {})
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
-        inject_adapter_in_model(config, model, adapter_name=name, low_cpu_mem_usage=empty)
+    try:
+        _create_layers(model, name, config, layers, empty=empty)
+    except TypeError:
+        # An older or newer PEFT whose layer constructors take other arguments: use its public API.
+        logger.debug("PEFT layer constructors differ from the ones expected; using inject_adapter_in_model")
+        remove_from_model(model, name)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
+            inject_adapter_in_model(config, model, adapter_name=name, low_cpu_mem_usage=empty)
     previous[name] = config
     model.peft_config = previous
     model._hf_peft_config_loaded = True
+
+
+def _create_layers(
+    model: torch.nn.Module, name: str, config: LoraConfig, layers: Mapping[str, tuple[int, float]], *, empty: bool
+) -> None:
+    from peft.tuners.lora.model import LoraModel
+    from peft.utils.integrations import init_empty_weights
+
+    context = init_empty_weights if empty else contextlib.nullcontext
+    if empty:  # the weights are assigned next: skip PEFT's second random init of every LoRA matrix
+        config = dataclasses.replace(config, init_lora_weights=False)
+    with context():
+        for path, (rank, alpha) in layers.items():
+            target = model.get_submodule(path)
+            if isinstance(target, LoraLayer):
+                target.update_layer(name, rank, lora_alpha=alpha, config=config, target_name=path)
+                continue
+            new = LoraModel._create_new_module(config, name, target, r=rank, lora_alpha=alpha, target_name=path)
+            parent_path, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
 
 
 def config_for(modules: Mapping[str, ModuleLora], use_rslora: bool) -> LoraConfig:

@@ -8,7 +8,7 @@ never share state.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +59,8 @@ class AdapterState:
         self.records: dict[str, AdapterRecord] = {}
         self.fused: FusedWeights | None = None
         self._pipe_components = self._components(pipe, family)
-        self._sites: list[LoraSite] | None = None
+        self._sites: dict[tuple[str, str], LoraSite] | None = None
+        self.layout: dict[str, int | None] | None = None  # block group -> count, see weights.block_layout
 
     @staticmethod
     def _components(pipe: Any, family: Family) -> dict[str, torch.nn.Module]:
@@ -71,22 +72,33 @@ class AdapterState:
         return self._pipe_components
 
     def invalidate(self) -> None:
-        """Forget the cached layer list; call after layers were added or removed."""
+        """Forget the cached layer list; call after layers were removed or replaced."""
         self._sites = None
 
     def sites(self) -> list[LoraSite]:
         """Every LoRA layer in the pipeline's denoiser and text encoders (cached)."""
         if self._sites is None:
-            self._sites = list(self._scan())
-        return self._sites
+            self._sites = {(s.component, s.path): s for s in self._scan()}
+        return list(self._sites.values())
+
+    def add_sites(self, component: str, paths: Iterable[str]) -> None:
+        """Record LoRA layers just placed at ``paths``, without rescanning the whole model."""
+        if self._sites is None:
+            return
+        model = self._pipe_components[component]
+        for path in paths:
+            if (component, path) not in self._sites:
+                self._sites[(component, path)] = self._site(component, path, model.get_submodule(path))
+
+    def _site(self, component: str, path: str, layer: LoraLayer) -> LoraSite:
+        block = self.family.block_of(path + ".") if component == self.family.denoiser else (component, None)
+        return LoraSite(component, path, layer, block)
 
     def _scan(self) -> Iterator[LoraSite]:
         for component, model in self._pipe_components.items():
-            is_denoiser = component == self.family.denoiser
             for path, module in model.named_modules():
                 if isinstance(module, LoraLayer):
-                    block = self.family.block_of(path + ".") if is_denoiser else (component, None)
-                    yield LoraSite(component, path, module, block)
+                    yield self._site(component, path, module)
 
     def peft_adapter_names(self) -> list[str]:
         """Adapter names PEFT knows in any component, in load order."""

@@ -9,8 +9,11 @@ import torch
 from ..errors import FamilyMismatchError, FormatError, KeyMappingError
 from ..formats.adapter_data import AdapterData, ModuleLora
 from ..formats.family_guess import guess_families
-from .inject import _plain_modules
+from .inject import base_module
 from .state import AdapterState
+
+
+_LORA_PARTS = frozenset({"base_layer", "lora_A", "lora_B", "lora_magnitude_vector", "lora_dropout"})
 
 
 @dataclass
@@ -23,6 +26,16 @@ class LoadPlan:
     @property
     def count(self) -> int:
         return sum(len(m) for m in self.modules.values())
+
+
+def _layer_at(model: torch.nn.Module | None, path: str) -> torch.nn.Module | None:
+    """The plain layer at ``path`` (seeing through a LoRA wrapper), or None when there is none."""
+    if model is None or not path or any(p in _LORA_PARTS for p in path.split(".")):
+        return None
+    try:
+        return base_module(model.get_submodule(path))
+    except AttributeError:
+        return None
 
 
 def _fit_error(where: str, module: torch.nn.Module, m: ModuleLora, source: str) -> str | None:
@@ -73,15 +86,11 @@ def plan_load(state: AdapterState, data: AdapterData, source: str, *, strict: bo
     Raises KeyMappingError (or FamilyMismatchError) when keys match nothing and ``strict``; a
     shape that does not fit or a non-finite tensor is always an error.
     """
-    layers: dict[str, dict[str, torch.nn.Module]] = {}
     plan = LoadPlan(modules={})
     misfits: list[str] = []
     for key, m in data.modules.items():
         component, _, path = key.partition(".")
-        if component not in layers:
-            model = state.components.get(component)
-            layers[component] = dict(_plain_modules(model)) if model is not None else {}
-        module = layers[component].get(path)
+        module = _layer_at(state.components.get(component), path)
         if module is None:
             plan.skipped.append(key)
             continue

@@ -25,7 +25,12 @@ Block = tuple[str, int | None] | None
 
 
 def block_layout(state: AdapterState) -> dict[str, int | None]:
-    """Each block group of the pipeline with its number of blocks (None for a single-block group)."""
+    """Each block group of the pipeline with its number of blocks (None for a single-block group).
+
+    Computed once per pipeline: adapters never change the block structure.
+    """
+    if state.layout is not None:
+        return state.layout
     family = state.family
     counts: dict[str, int | None] = {}
     denoiser = state.components[family.denoiser]
@@ -41,6 +46,7 @@ def block_layout(state: AdapterState) -> dict[str, int | None]:
     for component in family.text_encoders:
         if component in state.components:
             counts[component] = None
+    state.layout = counts
     return counts
 
 
