@@ -44,8 +44,8 @@ def require_new(state: AdapterState, name: str) -> None:
         )
 
 
-
 def trigger_words(data: AdapterData) -> tuple[str, ...]:
+    """Trigger words recorded in a file's metadata (ours, or ModelSpec's comma-separated phrase)."""
     raw = data.metadata.get("diffusion_lora.trigger_words") or data.metadata.get("modelspec.trigger_phrase")
     if not raw:
         return ()

@@ -57,22 +57,26 @@ def hotswap(pipe: Any, name: str, path: str | os.PathLike, *, allow_pickle: bool
     require(state, name)
     weight_file, data = read_adapter(path, state.family, allow_pickle=allow_pickle)
     plan = plan_load(state, data, str(weight_file), strict=True)
-    current = adapter_data(pipe, name)
+    current = {
+        f"{site.component}.{site.path}": site.layer
+        for site in state.sites()
+        if name in site.layer.lora_A
+    }
     new = {f"{c}.{p}": m for c, mods in plan.modules.items() for p, m in mods.items()}
-    if set(new) != set(current.modules):
-        differ = sorted(set(new) ^ set(current.modules))
+    if set(new) != set(current):
+        differ = sorted(set(new) ^ set(current))
         raise AdapterStateError(
             f"{weight_file}: cannot hot-swap into {name!r}: the files adapt different modules "
             f"({len(differ)} differ, e.g. {', '.join(differ[:3])}); use remove_lora + load_lora"
         )
     for key, m in new.items():
-        old = current.modules[key]
-        if (m.down.shape, m.up.shape) != (old.down.shape, old.up.shape) or (m.magnitude is None) != (
-            old.magnitude is None
-        ):
+        layer = current[key]
+        loaded_rank = layer.r[name]
+        if m.rank != loaded_rank or (m.magnitude is None) == (name in layer.lora_magnitude_vector):
             raise AdapterStateError(
-                f"{weight_file}: cannot hot-swap into {name!r}: {key} has rank {m.rank}, loaded rank {old.rank}"
-                f" (or DoRA differs); use remove_lora + load_lora"
+                f"{weight_file}: cannot hot-swap into {name!r}: {key} has rank {m.rank}"
+                f"{'' if m.magnitude is None else ' with DoRA'}, the loaded adapter rank {loaded_rank}"
+                f"{' with DoRA' if name in layer.lora_magnitude_vector else ''}; use remove_lora + load_lora"
             )
     with refused(state):
         _copy_into(state, name, new, data.use_rslora)

@@ -24,14 +24,31 @@ _ROLE_SUFFIXES = (
     (".lora_B.weight", "up"),
     (".lora_magnitude_vector.weight", "magnitude"),
     (".lora_magnitude_vector", "magnitude"),
+    # Older diffusers files (LoRACompatibleLinear / attention-processor era), same alpha rules.
+    (".lora.down.weight", "down"),
+    (".lora.up.weight", "up"),
+    (".lora_linear_layer.down.weight", "down"),
+    (".lora_linear_layer.up.weight", "up"),
+    (".down.weight", "down"),
+    (".up.weight", "up"),
+    (".alpha", "alpha"),
 )
+# Attention-processor LoRA keys name the processor, not the projection it adapts.
+_PROCESSOR_PATH = re.compile(r"\.processor\.(to_[qkv]|to_out)_lora$")
 
 
 def split_peft_key(key: str) -> tuple[str, str] | None:
-    """(module path, role) of a PEFT LoRA key, role in down/up/magnitude; None for other keys."""
+    """(module path, role) of a diffusers/PEFT LoRA key, role in down/up/magnitude/alpha; else None."""
     for suffix, role in _ROLE_SUFFIXES:
         if key.endswith(suffix):
-            return key[: -len(suffix)], role
+            module = key[: -len(suffix)]
+            m = _PROCESSOR_PATH.search(module)
+            if m:
+                target = "to_out.0" if m.group(1) == "to_out" else m.group(1)
+                return module[: m.start()] + "." + target, role
+            if role in ("down", "up") and suffix in (".down.weight", ".up.weight"):
+                return None  # bare .down/.up only mean LoRA inside a processor key
+            return module, role
     return None
 
 
@@ -73,6 +90,15 @@ def _module_alpha(path: str, rank: int, config: Mapping[str, object]) -> float:
     return float(alpha)
 
 
+def _alpha_tensor(module: str, value: torch.Tensor) -> float:
+    if value.numel() != 1:
+        raise FormatError(f"alpha of module {module!r} must be a single number, got shape {list(value.shape)}")
+    alpha = float(value.reshape(()).item())
+    if not alpha > 0 or alpha == float("inf"):
+        raise FormatError(f"alpha of module {module!r} is {alpha}; it must be a positive finite number")
+    return alpha
+
+
 def parse_peft(
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str],
@@ -105,12 +131,11 @@ def parse_peft(
             raise FormatError(f"module {module!r} has no {missing} weight; the file is incomplete")
         component, _, path = module.partition(".")
         rank = int(roles["down"].shape[0])
-        modules[module] = ModuleLora(
-            down=roles["down"],
-            up=roles["up"],
-            alpha=_module_alpha(path, rank, configs.get(component, {})),
-            magnitude=roles.get("magnitude"),
-        )
+        if "alpha" in roles:  # an explicit network alpha beats the config
+            alpha = _alpha_tensor(module, roles["alpha"])
+        else:
+            alpha = _module_alpha(path, rank, configs.get(component, {}))
+        modules[module] = ModuleLora(down=roles["down"], up=roles["up"], alpha=alpha, magnitude=roles.get("magnitude"))
     use_rslora = any(bool(c.get("use_rslora")) for c in configs.values())
     return AdapterData(modules=modules, use_rslora=use_rslora, metadata=dict(metadata), format="diffusers")
 
