@@ -12,7 +12,6 @@ from ..formats.family_guess import guess_families
 from .inject import base_module
 from .state import AdapterState
 
-
 _LORA_PARTS = frozenset({"base_layer", "lora_A", "lora_B", "lora_magnitude_vector", "lora_dropout"})
 
 
