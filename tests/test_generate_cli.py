@@ -106,3 +106,15 @@ def test_sample_script_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "out" / "samples" / "stacked.png").is_file()
     assert "name='char'" in result.stdout
+
+
+@pytest.mark.parametrize("kind", ["tiny-sdxl", "tiny-sd3", "tiny-flux"])
+def test_generate_every_family(tmp_path, kind):
+    size = "64" if kind == "tiny-sdxl" else "32"
+    args = ["generate", "--model", kind, "--prompt", "a blue star", "--steps", "2", "--height", size,
+            "--width", size, "--guidance", "3.5", "--out", str(tmp_path)]
+    assert main(args) == 0
+    (png,) = tmp_path.glob("*.png")
+    image = Image.open(png)
+    assert image.size == (int(size), int(size))
+    assert f"Model: {kind}" in image.text["parameters"]
