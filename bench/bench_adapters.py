@@ -1,22 +1,24 @@
 """Benchmark: diffusion_lora's adapter API against diffusers' own LoRA API on a full-size SD1.5 UNet.
 
-Both sides use the same model (the real SD1.5 UNet config, random weights, built twice from one seed)
-and the same adapter files. Ours runs in pipeline A, diffusers in pipeline B; the two share nothing.
+Both sides use the same model (the real SD1.5 UNet config, random weights, built from one seed) and
+the same adapter files. Ours runs in pipeline A, diffusers in pipeline B; the two share nothing. A third,
+plain UNet C with the same weights is the no-adapter reference for forwards and for bit-exactness.
 
-    python bench/bench_adapters.py            # full run (~10 min on 2 CPU cores)
-    python bench/bench_adapters.py --quick    # fewer repetitions, k ≤ 2 (~4 min)
-    python bench/bench_adapters.py --out results.md --profile-loads 3
+    python bench/bench_adapters.py            # full run (~10–15 min on 2 CPU cores)
+    python bench/bench_adapters.py --quick    # 20 adapters, fewer repetitions, k ≤ 2 (~3–4 min)
+    python bench/bench_adapters.py --out results.md --profile 3
 
 Measured, in this order:
 
 1. ``--adapters`` rank-16 attention LoRA files (random non-zero up/lora_B, one seed each).
 2. Load one adapter: ``dl.load_lora`` (then ``dl.remove_lora``) vs ``pipe.load_lora_weights``
-   (then ``pipe.delete_adapters``), interleaved, after one untimed warm-up each.
+   (then ``pipe.delete_adapters``), interleaved, after one untimed warm-up each; also into plain
+   layers and next to an already loaded adapter.
 3. Switch the active pair of adapters with all of them loaded: ``dl.set_weights`` vs
    ``pipe.set_adapters``, interleaved, a different pair each repetition.
 4. UNet forward (batch 1, latents 1×4×32×32 = 256 px, timestep 500, fixed random inputs) with k stacked
    adapters unfused and fused, as a ratio to the same model without adapters; plus whether unfuse gives
-   back the base weights bit for bit. Each timed forward is paired with one of the other, plain UNet.
+   back the base weights bit for bit. A, B and C run in turn, so all three see the same slow periods.
 
 Timings are wall-clock (``time.perf_counter``) with the garbage collector off; each figure is a median.
 """
@@ -92,7 +94,7 @@ class Settings:
 
 
 FULL = Settings(adapters=50, load_reps=9, switch_reps=30, forward_reps=5, ks=(1, 2, 4, 8), latent=32)
-QUICK = Settings(adapters=50, load_reps=5, switch_reps=20, forward_reps=3, ks=(1, 2), latent=32)
+QUICK = Settings(adapters=20, load_reps=5, switch_reps=20, forward_reps=3, ks=(1, 2), latent=32)
 
 
 @dataclass
@@ -148,13 +150,17 @@ def log(msg: str) -> None:
 # ── model and files ──────────────────────────────────────────────────────────────────────────
 
 
-def build_pipeline(seed: int) -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline with a full-size random SD1.5 UNet and tiny other components.
+def build_unet(seed: int) -> UNet2DConditionModel:
+    """A full-size SD1.5 UNet with random weights; the same seed gives bit-identical weights."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**SD15_UNET_CONFIG).eval().requires_grad_(False)
+
+
+def build_pipeline(unet: UNet2DConditionModel) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline around ``unet`` with the tiny VAE, text encoder and tokenizer.
 
     Only the UNet is ever run; the tiny text encoder's width (32, not 768) does not matter.
     """
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval().requires_grad_(False)
     tiny = dl.build_tiny_pipeline("tiny-sd15")
     return StableDiffusionPipeline(
         vae=tiny.vae,
@@ -220,37 +226,69 @@ def restore_from(got: torch.nn.Module, reference: torch.nn.Module) -> None:
 # ── 2. load one adapter ──────────────────────────────────────────────────────────────────────
 
 
-def bench_load(a: StableDiffusionPipeline, b: StableDiffusionPipeline, files: list[Path], s: Settings, res: Results) -> None:
-    ours_load, ours_rm, their_load, their_rm = [], [], [], []
-    for rep in range(s.load_reps + 1):  # rep 0 is the warm-up
+def load_rounds(a, b, files: list[Path], reps: int, their_unload: Callable[[str], object]) -> list[tuple[float, ...]]:
+    """``reps`` rounds of (ours load, ours remove, diffusers load, diffusers unload) seconds, after a warm-up.
+
+    Ours and diffusers alternate within each round, so a slow period of the machine hits both.
+    """
+    rounds = []
+    for rep in range(reps + 1):
         f = files[rep % len(files)]
-        t_load = timed(partial(dl.load_lora, a, f))
-        t_rm = timed(partial(dl.remove_lora, a, f.stem))
-        d_load = timed(partial(b.load_lora_weights, str(f), adapter_name=f.stem))
-        d_rm = timed(partial(b.delete_adapters, f.stem))
+        times = (
+            timed(partial(dl.load_lora, a, f)),
+            timed(partial(dl.remove_lora, a, f.stem)),
+            timed(partial(b.load_lora_weights, str(f), adapter_name=f.stem)),
+            timed(partial(their_unload, f.stem)),
+        )
         if rep:
-            for series, t in zip((ours_load, ours_rm, their_load, their_rm), (t_load, t_rm, d_load, d_rm)):
-                series.append(t)
-    b.unload_lora_weights()  # delete_adapters leaves empty LoRA wrappers; go back to plain layers
+            rounds.append(times)
+    return rounds
+
+
+def column(rounds: list[tuple[float, ...]], i: int) -> float:
+    return med([r[i] for r in rounds])
+
+
+def bench_load(a, b, files: list[Path], s: Settings, res: Results) -> None:
     n = s.load_reps
-    res.add(f"load 1 adapter (median of {n})", ms(med(ours_load)), ms(med(their_load)),
-            ratio(med(their_load), med(ours_load)))
-    res.add(f"remove 1 adapter (median of {n})", ms(med(ours_rm)), ms(med(their_rm)),
-            ratio(med(their_rm), med(ours_rm)))
-    res.add("load + remove, sum of medians", ms(med(ours_load) + med(ours_rm)),
-            ms(med(their_load) + med(their_rm)),
-            ratio(med(their_load) + med(their_rm), med(ours_load) + med(ours_rm)))
-    log(f"load: ours {[round(x * 1e3) for x in ours_load]} ms, diffusers {[round(x * 1e3) for x in their_load]} ms")
+    # As asked: delete after each load. diffusers' delete_adapters leaves empty PEFT wrappers behind,
+    # so its later loads skip creating them; our remove_lora gives back plain layers every time.
+    main = load_rounds(a, b, files[:-1], n, b.delete_adapters)
+    b.unload_lora_weights()
+    plain = load_rounds(a, b, files[:-1], n, lambda _: b.unload_lora_weights())
+    dl.load_lora(a, files[-1])
+    b.load_lora_weights(str(files[-1]), adapter_name=files[-1].stem)
+    wrapped = load_rounds(a, b, files[:-1], n, b.delete_adapters)
+    dl.remove_lora(a, files[-1].stem)
+    b.unload_lora_weights()
+    rows = (
+        (f"load 1 adapter (median of {n}; ours remove_lora / diffusers delete_adapters after each)", main, 0, 2),
+        ("remove 1 adapter (remove_lora / delete_adapters)", main, 1, 3),
+        ("load 1 adapter into plain layers (diffusers: unload_lora_weights after each)", plain, 0, 2),
+        ("load 1 adapter next to 1 loaded adapter (layers already wrapped)", wrapped, 0, 2),
+    )
+    for what, rounds, i, j in rows:
+        res.add(what, ms(column(rounds, i)), ms(column(rounds, j)), ratio(column(rounds, j), column(rounds, i)))
+    log(f"load: ours {[round(r[0] * 1e3) for r in main]} ms, diffusers {[round(r[2] * 1e3) for r in main]} ms")
 
 
-def profile_loads(a: StableDiffusionPipeline, b: StableDiffusionPipeline, files: list[Path], count: int) -> str:
-    """cProfile of ``count`` loads each (removes not profiled), top entries inside our code and peft."""
+def profile_text(prof: cProfile.Profile, title: str, dirs: Sequence[str], top: int = 16) -> str:
+    """Top entries of ``prof`` inside the given package folders, by own time and by cumulative time."""
     out = io.StringIO()
+    for sort in ("tottime", "cumulative"):
+        print(f"\n### cProfile of {title}: top {sort} in {', '.join(dirs)}\n", file=out)
+        pstats.Stats(prof, stream=out).sort_stats(sort).print_stats("|".join(f"/{d}/" for d in dirs), top)
+    return out.getvalue()
+
+
+def profile_loads(a, b, files: list[Path], count: int) -> str:
+    """cProfile of ``count`` loads per library into plain layers (the unloads are not profiled)."""
+    texts = []
     for label, load, unload, dirs in (
-        ("diffusion_lora.load_lora", lambda f: dl.load_lora(a, f), lambda f: dl.remove_lora(a, f.stem),
-         ("diffusion_lora", "peft")),
+        ("diffusion_lora.load_lora", partial(dl.load_lora, a), lambda f: dl.remove_lora(a, f.stem),
+         ("diffusion_lora", "peft", "safetensors")),
         ("diffusers load_lora_weights", lambda f: b.load_lora_weights(str(f), adapter_name=f.stem),
-         lambda f: b.delete_adapters(f.stem), ("diffusers", "peft")),
+         lambda f: b.unload_lora_weights(), ("diffusers", "peft", "safetensors")),
     ):
         prof = cProfile.Profile()
         for f in files[:count]:
@@ -258,26 +296,24 @@ def profile_loads(a: StableDiffusionPipeline, b: StableDiffusionPipeline, files:
             load(f)
             prof.disable()
             unload(f)
-        for sort in ("tottime", "cumulative"):
-            print(f"\n### cProfile of {count} × {label}: top {sort} in {'/'.join(dirs)}\n", file=out)
-            stats = pstats.Stats(prof, stream=out).sort_stats(sort)
-            stats.print_stats("|".join(f"/{d}/" for d in dirs), 18)
-    b.unload_lora_weights()
-    return out.getvalue()
+        texts.append(profile_text(prof, f"{count} × {label} into plain layers", dirs))
+    return "".join(texts)
 
 
 # ── 3. switch the active set with many adapters loaded ──────────────────────────────────────
 
 
-def bench_switch(a: StableDiffusionPipeline, b: StableDiffusionPipeline, files: list[Path], s: Settings, res: Results) -> None:
+def bench_switch(a, b, files: list[Path], s: Settings, res: Results, profile: int) -> str:
+    """Time switching the active pair with all adapters loaded; returns a cProfile text if ``profile``."""
     names = [f.stem for f in files]
     t_ours = timed(lambda: [dl.load_lora(a, f) for f in files])
     t_theirs = timed(lambda: [b.load_lora_weights(str(f), adapter_name=f.stem) for f in files])
-    res.add(f"load all {len(files)} adapters, total", ms(t_ours), ms(t_theirs), ratio(t_theirs, t_ours))
+    res.add(f"load all {len(files)} adapters one after another, total", ms(t_ours), ms(t_theirs),
+            ratio(t_theirs, t_ours))
     log(f"loaded {len(files)} adapters: ours {t_ours:.1f} s, diffusers {t_theirs:.1f} s")
     ours, theirs = [], []
     for rep in range(s.switch_reps + 2):  # reps 0 and 1 are warm-ups
-        x, y = names[rep % len(names)], names[(rep + 7) % len(names)]
+        x, y = names[rep % len(names)], names[(rep + len(names) // 2) % len(names)]
         t = timed(partial(dl.set_weights, a, {x: 0.7, y: 0.3}))
         d = timed(partial(b.set_adapters, [x, y], adapter_weights=[0.7, 0.3]))
         if rep >= 2:
@@ -285,124 +321,124 @@ def bench_switch(a: StableDiffusionPipeline, b: StableDiffusionPipeline, files: 
             theirs.append(d)
     res.add(f"switch active pair, {len(files)} loaded (median of {s.switch_reps}; target ours ≤ 5 ms)",
             ms(med(ours)), ms(med(theirs)), ratio(med(theirs), med(ours)))
+    text = ""
+    if profile:
+        prof = cProfile.Profile()
+        for rep in range(profile):
+            with profiling(prof):
+                dl.set_weights(a, {names[rep]: 0.7, names[-1 - rep]: 0.3})
+        text = profile_text(prof, f"{profile} × dl.set_weights with {len(files)} loaded", ("diffusion_lora", "peft"))
     t_ours = timed(lambda: [dl.remove_lora(a, n) for n in names])
-    t_theirs = timed(lambda: b.unload_lora_weights())
-    res.add(f"unload all {len(files)} (ours: remove_lora each; diffusers: unload_lora_weights)",
+    t_theirs = timed(b.unload_lora_weights)
+    res.add(f"unload all {len(files)} (ours: remove_lora × {len(files)}; diffusers: one unload_lora_weights)",
             ms(t_ours), ms(t_theirs), ratio(t_theirs, t_ours))
+    return text
+
+
+@contextlib.contextmanager
+def profiling(prof: cProfile.Profile) -> Iterator[None]:
+    prof.enable()
+    try:
+        yield
+    finally:
+        prof.disable()
 
 
 # ── 4. forward passes ─────────────────────────────────────────────────────────────────────────
 #
-# On a shared 2-core machine one forward can take 1.5 s or 8 s depending on what else runs, so every
-# timed forward of a configuration is paired with a forward of the *other*, plain UNet (same weights)
-# right after it, and a configuration's figure is the median over rounds of (config / base). The two
-# UNets are separate tensors, so a calibration pair of both plain UNets is reported as the noise floor.
+# On a shared CPU machine one forward can take 1.5 s or 8 s depending on what else runs. So the two
+# adapted UNets (A: ours, B: diffusers', both with the same k adapters) and a third, plain UNet C with
+# the same weights are run in turn, in a rotating order, round after round: both libraries and the
+# base see the same slow periods, and a configuration's figure is the median over rounds of
+# (its time / C's time). A calibration with all three plain gives the noise floor.
 
 Inputs = tuple[torch.Tensor, torch.Tensor]
 
 
-def paired_forwards(unet: torch.nn.Module, base: torch.nn.Module, inputs: Inputs, reps: int) -> list[tuple[float, float]]:
-    """``reps`` rounds of (seconds of ``unet`` forward, seconds of ``base`` forward), after one warm-up round."""
+def forward_rounds(unets: Sequence[torch.nn.Module], inputs: Inputs, reps: int) -> list[list[float]]:
+    """``reps`` rounds of one forward per UNet (seconds, in the order given), after one warm-up round."""
     latents, context = inputs
     rounds = []
     with torch.inference_mode():
         for rep in range(reps + 1):
-            t = timed(lambda: unet(latents, TIMESTEP, encoder_hidden_states=context))
-            b = timed(lambda: base(latents, TIMESTEP, encoder_hidden_states=context))
+            times = [0.0] * len(unets)
+            for i in [(rep + j) % len(unets) for j in range(len(unets))]:
+                times[i] = timed(partial(unets[i], latents, TIMESTEP, encoder_hidden_states=context))
             if rep:
-                rounds.append((t, b))
+                rounds.append(times)
     return rounds
 
 
+def vs_base(rounds: list[list[float]], i: int) -> tuple[float, float, float]:
+    """(median of per-round time_i / time_base, fastest_i / fastest base, median seconds of i); base is last."""
+    ratios = [r[i] / r[-1] for r in rounds]
+    fastest = min(r[i] for r in rounds) / min(r[-1] for r in rounds)
+    return med(ratios), fastest, med([r[i] for r in rounds])
+
+
+def cell(x: tuple[float, float, float]) -> str:
+    return f"{x[0]:.3f}× · min {x[1]:.3f}× ({x[2]:.2f} s)"
+
+
 @dataclass
-class ForwardResult:
-    """Per k: paired forward rounds unfused and fused, fuse/unfuse seconds, unfuse exactness."""
+class KResult:
+    """One k: forward rounds (A, B, C) unfused and fused, fuse/unfuse seconds, unfuse exactness of A and B."""
 
-    unfused: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
-    fused: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
-    fuse_s: dict[int, float] = field(default_factory=dict)
-    unfuse_s: dict[int, float] = field(default_factory=dict)
-    exact: dict[int, tuple[int, int, float]] = field(default_factory=dict)
+    unfused: list[list[float]]
+    fused: list[list[float]]
+    fuse_s: tuple[float, float]
+    unfuse_s: tuple[float, float]
+    exact: tuple[tuple[int, int, float], tuple[int, int, float]]
 
 
-def forwards_ours(a, ref_unet, files, inputs: Inputs, s: Settings) -> ForwardResult:
-    """k stacked adapters in A, loaded incrementally; ``ref_unet`` (B, plain) is base and exactness reference."""
-    r = ForwardResult()
-    for k in s.ks:
-        for f in files[len(dl.list_loras(a)):k]:
-            dl.load_lora(a, f)
-        dl.set_weights(a, {f.stem: 1.0 for f in files[:k]})
-        r.unfused[k] = paired_forwards(a.unet, ref_unet, inputs, s.forward_reps)
-        r.fuse_s[k] = timed(lambda: dl.fuse(a))
-        r.fused[k] = paired_forwards(a.unet, ref_unet, inputs, s.forward_reps)
-        r.unfuse_s[k] = timed(lambda: dl.unfuse(a))
-        r.exact[k] = compare_weights(a.unet, ref_unet)
-        log(f"ours k={k}: unfused {paired_ratio(r.unfused[k]):.3f}×, fused {paired_ratio(r.fused[k]):.3f}×, "
-            f"unfuse differs in {r.exact[k][0]}/{r.exact[k][1]} tensors")
-        assert r.exact[k][0] == 0, f"dl.unfuse is not bit-exact at k={k}: {r.exact[k]}"
-    for f in files[: max(s.ks)]:
-        dl.remove_lora(a, f.stem)
+def measure_k(a, b, c_unet, files: list[Path], k: int, inputs: Inputs, s: Settings) -> KResult:
+    """Bring A and B to k adapters (loading only the missing ones), then time unfused and fused."""
+    for f in files[len(dl.list_loras(a)):k]:
+        dl.load_lora(a, f)
+    for f in files[len(b.get_list_adapters().get("unet", [])):k]:
+        b.load_lora_weights(str(f), adapter_name=f.stem)
+    dl.set_weights(a, {f.stem: 1.0 for f in files[:k]})
+    b.set_adapters([f.stem for f in files[:k]], adapter_weights=[1.0] * k)
+    unets = (a.unet, b.unet, c_unet)
+    unfused = forward_rounds(unets, inputs, s.forward_reps)
+    fuse_s = (timed(partial(dl.fuse, a)), timed(b.fuse_lora))
+    fused = forward_rounds(unets, inputs, s.forward_reps)
+    unfuse_s = (timed(partial(dl.unfuse, a)), timed(b.unfuse_lora))
+    exact = (compare_weights(a.unet, c_unet), compare_weights(b.unet, c_unet))
+    restore_from(b.unet, c_unet)  # diffusers' unfuse is not exact; start the next k from the true weights
+    r = KResult(unfused, fused, fuse_s, unfuse_s, exact)
+    log(f"k={k}: unfused ours {cell(vs_base(unfused, 0))}, diffusers {cell(vs_base(unfused, 1))}; "
+        f"fused ours {cell(vs_base(fused, 0))}, diffusers {cell(vs_base(fused, 1))}; "
+        f"unfuse differs: ours {exact[0][0]}, diffusers {exact[1][0]} of {exact[0][1]} tensors")
+    assert exact[0][0] == 0, f"dl.unfuse is not bit-exact at k={k}: {exact[0]}"
     return r
 
 
-def forwards_diffusers(b, ref_unet, files, inputs: Inputs, s: Settings) -> ForwardResult:
-    """The same with diffusers' API in B; ``ref_unet`` (A, plain again) is base and exactness reference."""
-    r = ForwardResult()
-    loaded: list[str] = []
-    for k in s.ks:
-        for f in files[len(loaded):k]:
-            b.load_lora_weights(str(f), adapter_name=f.stem)
-            loaded.append(f.stem)
-        b.set_adapters(loaded, adapter_weights=[1.0] * k)
-        r.unfused[k] = paired_forwards(b.unet, ref_unet, inputs, s.forward_reps)
-        r.fuse_s[k] = timed(lambda: b.fuse_lora())
-        r.fused[k] = paired_forwards(b.unet, ref_unet, inputs, s.forward_reps)
-        r.unfuse_s[k] = timed(lambda: b.unfuse_lora())
-        r.exact[k] = compare_weights(b.unet, ref_unet)
-        log(f"diffusers k={k}: unfused {paired_ratio(r.unfused[k]):.3f}×, fused {paired_ratio(r.fused[k]):.3f}×, "
-            f"unfuse differs in {r.exact[k][0]}/{r.exact[k][1]} tensors (max |Δ| {r.exact[k][2]:.2e})")
-        restore_from(b.unet, ref_unet)  # so the next k starts from the true base weights
-    b.unload_lora_weights()
-    return r
-
-
-def paired_ratio(rounds: list[tuple[float, float]]) -> float:
-    """Median over rounds of config time / base time."""
-    return med([t / b for t, b in rounds])
-
-
-def min_ratio(rounds: list[tuple[float, float]]) -> float:
-    """Fastest config forward / fastest base forward: noise here only ever adds time, so minima are stable."""
-    return min(t for t, _ in rounds) / min(b for _, b in rounds)
-
-
-def cell(rounds: list[tuple[float, float]]) -> str:
-    return f"{paired_ratio(rounds):.3f}× · min {min_ratio(rounds):.3f}× ({med([t for t, _ in rounds]):.2f} s)"
-
-
-def bench_forward(a, b, files, s: Settings, res: Results) -> None:
+def bench_forward(a, b, c_unet, files: list[Path], s: Settings, res: Results) -> None:
     gen = torch.Generator().manual_seed(0)
     inputs = (torch.randn(1, 4, s.latent, s.latent, generator=gen), torch.randn(1, 77, 768, generator=gen))
-    same = compare_weights(a.unet, b.unet)
-    assert same[0] == 0, f"the two UNets differ before the forward benchmark: {same}"
-    calib = paired_forwards(a.unet, b.unet, inputs, s.forward_reps)
-    log(f"plain A vs plain B: {paired_ratio(calib):.3f}× ({[(round(x, 2), round(y, 2)) for x, y in calib]} s)")
-    ours = forwards_ours(a, b.unet, files, inputs, s)
-    theirs = forwards_diffusers(b, a.unet, files, inputs, s)
-    res.add(f"UNet forward, no adapters: median s (A; B); {s.forward_reps} rounds after 1 warm-up",
-            f"{med([t for t, _ in calib]):.2f} s", f"{med([x for _, x in calib]):.2f} s",
-            f"B/A {1 / paired_ratio(calib):.3f}× · min {1 / min_ratio(calib):.3f}× (noise floor)")
-    for k in s.ks:
-        res.add(f"forward, {k} adapter(s) unfused, × base (median s)", cell(ours.unfused[k]), cell(theirs.unfused[k]))
-    for k in s.ks:
-        res.add(f"forward, {k} adapter(s) fused, × base (target ours ≤ 1.01×)",
-                cell(ours.fused[k]), cell(theirs.fused[k]))
-    for k in s.ks:
-        res.add(f"fuse / unfuse call, k={k}", f"{ms(ours.fuse_s[k])} / {ms(ours.unfuse_s[k])}",
-                f"{ms(theirs.fuse_s[k])} / {ms(theirs.unfuse_s[k])}")
-    for k in s.ks:
+    for unet in (a.unet, b.unet):
+        same = compare_weights(unet, c_unet)
+        assert same[0] == 0, f"the UNets differ before the forward benchmark: {same}"
+    calib = forward_rounds((a.unet, b.unet, c_unet), inputs, s.forward_reps)
+    log(f"all plain: A {cell(vs_base(calib, 0))}, B {cell(vs_base(calib, 1))} of C")
+    results = {k: measure_k(a, b, c_unet, files, k, inputs, s) for k in s.ks}
+    for f in files[: max(s.ks)]:
+        dl.remove_lora(a, f.stem)
+    b.unload_lora_weights()
+    res.add(f"UNet forward, all three plain: × C (noise floor); {s.forward_reps} rounds after 1 warm-up, "
+            f"C median {med([r[2] for r in calib]):.2f} s", cell(vs_base(calib, 0)), cell(vs_base(calib, 1)))
+    for k, r in results.items():
+        res.add(f"forward, {k} adapter(s) unfused, × plain", cell(vs_base(r.unfused, 0)), cell(vs_base(r.unfused, 1)))
+    for k, r in results.items():
+        res.add(f"forward, {k} adapter(s) fused, × plain (target ours ≤ 1.01×)",
+                cell(vs_base(r.fused, 0)), cell(vs_base(r.fused, 1)))
+    for k, r in results.items():
+        res.add(f"fuse / unfuse call, k={k}", f"{ms(r.fuse_s[0])} / {ms(r.unfuse_s[0])}",
+                f"{ms(r.fuse_s[1])} / {ms(r.unfuse_s[1])}")
+    for k, r in results.items():
         res.add(f"unfuse bit-exact, k={k} (base tensors differing; max abs diff)",
-                exact_cell(ours.exact[k]), exact_cell(theirs.exact[k]))
+                exact_cell(r.exact[0]), exact_cell(r.exact[1]))
 
 
 def exact_cell(e: tuple[int, int, float]) -> str:
@@ -427,9 +463,8 @@ def render(res: Results, s: Settings, elapsed: float) -> str:
         ),
         "ours = pipeline A (diffusion_lora API); diffusers = pipeline B (its own API); same weights and files",
         (
-            "forward ratios: each timed forward is followed by one of the other pipeline's plain UNet; the "
-            "figure is the median over rounds of (config / plain) · the fastest config forward / the fastest "
-            "plain one (median seconds of the config)"
+            "forward: A, B and a plain UNet C (same weights) run in turn, round after round; a cell is the "
+            "median over rounds of (time / C's time) · fastest / fastest C (median seconds)"
         ),
         *res.notes,
         f"total runtime {elapsed / 60:.1f} min",
@@ -443,12 +478,12 @@ def render(res: Results, s: Settings, elapsed: float) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer repetitions, k ≤ 2 (~4 min)")
+    p.add_argument("--quick", action="store_true", help="20 adapters, fewer repetitions, k ≤ 2 (~3–4 min)")
     p.add_argument("--latent", type=int, help="latent side length (default 32, i.e. 256 px)")
-    p.add_argument("--adapters", type=int, help="number of adapter files (default 50)")
+    p.add_argument("--adapters", type=int, help="number of adapter files (default 50; 20 with --quick)")
     p.add_argument("--out", type=Path, help="also write the table to this file")
-    p.add_argument("--profile-loads", type=int, default=0, metavar="N",
-                   help="after the table, print a cProfile of N loads per library")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the table, print a cProfile of N loads per library and of N dl.set_weights")
     return p.parse_args(argv)
 
 
@@ -464,18 +499,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     res = Results()
     res.notes.append(f"load average at start: {os.getloadavg()[0]:.2f}")
-    log("building two SD1.5 UNets (same seed)")
-    a, b = build_pipeline(seed=0), build_pipeline(seed=0)
+    log("building three SD1.5 UNets (same seed)")
+    a, b, c_unet = build_pipeline(build_unet(0)), build_pipeline(build_unet(0)), build_unet(0)
     with tempfile.TemporaryDirectory(prefix="bench_adapters_") as tmp:
         files = make_files(a, Path(tmp), s.adapters)
         log(f"wrote {len(files)} adapter files of {files[0].stat().st_size / 1e6:.1f} MB")
         bench_load(a, b, files, s, res)
         log("load benchmark done")
-        bench_switch(a, b, files, s, res)
+        profile = bench_switch(a, b, files, s, res, args.profile)
         log("switch benchmark done")
-        bench_forward(a, b, files, s, res)
+        bench_forward(a, b, c_unet, files, s, res)
         log("forward benchmark done")
-        profile = profile_loads(a, b, files, args.profile_loads) if args.profile_loads else ""
+        if args.profile:
+            profile = profile_loads(a, b, files, args.profile) + profile
     res.notes.append(f"load average at end: {os.getloadavg()[0]:.2f}")
     table = render(res, s, time.perf_counter() - start)
     print("\n" + table, flush=True)

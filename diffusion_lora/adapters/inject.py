@@ -138,7 +138,9 @@ def assign_weights(model: torch.nn.Module, name: str, modules: Mapping[str, Modu
         layer.lora_A[name].weight = param(m.down.reshape(layer.lora_A[name].weight.shape))
         layer.lora_B[name].weight = param(m.up.reshape(layer.lora_B[name].weight.shape))
         if m.magnitude is not None:
-            layer.lora_magnitude_vector[name].weight = param(m.magnitude)
+            # AdapterData keeps magnitude as [out]; PEFT's conv DoRA stores it as [1, out, 1, 1].
+            shape = layer.lora_magnitude_vector[name].weight.shape
+            layer.lora_magnitude_vector[name].weight = param(m.magnitude.reshape(shape))
 
 
 def remove_from_model(model: torch.nn.Module, name: str) -> int:

@@ -37,7 +37,7 @@ def adapter_data(pipe: Any, name: str) -> AdapterData:
             down=_cpu(layer.lora_A[name].weight),
             up=_cpu(layer.lora_B[name].weight),
             alpha=float(layer.lora_alpha[name]),
-            magnitude=None if magnitude is None else _cpu(magnitude),
+            magnitude=None if magnitude is None else _cpu(magnitude).reshape(-1),
         )
         use_rslora = use_rslora or bool(layer.use_rslora.get(name, False))
     return AdapterData(modules=modules, use_rslora=use_rslora, metadata=dict(state.record(name).metadata))
@@ -95,7 +95,8 @@ def _copy_into(state: AdapterState, name: str, modules: Mapping[str, ModuleLora]
             layer.lora_A[name].weight.copy_(m.down.reshape(layer.lora_A[name].weight.shape))
             layer.lora_B[name].weight.copy_(m.up.reshape(layer.lora_B[name].weight.shape))
             if m.magnitude is not None:
-                layer.lora_magnitude_vector[name].weight.copy_(m.magnitude)
+                magnitude = layer.lora_magnitude_vector[name].weight
+                magnitude.copy_(m.magnitude.reshape(magnitude.shape))
             layer.lora_alpha[name] = m.alpha
             layer.use_rslora[name] = use_rslora
 

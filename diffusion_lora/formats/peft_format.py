@@ -135,7 +135,10 @@ def parse_peft(
             alpha = _alpha_tensor(module, roles["alpha"])
         else:
             alpha = _module_alpha(path, rank, configs.get(component, {}))
-        modules[module] = ModuleLora(down=roles["down"], up=roles["up"], alpha=alpha, magnitude=roles.get("magnitude"))
+        magnitude = roles.get("magnitude")
+        if magnitude is not None:  # PEFT stores a conv layer's magnitude as [1, out, 1, 1]
+            magnitude = magnitude.reshape(-1)
+        modules[module] = ModuleLora(down=roles["down"], up=roles["up"], alpha=alpha, magnitude=magnitude)
     use_rslora = any(bool(c.get("use_rslora")) for c in configs.values())
     return AdapterData(modules=modules, use_rslora=use_rslora, metadata=dict(metadata), format="diffusers")
 
