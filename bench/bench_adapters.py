@@ -4,7 +4,7 @@ Both sides use the same model (the real SD1.5 UNet config, random weights, built
 the same adapter files. Ours runs in pipeline A, diffusers in pipeline B; the two share nothing. A third,
 plain UNet C with the same weights is the no-adapter reference for forwards and for bit-exactness.
 
-    python bench/bench_adapters.py            # full run (~10–15 min on 2 CPU cores)
+    python bench/bench_adapters.py            # full run (~8 min on 2 quiet CPU cores, ~15 busy)
     python bench/bench_adapters.py --quick    # 20 adapters, fewer repetitions, k ≤ 2 (~3–4 min)
     python bench/bench_adapters.py --out results.md --profile 3
 
@@ -194,11 +194,7 @@ def make_files(pipe: StableDiffusionPipeline, folder: Path, count: int) -> list[
 
 def base_weights(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The UNet's state dict without LoRA tensors, keyed as in the plain model (``base_layer`` dropped)."""
-    return {
-        k.replace(".base_layer", ""): v
-        for k, v in unet.state_dict().items()
-        if ".lora_" not in k
-    }
+    return {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if ".lora_" not in k}
 
 
 def compare_weights(got: torch.nn.Module, reference: torch.nn.Module) -> tuple[int, int, float]:
@@ -285,10 +281,18 @@ def profile_loads(a, b, files: list[Path], count: int) -> str:
     """cProfile of ``count`` loads per library into plain layers (the unloads are not profiled)."""
     texts = []
     for label, load, unload, dirs in (
-        ("diffusion_lora.load_lora", partial(dl.load_lora, a), lambda f: dl.remove_lora(a, f.stem),
-         ("diffusion_lora", "peft", "safetensors")),
-        ("diffusers load_lora_weights", lambda f: b.load_lora_weights(str(f), adapter_name=f.stem),
-         lambda f: b.unload_lora_weights(), ("diffusers", "peft", "safetensors")),
+        (
+            "diffusion_lora.load_lora",
+            partial(dl.load_lora, a),
+            lambda f: dl.remove_lora(a, f.stem),
+            ("diffusion_lora", "peft", "safetensors"),
+        ),
+        (
+            "diffusers load_lora_weights",
+            lambda f: b.load_lora_weights(str(f), adapter_name=f.stem),
+            lambda f: b.unload_lora_weights(),
+            ("diffusers", "peft", "safetensors"),
+        ),
     ):
         prof = cProfile.Profile()
         for f in files[:count]:
@@ -308,8 +312,9 @@ def bench_switch(a, b, files: list[Path], s: Settings, res: Results, profile: in
     names = [f.stem for f in files]
     t_ours = timed(lambda: [dl.load_lora(a, f) for f in files])
     t_theirs = timed(lambda: [b.load_lora_weights(str(f), adapter_name=f.stem) for f in files])
-    res.add(f"load all {len(files)} adapters one after another, total", ms(t_ours), ms(t_theirs),
-            ratio(t_theirs, t_ours))
+    res.add(
+        f"load all {len(files)} adapters one after another, total", ms(t_ours), ms(t_theirs), ratio(t_theirs, t_ours)
+    )
     log(f"loaded {len(files)} adapters: ours {t_ours:.1f} s, diffusers {t_theirs:.1f} s")
     ours, theirs = [], []
     for rep in range(s.switch_reps + 2):  # reps 0 and 1 are warm-ups
@@ -319,8 +324,12 @@ def bench_switch(a, b, files: list[Path], s: Settings, res: Results, profile: in
         if rep >= 2:
             ours.append(t)
             theirs.append(d)
-    res.add(f"switch active pair, {len(files)} loaded (median of {s.switch_reps}; target ours ≤ 5 ms)",
-            ms(med(ours)), ms(med(theirs)), ratio(med(theirs), med(ours)))
+    res.add(
+        f"switch active pair, {len(files)} loaded (median of {s.switch_reps}; target ours ≤ 5 ms)",
+        ms(med(ours)),
+        ms(med(theirs)),
+        ratio(med(theirs), med(ours)),
+    )
     text = ""
     if profile:
         prof = cProfile.Profile()
@@ -330,8 +339,12 @@ def bench_switch(a, b, files: list[Path], s: Settings, res: Results, profile: in
         text = profile_text(prof, f"{profile} × dl.set_weights with {len(files)} loaded", ("diffusion_lora", "peft"))
     t_ours = timed(lambda: [dl.remove_lora(a, n) for n in names])
     t_theirs = timed(b.unload_lora_weights)
-    res.add(f"unload all {len(files)} (ours: remove_lora × {len(files)}; diffusers: one unload_lora_weights)",
-            ms(t_ours), ms(t_theirs), ratio(t_theirs, t_ours))
+    res.add(
+        f"unload all {len(files)} (ours: remove_lora × {len(files)}; diffusers: one unload_lora_weights)",
+        ms(t_ours),
+        ms(t_theirs),
+        ratio(t_theirs, t_ours),
+    )
     return text
 
 
@@ -393,9 +406,9 @@ class KResult:
 
 def measure_k(a, b, c_unet, files: list[Path], k: int, inputs: Inputs, s: Settings) -> KResult:
     """Bring A and B to k adapters (loading only the missing ones), then time unfused and fused."""
-    for f in files[len(dl.list_loras(a)):k]:
+    for f in files[len(dl.list_loras(a)) : k]:
         dl.load_lora(a, f)
-    for f in files[len(b.get_list_adapters().get("unet", [])):k]:
+    for f in files[len(b.get_list_adapters().get("unet", [])) : k]:
         b.load_lora_weights(str(f), adapter_name=f.stem)
     dl.set_weights(a, {f.stem: 1.0 for f in files[:k]})
     b.set_adapters([f.stem for f in files[:k]], adapter_weights=[1.0] * k)
@@ -407,9 +420,11 @@ def measure_k(a, b, c_unet, files: list[Path], k: int, inputs: Inputs, s: Settin
     exact = (compare_weights(a.unet, c_unet), compare_weights(b.unet, c_unet))
     restore_from(b.unet, c_unet)  # diffusers' unfuse is not exact; start the next k from the true weights
     r = KResult(unfused, fused, fuse_s, unfuse_s, exact)
-    log(f"k={k}: unfused ours {cell(vs_base(unfused, 0))}, diffusers {cell(vs_base(unfused, 1))}; "
+    log(
+        f"k={k}: unfused ours {cell(vs_base(unfused, 0))}, diffusers {cell(vs_base(unfused, 1))}; "
         f"fused ours {cell(vs_base(fused, 0))}, diffusers {cell(vs_base(fused, 1))}; "
-        f"unfuse differs: ours {exact[0][0]}, diffusers {exact[1][0]} of {exact[0][1]} tensors")
+        f"unfuse differs: ours {exact[0][0]}, diffusers {exact[1][0]} of {exact[0][1]} tensors"
+    )
     assert exact[0][0] == 0, f"dl.unfuse is not bit-exact at k={k}: {exact[0]}"
     return r
 
@@ -426,19 +441,32 @@ def bench_forward(a, b, c_unet, files: list[Path], s: Settings, res: Results) ->
     for f in files[: max(s.ks)]:
         dl.remove_lora(a, f.stem)
     b.unload_lora_weights()
-    res.add(f"UNet forward, all three plain: × C (noise floor); {s.forward_reps} rounds after 1 warm-up, "
-            f"C median {med([r[2] for r in calib]):.2f} s", cell(vs_base(calib, 0)), cell(vs_base(calib, 1)))
+    res.add(
+        f"UNet forward, all three plain: × C (noise floor); {s.forward_reps} rounds after 1 warm-up, "
+        f"C median {med([r[2] for r in calib]):.2f} s",
+        cell(vs_base(calib, 0)),
+        cell(vs_base(calib, 1)),
+    )
     for k, r in results.items():
         res.add(f"forward, {k} adapter(s) unfused, × plain", cell(vs_base(r.unfused, 0)), cell(vs_base(r.unfused, 1)))
     for k, r in results.items():
-        res.add(f"forward, {k} adapter(s) fused, × plain (target ours ≤ 1.01×)",
-                cell(vs_base(r.fused, 0)), cell(vs_base(r.fused, 1)))
+        res.add(
+            f"forward, {k} adapter(s) fused, × plain (target ours ≤ 1.01×)",
+            cell(vs_base(r.fused, 0)),
+            cell(vs_base(r.fused, 1)),
+        )
     for k, r in results.items():
-        res.add(f"fuse / unfuse call, k={k}", f"{ms(r.fuse_s[0])} / {ms(r.unfuse_s[0])}",
-                f"{ms(r.fuse_s[1])} / {ms(r.unfuse_s[1])}")
+        res.add(
+            f"fuse / unfuse call, k={k}",
+            f"{ms(r.fuse_s[0])} / {ms(r.unfuse_s[0])}",
+            f"{ms(r.fuse_s[1])} / {ms(r.unfuse_s[1])}",
+        )
     for k, r in results.items():
-        res.add(f"unfuse bit-exact, k={k} (base tensors differing; max abs diff)",
-                exact_cell(r.exact[0]), exact_cell(r.exact[1]))
+        res.add(
+            f"unfuse bit-exact, k={k} (base tensors differing; max abs diff)",
+            exact_cell(r.exact[0]),
+            exact_cell(r.exact[1]),
+        )
 
 
 def exact_cell(e: tuple[int, int, float]) -> str:
@@ -482,8 +510,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latent", type=int, help="latent side length (default 32, i.e. 256 px)")
     p.add_argument("--adapters", type=int, help="number of adapter files (default 50; 20 with --quick)")
     p.add_argument("--out", type=Path, help="also write the table to this file")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="after the table, print a cProfile of N loads per library and of N dl.set_weights")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the table, print a cProfile of N loads per library and of N dl.set_weights",
+    )
     return p.parse_args(argv)
 
 
@@ -496,6 +529,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     diffusers.utils.logging.set_verbosity_error()  # "No LoRA keys ... text_encoder" on every load
     # PEFT warns on every second adapter that a peft_config exists; stacking is what we do here.
     warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
+    warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")  # delete_adapters
     start = time.perf_counter()
     res = Results()
     res.notes.append(f"load average at start: {os.getloadavg()[0]:.2f}")
