@@ -54,8 +54,10 @@ class Family:
     text_encoder_targets: tuple[str, ...]
     block_groups: tuple[BlockGroup, ...]
     kohya_prefixes: Mapping[str, str]  # component -> kohya key prefix
+    comfyui_text_encoders: Mapping[str, str]  # ComfyUI's text_encoders.<name> -> component
     kohya_base_model_version: str  # kohya's ss_base_model_version
     modelspec_architecture: str  # ModelSpec 1.0 architecture of a LoRA for this family
+    original_implementation: str  # ModelSpec implementation of the family's original checkpoints
     default_resolution: int
     tiny_model: str | None
     matches_config: Callable[[Mapping[str, Any]], bool] = field(repr=False, default=lambda c: True)
@@ -82,6 +84,7 @@ class Family:
 
 
 ALL_LINEAR = ("*",)
+SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 _UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 _UNET_FF = ("ff.net.0.proj", "ff.net.2")
 _JOINT_ATTN = _UNET_ATTN + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -120,8 +123,10 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                 text_encoder_targets=_CLIP_ATTN,
                 block_groups=_UNET_BLOCKS,
                 kohya_prefixes=MappingProxyType({"unet": "lora_unet", "text_encoder": "lora_te"}),
+                comfyui_text_encoders=MappingProxyType({"clip_l": "text_encoder"}),
                 kohya_base_model_version="sd_v1",
                 modelspec_architecture="stable-diffusion-v1/lora",
+                original_implementation=SGM_IMPLEMENTATION,
                 default_resolution=512,
                 tiny_model="tiny-sd15",
                 matches_config=lambda c: c.get("addition_embed_type") != "text_time"
@@ -139,8 +144,10 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                 text_encoder_targets=_CLIP_ATTN,
                 block_groups=_UNET_BLOCKS,
                 kohya_prefixes=MappingProxyType({"unet": "lora_unet", "text_encoder": "lora_te"}),
+                comfyui_text_encoders=MappingProxyType({"clip_h": "text_encoder"}),
                 kohya_base_model_version="sd_v2",
                 modelspec_architecture="stable-diffusion-v2-768-v/lora",
+                original_implementation=SGM_IMPLEMENTATION,
                 default_resolution=768,
                 tiny_model=None,
                 matches_config=lambda c: c.get("addition_embed_type") != "text_time"
@@ -160,8 +167,10 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                 kohya_prefixes=MappingProxyType(
                     {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
                 ),
+                comfyui_text_encoders=MappingProxyType({"clip_l": "text_encoder", "clip_g": "text_encoder_2"}),
                 kohya_base_model_version="sdxl_base_v1-0",
                 modelspec_architecture="stable-diffusion-xl-v1-base/lora",
+                original_implementation=SGM_IMPLEMENTATION,
                 default_resolution=1024,
                 tiny_model="tiny-sdxl",
                 matches_config=lambda c: c.get("addition_embed_type") == "text_time",
@@ -185,8 +194,10 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                         "text_encoder_3": "lora_te3",
                     }
                 ),
+                comfyui_text_encoders=MappingProxyType({"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"}),
                 kohya_base_model_version="sd3",
                 modelspec_architecture="stable-diffusion-3-medium/lora",
+                original_implementation=SGM_IMPLEMENTATION,
                 default_resolution=1024,
                 tiny_model="tiny-sd3",
             ),
@@ -205,8 +216,10 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                 kohya_prefixes=MappingProxyType(
                     {"transformer": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te3"}
                 ),
+                comfyui_text_encoders=MappingProxyType({"clip_l": "text_encoder", "t5xxl": "text_encoder_2"}),
                 kohya_base_model_version="flux1",
                 modelspec_architecture="flux-1-dev/lora",
+                original_implementation="https://github.com/black-forest-labs/flux",
                 default_resolution=1024,
                 tiny_model="tiny-flux",
             ),

@@ -132,11 +132,12 @@ def load_lora(
     touched: on any error the pipeline is exactly as before the call.
     """
     state = state_of(pipe)
-    weight_file, data = read_adapter(path, state.family, allow_pickle=allow_pickle)
+    read = read_adapter(path, state, allow_pickle=allow_pickle)
+    weight_file, data = read.path, read.data
     name = check_name(name if name is not None else default_adapter_name(weight_file))
     require_new(state, name)
     weight = validate_weight(name, weight, block_layout(state))
-    plan = plan_load(state, data, str(weight_file), strict=strict)
+    plan = plan_load(state, data, str(weight_file), strict=strict, unresolved=read.unresolved)
     with refused(state):
         _inject_plan(state, name, plan, data.use_rslora)
         state.records[name] = AdapterRecord(

@@ -5,13 +5,20 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import FormatError
-from ..families import FAMILIES, Family
+from ..errors import ConfigError, FormatError, UnsupportedModelError
+from ..families import FAMILIES
 from ..formats.adapter_data import AdapterData
-from ..formats.peft_format import parse_peft
+from ..formats.comfyui import comfyui_names, comfyui_to_kohya, write_comfyui
+from ..formats.detect import FileFormat, detect_format
+from ..formats.kohya import KohyaIndex, kohya_index, kohya_metadata, parse_kohya, write_kohya
+from ..formats.peft_format import parse_peft, write_peft
 from ..formats.safetensors_io import read_adapter_file
+from ..formats.sgm_blocks import UNetLayout
+from .inject import plain_modules
+from .state import AdapterState
 
 # Weight files diffusers and PEFT put in a folder, in the order we look for them.
 FOLDER_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
@@ -45,20 +52,56 @@ def resolve_adapter_path(path: str | os.PathLike) -> tuple[Path, dict | None]:
     return p, None
 
 
-def read_adapter(path: str | os.PathLike, family: Family, *, allow_pickle: bool = False) -> tuple[Path, AdapterData]:
-    """Read and parse an adapter file or folder for a pipeline of ``family``."""
+@dataclass
+class ReadAdapter:
+    """An adapter file read for one pipeline: its data, its format and the keys that fit no module."""
+
+    path: Path
+    data: AdapterData
+    format: FileFormat
+    unresolved: list[str] = field(default_factory=list)
+
+
+def kohya_index_of(state: AdapterState) -> KohyaIndex:
+    """The kohya name index of the pipeline (built once from its real module list)."""
+    if state.kohya_index is None:
+        family = state.family
+        paths = {
+            component: [path for path, _ in plain_modules(model)]
+            for component, model in state.components.items()
+            if component in family.kohya_prefixes
+        }
+        layout = None
+        if family.denoiser == "unet":
+            try:
+                layout = UNetLayout.from_config(state.components["unet"].config)
+            except UnsupportedModelError:  # no SGM names for this UNet; diffusers names still work
+                layout = None
+        state.kohya_index = kohya_index(family.kohya_prefixes, paths, layout, unet_component=family.denoiser)
+    return state.kohya_index
+
+
+def read_adapter(path: str | os.PathLike, state: AdapterState, *, allow_pickle: bool = False) -> ReadAdapter:
+    """Read and parse an adapter file or folder, in any supported format, for ``state``'s pipeline."""
     weight_file, config = resolve_adapter_path(path)
     tensors, metadata = read_adapter_file(weight_file, allow_pickle=allow_pickle)
-    if not tensors:
-        raise FormatError(f"{weight_file}: the file holds no tensors; it is not an adapter")
-    # Every component name of every family, so another family's keys keep their component and fail
-    # to match visibly instead of being taken for bare keys of this family's denoiser.
-    components = {c for f in FAMILIES.values() for c in (f.denoiser, *f.text_encoders)}
+    family = state.family
     try:
-        data = parse_peft(tensors, metadata, components, family.denoiser, config)
+        fmt = detect_format(tensors, str(weight_file))
+        if fmt is FileFormat.DIFFUSERS:
+            # Every component name of every family, so another family's keys keep their component and
+            # fail to match visibly instead of being taken for bare keys of this family's denoiser.
+            components = {c for f in FAMILIES.values() for c in (f.denoiser, *f.text_encoders)}
+            data = parse_peft(tensors, metadata, components, family.denoiser, config)
+            return ReadAdapter(weight_file, data, fmt)
+        if fmt is FileFormat.COMFYUI:
+            tensors = comfyui_to_kohya(tensors, family.kohya_prefixes, family.comfyui_text_encoders, family.denoiser)
+        data, unresolved = parse_kohya(tensors, metadata, kohya_index_of(state), source=str(weight_file))
+        data.format = fmt.value
+        return ReadAdapter(weight_file, data, fmt, unresolved)
     except FormatError as exc:
-        raise FormatError(f"{weight_file}: {exc}") from None
-    return weight_file, data
+        message = str(exc)
+        raise FormatError(message if str(weight_file) in message else f"{weight_file}: {message}") from None
 
 
 def default_adapter_name(path: Path) -> str:
@@ -68,3 +111,29 @@ def default_adapter_name(path: Path) -> str:
         stem = path.parent.name
     name = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")
     return name or "lora"
+
+
+def encode_adapter(state: AdapterState, data: AdapterData, fmt: FileFormat | str) -> tuple[dict, dict[str, str]]:
+    """Tensors and format metadata of ``data`` written as ``fmt`` for ``state``'s pipeline.
+
+    kohya: ``lora_unet_``/``lora_te*_`` names with ``.alpha``, SGM block names for SDXL (what
+    A1111/Forge and ComfyUI load natively), DoRA as ``dora_scale``; comfyui: ``diffusion_model.`` /
+    ``text_encoders.`` names; diffusers: PEFT keys with ``lora_adapter_metadata``.
+    """
+    try:
+        fmt = FileFormat(fmt)
+    except ValueError:
+        raise ConfigError(
+            f"format {fmt!r} is unknown; choose one of {', '.join(f.value for f in FileFormat)}"
+        ) from None
+    family = state.family
+    if fmt is FileFormat.DIFFUSERS:
+        return write_peft(data)
+    index = kohya_index_of(state)
+    if fmt is FileFormat.KOHYA:
+        return write_kohya(data, index, sgm=family.name == "sdxl")
+    layout = None
+    if family.denoiser == "unet":
+        layout = UNetLayout.from_config(state.components["unet"].config)
+    names = comfyui_names(data, family.denoiser, family.comfyui_text_encoders, layout)
+    return write_comfyui(data, names), kohya_metadata(data)

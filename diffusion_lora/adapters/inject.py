@@ -26,7 +26,7 @@ def base_module(module: torch.nn.Module) -> torch.nn.Module:
     return module.get_base_layer() if isinstance(module, LoraLayer) else module
 
 
-def _plain_modules(model: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Module]]:
+def plain_modules(model: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Module]]:
     """(path, module) of every adaptable layer, seeing through existing LoRA wrappers."""
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer):
@@ -52,7 +52,7 @@ def resolve_targets(
     kinds = (torch.nn.Linear,) if linear_only else _ADAPTABLE
     paths = [
         path
-        for path, module in _plain_modules(model)
+        for path, module in plain_modules(model)
         if isinstance(module, kinds)
         and (everything or any(path == s or path.endswith("." + s) for s in wanted))
     ]

@@ -13,9 +13,9 @@ import torch
 from .. import __version__
 from ..errors import AdapterStateError, ConfigError
 from ..formats.adapter_data import AdapterData, ModuleLora
-from ..formats.peft_format import write_peft
+from ..formats.metadata import IMPLEMENTATION_DIFFUSERS, ModelFacts, sharing_metadata
 from ..formats.safetensors_io import write_adapter_file_with_hashes
-from .files import read_adapter
+from .files import encode_adapter, read_adapter
 from .guards import refused, require, trigger_words
 from .state import AdapterState, state_of
 from .validate import plan_load
@@ -55,8 +55,9 @@ def hotswap(pipe: Any, name: str, path: str | os.PathLike, *, allow_pickle: bool
     """
     state = state_of(pipe)
     require(state, name)
-    weight_file, data = read_adapter(path, state.family, allow_pickle=allow_pickle)
-    plan = plan_load(state, data, str(weight_file), strict=True)
+    read = read_adapter(path, state, allow_pickle=allow_pickle)
+    weight_file, data = read.path, read.data
+    plan = plan_load(state, data, str(weight_file), strict=True, unresolved=read.unresolved)
     current = {
         f"{site.component}.{site.path}": site.layer
         for site in state.sites()
@@ -105,29 +106,47 @@ def save_lora(
     pipe: Any,
     name: str,
     path: str | os.PathLike,
+    format: str = "diffusers",
     *,
     trigger_words: Sequence[str] | None = None,
     extra_metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write adapter ``name`` as a diffusers/PEFT ``.safetensors`` file (atomically).
+    """Write adapter ``name`` as a ``.safetensors`` file in ``format`` (diffusers, kohya, comfyui), atomically.
 
-    The header carries diffusers' ``lora_adapter_metadata`` (so plain ``load_lora_weights`` gets the
-    same alpha), diffusion_lora's own keys (family, base model, name, rank, alpha, targets, trigger
-    words, library version) and kohya's ``sshs_model_hash`` (the "addnet" hash A1111 shows).
+    Every format carries kohya's ``ss_*`` and ModelSpec ``modelspec.*`` entries, diffusion_lora's own
+    keys (family, base model, name, rank, alpha, targets, trigger words, version), and the hashes of
+    the final tensors (``sshs_model_hash``, the "addnet" hash A1111 shows, and
+    ``modelspec.hash_sha256``). The diffusers format also carries ``lora_adapter_metadata``, so plain
+    ``load_lora_weights`` gets the same alpha.
     """
     state = state_of(pipe)
-    data = adapter_data(pipe, name)
-    tensors, metadata = write_peft(data)
-    rec = state.record(name)
-    words = tuple(trigger_words) if trigger_words is not None else rec.trigger_words
-    metadata.update(_our_metadata(pipe, state, name, data, words))
-    metadata.update({str(k): str(v) for k, v in (extra_metadata or {}).items()})
     out = Path(path)
     if out.suffix != ".safetensors":
         raise ConfigError(f"{out}: adapter files must end in .safetensors")
+    data = adapter_data(pipe, name)
+    rec = state.record(name)
+    words = tuple(trigger_words) if trigger_words is not None else rec.trigger_words
+    tensors, metadata = encode_adapter(state, data, format)
+    metadata.update(describe(pipe, state, name, data, words, str(format)))
+    metadata.update({str(k): str(v) for k, v in (extra_metadata or {}).items()})
     write_adapter_file_with_hashes(out, tensors, metadata)
     rec.trigger_words = words
     return out
+
+
+def describe(pipe: Any, state: AdapterState, name: str, data: AdapterData, words: Sequence[str], fmt: str) -> dict:
+    """Sharing metadata (``ss_*``, ``modelspec.*``) plus diffusion_lora's own keys for a saved file."""
+    family = state.family
+    facts = ModelFacts(
+        family=family.name,
+        kohya_base_model_version=family.kohya_base_model_version,
+        modelspec_architecture=family.modelspec_architecture,
+        implementation=IMPLEMENTATION_DIFFUSERS if fmt == "diffusers" else family.original_implementation,
+        resolution=family.default_resolution,
+    )
+    meta = sharing_metadata(data, facts, name=name, trigger_words=words, inherited=data.metadata)
+    meta.update(_our_metadata(pipe, state, name, data, words))
+    return meta
 
 
 def _module_suffix(key: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -79,13 +80,15 @@ def _check_finite(key: str, m: ModuleLora, source: str) -> None:
         raise FormatError(f"{source}: alpha of {key} is {m.alpha}, it must be a positive finite number")
 
 
-def plan_load(state: AdapterState, data: AdapterData, source: str, *, strict: bool) -> LoadPlan:
+def plan_load(
+    state: AdapterState, data: AdapterData, source: str, *, strict: bool, unresolved: Sequence[str] = ()
+) -> LoadPlan:
     """Match every module of ``data`` to a layer of the pipeline and check that it fits.
 
     Raises KeyMappingError (or FamilyMismatchError) when keys match nothing and ``strict``; a
     shape that does not fit or a non-finite tensor is always an error.
     """
-    plan = LoadPlan(modules={})
+    plan = LoadPlan(modules={}, skipped=list(unresolved))
     misfits: list[str] = []
     for key, m in data.modules.items():
         component, _, path = key.partition(".")
@@ -99,11 +102,12 @@ def plan_load(state: AdapterState, data: AdapterData, source: str, *, strict: bo
             continue
         _check_finite(key, m, source)
         plan.modules.setdefault(component, {})[path] = m
-    guess = guess_families(data.modules)
+    total = len(data.modules) + len(unresolved)
+    guess = guess_families(data.modules, extra_keys=unresolved)
     if (misfits or plan.skipped) and guess and state.family.name not in guess:
         raise FamilyMismatchError(
             f"{source}: the keys look like a {' or '.join(sorted(guess))} adapter, but the pipeline is "
-            f"{state.family.name} ({state.family.title}): {len(plan.skipped)} of {len(data.modules)} "
+            f"{state.family.name} ({state.family.title}): {len(plan.skipped)} of {total} "
             f"module(s) match no layer and {len(misfits)} have the wrong shape. Load it into a pipeline "
             f"of the family it was trained for."
         )
@@ -116,7 +120,7 @@ def plan_load(state: AdapterState, data: AdapterData, source: str, *, strict: bo
     if plan.skipped and (strict or not plan.modules):
         examples = ", ".join(plan.skipped[:5])
         raise KeyMappingError(
-            f"{source}: {len(plan.skipped)} of {len(data.modules)} module(s) match no layer of the "
+            f"{source}: {len(plan.skipped)} of {total} module(s) match no layer of the "
             f"{state.family.title} pipeline (e.g. {examples}). Pass strict=False to load the modules "
             f"that match and skip the rest."
         )

@@ -324,13 +324,14 @@ def write_kohya(
         name = index.name_of(component, path, sgm=sgm)
         tensors[f"{name}.lora_down.weight"] = m.down
         tensors[f"{name}.lora_up.weight"] = m.up
-        tensors[f"{name}.alpha"] = torch.tensor(_kohya_alpha(m, data.use_rslora), dtype=m.down.dtype)
+        tensors[f"{name}.alpha"] = torch.tensor(kohya_alpha(m, data.use_rslora), dtype=m.down.dtype)
         if m.magnitude is not None:
             tensors[f"{name}.dora_scale"] = magnitude_to_dora_scale(m.magnitude, m.down)
     return tensors, kohya_metadata(data)
 
 
-def _kohya_alpha(m: ModuleLora, use_rslora: bool) -> float:
+def kohya_alpha(m: ModuleLora, use_rslora: bool) -> float:
+    """The alpha that gives ``m`` its scale under kohya's alpha/rank rule (rsLoRA: alpha·√rank)."""
     return m.alpha * math.sqrt(m.rank) if use_rslora else m.alpha
 
 
@@ -338,7 +339,7 @@ def kohya_metadata(data: AdapterData) -> dict[str, str]:
     """kohya's ``ss_network_*`` entries: module, dim and alpha as strings (``"4"``, ``"2.0"``), or
     ``"Dynamic"`` when they differ between modules, as kohya's resize_lora writes them."""
     ranks = {m.rank for m in data.modules.values()}
-    alphas = {_kohya_alpha(m, data.use_rslora) for m in data.modules.values()}
+    alphas = {kohya_alpha(m, data.use_rslora) for m in data.modules.values()}
     return {
         "ss_network_module": NETWORK_MODULE,
         "ss_network_dim": str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic",

@@ -134,7 +134,8 @@ def write_adapter_file_with_hashes(
 
     The hashes are computed as kohya does, on a serialization that keeps only the ``ss_*`` metadata;
     ``sshs_model_hash`` equals :func:`~diffusion_lora.formats.hashes.addnet_hash` of the written file.
-    Existing ``sshs_*`` values are replaced, since they describe other tensors. Holds the serialized
+    Existing ``sshs_*`` values are replaced, since they describe other tensors; with ModelSpec keys
+    present, ``modelspec.hash_sha256`` is set to the same data hash. Holds the serialized
     file in memory (twice, briefly). Returns the metadata written.
     """
     path = Path(path)
@@ -143,6 +144,8 @@ def write_adapter_file_with_hashes(
     training_only = _serialize(prepared, {k: v for k, v in meta.items() if k.startswith("ss_")}, path)
     meta["sshs_model_hash"] = addnet_hash_of_bytes(training_only)
     meta["sshs_legacy_hash"] = legacy_hash_of_bytes(training_only)
+    if "modelspec.sai_model_spec" in meta:  # ModelSpec's hash is of the tensor data too, 0x-prefixed
+        meta["modelspec.hash_sha256"] = "0x" + meta["sshs_model_hash"]
     del training_only
     atomic_write_bytes(path, _serialize(prepared, meta, path), what="adapter file")
     return meta

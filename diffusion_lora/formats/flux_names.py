@@ -1,0 +1,421 @@
+"""Flux.1 LoRA key names: Black Forest Labs' original module names and diffusers' FluxTransformer2DModel.
+
+Flux LoRA files in the wild name the transformer's layers three ways, all read by :func:`parse_flux`:
+
+* kohya sd-scripts: ``lora_unet_<flat BFL name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``
+  (``lora_unet_double_blocks_0_img_attn_qkv``);
+* OneTrainer: ``lora_transformer_<flat diffusers path>`` (``lora_transformer_transformer_blocks_0_attn_to_q``),
+  same suffixes; ``lora_unet_<flat diffusers path>`` (our generic kohya writer) is read the same way;
+* ComfyUI: ``diffusion_model.<dotted BFL name>.lora_A.weight`` / ``.lora_B.weight`` (or ``.lora_down`` /
+  ``.lora_up``) and ``.alpha``.
+
+BFL fuses layers diffusers keeps apart: ``img_attn.qkv`` is diffusers' ``to_q``/``to_k``/``to_v`` stacked
+along the output rows, ``single_blocks.N.linear1`` is ``to_q``/``to_k``/``to_v``/``proj_mlp``, and
+``final_layer.adaLN_modulation.1`` is ``norm_out.linear`` with its two output halves swapped (BFL computes
+(shift, scale), diffusers' AdaLayerNormContinuous (scale, shift)). A LoRA on a fused layer is therefore a
+row-split of its up-projection; the split sizes come from :class:`FluxDims`, i.e. from the model itself,
+never from Flux.1-dev's 3072. Flat names are not reversible, so reading is a look-up in an index built
+by flattening every known name (:func:`flux_index`). Mapping checked against diffusers 0.42's
+``convert_flux_transformer_checkpoint_to_diffusers`` and ``_convert_kohya_flux_lora_to_diffusers``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from types import MappingProxyType
+
+import torch
+
+from ..errors import ConfigError, FormatError, KeyMappingError
+from .adapter_data import AdapterData, ModuleLora
+from .kohya import dora_scale_to_magnitude, flatten, kohya_metadata, magnitude_to_dora_scale, unresolved_error
+
+COMPONENT = "transformer"
+KOHYA_PREFIX = "lora_unet_"
+ONETRAINER_PREFIX = "lora_transformer_"
+COMFYUI_PREFIX = "diffusion_model."
+NETWORK_MODULE = "networks.lora_flux"  # what sd-scripts' Flux trainer writes in ss_network_module
+DEFAULT_MLP_RATIO = 4.0  # diffusers' FluxSingleTransformerBlock hard-codes it; the config has no such key
+
+Target = tuple[str, slice]  # (diffusers module path, rows of the BFL layer's output it gets)
+_ALL = slice(None)
+# (BFL suffix, ((diffusers suffix, row count: "inner", "mlp", or None for a layer that is not fused), ...))
+_Parts = tuple[tuple[str, str | None], ...]
+_DOUBLE: tuple[tuple[str, _Parts], ...] = (
+    ("img_attn.qkv", (("attn.to_q", "inner"), ("attn.to_k", "inner"), ("attn.to_v", "inner"))),
+    ("img_attn.proj", (("attn.to_out.0", None),)),
+    ("img_mlp.0", (("ff.net.0.proj", None),)),
+    ("img_mlp.2", (("ff.net.2", None),)),
+    ("img_mod.lin", (("norm1.linear", None),)),  # (shift, scale, gate) ×2 in both: no swap
+    ("txt_attn.qkv", (("attn.add_q_proj", "inner"), ("attn.add_k_proj", "inner"), ("attn.add_v_proj", "inner"))),
+    ("txt_attn.proj", (("attn.to_add_out", None),)),
+    ("txt_mlp.0", (("ff_context.net.0.proj", None),)),
+    ("txt_mlp.2", (("ff_context.net.2", None),)),
+    ("txt_mod.lin", (("norm1_context.linear", None),)),
+)
+_SINGLE: tuple[tuple[str, _Parts], ...] = (
+    ("linear1", (("attn.to_q", "inner"), ("attn.to_k", "inner"), ("attn.to_v", "inner"), ("proj_mlp", "mlp"))),
+    ("linear2", (("proj_out", None),)),
+    ("modulation.lin", (("norm.linear", None),)),
+)
+_TOP: tuple[tuple[str, str], ...] = (
+    ("img_in", "x_embedder"),
+    ("txt_in", "context_embedder"),
+    ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+    ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+    ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+    ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
+    ("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+    ("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
+    ("final_layer.linear", "proj_out"),
+)
+_ADALN = "final_layer.adaLN_modulation.1"
+
+_FLAT_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "dora_scale"}
+_DOTTED_ROLES = (
+    ("lora_A.weight", "down"),
+    ("lora_B.weight", "up"),
+    *_FLAT_ROLES.items(),
+)
+
+
+@dataclass(frozen=True)
+class FluxDims:
+    """The sizes that decide Flux's names and fused-layer splits.
+
+    ``num_double_blocks`` / ``num_single_blocks``: diffusers' ``num_layers`` / ``num_single_layers``;
+    ``inner_dim``: rows of each of q, k, v (heads × head dim); ``mlp_hidden_dim``: rows of a single
+    block's ``proj_mlp``. Flux.1-dev is (19, 38, 3072, 12288).
+    """
+
+    num_double_blocks: int
+    num_single_blocks: int
+    inner_dim: int
+    mlp_hidden_dim: int
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            minimum = 0 if f.name.startswith("num_") else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"FluxDims.{f.name} must be an integer ≥ {minimum}, got {value!r}")
+
+    @classmethod
+    def from_config(
+        cls, config: Mapping[str, object], module_shapes: Mapping[str, tuple[int, int]] | None = None
+    ) -> FluxDims:
+        """Dims of a FluxTransformer2DModel from its config (``num_layers``, ``num_single_layers``,
+        ``num_attention_heads``, ``attention_head_dim``; ``mlp_ratio`` if present, else diffusers' 4.0).
+
+        ``module_shapes`` (module path → (out, in) of the real Linear layers) is preferred: the split
+        sizes are then read from the first block's ``to_q`` and ``proj_mlp``. Raises ConfigError naming a
+        missing config key, or when the layers disagree with the config.
+        """
+        try:
+            num_double, num_single = int(config["num_layers"]), int(config["num_single_layers"])
+            inner = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+        except KeyError as exc:
+            raise ConfigError(
+                f"Flux transformer config has no {exc.args[0]!r}; pass FluxTransformer2DModel's config"
+            ) from None
+        explicit_ratio = "mlp_ratio" in config
+        mlp = int(inner * float(config["mlp_ratio"] if explicit_ratio else DEFAULT_MLP_RATIO))
+        if module_shapes:
+            q_paths = ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_q")
+            inner = _rows_of(module_shapes, q_paths, inner, "inner_dim")
+            shape_mlp = _rows_of(module_shapes, ("single_transformer_blocks.0.proj_mlp",), mlp, None)
+            if explicit_ratio and shape_mlp != mlp:
+                raise ConfigError(f"config mlp_ratio gives mlp_hidden_dim {mlp} but proj_mlp has {shape_mlp} rows")
+            mlp = shape_mlp
+        return cls(num_double, num_single, inner, mlp)
+
+
+def _rows_of(shapes: Mapping[str, tuple[int, int]], paths: Sequence[str], expected: int, check: str | None) -> int:
+    for path in paths:
+        if path in shapes:
+            rows = int(shapes[path][0])
+            if check is not None and rows != expected:
+                raise ConfigError(f"config gives {check} {expected} but layer {path} has {rows} output rows")
+            return rows
+    return expected
+
+
+def _targets(prefix: str, parts: _Parts, dims: FluxDims) -> tuple[Target, ...]:
+    if len(parts) == 1 and parts[0][1] is None:
+        return ((prefix + parts[0][0], _ALL),)
+    out, start = [], 0
+    for suffix, size in parts:
+        rows = dims.inner_dim if size == "inner" else dims.mlp_hidden_dim
+        out.append((prefix + suffix, slice(start, start + rows)))
+        start += rows
+    return tuple(out)
+
+
+@lru_cache(maxsize=16)
+def bfl_table(dims: FluxDims) -> Mapping[str, tuple[Target, ...]]:
+    """Every BFL module name of a Flux transformer (dotted, ``double_blocks.0.img_attn.qkv``) → its targets.
+
+    A target is (diffusers module path, rows of the BFL layer's output it gets). The diffusers module's
+    output rows are its targets' row slices concatenated in order: q/k/v get consecutive thirds of
+    ``qkv``, and ``norm_out.linear`` gets rows [inner:2·inner] then [0:inner] of ``adaLN_modulation.1``
+    (the (shift, scale) → (scale, shift) swap). ``slice(None)``: all rows, the layer is not fused.
+    """
+    table: dict[str, tuple[Target, ...]] = {bfl: ((path, _ALL),) for bfl, path in _TOP}
+    inner = dims.inner_dim
+    table[_ADALN] = (("norm_out.linear", slice(inner, 2 * inner)), ("norm_out.linear", slice(0, inner)))
+    for i in range(dims.num_double_blocks):
+        for bfl, parts in _DOUBLE:
+            table[f"double_blocks.{i}.{bfl}"] = _targets(f"transformer_blocks.{i}.", parts, dims)
+    for i in range(dims.num_single_blocks):
+        for bfl, parts in _SINGLE:
+            table[f"single_blocks.{i}.{bfl}"] = _targets(f"single_transformer_blocks.{i}.", parts, dims)
+    return MappingProxyType(table)
+
+
+def bfl_targets(bfl_path: str, dims: FluxDims) -> list[Target] | None:
+    """The diffusers module path(s) of BFL module ``bfl_path`` (dotted) and the rows of the BFL layer's
+    output each gets (see :func:`bfl_table`); None when a Flux model of ``dims`` has no such module."""
+    targets = bfl_table(dims).get(bfl_path)
+    return list(targets) if targets is not None else None
+
+
+@dataclass(frozen=True)
+class FluxIndex:
+    """File module name (prefix included, no ``.lora_down.weight``) → its targets in the model."""
+
+    modules: Mapping[str, tuple[Target, ...]]
+
+    def resolve(self, name: str) -> tuple[Target, ...] | None:
+        """The targets of file module name ``name``, or None when the model has no such module."""
+        return self.modules.get(name)
+
+
+def flux_index(dims: FluxDims, module_paths: Sequence[str]) -> FluxIndex:
+    """Every name a Flux transformer's layers answer to in LoRA files, from ``module_paths`` (the
+    transformer's Linear layer paths) and ``dims``.
+
+    BFL names are listed only when all their diffusers modules exist (``guidance_in`` needs guidance
+    embeds). Raises KeyMappingError if two modules flatten to the same name.
+    """
+    paths = set(module_paths)
+    modules: dict[str, tuple[Target, ...]] = {}
+    for bfl, targets in bfl_table(dims).items():
+        if all(path in paths for path, _ in targets):
+            _add(modules, KOHYA_PREFIX + flatten(bfl), targets)
+            _add(modules, COMFYUI_PREFIX + bfl, targets)
+    for path in module_paths:
+        for prefix in (ONETRAINER_PREFIX, KOHYA_PREFIX):
+            _add(modules, prefix + flatten(path), ((path, _ALL),))
+    return FluxIndex(MappingProxyType(modules))
+
+
+def _add(modules: dict[str, tuple[Target, ...]], name: str, targets: tuple[Target, ...]) -> None:
+    other = modules.setdefault(name, targets)
+    if other != targets:
+        raise KeyMappingError(
+            f"Flux LoRA name {name!r} fits both {other[0][0]} and {targets[0][0]}; files cannot tell them apart"
+        )
+
+
+def _split_key(key: str) -> tuple[str, str] | None:
+    """(file module name, role) of a key, role in down/up/alpha/dora_scale; None for other keys."""
+    if key.startswith(COMFYUI_PREFIX):
+        for suffix, role in _DOTTED_ROLES:
+            if key.endswith("." + suffix):
+                return key[: -len(suffix) - 1], role
+        return None
+    name, _, suffix = key.partition(".")
+    role = _FLAT_ROLES.get(suffix)
+    return (name, role) if role is not None else None
+
+
+def parse_flux(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    dims: FluxDims,
+    *,
+    module_paths: Sequence[str],
+    strict: bool = False,
+    source: str = "",
+) -> tuple[AdapterData, list[str]]:
+    """Read a Flux LoRA state dict in kohya, OneTrainer or ComfyUI spelling into an AdapterData keyed
+    ``transformer.<diffusers path>``, plus the sorted file keys that map to no module.
+
+    A fused layer's LoRA becomes one LoRA per diffusers module: each gets a clone of the shared
+    ``down`` [rank, in], its rows of ``up`` and the same alpha, so each has the fused layer's scale.
+    Unresolved keys — text-encoder keys (``lora_te1_…``, ``text_encoders.…``), layers the model lacks,
+    unknown suffixes — are returned for the caller to route, or raised with ``strict``. Raises
+    FormatError for an incomplete module, bad shapes or alpha, or two names adapting one module.
+    """
+    index = flux_index(dims, module_paths)
+    groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    unresolved: list[str] = []
+    for key, tensor in tensors.items():
+        split = _split_key(key)
+        if split is None or index.resolve(split[0]) is None:
+            unresolved.append(key)
+            continue
+        groups.setdefault(split[0], {})[split[1]] = (key, tensor)
+    modules: dict[str, ModuleLora] = {}
+    seen: dict[str, str] = {}
+    for name, parts in groups.items():
+        roles = {role: t for role, (_, t) in parts.items()}
+        for path, module in _split_module(name, roles, index.modules[name]).items():
+            key = f"{COMPONENT}.{path}"
+            if key in seen:
+                raise FormatError(f"Flux LoRA names {seen[key]!r} and {name!r} both adapt {key}; the file is ambiguous")
+            seen[key] = name
+            modules[key] = module
+    unresolved.sort()
+    if strict and unresolved:
+        raise unresolved_error(unresolved, source)
+    return AdapterData(modules=modules, metadata=dict(metadata), format="kohya"), unresolved
+
+
+def _split_module(name: str, parts: Mapping[str, torch.Tensor], targets: tuple[Target, ...]) -> dict[str, ModuleLora]:
+    if "down" not in parts or "up" not in parts:
+        raise FormatError(f"{name} has no {'down' if 'down' not in parts else 'up'} weight; the file is incomplete")
+    down, up = parts["down"], parts["up"]
+    rank = int(down.shape[0])
+    if down.dim() != 2 or up.dim() != 2 or up.shape[1] != rank:
+        raise FormatError(
+            f"{name}: up {list(up.shape)} and down {list(down.shape)} are not a Linear LoRA pair of one rank"
+        )
+    alpha = _alpha(name, parts.get("alpha"), rank)
+    magnitude = None
+    if "dora_scale" in parts:
+        magnitude = dora_scale_to_magnitude(parts["dora_scale"], int(up.shape[0]), int(down.shape[1]), name)
+    if len(targets) == 1 and targets[0][1] == _ALL:
+        return {targets[0][0]: ModuleLora(down=down, up=up, alpha=alpha, magnitude=magnitude)}
+    rows = max(s.stop for _, s in targets)
+    if up.shape[0] != rows:
+        raise FormatError(
+            f"{name}: up has {up.shape[0]} rows but this model's fused layer has {rows} "
+            f"({', '.join(f'{p}: {s.stop - s.start}' for p, s in targets)}); the file is for another Flux size"
+        )
+    out: dict[str, ModuleLora] = {}
+    for path, slices in _by_path(targets).items():
+        out[path] = ModuleLora(
+            down=down.clone(),
+            up=torch.cat([up[s] for s in slices]).contiguous(),
+            alpha=alpha,
+            magnitude=None if magnitude is None else torch.cat([magnitude[s] for s in slices]),
+        )
+    return out
+
+
+def _by_path(targets: Sequence[Target]) -> dict[str, list[slice]]:
+    by_path: dict[str, list[slice]] = {}
+    for path, rows in targets:
+        by_path.setdefault(path, []).append(rows)
+    return by_path
+
+
+def _alpha(name: str, alpha: torch.Tensor | None, rank: int) -> float:
+    """kohya's rule: absent alpha means alpha = rank (scale 1); otherwise one positive finite number."""
+    if alpha is None:
+        return float(rank)
+    if alpha.numel() != 1:
+        raise FormatError(f"{name}.alpha has shape {list(alpha.shape)}; it must be a single number")
+    value = float(alpha.float().reshape(()))
+    if not (math.isfinite(value) and value > 0):
+        raise FormatError(f"{name}.alpha is {value}; alpha must be a positive finite number")
+    return value
+
+
+def write_flux_kohya(data: AdapterData, dims: FluxDims) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (``lora_unet_<flat BFL name>``) and ``ss_*`` metadata of an sd-scripts Flux file for ``data``.
+
+    Every module must be ``transformer.<path>`` with a BFL name; KeyMappingError names the others
+    (write text encoders with :func:`.kohya.write_kohya`). Diffusers modules that BFL fuses are written
+    as one LoRA that gives each of them exactly its own ΔW = scale · up @ down:
+
+    * when all parts share one ``down`` (as read from a fused file), that ``down`` is kept and the ups
+      are stacked: rank unchanged, so parse ∘ write ∘ parse keeps the file's size;
+    * otherwise the downs are concatenated along the rank and ``up`` is block-diagonal.
+
+    The fused alpha is the first part's scale × fused rank; a part with another scale (other rank or
+    alpha, or rsLoRA) has its up block multiplied by its scale / that scale. Parts left out of a fused
+    layer (``proj_mlp`` without q/k/v…) get zero rows. rsLoRA is written as plain alpha with the same scale.
+    """
+    table = bfl_table(dims)
+    inverse = {path: bfl for bfl, targets in table.items() for path, _ in targets}
+    groups: dict[str, dict[str, ModuleLora]] = {}
+    unknown: list[str] = []
+    for key, m in data.modules.items():
+        component, _, path = key.partition(".")
+        bfl = inverse.get(path) if component == COMPONENT else None
+        if bfl is None:
+            unknown.append(key)
+        else:
+            groups.setdefault(bfl, {})[path] = m
+    if unknown:
+        shown = ", ".join(unknown[:5])
+        raise KeyMappingError(
+            f"{len(unknown)} modules have no name in Black Forest Labs' Flux layout ({shown}); a kohya Flux "
+            f"file holds only transformer layers of a Flux model of {dims}"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    written: dict[str, ModuleLora] = {}
+    for bfl, parts in groups.items():
+        name = KOHYA_PREFIX + flatten(bfl)
+        fused = _fuse(name, table[bfl], parts, data.use_rslora)
+        tensors[f"{name}.lora_down.weight"] = fused.down
+        tensors[f"{name}.lora_up.weight"] = fused.up
+        tensors[f"{name}.alpha"] = torch.tensor(fused.alpha, dtype=fused.down.dtype)
+        if fused.magnitude is not None:
+            tensors[f"{name}.dora_scale"] = magnitude_to_dora_scale(fused.magnitude, fused.down)
+        written[name] = fused
+    metadata = kohya_metadata(AdapterData(modules=written))
+    metadata["ss_network_module"] = NETWORK_MODULE
+    return tensors, metadata
+
+
+def _fuse(name: str, targets: tuple[Target, ...], parts: Mapping[str, ModuleLora], use_rslora: bool) -> ModuleLora:
+    """One LoRA on BFL layer ``name`` whose rows reproduce each part's ΔW (see :func:`write_flux_kohya`)."""
+    by_path = _by_path(targets)
+    present = [path for path in by_path if path in parts]
+    ms = [parts[p] for p in present]
+    scales = [m.scale(use_rslora) for m in ms]
+    if len(targets) == 1 and targets[0][1] == _ALL:
+        m = ms[0]
+        return ModuleLora(down=m.down, up=m.up, alpha=scales[0] * m.rank, magnitude=m.magnitude)
+    if any(m.down.dim() != 2 or m.down.shape[1] != ms[0].down.shape[1] for m in ms):
+        raise FormatError(f"{name}: the parts {', '.join(present)} are not Linear LoRAs on one input size")
+    shared = all(torch.equal(m.down, ms[0].down) for m in ms[1:])
+    down = ms[0].down if shared else torch.cat([m.down.to(ms[0].down.dtype) for m in ms])
+    rows = max(s.stop for _, s in targets)
+    up = torch.zeros(rows, down.shape[0], dtype=ms[0].up.dtype)
+    dora = _fused_magnitude(name, by_path, parts, ms, rows)
+    col = 0
+    for path, m, scale in zip(present, ms, scales):
+        block = m.up if scale == scales[0] else m.up * (scale / scales[0])
+        cols = slice(0, m.rank) if shared else slice(col, col + m.rank)
+        col += m.rank
+        start = 0
+        for rows_slice in by_path[path]:
+            count = rows_slice.stop - rows_slice.start
+            up[rows_slice, cols] = block[start : start + count]
+            if dora is not None:
+                dora[rows_slice] = m.magnitude[start : start + count]  # type: ignore[index]
+            start += count
+        if start != m.up.shape[0]:
+            raise FormatError(f"{name}: {path} has {m.up.shape[0]} output rows but this Flux size gives it {start}")
+    return ModuleLora(down=down, up=up, alpha=scales[0] * down.shape[0], magnitude=dora)
+
+
+def _fused_magnitude(
+    name: str, by_path: Mapping[str, list[slice]], parts: Mapping[str, ModuleLora], ms: Sequence[ModuleLora], rows: int
+) -> torch.Tensor | None:
+    """An empty [rows] DoRA magnitude to fill when the parts use DoRA (None without DoRA)."""
+    if all(m.magnitude is None for m in ms):
+        return None
+    if len(ms) != len(by_path) or any(m.magnitude is None for m in ms):
+        raise FormatError(
+            f"{name}: DoRA on only some of {', '.join(by_path)} cannot be written as one fused layer "
+            f"(the other rows' magnitude is the base weight's norm, which the file does not know)"
+        )
+    return torch.zeros(rows, dtype=ms[0].magnitude.dtype)  # type: ignore[union-attr]

@@ -1,0 +1,75 @@
+"""Header metadata that UIs and sharing sites read: kohya ``ss_*`` keys and ModelSpec 1.0 ``modelspec.*``.
+
+A1111, Forge and Civitai show ``ss_network_dim``/``ss_network_alpha``/``ss_base_model_version`` and
+``ss_tag_frequency``; ModelSpec (``modelspec.architecture``, ``modelspec.trigger_phrase``, …) is what
+newer tools read. Hashes (``sshs_model_hash``, ``modelspec.hash_sha256``) are added by the writer,
+which computes them from the final tensor bytes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .adapter_data import AdapterData
+from .kohya import kohya_metadata
+
+MODELSPEC_VERSION = "1.0.0"
+IMPLEMENTATION_DIFFUSERS = "diffusers"
+# Passed through from a loaded file or a training run when present; never invented.
+TRAINING_KEYS = ("ss_steps", "ss_epoch", "ss_tag_frequency", "ss_num_train_images", "ss_dataset_dirs",
+                 "ss_learning_rate", "ss_training_started_at", "ss_training_finished_at", "ss_resolution")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the metadata says about the base model: a family's registry values."""
+
+    family: str
+    kohya_base_model_version: str
+    modelspec_architecture: str
+    implementation: str
+    resolution: int
+
+
+def sharing_metadata(
+    data: AdapterData,
+    facts: ModelFacts,
+    *,
+    name: str,
+    trigger_words: Sequence[str],
+    inherited: Mapping[str, str] = (),  # type: ignore[assignment]
+    now: _dt.datetime | None = None,
+) -> dict[str, str]:
+    """``ss_*`` and ``modelspec.*`` entries for ``data``; training entries are copied from ``inherited``."""
+    inherited = dict(inherited or {})
+    when = (now or _dt.datetime.now(_dt.timezone.utc)).replace(microsecond=0)
+    meta = {
+        **kohya_metadata(data),
+        "ss_base_model_version": facts.kohya_base_model_version,
+        "ss_output_name": name,
+        "ss_resolution": inherited.get("ss_resolution", f"({facts.resolution}, {facts.resolution})"),
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": facts.modelspec_architecture,
+        "modelspec.implementation": facts.implementation,
+        "modelspec.title": name,
+        "modelspec.resolution": f"{facts.resolution}x{facts.resolution}",
+        "modelspec.date": when.isoformat(),
+    }
+    if trigger_words:
+        meta["modelspec.trigger_phrase"] = ", ".join(trigger_words)
+    for key in TRAINING_KEYS:
+        if key in inherited:
+            meta[key] = inherited[key]
+    if "ss_tag_frequency" in meta and not _is_json_object(meta["ss_tag_frequency"]):
+        del meta["ss_tag_frequency"]  # a corrupt value from another tool is not passed on
+    return meta
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except (json.JSONDecodeError, TypeError):
+        return False
