@@ -78,12 +78,54 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="describe an adapter file: format, family, ranks, metadata, hashes")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from .tools.inspect import format_report, inspect_file
+
+    report = inspect_file(args.file)
+    print(report.to_json() if args.json else format_report(report))
+    return 0
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="rewrite an adapter file in another key format")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--to", required=True, choices=["diffusers", "kohya", "comfyui"])
+    p.add_argument("--family", choices=["sd1", "sd2", "sdxl", "sd3", "flux1"],
+                   help="model family, when the file's metadata and keys do not say")
+    p.add_argument("--model", help="resolve keys against this model instead of the family's reference model")
+    p.add_argument("--allow-pickle", action="store_true", help="read .ckpt/.pt/.bin with torch.load(weights_only=True)")
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .tools.convert import convert_file
+
+    pipe = None
+    if args.model:
+        from .models import load_pipeline
+
+        pipe = load_pipeline(args.model)
+    out = convert_file(args.input, args.output, args.to, family=args.family, pipe=pipe, allow_pickle=args.allow_pickle)
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusion-lora", description=__doc__)
     parser.add_argument("--version", action="version", version=f"diffusion-lora {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_inspect(sub)
+    _add_convert(sub)
     return parser
 
 

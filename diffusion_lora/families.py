@@ -194,7 +194,9 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                         "text_encoder_3": "lora_te3",
                     }
                 ),
-                comfyui_text_encoders=MappingProxyType({"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"}),
+                comfyui_text_encoders=MappingProxyType(
+                    {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"}
+                ),
                 kohya_base_model_version="sd3",
                 modelspec_architecture="stable-diffusion-3-medium/lora",
                 original_implementation=SGM_IMPLEMENTATION,

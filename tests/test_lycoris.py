@@ -26,6 +26,7 @@ import diffusion_lora as dl
 from diffusion_lora.errors import FormatError, KeyMappingError
 from diffusion_lora.formats.kohya import is_kohya, kohya_index
 from diffusion_lora.formats.lycoris import (
+    DeltaKind,
     ModuleDelta,
     delta_as_lora,
     fit_shape,
@@ -79,6 +80,7 @@ def _randomize(module: nn.Module, seed: int) -> None:
 @dataclass
 class Oracle:
     layer: nn.Module
+    weight: torch.Tensor  # the layer's weight before wrapping (algo="full" takes it off the layer)
     module: Any  # the LyCORIS module wrapping ``layer``
     x: torch.Tensor
     base: torch.Tensor  # layer(x) before wrapping
@@ -91,20 +93,20 @@ def _oracle(cls: type, layer_kind: str, seed: int = 0, **kwargs: Any) -> Oracle:
     x = _input(layer, seed + 1)
     with torch.no_grad():
         base = layer(x)
+        weight = layer.weight.detach().clone()
         module = cls(NAME, layer, 1.0, **kwargs)
         _randomize(module, seed + 2)
         module.apply_to()
         adapted = layer(x)
     file = {f"{NAME}.{k}": v.detach().clone() for k, v in module.state_dict().items()}
-    return Oracle(layer, module, x, base, adapted, file)
+    return Oracle(layer, weight, module, x, base, adapted, file)
 
 
 def _expected_out(o: Oracle, delta: ModuleDelta) -> tuple[torch.Tensor, torch.Tensor]:
     """(LyCORIS' output, ours) — with DoRA the whole output, else the delta's contribution."""
     if delta.magnitude is None:
         return o.adapted - o.base, _op(o.layer, o.x, delta.weight, delta.bias)
-    w = o.layer.weight.detach()
-    v = w + delta.weight
+    v = o.weight + delta.weight
     norm = v.reshape(v.shape[0], -1).norm(dim=1) + torch.finfo(v.dtype).eps
     merged = v * (delta.magnitude / norm).reshape(-1, *[1] * (v.dim() - 1))
     return o.adapted, _op(o.layer, o.x, merged, o.layer.bias)
@@ -112,31 +114,49 @@ def _expected_out(o: Oracle, delta: ModuleDelta) -> tuple[torch.Tensor, torch.Te
 
 # (id, LyCORIS class, layer, constructor kwargs, suffixes the file must have so the case hits its branch)
 CASES = [
-    ("loha-linear", LohaModule, "linear", dict(lora_dim=4, alpha=2), {"hada_w1_a", "alpha"}),
-    ("loha-conv", LohaModule, "conv", dict(lora_dim=4, alpha=8), {"hada_w2_b"}),
-    ("loha-conv-tucker", LohaModule, "conv", dict(lora_dim=3, alpha=2, use_tucker=True), {"hada_t1", "hada_t2"}),
-    ("loha-rslora", LohaModule, "linear", dict(lora_dim=4, alpha=2, rs_lora=True), {"alpha"}),
-    ("loha-scalar", LohaModule, "linear", dict(lora_dim=4, alpha=3, use_scalar=True), {"hada_w1_a"}),
-    ("loha-dora", LohaModule, "linear", dict(lora_dim=4, alpha=2, weight_decompose=True), {"dora_scale"}),
-    ("loha-dora-conv", LohaModule, "conv", dict(lora_dim=2, alpha=1, weight_decompose=True), {"dora_scale"}),
-    ("lokr-linear", LokrModule, "linear", dict(lora_dim=2, alpha=4), {"lokr_w1", "lokr_w2_a"}),
-    ("lokr-both", LokrModule, "linear", dict(lora_dim=1, alpha=3, decompose_both=True), {"lokr_w1_a", "lokr_w2_a"}),
-    ("lokr-whole", LokrModule, "linear", dict(lora_dim=8, alpha=5), {"lokr_w1", "lokr_w2"}),
-    ("lokr-full-matrix", LokrModule, "linear", dict(lora_dim=2, alpha=3, full_matrix=True), {"lokr_w1", "lokr_w2"}),
-    ("lokr-factor", LokrModule, "linear", dict(lora_dim=2, alpha=3, factor=2), {"lokr_w2_b"}),
-    ("lokr-unbalanced", LokrModule, "linear", dict(lora_dim=1, alpha=3, unbalanced_factorization=True), {"lokr_w2_a"}),
-    ("lokr-scalar", LokrModule, "linear", dict(lora_dim=2, alpha=3, use_scalar=True), {"lokr_w1"}),
-    ("lokr-dora", LokrModule, "linear", dict(lora_dim=2, alpha=4, weight_decompose=True), {"dora_scale"}),
-    ("lokr-conv", LokrModule, "conv", dict(lora_dim=2, alpha=3), {"lokr_w2_b"}),
-    ("lokr-conv-both", LokrModule, "conv", dict(lora_dim=1, alpha=3, decompose_both=True), {"lokr_w1_a"}),
-    ("lokr-conv-tucker", LokrModule, "conv", dict(lora_dim=2, alpha=3, use_tucker=True), {"lokr_t2"}),
-    ("lokr-conv-whole", LokrModule, "conv", dict(lora_dim=8, alpha=3), {"lokr_w2"}),
+    ("loha-linear", LohaModule, "linear", {"lora_dim": 4, "alpha": 2}, {"hada_w1_a", "alpha"}),
+    ("loha-conv", LohaModule, "conv", {"lora_dim": 4, "alpha": 8}, {"hada_w2_b"}),
+    ("loha-conv-tucker", LohaModule, "conv", {"lora_dim": 3, "alpha": 2, "use_tucker": True}, {"hada_t1", "hada_t2"}),
+    ("loha-rslora", LohaModule, "linear", {"lora_dim": 4, "alpha": 2, "rs_lora": True}, {"alpha"}),
+    ("loha-scalar", LohaModule, "linear", {"lora_dim": 4, "alpha": 3, "use_scalar": True}, {"hada_w1_a"}),
+    ("loha-dora", LohaModule, "linear", {"lora_dim": 4, "alpha": 2, "weight_decompose": True}, {"dora_scale"}),
+    ("loha-dora-conv", LohaModule, "conv", {"lora_dim": 2, "alpha": 1, "weight_decompose": True}, {"dora_scale"}),
+    ("lokr-linear", LokrModule, "linear", {"lora_dim": 2, "alpha": 4}, {"lokr_w1", "lokr_w2_a"}),
+    (
+        "lokr-both",
+        LokrModule,
+        "linear",
+        {"lora_dim": 1, "alpha": 3, "decompose_both": True},
+        {"lokr_w1_a", "lokr_w2_a"},
+    ),
+    ("lokr-whole", LokrModule, "linear", {"lora_dim": 8, "alpha": 5}, {"lokr_w1", "lokr_w2"}),
+    (
+        "lokr-full-matrix",
+        LokrModule,
+        "linear",
+        {"lora_dim": 2, "alpha": 3, "full_matrix": True},
+        {"lokr_w1", "lokr_w2"},
+    ),
+    ("lokr-factor", LokrModule, "linear", {"lora_dim": 2, "alpha": 3, "factor": 2}, {"lokr_w2_b"}),
+    (
+        "lokr-unbalanced",
+        LokrModule,
+        "linear",
+        {"lora_dim": 1, "alpha": 3, "unbalanced_factorization": True},
+        {"lokr_w2_a"},
+    ),
+    ("lokr-scalar", LokrModule, "linear", {"lora_dim": 2, "alpha": 3, "use_scalar": True}, {"lokr_w1"}),
+    ("lokr-dora", LokrModule, "linear", {"lora_dim": 2, "alpha": 4, "weight_decompose": True}, {"dora_scale"}),
+    ("lokr-conv", LokrModule, "conv", {"lora_dim": 2, "alpha": 3}, {"lokr_w2_b"}),
+    ("lokr-conv-both", LokrModule, "conv", {"lora_dim": 1, "alpha": 3, "decompose_both": True}, {"lokr_w1_a"}),
+    ("lokr-conv-tucker", LokrModule, "conv", {"lora_dim": 2, "alpha": 3, "use_tucker": True}, {"lokr_t2"}),
+    ("lokr-conv-whole", LokrModule, "conv", {"lora_dim": 8, "alpha": 3}, {"lokr_w2"}),
     ("full-linear", FullModule, "linear", {}, {"diff", "diff_b"}),
     ("full-conv", FullModule, "conv", {}, {"diff", "diff_b"}),
     ("full-nobias", FullModule, "linear-nobias", {}, {"diff"}),
-    ("lora-linear", LoConModule, "linear", dict(lora_dim=4, alpha=2), {"lora_down.weight"}),
-    ("lora-conv-tucker", LoConModule, "conv", dict(lora_dim=3, alpha=5, use_tucker=True), {"lora_mid.weight"}),
-    ("lora-dora", LoConModule, "linear", dict(lora_dim=4, alpha=2, weight_decompose=True), {"dora_scale"}),
+    ("lora-linear", LoConModule, "linear", {"lora_dim": 4, "alpha": 2}, {"lora_down.weight"}),
+    ("lora-conv-tucker", LoConModule, "conv", {"lora_dim": 3, "alpha": 5, "use_tucker": True}, {"lora_mid.weight"}),
+    ("lora-dora", LoConModule, "linear", {"lora_dim": 4, "alpha": 2, "weight_decompose": True}, {"dora_scale"}),
 ]
 
 
@@ -145,8 +165,14 @@ def test_delta_matches_lycoris_forward(cls: type, layer_kind: str, kwargs: dict,
     o = _oracle(cls, layer_kind, **kwargs)
     assert suffixes <= {k.partition(".")[2] for k in o.file}, sorted(o.file)
     assert is_lycoris(o.file) == (cls is not LoConModule)
-    delta = fit_shape(lycoris_deltas(o.file)[NAME], o.layer.weight.shape, NAME)
-    assert delta.kind == {LohaModule: "loha", LokrModule: "lokr", FullModule: "full", LoConModule: "lora"}[cls]
+    delta = fit_shape(lycoris_deltas(o.file)[NAME], o.weight.shape, NAME)
+    kinds = {
+        LohaModule: DeltaKind.LOHA,
+        LokrModule: DeltaKind.LOKR,
+        FullModule: DeltaKind.FULL,
+        LoConModule: DeltaKind.LORA,
+    }
+    assert delta.kind is kinds[cls] and delta.kind == kinds[cls].value
     assert delta.weight.dtype == torch.float32 and delta.weight.abs().max() > 1e-3
     assert (delta.bias is not None) == ("diff_b" in suffixes)
     assert (delta.magnitude is not None) == ("dora_scale" in suffixes)
@@ -162,7 +188,7 @@ def _scaled(file: dict[str, torch.Tensor], alpha: float | None) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("cls", "kwargs", "rank"),
-    [(LohaModule, dict(lora_dim=4, alpha=2), 4), (LokrModule, dict(lora_dim=2, alpha=4), 2)],
+    [(LohaModule, {"lora_dim": 4, "alpha": 2}, 4), (LokrModule, {"lora_dim": 2, "alpha": 4}, 2)],
     ids=["loha", "lokr"],
 )
 def test_scale_is_alpha_over_rank(cls: type, kwargs: dict, rank: int) -> None:
@@ -174,7 +200,7 @@ def test_scale_is_alpha_over_rank(cls: type, kwargs: dict, rank: int) -> None:
     assert torch.equal(_scaled(o.file, 0.0), unit)  # LyCORIS and kohya read alpha 0 as rank
 
 
-@pytest.mark.parametrize("kwargs", [dict(lora_dim=8, alpha=5), dict(lora_dim=2, alpha=3, full_matrix=True)])
+@pytest.mark.parametrize("kwargs", [{"lora_dim": 8, "alpha": 5}, {"lora_dim": 2, "alpha": 3, "full_matrix": True}])
 def test_lokr_without_decomposition_ignores_alpha(kwargs: dict) -> None:
     o = _oracle(LokrModule, "linear", **kwargs)
     assert float(o.file[f"{NAME}.alpha"]) != 1.0
@@ -218,15 +244,29 @@ def test_mixed_file_with_kohya_lora_modules() -> None:
 # --- the package's own save path, on a real tiny UNet and text encoder --------------------------------------
 
 
+PRESET = """
+enable_conv = true
+unet_target_module = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
+unet_target_name = ["conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"]
+text_encoder_target_module = ["CLIPAttention", "CLIPMLP"]
+"""
+
+
 @pytest.mark.parametrize(
     "network_args",
-    [dict(algo="loha", use_tucker=True), dict(algo="lokr", decompose_both=True), dict(algo="full")],
+    [{"algo": "loha", "use_tucker": True}, {"algo": "lokr", "decompose_both": True}, {"algo": "full"}],
     ids=["loha-tucker", "lokr", "full"],
 )
 def test_lycoris_kohya_network_file(tmp_path: Path, network_args: dict) -> None:
     pipe = build_tiny_pipeline("tiny-sd15")
+    # LyCORIS 4.1.3's built-in "full" preset names SD's time_embedding twice (as a TimestepEmbedding
+    # block and by name) and then refuses its own duplicate; this is that preset without the block.
+    preset = tmp_path / "preset.toml"
+    preset.write_text(PRESET)
     torch.manual_seed(0)
-    network = create_network(1.0, 4, 2, None, pipe.text_encoder, pipe.unet, conv_dim=4, conv_alpha=1, **network_args)
+    network = create_network(
+        1.0, 4, 2, None, pipe.text_encoder, pipe.unet, conv_dim=4, conv_alpha=1, preset=str(preset), **network_args
+    )
     network.apply_to(pipe.text_encoder, pipe.unet, apply_text_encoder=True, apply_unet=True)
     for i, lora in enumerate(network.loras):
         _randomize(lora, i)
@@ -237,7 +277,10 @@ def test_lycoris_kohya_network_file(tmp_path: Path, network_args: dict) -> None:
 
     deltas = lycoris_deltas(tensors)
     assert deltas.keys() == {lora.lora_name for lora in network.loras}
-    paths = {c: [n for n, m in getattr(pipe, c).named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))] for c in ("unet", "text_encoder")}
+    paths = {
+        c: [n for n, m in getattr(pipe, c).named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        for c in ("unet", "text_encoder")
+    }
     index = kohya_index(dl.FAMILIES["sd1"].kohya_prefixes, paths)
     worst = 0.0
     for i, lora in enumerate(network.loras):
@@ -264,12 +307,12 @@ def test_lycoris_kohya_network_file(tmp_path: Path, network_args: dict) -> None:
 def test_delta_as_lora_linear_is_bit_exact(out: int, fan_in: int) -> None:
     weight = torch.randn(out, fan_in, generator=torch.Generator().manual_seed(out))
     magnitude = torch.rand(out) + 0.5
-    lora = delta_as_lora(ModuleDelta(weight=weight, magnitude=magnitude, kind="loha"))
+    lora = delta_as_lora(ModuleDelta(weight=weight, magnitude=magnitude, kind=DeltaKind.LOHA))
     assert lora.rank == min(out, fan_in) and lora.alpha == lora.rank and lora.scale() == 1.0
     assert lora.down.shape == (lora.rank, fan_in) and lora.up.shape == (out, lora.rank)
     assert torch.equal(lora.up @ lora.down, weight)
     assert lora.magnitude is magnitude
-    rs = delta_as_lora(ModuleDelta(weight=weight, kind="lokr"), use_rslora=True)
+    rs = delta_as_lora(ModuleDelta(weight=weight, kind=DeltaKind.LOKR), use_rslora=True)
     assert rs.scale(use_rslora=True) == pytest.approx(1.0)
 
 
@@ -278,7 +321,7 @@ def test_delta_as_lora_conv_is_exact(out: int, channels: int) -> None:
     g = torch.Generator().manual_seed(out + channels)
     weight = torch.randn(out, channels, 3, 3, generator=g)
     x = torch.randn(2, channels, 6, 6, generator=g)
-    lora = delta_as_lora(ModuleDelta(weight=weight, kind="loha"))
+    lora = delta_as_lora(ModuleDelta(weight=weight, kind=DeltaKind.LOHA))
     assert lora.rank == min(out, channels * 9)
     assert lora.down.shape == (lora.rank, channels, 3, 3) and lora.up.shape == (out, lora.rank, 1, 1)
     assert torch.equal((lora.up.flatten(1) @ lora.down.flatten(1)).reshape(weight.shape), weight)
@@ -287,7 +330,7 @@ def test_delta_as_lora_conv_is_exact(out: int, channels: int) -> None:
 
 def test_lycoris_conv_through_lora_form_matches_forward() -> None:
     o = _oracle(LohaModule, "conv", lora_dim=3, alpha=2)
-    lora = delta_as_lora(fit_shape(lycoris_deltas(o.file)[NAME], o.layer.weight.shape))
+    lora = delta_as_lora(fit_shape(lycoris_deltas(o.file)[NAME], o.weight.shape))
     _close(F.conv2d(F.conv2d(o.x, lora.down, padding=1), lora.up), o.adapted - o.base)
 
 
@@ -339,23 +382,51 @@ def _with(file: dict[str, torch.Tensor], suffix: str, tensor: torch.Tensor) -> d
 BAD = [
     ("missing-part", lambda: _without(_loha_file(), "hada_w2_b"), r"has no hada_w2_b"),
     ("half-tucker", lambda: _with(_loha_file(), "hada_t1", torch.zeros(4, 4, 3, 3)), r"hada_t1 but no hada_t2"),
-    ("no-multiply", lambda: _with(_loha_file(), "hada_w1_b", torch.zeros(3, 32)), r"hada_w1_a @ hada_w1_b do not multiply"),
-    ("halves-differ", lambda: _with(_with(_loha_file(), "hada_w2_b", torch.zeros(4, 31)), "hada_w2_a", torch.zeros(24, 4)), r"halves differ"),
+    (
+        "no-multiply",
+        lambda: _with(_loha_file(), "hada_w1_b", torch.zeros(3, 32)),
+        r"hada_w1_a @ hada_w1_b do not multiply",
+    ),
+    (
+        "halves-differ",
+        lambda: _with(_with(_loha_file(), "hada_w2_b", torch.zeros(4, 31)), "hada_w2_a", torch.zeros(24, 4)),
+        r"halves differ",
+    ),
     ("mixed-algos", lambda: _with(_loha_file(), "lokr_w1", torch.zeros(4, 4)), r"mixes loha and lokr"),
     ("only-alpha", lambda: {f"{NAME}.alpha": torch.tensor(1.0)}, r"has only alpha"),
     ("alpha-vector", lambda: _with(_loha_file(), "alpha", torch.ones(2)), r"alpha has shape \[2\]"),
     ("alpha-negative", lambda: _with(_loha_file(), "alpha", torch.tensor(-1.0)), r"alpha is -1"),
     ("alpha-nan", lambda: _with(_loha_file(), "alpha", torch.tensor(float("nan"))), r"alpha is nan"),
     ("old-dora", lambda: _with(_loha_file(), "dora_scale", torch.ones(1, 32)), r"wd_on_output=False"),
-    ("lokr-no-w1", lambda: _without(_without(_lokr_file(), "lokr_w1_a"), "lokr_w1_b"), r"neither lokr_w1 nor lokr_w1_a/lokr_w1_b"),
+    (
+        "lokr-no-w1",
+        lambda: _without(_without(_lokr_file(), "lokr_w1_a"), "lokr_w1_b"),
+        r"neither lokr_w1 nor lokr_w1_a/lokr_w1_b",
+    ),
     ("lokr-w1-twice", lambda: _with(_lokr_file(), "lokr_w1", torch.zeros(4, 4)), r"both lokr_w1 and lokr_w1_a"),
     ("lokr-half-pair", lambda: _without(_lokr_file(), "lokr_w2_b"), r"has no lokr_w2_b"),
-    ("lokr-ranks", lambda: _with(_with(_lokr_file(), "lokr_w2_a", torch.zeros(6, 2)), "lokr_w2_b", torch.zeros(2, 8)), r"rank 1 but lokr_w2 rank 2"),
+    (
+        "lokr-ranks",
+        lambda: _with(_with(_lokr_file(), "lokr_w2_a", torch.zeros(6, 2)), "lokr_w2_b", torch.zeros(2, 8)),
+        r"rank 1 but lokr_w2 rank 2",
+    ),
     ("lokr-t1", lambda: _with(_lokr_file(), "lokr_t1", torch.zeros(1, 1, 3, 3)), r"lokr_t1"),
     ("lokr-bad-tucker", lambda: _with(_lokr_file(), "lokr_t2", torch.zeros(2, 2, 3, 3)), r"Tucker factors do not fit"),
-    ("full-bias", lambda: {f"{NAME}.diff": torch.zeros(4, 3), f"{NAME}.diff_b": torch.zeros(3)}, r"diff_b has shape \[3\]"),
-    ("full-alpha", lambda: {f"{NAME}.diff": torch.zeros(4, 3), f"{NAME}.alpha": torch.tensor(1.0)}, r"alpha does not belong to a full"),
-    ("lora-up", lambda: {f"{NAME}.lora_down.weight": torch.zeros(4, 8), f"{NAME}.lora_up.weight": torch.zeros(8, 3)}, r"lora_up \[8, 3\] does not fit"),
+    (
+        "full-bias",
+        lambda: {f"{NAME}.diff": torch.zeros(4, 3), f"{NAME}.diff_b": torch.zeros(3)},
+        r"diff_b has shape \[3\]",
+    ),
+    (
+        "full-alpha",
+        lambda: {f"{NAME}.diff": torch.zeros(4, 3), f"{NAME}.alpha": torch.tensor(1.0)},
+        r"alpha does not belong to a full",
+    ),
+    (
+        "lora-up",
+        lambda: {f"{NAME}.lora_down.weight": torch.zeros(4, 8), f"{NAME}.lora_up.weight": torch.zeros(8, 3)},
+        r"lora_up \[8, 3\] does not fit",
+    ),
     ("other-format", lambda: {**_loha_file(), f"{NAME}.oft_blocks": torch.zeros(2)}, r"oft_blocks.*not a LyCORIS key"),
 ]
 
@@ -374,4 +445,6 @@ def test_half_float_file_gives_float32_delta() -> None:
     assert delta.weight.dtype == torch.float32
     exact = lycoris_deltas({k: v.float() for k, v in half.items()})[NAME]
     assert torch.equal(delta.weight, exact.weight)
-    assert math.isclose(float(delta.weight.abs().max()), float(lycoris_deltas(o.file)[NAME].weight.abs().max()), rel_tol=1e-2)
+    assert math.isclose(
+        float(delta.weight.abs().max()), float(lycoris_deltas(o.file)[NAME].weight.abs().max()), rel_tol=1e-2
+    )

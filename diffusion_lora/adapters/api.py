@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, DiffusionLoraError, FormatError
-from .files import default_adapter_name, read_adapter
+from .files import default_adapter_name, model_keys_of, read_adapter
 from .fuse import fuse_state, unfuse_state
 from .guards import check_name, refused, require, require_new, trigger_words
 from .inject import assign_weights, config_for, inject, remove_from_model, target_paths
@@ -132,7 +132,7 @@ def load_lora(
     touched: on any error the pipeline is exactly as before the call.
     """
     state = state_of(pipe)
-    read = read_adapter(path, state, allow_pickle=allow_pickle)
+    read = read_adapter(path, model_keys_of(state), allow_pickle=allow_pickle)
     weight_file, data = read.path, read.data
     name = check_name(name if name is not None else default_adapter_name(weight_file))
     require_new(state, name)

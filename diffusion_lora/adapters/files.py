@@ -13,7 +13,8 @@ from ..families import FAMILIES
 from ..formats.adapter_data import AdapterData
 from ..formats.comfyui import comfyui_names, comfyui_to_kohya, write_comfyui
 from ..formats.detect import FileFormat, detect_format
-from ..formats.kohya import KohyaIndex, kohya_index, kohya_metadata, parse_kohya, write_kohya
+from ..formats.kohya import kohya_metadata, parse_kohya, write_kohya
+from ..formats.model_keys import ModelKeys
 from ..formats.peft_format import parse_peft, write_peft
 from ..formats.safetensors_io import read_adapter_file
 from ..formats.sgm_blocks import UNetLayout
@@ -62,30 +63,26 @@ class ReadAdapter:
     unresolved: list[str] = field(default_factory=list)
 
 
-def kohya_index_of(state: AdapterState) -> KohyaIndex:
-    """The kohya name index of the pipeline (built once from its real module list)."""
-    if state.kohya_index is None:
+def model_keys_of(state: AdapterState) -> ModelKeys:
+    """The module names of the pipeline's components (collected once; adapters never change them)."""
+    if state.model_keys is None:
         family = state.family
-        paths = {
-            component: [path for path, _ in plain_modules(model)]
-            for component, model in state.components.items()
-            if component in family.kohya_prefixes
-        }
         layout = None
         if family.denoiser == "unet":
             try:
                 layout = UNetLayout.from_config(state.components["unet"].config)
             except UnsupportedModelError:  # no SGM names for this UNet; diffusers names still work
                 layout = None
-        state.kohya_index = kohya_index(family.kohya_prefixes, paths, layout, unet_component=family.denoiser)
-    return state.kohya_index
+        paths = {c: tuple(p for p, _ in plain_modules(m)) for c, m in state.components.items()}
+        state.model_keys = ModelKeys(family, paths, layout)
+    return state.model_keys
 
 
-def read_adapter(path: str | os.PathLike, state: AdapterState, *, allow_pickle: bool = False) -> ReadAdapter:
-    """Read and parse an adapter file or folder, in any supported format, for ``state``'s pipeline."""
+def read_adapter(path: str | os.PathLike, keys: ModelKeys, *, allow_pickle: bool = False) -> ReadAdapter:
+    """Read and parse an adapter file or folder, in any supported format, for the model of ``keys``."""
     weight_file, config = resolve_adapter_path(path)
     tensors, metadata = read_adapter_file(weight_file, allow_pickle=allow_pickle)
-    family = state.family
+    family = keys.family
     try:
         fmt = detect_format(tensors, str(weight_file))
         if fmt is FileFormat.DIFFUSERS:
@@ -96,7 +93,7 @@ def read_adapter(path: str | os.PathLike, state: AdapterState, *, allow_pickle: 
             return ReadAdapter(weight_file, data, fmt)
         if fmt is FileFormat.COMFYUI:
             tensors = comfyui_to_kohya(tensors, family.kohya_prefixes, family.comfyui_text_encoders, family.denoiser)
-        data, unresolved = parse_kohya(tensors, metadata, kohya_index_of(state), source=str(weight_file))
+        data, unresolved = parse_kohya(tensors, metadata, keys.kohya, source=str(weight_file))
         data.format = fmt.value
         return ReadAdapter(weight_file, data, fmt, unresolved)
     except FormatError as exc:
@@ -113,8 +110,8 @@ def default_adapter_name(path: Path) -> str:
     return name or "lora"
 
 
-def encode_adapter(state: AdapterState, data: AdapterData, fmt: FileFormat | str) -> tuple[dict, dict[str, str]]:
-    """Tensors and format metadata of ``data`` written as ``fmt`` for ``state``'s pipeline.
+def encode_adapter(keys: ModelKeys, data: AdapterData, fmt: FileFormat | str) -> tuple[dict, dict[str, str]]:
+    """Tensors and format metadata of ``data`` written as ``fmt`` for the model of ``keys``.
 
     kohya: ``lora_unet_``/``lora_te*_`` names with ``.alpha``, SGM block names for SDXL (what
     A1111/Forge and ComfyUI load natively), DoRA as ``dora_scale``; comfyui: ``diffusion_model.`` /
@@ -126,14 +123,10 @@ def encode_adapter(state: AdapterState, data: AdapterData, fmt: FileFormat | str
         raise ConfigError(
             f"format {fmt!r} is unknown; choose one of {', '.join(f.value for f in FileFormat)}"
         ) from None
-    family = state.family
+    family = keys.family
     if fmt is FileFormat.DIFFUSERS:
         return write_peft(data)
-    index = kohya_index_of(state)
     if fmt is FileFormat.KOHYA:
-        return write_kohya(data, index, sgm=family.name == "sdxl")
-    layout = None
-    if family.denoiser == "unet":
-        layout = UNetLayout.from_config(state.components["unet"].config)
-    names = comfyui_names(data, family.denoiser, family.comfyui_text_encoders, layout)
+        return write_kohya(data, keys.kohya, sgm=family.name == "sdxl")
+    names = comfyui_names(data, family.denoiser, family.comfyui_text_encoders, keys.unet_layout)
     return write_comfyui(data, names), kohya_metadata(data)

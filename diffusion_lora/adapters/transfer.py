@@ -15,7 +15,7 @@ from ..errors import AdapterStateError, ConfigError
 from ..formats.adapter_data import AdapterData, ModuleLora
 from ..formats.metadata import IMPLEMENTATION_DIFFUSERS, ModelFacts, sharing_metadata
 from ..formats.safetensors_io import write_adapter_file_with_hashes
-from .files import encode_adapter, read_adapter
+from .files import encode_adapter, model_keys_of, read_adapter
 from .guards import refused, require, trigger_words
 from .state import AdapterState, state_of
 from .validate import plan_load
@@ -55,7 +55,7 @@ def hotswap(pipe: Any, name: str, path: str | os.PathLike, *, allow_pickle: bool
     """
     state = state_of(pipe)
     require(state, name)
-    read = read_adapter(path, state, allow_pickle=allow_pickle)
+    read = read_adapter(path, model_keys_of(state), allow_pickle=allow_pickle)
     weight_file, data = read.path, read.data
     plan = plan_load(state, data, str(weight_file), strict=True, unresolved=read.unresolved)
     current = {
@@ -126,7 +126,7 @@ def save_lora(
     data = adapter_data(pipe, name)
     rec = state.record(name)
     words = tuple(trigger_words) if trigger_words is not None else rec.trigger_words
-    tensors, metadata = encode_adapter(state, data, format)
+    tensors, metadata = encode_adapter(model_keys_of(state), data, format)
     metadata.update(describe(pipe, state, name, data, words, str(format)))
     metadata.update({str(k): str(v) for k, v in (extra_metadata or {}).items()})
     write_adapter_file_with_hashes(out, tensors, metadata)

@@ -22,7 +22,10 @@ _EVIDENCE: tuple[tuple[frozenset[str], re.Pattern[str]], ...] = (
     (frozenset({"flux1"}), re.compile(r"^(lora_unet_|diffusion_model\.)(double|single)_blocks[._]")),
     (frozenset({"sd3"}), re.compile(r"^(lora_unet_|diffusion_model\.)joint_blocks[._]")),
     (frozenset({"sdxl"}), re.compile(r"^lora_te2_|^text_encoders\.clip_g\.")),
-    (frozenset({"sdxl"}), re.compile(r"^(lora_unet_|diffusion_model\.)(input|output)_blocks[._]\d+[._]1[._]transformer_blocks[._][1-9]")),
+    (
+        frozenset({"sdxl"}),
+        re.compile(r"^(lora_unet_|diffusion_model\.)(input|output)_blocks[._]\d+[._]1[._]transformer_blocks[._][1-9]"),
+    ),
     (frozenset({"sdxl"}), re.compile(r"^lora_unet_(down|up)_blocks_\d+_attentions_\d+_transformer_blocks_[1-9]")),
 )
 

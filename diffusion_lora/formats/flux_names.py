@@ -124,23 +124,15 @@ class FluxDims:
         explicit_ratio = "mlp_ratio" in config
         mlp = int(inner * float(config["mlp_ratio"] if explicit_ratio else DEFAULT_MLP_RATIO))
         if module_shapes:
-            q_paths = ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_q")
-            inner = _rows_of(module_shapes, q_paths, inner, "inner_dim")
-            shape_mlp = _rows_of(module_shapes, ("single_transformer_blocks.0.proj_mlp",), mlp, None)
+            rows = {path: int(shape[0]) for path, shape in module_shapes.items()}
+            q = rows.get("transformer_blocks.0.attn.to_q", rows.get("single_transformer_blocks.0.attn.to_q", inner))
+            if q != inner:
+                raise ConfigError(f"config gives inner_dim {inner} but the first block's to_q has {q} output rows")
+            shape_mlp = rows.get("single_transformer_blocks.0.proj_mlp", mlp)
             if explicit_ratio and shape_mlp != mlp:
                 raise ConfigError(f"config mlp_ratio gives mlp_hidden_dim {mlp} but proj_mlp has {shape_mlp} rows")
             mlp = shape_mlp
         return cls(num_double, num_single, inner, mlp)
-
-
-def _rows_of(shapes: Mapping[str, tuple[int, int]], paths: Sequence[str], expected: int, check: str | None) -> int:
-    for path in paths:
-        if path in shapes:
-            rows = int(shapes[path][0])
-            if check is not None and rows != expected:
-                raise ConfigError(f"config gives {check} {expected} but layer {path} has {rows} output rows")
-            return rows
-    return expected
 
 
 def _targets(prefix: str, parts: _Parts, dims: FluxDims) -> tuple[Target, ...]:
@@ -258,7 +250,10 @@ def parse_flux(
         if split is None or index.resolve(split[0]) is None:
             unresolved.append(key)
             continue
-        groups.setdefault(split[0], {})[split[1]] = (key, tensor)
+        name, role = split
+        other = groups.setdefault(name, {}).setdefault(role, (key, tensor))[0]
+        if other != key:
+            raise FormatError(f"keys {other!r} and {key!r} are both the {role} of {name}; the file is ambiguous")
     modules: dict[str, ModuleLora] = {}
     seen: dict[str, str] = {}
     for name, parts in groups.items():

@@ -29,6 +29,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from enum import StrEnum
 
 import torch
 
@@ -41,11 +42,22 @@ _LOKR = frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", 
 _FULL = frozenset({"diff", "diff_b"})
 _LORA = frozenset({"lora_down.weight", "lora_up.weight", "lora_mid.weight"})
 _SHARED = frozenset({"alpha", "dora_scale", "scalar"})
-_KINDS = {"loha": _LOHA, "lokr": _LOKR, "full": _FULL, "lora": _LORA}
-_ALLOWED = {"loha": _LOHA | _SHARED, "lokr": _LOKR | _SHARED, "full": _FULL, "lora": _LORA | _SHARED}
 _NAME = re.compile(r"(?:lora|lycoris)_\w+")
 
 Parts = Mapping[str, torch.Tensor]
+
+
+class DeltaKind(StrEnum):
+    """The algorithm a module's delta came from; compares equal to its string value."""
+
+    LOHA = "loha"
+    LOKR = "lokr"
+    FULL = "full"
+    LORA = "lora"  # a plain kohya LoRA module inside a LyCORIS file
+
+
+_KINDS = {DeltaKind.LOHA: _LOHA, DeltaKind.LOKR: _LOKR, DeltaKind.FULL: _FULL, DeltaKind.LORA: _LORA}
+_ALLOWED = {kind: suffixes | (_SHARED if kind != DeltaKind.FULL else frozenset()) for kind, suffixes in _KINDS.items()}
 
 
 @dataclass
@@ -54,14 +66,14 @@ class ModuleDelta:
 
     ``weight``: ΔW, [out, in] or [out, in, kh, kw] (LoHa/LoKr conv without Tucker: [out, in·kh·kw]
     until :func:`fit_shape`), scale and ``scalar`` included; ``bias``: Δbias [out] (full diff only);
-    ``magnitude``: DoRA magnitude in PEFT's convention, [out]; ``kind``: "loha", "lokr", "full" or
-    "lora" (a plain kohya LoRA module in the same file).
+    ``magnitude``: DoRA magnitude in PEFT's convention, [out]; ``kind``: the :class:`DeltaKind`
+    (a bare ΔW is a full diff).
     """
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     magnitude: torch.Tensor | None = None
-    kind: str = "full"
+    kind: DeltaKind = DeltaKind.FULL
 
 
 def _split(key: str) -> tuple[str, str] | None:
@@ -83,7 +95,9 @@ def is_lycoris(keys: Iterable[str]) -> bool:
     return any(s[1] in _LOHA or s[1] in _LOKR or s[1] in _FULL for s in split if s is not None)
 
 
-def lycoris_deltas(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> dict[str, ModuleDelta]:
+def lycoris_deltas(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> dict[str, ModuleDelta]:
     """Each module's exact ΔW, keyed by its name in the file (``lora_unet_…_proj_in``).
 
     ``metadata`` (the file header) is not needed: LyCORIS keeps everything the math uses in the
@@ -108,9 +122,9 @@ def module_delta(name: str, parts: Parts) -> ModuleDelta:
     """ΔW of one module from its tensors by suffix (``{"hada_w1_a": …, "alpha": …}``); see
     :func:`lycoris_deltas` for the errors."""
     kind = _kind(name, parts)
-    if kind == "full":
+    if kind == DeltaKind.FULL:
         return _full(name, parts)
-    build = {"loha": _loha, "lokr": _lokr, "lora": _lora}[kind]
+    build = {DeltaKind.LOHA: _loha, DeltaKind.LOKR: _lokr, DeltaKind.LORA: _lora}[kind]
     weight, rank = build(name, parts)
     scale = 1.0 if rank is None else _alpha(name, parts.get("alpha"), rank) / rank
     weight = weight * (scale * _scalar(name, parts.get("scalar")))
@@ -120,7 +134,7 @@ def module_delta(name: str, parts: Parts) -> ModuleDelta:
     return ModuleDelta(weight=weight, magnitude=magnitude, kind=kind)
 
 
-def _kind(name: str, parts: Parts) -> str:
+def _kind(name: str, parts: Parts) -> DeltaKind:
     kinds = [k for k, suffixes in _KINDS.items() if suffixes & parts.keys()]
     if not kinds:
         raise FormatError(f"{name} has only {', '.join(sorted(parts))}; its weights are missing from the file")
@@ -141,7 +155,9 @@ def _need(name: str, parts: Parts, suffix: str) -> torch.Tensor:
 def _dims(name: str, what: str, tensor: torch.Tensor, dims: int | Sequence[int]) -> None:
     allowed = (dims,) if isinstance(dims, int) else tuple(dims)
     if tensor.dim() not in allowed:
-        raise FormatError(f"{name}: {what} has shape {list(tensor.shape)}; expected {' or '.join(f'{d}-d' for d in allowed)}")
+        raise FormatError(
+            f"{name}: {what} has shape {list(tensor.shape)}; expected {' or '.join(f'{d}-d' for d in allowed)}"
+        )
 
 
 def _matmul(name: str, a: torch.Tensor, b: torch.Tensor, what: str) -> torch.Tensor:
@@ -203,7 +219,9 @@ def _lokr_half(name: str, parts: Parts, i: int) -> tuple[torch.Tensor, int | Non
 
 def _lokr(name: str, parts: Parts) -> tuple[torch.Tensor, int | None]:
     if "lokr_t1" in parts:
-        raise FormatError(f"{name} has lokr_t1 (Tucker on w1), which LyCORIS does not define; the file is not supported")
+        raise FormatError(
+            f"{name} has lokr_t1 (Tucker on w1), which LyCORIS does not define; the file is not supported"
+        )
     if "lokr_t2" in parts and "lokr_w2" in parts:
         raise FormatError(f"{name} has lokr_t2 with a whole lokr_w2; Tucker needs lokr_w2_a/lokr_w2_b")
     w1, r1 = _lokr_half(name, parts, 1)
@@ -229,8 +247,10 @@ def _full(name: str, parts: Parts) -> ModuleDelta:
     _dims(name, "diff", weight, (2, 3, 4, 5))
     bias = parts["diff_b"].float() if "diff_b" in parts else None
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise FormatError(f"{name}: diff_b has shape {list(bias.shape)}; diff {list(weight.shape)} needs [{weight.shape[0]}]")
-    return ModuleDelta(weight=weight, bias=bias, kind="full")
+        raise FormatError(
+            f"{name}: diff_b has shape {list(bias.shape)}; diff {list(weight.shape)} needs [{weight.shape[0]}]"
+        )
+    return ModuleDelta(weight=weight, bias=bias, kind=DeltaKind.FULL)
 
 
 def _number(name: str, what: str, tensor: torch.Tensor) -> float:

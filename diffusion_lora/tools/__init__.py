@@ -1,0 +1,1 @@
+"""File tools: inspect, convert (and, later, merge, resize, extract, bake) through ``formats/``."""

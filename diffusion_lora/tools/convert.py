@@ -1,0 +1,99 @@
+"""``convert``: rewrite an adapter file in another key format, exactly, without loading a base model.
+
+Key resolution uses the real module list of the file's family (a meta-device reference model, see
+``models.reference``) or of a pipeline the caller passes. Every module must resolve: a file that
+would lose modules in conversion is an error, and the output path is untouched on any failure.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, FamilyMismatchError, KeyMappingError
+from ..families import FAMILIES
+from ..formats.adapter_data import AdapterData
+from ..formats.detect import FileFormat
+from ..formats.family_guess import guess_families
+from ..formats.metadata import IMPLEMENTATION_DIFFUSERS, ModelFacts, sharing_metadata
+from ..formats.model_keys import ModelKeys
+from ..formats.safetensors_io import read_adapter_file, write_adapter_file_with_hashes
+from .inspect import _KOHYA_VERSIONS
+
+# Header entries that describe one format's layout; recomputed rather than copied.
+_FORMAT_KEYS = ("lora_adapter_metadata", "ss_network_dim", "ss_network_alpha", "ss_network_module", "format")
+
+
+def file_family(path: str | os.PathLike, metadata: dict[str, str], keys: list[str]) -> str:
+    """The family a file belongs to: from its metadata, else from its key names; ConfigError if unclear."""
+    if metadata.get("diffusion_lora.family") in FAMILIES:
+        return metadata["diffusion_lora.family"]
+    if metadata.get("ss_base_model_version") in _KOHYA_VERSIONS:
+        return _KOHYA_VERSIONS[metadata["ss_base_model_version"]]
+    dotted = [k.rsplit(".lora", 1)[0] for k in keys if k.split(".")[0] in {"unet", "transformer", "text_encoder_2"}]
+    guess = guess_families(dotted, extra_keys=keys)
+    if len(guess) == 1:
+        return next(iter(guess))
+    raise ConfigError(
+        f"{path}: cannot tell which model family this adapter is for (candidates: "
+        f"{', '.join(sorted(guess)) or 'none'}); pass --family or --model"
+    )
+
+
+def convert_file(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    to: str,
+    *,
+    family: str | None = None,
+    pipe: Any = None,
+    allow_pickle: bool = False,
+) -> Path:
+    """Write ``src`` to ``dst`` in format ``to``; returns ``dst``. Nothing is written on failure."""
+    from ..adapters.files import encode_adapter, model_keys_of, read_adapter
+    from ..adapters.state import state_of
+    from ..models.reference import reference_keys
+
+    out = Path(dst)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"{out}: adapter files must end in .safetensors")
+    try:
+        target = FileFormat(to)
+    except ValueError:
+        raise ConfigError(f"--to {to!r}: choose one of {', '.join(f.value for f in FileFormat)}") from None
+    if pipe is not None:
+        keys: ModelKeys = model_keys_of(state_of(pipe))
+    else:
+        tensors, metadata = read_adapter_file(src, allow_pickle=allow_pickle)
+        keys = reference_keys(family or file_family(src, metadata, list(tensors)))
+    read = read_adapter(src, keys, allow_pickle=allow_pickle)
+    if read.unresolved:
+        shown = ", ".join(read.unresolved[:5])
+        error = KeyMappingError if family or pipe is not None else FamilyMismatchError
+        raise error(
+            f"{read.path}: {len(read.unresolved)} key(s) match no module of the {keys.family.title} model "
+            f"(e.g. {shown}); nothing was written"
+        )
+    tensors, metadata = encode_adapter(keys, read.data, target)
+    metadata.update(_carried_metadata(read.data, keys, target, out.stem))
+    write_adapter_file_with_hashes(out, tensors, metadata)
+    return out
+
+
+def _carried_metadata(data: AdapterData, keys: ModelKeys, target: FileFormat, stem: str) -> dict[str, str]:
+    """The source's metadata minus layout-specific entries, with sharing metadata recomputed."""
+    source = data.metadata
+    family = keys.family
+    kept = {k: v for k, v in source.items() if k not in _FORMAT_KEYS and not k.startswith("sshs_")}
+    facts = ModelFacts(
+        family=family.name,
+        kohya_base_model_version=family.kohya_base_model_version,
+        modelspec_architecture=family.modelspec_architecture,
+        implementation=IMPLEMENTATION_DIFFUSERS if target is FileFormat.DIFFUSERS else family.original_implementation,
+        resolution=family.default_resolution,
+    )
+    words = [w.strip() for w in source.get("modelspec.trigger_phrase", "").split(",") if w.strip()]
+    name = source.get("ss_output_name") or source.get("diffusion_lora.name") or stem
+    sharing = sharing_metadata(data, facts, name=name, trigger_words=words, inherited=source)
+    return {**kept, **sharing, "diffusion_lora.family": family.name}

@@ -1,0 +1,116 @@
+"""`inspect` and `convert`: reports checked against independent computations; exact conversions."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import diffusion_lora as dl
+from diffusion_lora.cli import main
+from diffusion_lora.formats.safetensors_io import read_metadata
+from diffusion_lora.models.reference import reference_keys
+from diffusion_lora.tools.convert import convert_file
+from diffusion_lora.tools.inspect import inspect_file
+
+from .helpers import run, trained_adapter
+
+
+@pytest.fixture(scope="module")
+def sdxl_file(tmp_path_factory):
+    from diffusion_lora.models import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("tiny-sdxl")
+    trained_adapter(pipe, "s", seed=70, rank=4, alpha=2, text_encoder=True)
+    root = tmp_path_factory.mktemp("tools")
+    return dl.save_lora(pipe, "s", root / "s.safetensors", format="kohya", trigger_words=["zxq"]), run(pipe)
+
+
+def test_inspect_report(sdxl_file, capsys):
+    path, _ = sdxl_file
+    report = inspect_file(path)
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert report.hashes["addnet"] == hashlib.sha256(raw[8 + n:]).hexdigest()
+    assert report.hashes["autov2"] == hashlib.sha256(raw).hexdigest()[:10]
+    assert report.hashes["addnet_stored_matches"] is True
+    assert (report.format, report.family, report.ranks, report.alphas) == ("kohya", "sdxl", {4: 152}, {2.0: 152})
+    assert report.targets["to_out.0"] == 34 and report.targets["q_proj"] == 4
+    assert report.trigger_words == ["zxq"]
+    assert main(["inspect", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["modules"] == 152
+
+
+def test_inspect_flags_a_stale_stored_hash(sdxl_file, tmp_path):
+    path, _ = sdxl_file
+    tensors, meta = load_file(str(path)), read_metadata(path)
+    meta["sshs_model_hash"] = "0" * 64
+    save_file(tensors, str(tmp_path / "stale.safetensors"), metadata=meta)
+    assert inspect_file(tmp_path / "stale.safetensors").hashes["addnet_stored_matches"] is False
+
+
+@pytest.mark.parametrize("chain", [("diffusers", "kohya"), ("comfyui", "diffusers"), ("kohya", "comfyui")])
+def test_convert_with_tiny_model_is_exact(sdxl_file, tmp_path, make_pipe, chain):
+    path, expected = sdxl_file
+    current = path
+    for i, fmt in enumerate(chain):
+        out = tmp_path / f"{i}-{fmt}.safetensors"
+        assert main(["convert", str(current), str(out), "--to", fmt, "--model", "tiny-sdxl"]) == 0
+        current = out
+    fresh = make_pipe("tiny-sdxl")
+    dl.load_lora(fresh, current)
+    torch.testing.assert_close(run(fresh), expected, rtol=0, atol=1e-6)
+    meta = read_metadata(current)
+    assert meta["ss_output_name"] == "s" and meta["modelspec.trigger_phrase"] == "zxq"
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_convert_real_size_names_without_a_model(tmp_path, family):
+    """Real-model module names resolve through the meta-device reference model; tensors pass unchanged."""
+    keys = reference_keys(family)
+    g = torch.Generator().manual_seed(71)
+    paths = [p for p in keys.module_paths["unet"] if p.endswith(("attn1.to_q", "attn2.to_out.0"))][:12]
+    paths += [p for p in keys.module_paths["text_encoder"] if p.endswith("q_proj")][:3]
+    tensors = {}
+    for p in paths:
+        component = "text_encoder" if "layers" in p else "unet"
+        tensors[f"{component}.{p}.lora_A.weight"] = torch.randn(4, 8, generator=g)
+        tensors[f"{component}.{p}.lora_B.weight"] = torch.randn(8, 4, generator=g)
+    src = tmp_path / "real.safetensors"
+    save_file(tensors, str(src), metadata={"ss_base_model_version": keys.family.kohya_base_model_version})
+    current = src
+    for i, fmt in enumerate(("kohya", "comfyui", "diffusers")):
+        out = tmp_path / f"{i}.safetensors"
+        assert main(["convert", str(current), str(out), "--to", fmt]) == 0
+        current = out
+    back = load_file(str(current))
+    assert back.keys() == tensors.keys()
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+    kohya_keys = set(load_file(str(tmp_path / "0.safetensors")))
+    if family == "sdxl":
+        assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q") for k in kohya_keys)
+
+
+def test_convert_with_model_and_family_errors(sdxl_file, tmp_path, make_pipe):
+    path, _ = sdxl_file
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(dl.DiffusionLoraError, match="match no module"):
+        convert_file(path, out, "diffusers", family="sd1")
+    assert not out.exists()
+    assert convert_file(path, out, "diffusers", pipe=make_pipe("tiny-sdxl")) == out
+    with pytest.raises(dl.ConfigError, match="--to"):
+        convert_file(path, tmp_path / "x.safetensors", "a1111")
+
+
+def test_reference_keys_know_real_kohya_names():
+    names = reference_keys("sdxl").kohya.modules
+    assert names["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"] == (
+        "unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
+    assert names["lora_te2_text_model_encoder_layers_31_self_attn_out_proj"][0] == "text_encoder_2"
+    sd15 = reference_keys("sd1").kohya.modules
+    assert sd15["lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_out_0"] == (
+        "unet", "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_out.0")
