@@ -1,4 +1,4 @@
-"""Reading adapter files into AdapterData and writing AdapterData out, for the adapter engine."""
+"""Reading adapter files and folders for a pipeline (formats are decoded in ``formats.codec``)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ConfigError, FormatError, UnsupportedModelError
-from ..families import FAMILIES
+from ..errors import FormatError, UnsupportedModelError
 from ..formats.adapter_data import AdapterData
-from ..formats.comfyui import comfyui_names, comfyui_to_kohya, write_comfyui
-from ..formats.detect import FileFormat, detect_format
-from ..formats.kohya import kohya_metadata, parse_kohya, write_kohya
+from ..formats.codec import decode
 from ..formats.model_keys import ModelKeys
-from ..formats.peft_format import parse_peft, write_peft
 from ..formats.safetensors_io import read_adapter_file
 from ..formats.sgm_blocks import UNetLayout
-from .inject import plain_modules
 from .state import AdapterState
 
 # Weight files diffusers and PEFT put in a folder, in the order we look for them.
@@ -59,22 +54,25 @@ class ReadAdapter:
 
     path: Path
     data: AdapterData
-    format: FileFormat
+    format: str
     unresolved: list[str] = field(default_factory=list)
 
 
 def model_keys_of(state: AdapterState) -> ModelKeys:
-    """The module names of the pipeline's components (collected once; adapters never change them)."""
+    """The module names and shapes of the pipeline's components (collected once)."""
     if state.model_keys is None:
+        from ..models.reference import layer_shapes
+
         family = state.family
+        config = dict(state.components[family.denoiser].config)
         layout = None
         if family.denoiser == "unet":
             try:
-                layout = UNetLayout.from_config(state.components["unet"].config)
+                layout = UNetLayout.from_config(config)
             except UnsupportedModelError:  # no SGM names for this UNet; diffusers names still work
                 layout = None
-        paths = {c: tuple(p for p, _ in plain_modules(m)) for c, m in state.components.items()}
-        state.model_keys = ModelKeys(family, paths, layout)
+        shapes = {c: layer_shapes(m) for c, m in state.components.items()}
+        state.model_keys = ModelKeys(family, shapes, layout, config)
     return state.model_keys
 
 
@@ -82,23 +80,12 @@ def read_adapter(path: str | os.PathLike, keys: ModelKeys, *, allow_pickle: bool
     """Read and parse an adapter file or folder, in any supported format, for the model of ``keys``."""
     weight_file, config = resolve_adapter_path(path)
     tensors, metadata = read_adapter_file(weight_file, allow_pickle=allow_pickle)
-    family = keys.family
     try:
-        fmt = detect_format(tensors, str(weight_file))
-        if fmt is FileFormat.DIFFUSERS:
-            # Every component name of every family, so another family's keys keep their component and
-            # fail to match visibly instead of being taken for bare keys of this family's denoiser.
-            components = {c for f in FAMILIES.values() for c in (f.denoiser, *f.text_encoders)}
-            data = parse_peft(tensors, metadata, components, family.denoiser, config)
-            return ReadAdapter(weight_file, data, fmt)
-        if fmt is FileFormat.COMFYUI:
-            tensors = comfyui_to_kohya(tensors, family.kohya_prefixes, family.comfyui_text_encoders, family.denoiser)
-        data, unresolved = parse_kohya(tensors, metadata, keys.kohya, source=str(weight_file))
-        data.format = fmt.value
-        return ReadAdapter(weight_file, data, fmt, unresolved)
+        decoded = decode(tensors, metadata, keys, peft_config=config, source=str(weight_file))
     except FormatError as exc:
         message = str(exc)
         raise FormatError(message if str(weight_file) in message else f"{weight_file}: {message}") from None
+    return ReadAdapter(weight_file, decoded.data, decoded.format, decoded.unresolved)
 
 
 def default_adapter_name(path: Path) -> str:
@@ -109,24 +96,3 @@ def default_adapter_name(path: Path) -> str:
     name = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")
     return name or "lora"
 
-
-def encode_adapter(keys: ModelKeys, data: AdapterData, fmt: FileFormat | str) -> tuple[dict, dict[str, str]]:
-    """Tensors and format metadata of ``data`` written as ``fmt`` for the model of ``keys``.
-
-    kohya: ``lora_unet_``/``lora_te*_`` names with ``.alpha``, SGM block names for SDXL (what
-    A1111/Forge and ComfyUI load natively), DoRA as ``dora_scale``; comfyui: ``diffusion_model.`` /
-    ``text_encoders.`` names; diffusers: PEFT keys with ``lora_adapter_metadata``.
-    """
-    try:
-        fmt = FileFormat(fmt)
-    except ValueError:
-        raise ConfigError(
-            f"format {fmt!r} is unknown; choose one of {', '.join(f.value for f in FileFormat)}"
-        ) from None
-    family = keys.family
-    if fmt is FileFormat.DIFFUSERS:
-        return write_peft(data)
-    if fmt is FileFormat.KOHYA:
-        return write_kohya(data, keys.kohya, sgm=family.name == "sdxl")
-    names = comfyui_names(data, family.denoiser, family.comfyui_text_encoders, keys.unet_layout)
-    return write_comfyui(data, names), kohya_metadata(data)

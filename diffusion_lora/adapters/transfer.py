@@ -13,9 +13,10 @@ import torch
 from .. import __version__
 from ..errors import AdapterStateError, ConfigError
 from ..formats.adapter_data import AdapterData, ModuleLora
+from ..formats.codec import encode
 from ..formats.metadata import IMPLEMENTATION_DIFFUSERS, ModelFacts, sharing_metadata
 from ..formats.safetensors_io import write_adapter_file_with_hashes
-from .files import encode_adapter, model_keys_of, read_adapter
+from .files import model_keys_of, read_adapter
 from .guards import refused, require, trigger_words
 from .state import AdapterState, state_of
 from .validate import plan_load
@@ -126,7 +127,7 @@ def save_lora(
     data = adapter_data(pipe, name)
     rec = state.record(name)
     words = tuple(trigger_words) if trigger_words is not None else rec.trigger_words
-    tensors, metadata = encode_adapter(model_keys_of(state), data, format)
+    tensors, metadata = encode(model_keys_of(state), data, format)
     metadata.update(describe(pipe, state, name, data, words, str(format)))
     metadata.update({str(k): str(v) for k, v in (extra_metadata or {}).items()})
     write_adapter_file_with_hashes(out, tensors, metadata)

@@ -3,25 +3,35 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 from ..families import Family
+from .flux_names import FluxDims
 from .kohya import KohyaIndex, kohya_index
 from .sgm_blocks import UNetLayout
+
+Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class ModelKeys:
-    """A model family plus the paths of every Linear/Conv2d layer per pipeline component.
+    """A model family plus the weight shape of every Linear/Conv2d layer, per pipeline component.
 
-    Built from a loaded pipeline (``adapters.state``) or from a real-size reference model on the
-    meta device (``models.reference``), so converting files never needs the weights.
+    Built from a loaded pipeline (``adapters.files.model_keys_of``) or from a real-size reference
+    model on the meta device (``models.reference``), so converting files never needs the weights.
+    ``denoiser_config`` is the denoiser's config dict (Flux split sizes, UNet block layout).
     """
 
     family: Family
-    module_paths: Mapping[str, tuple[str, ...]]
+    module_shapes: Mapping[str, Mapping[str, Shape]]
     unet_layout: UNetLayout | None = None
+    denoiser_config: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def module_paths(self) -> dict[str, tuple[str, ...]]:
+        return {c: tuple(shapes) for c, shapes in self.module_shapes.items()}
 
     @cached_property
     def kohya(self) -> KohyaIndex:
@@ -30,3 +40,12 @@ class ModelKeys:
         return kohya_index(
             self.family.kohya_prefixes, paths, self.unet_layout, unet_component=self.family.denoiser
         )
+
+    @cached_property
+    def flux_dims(self) -> FluxDims:
+        """Split sizes of a Flux transformer, read from its real layers."""
+        shapes = self.module_shapes.get("transformer", {})
+        return FluxDims.from_config(self.denoiser_config, {p: s[:2] for p, s in shapes.items()})
+
+    def shape(self, component: str, path: str) -> Shape | None:
+        return self.module_shapes.get(component, {}).get(path)

@@ -95,21 +95,26 @@ _BUILDERS: Mapping[str, Mapping[str, Callable[[], torch.nn.Module]]] = {
 }
 
 
-def _layer_paths(model: torch.nn.Module) -> tuple[str, ...]:
-    return tuple(p for p, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+def layer_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Weight shape of every Linear/Conv2d layer (seeing through PEFT wrappers), by module path."""
+    from ..adapters.inject import plain_modules
+
+    return {p: tuple(m.weight.shape) for p, m in plain_modules(model)}
 
 
 @functools.lru_cache(maxsize=None)
 def reference_keys(family_name: str) -> ModelKeys:
     """Module names of the family's published base model (SD1.5, SD2, SDXL base, SD3 medium, Flux.1-dev)."""
     family = get_family(family_name)
-    paths: dict[str, tuple[str, ...]] = {}
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     layout = None
+    config: dict = {}
     with torch.device("meta"):
         for component, build in _BUILDERS[family.name].items():
             model = build()
-            paths[component] = _layer_paths(model)
-            if component == "unet":
-                layout = UNetLayout.from_config(model.config)
+            shapes[component] = layer_shapes(model)
+            if component == family.denoiser:
+                config = dict(model.config)
+                layout = UNetLayout.from_config(config) if component == "unet" else None
             del model
-    return ModelKeys(family, paths, layout)
+    return ModelKeys(family, shapes, layout, config)

@@ -51,8 +51,9 @@ def convert_file(
     allow_pickle: bool = False,
 ) -> Path:
     """Write ``src`` to ``dst`` in format ``to``; returns ``dst``. Nothing is written on failure."""
-    from ..adapters.files import encode_adapter, model_keys_of, read_adapter
+    from ..adapters.files import model_keys_of, read_adapter
     from ..adapters.state import state_of
+    from ..formats.codec import encode
     from ..models.reference import reference_keys
 
     out = Path(dst)
@@ -75,7 +76,7 @@ def convert_file(
             f"{read.path}: {len(read.unresolved)} key(s) match no module of the {keys.family.title} model "
             f"(e.g. {shown}); nothing was written"
         )
-    tensors, metadata = encode_adapter(keys, read.data, target)
+    tensors, metadata = encode(keys, read.data, target)
     metadata.update(_carried_metadata(read.data, keys, target, out.stem))
     write_adapter_file_with_hashes(out, tensors, metadata)
     return out

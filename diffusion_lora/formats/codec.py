@@ -1,0 +1,149 @@
+"""Decoding any supported file's tensors into AdapterData for one model, and encoding it back out.
+
+The one dispatcher over key formats: diffusers/PEFT, kohya/A1111 (SD/SDXL names and SGM names, Flux
+BFL names with fused qkv), ComfyUI (``diffusion_model.`` / ``text_encoders.``) and LyCORIS (LoHa,
+LoKr, full, loaded exactly as full-rank LoRA). Names are always resolved against the model's real
+module list (:class:`ModelKeys`); keys that resolve to nothing are returned, never dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ConfigError, FormatError
+from ..families import FAMILIES
+from .adapter_data import AdapterData, ModuleLora
+from .comfyui import TEXT_PREFIX, comfyui_names, comfyui_to_kohya, write_comfyui
+from .detect import FileFormat, detect_format
+from .flux_names import COMFYUI_PREFIX, KOHYA_PREFIX, bfl_table, parse_flux, write_flux_kohya
+from .kohya import flatten, kohya_metadata, parse_kohya, write_kohya
+from .lycoris import delta_as_lora, fit_shape, is_lycoris, lycoris_deltas
+from .model_keys import ModelKeys
+from .peft_format import parse_peft, write_peft
+
+LYCORIS = "lycoris"
+
+
+@dataclass
+class Decoded:
+    """An adapter decoded for one model: its data, the format name and the keys that fit no module."""
+
+    data: AdapterData
+    format: str
+    unresolved: list[str] = field(default_factory=list)
+
+
+def decode(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    keys: ModelKeys,
+    *,
+    peft_config: Mapping[str, object] | None = None,
+    source: str = "",
+) -> Decoded:
+    """Detect the format of ``tensors`` (all keys) and read them for the model of ``keys``."""
+    family = keys.family
+    if is_lycoris(tensors):
+        return _decode_lycoris(tensors, metadata, keys)
+    fmt = detect_format(tensors, source)
+    if fmt is FileFormat.DIFFUSERS:
+        # Every component name of every family, so another family's keys keep their component and
+        # fail to match visibly instead of being taken for bare keys of this family's denoiser.
+        components = {c for f in FAMILIES.values() for c in (f.denoiser, *f.text_encoders)}
+        return Decoded(parse_peft(tensors, metadata, components, family.denoiser, peft_config), fmt.value)
+    if family.name == "flux1":
+        return _decode_flux(tensors, metadata, keys, fmt, source)
+    if fmt is FileFormat.COMFYUI:
+        tensors = comfyui_to_kohya(tensors, family.kohya_prefixes, family.comfyui_text_encoders, family.denoiser)
+    data, unresolved = parse_kohya(tensors, metadata, keys.kohya, source=source)
+    data.format = fmt.value
+    return Decoded(data, fmt.value, unresolved)
+
+
+def _decode_flux(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], keys: ModelKeys, fmt: FileFormat, source: str
+) -> Decoded:
+    """Transformer keys through the BFL/OneTrainer/kohya-diffusers index; CLIP keys through kohya's."""
+    family = keys.family
+    text = {k: v for k, v in tensors.items() if k.startswith(("lora_te", TEXT_PREFIX))}
+    denoiser = {k: v for k, v in tensors.items() if k not in text}
+    data, unresolved = parse_flux(
+        denoiser, metadata, keys.flux_dims, module_paths=keys.module_paths["transformer"], source=source
+    )
+    if text:
+        if fmt is FileFormat.COMFYUI:
+            text = comfyui_to_kohya(text, family.kohya_prefixes, family.comfyui_text_encoders, family.denoiser)
+        text_data, text_unresolved = parse_kohya(text, metadata, keys.kohya, source=source)
+        data.modules.update(text_data.modules)
+        unresolved = sorted(unresolved + text_unresolved)
+    data.format = fmt.value
+    return Decoded(data, fmt.value, unresolved)
+
+
+def _decode_lycoris(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], keys: ModelKeys) -> Decoded:
+    """LoHa/LoKr/full modules as exact full-rank LoRA (ΔW = up @ down with an identity factor)."""
+    modules: dict[str, ModuleLora] = {}
+    unresolved: list[str] = []
+    for name, delta in lycoris_deltas(tensors, metadata).items():
+        target = keys.kohya.resolve(name)
+        if target is None:
+            unresolved += [k for k in tensors if k.startswith(name + ".")]
+            continue
+        shape = keys.shape(*target)
+        if shape is not None:
+            delta = fit_shape(delta, shape, name)
+        if delta.bias is not None:
+            raise FormatError(
+                f"{name}: the LyCORIS full module changes the layer's bias (diff_b), which a LoRA layer "
+                f"cannot carry; bake this file into the model instead"
+            )
+        modules[".".join(target)] = delta_as_lora(delta)
+    return Decoded(AdapterData(modules=modules, metadata=dict(metadata), format=LYCORIS), LYCORIS, sorted(unresolved))
+
+
+def encode(keys: ModelKeys, data: AdapterData, fmt: FileFormat | str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and format metadata of ``data`` written as ``fmt`` for the model of ``keys``.
+
+    kohya: ``lora_unet_``/``lora_te*_`` names with ``.alpha`` — SGM block names for SDXL, BFL names
+    with fused qkv for Flux — what A1111/Forge and ComfyUI load natively; DoRA as ``dora_scale``.
+    comfyui: ``diffusion_model.`` / ``text_encoders.`` names. diffusers: PEFT keys with
+    ``lora_adapter_metadata``.
+    """
+    try:
+        fmt = FileFormat(fmt)
+    except ValueError:
+        raise ConfigError(
+            f"format {fmt!r} is unknown; choose one of {', '.join(f.value for f in FileFormat)}"
+        ) from None
+    family = keys.family
+    if fmt is FileFormat.DIFFUSERS:
+        return write_peft(data)
+    if family.name == "flux1":
+        return _encode_flux(keys, data, fmt)
+    if fmt is FileFormat.KOHYA:
+        return write_kohya(data, keys.kohya, sgm=family.name == "sdxl")
+    names = comfyui_names(data, family.denoiser, family.comfyui_text_encoders, keys.unet_layout)
+    return write_comfyui(data, names), kohya_metadata(data)
+
+
+def _encode_flux(keys: ModelKeys, data: AdapterData, fmt: FileFormat) -> tuple[dict, dict[str, str]]:
+    family = keys.family
+    denoiser = {k: m for k, m in data.modules.items() if k.startswith("transformer.")}
+    text = {k: m for k, m in data.modules.items() if k not in denoiser}
+    tensors, metadata = write_flux_kohya(
+        AdapterData(modules=denoiser, use_rslora=data.use_rslora), keys.flux_dims
+    )
+    if fmt is FileFormat.COMFYUI:
+        dotted = {KOHYA_PREFIX + flatten(bfl): COMFYUI_PREFIX + bfl for bfl in bfl_table(keys.flux_dims)}
+        tensors = {dotted[k.split(".", 1)[0]] + "." + k.split(".", 1)[1]: v for k, v in tensors.items()}
+    if text:
+        text_data = AdapterData(modules=text, use_rslora=data.use_rslora)
+        if fmt is FileFormat.KOHYA:
+            tensors.update(write_kohya(text_data, keys.kohya)[0])
+        else:
+            names = comfyui_names(text_data, family.denoiser, family.comfyui_text_encoders, None)
+            tensors.update(write_comfyui(text_data, names))
+    return tensors, metadata
