@@ -123,3 +123,36 @@ def test_mixed_format_keys_are_rejected_with_examples(make_pipe, tmp_path):
     save_file(tensors, str(tmp_path / "mixed.safetensors"))
     with pytest.raises(dl.FormatError, match="something_else.weight"):
         dl.load_lora(make_pipe("tiny-sd15"), tmp_path / "mixed.safetensors")
+
+
+def test_kohya_locon_conv_and_tucker_against_reference_math(make_pipe, tmp_path):
+    """LoCon: 3×3 conv LoRA (plain and Tucker lora_mid) on resnet convs, vs W += scale·ΔW by hand."""
+    pipe = make_pipe("tiny-sd15")
+    reference = make_pipe("tiny-sd15")
+    g = torch.Generator().manual_seed(90)
+    tensors = {}
+    convs = [p for p, m in pipe.unet.named_modules() if isinstance(m, torch.nn.Conv2d) and p.endswith("conv1")][:4]
+    for i, path in enumerate(convs):
+        layer = pipe.unet.get_submodule(path)
+        out_c, in_c, kh, kw = layer.weight.shape
+        rank, alpha = 3, 1.5
+        name = "lora_unet_" + path.replace(".", "_")
+        up = torch.randn(out_c, rank, 1, 1, generator=g) * 0.1
+        if i % 2:  # Tucker: down 1×1 [rank, in], mid kh×kw [rank, rank], up [out, rank]
+            down = torch.randn(rank, in_c, 1, 1, generator=g) * 0.1
+            mid = torch.randn(rank, rank, kh, kw, generator=g) * 0.1
+            tensors[f"{name}.lora_mid.weight"] = mid
+            delta = torch.einsum("or,rskl,si->oikl", up[:, :, 0, 0], mid, down[:, :, 0, 0])
+        else:
+            down = torch.randn(rank, in_c, kh, kw, generator=g) * 0.1
+            delta = (up.flatten(1) @ down.flatten(1)).reshape(layer.weight.shape)
+        tensors[f"{name}.lora_down.weight"] = down
+        tensors[f"{name}.lora_up.weight"] = up
+        tensors[f"{name}.alpha"] = torch.tensor(alpha)
+        with torch.no_grad():
+            reference.unet.get_submodule(path).weight += alpha / rank * delta
+    save_file(tensors, str(tmp_path / "locon.safetensors"))
+    dl.load_lora(pipe, tmp_path / "locon.safetensors")
+    assert dl.list_loras(pipe)[0].modules == len(convs)
+    expected = run(reference)
+    torch.testing.assert_close(run(pipe), expected, rtol=0, atol=1e-5 * float(expected.abs().max()))

@@ -334,10 +334,10 @@ def test_lycoris_conv_through_lora_form_matches_forward() -> None:
     _close(F.conv2d(F.conv2d(o.x, lora.down, padding=1), lora.up), o.adapted - o.base)
 
 
-def test_delta_as_lora_refuses_a_bias_delta() -> None:
+def test_delta_as_lora_keeps_a_bias_delta() -> None:
     delta = lycoris_deltas(_oracle(FullModule, "linear").file)[NAME]
-    with pytest.raises(FormatError, match=r"diff_b \(bias\)"):
-        delta_as_lora(delta)
+    lora = delta_as_lora(delta)
+    assert lora.scale() == 1.0 and torch.equal(lora.bias, delta.bias)
 
 
 def test_fit_shape_refuses_another_layer() -> None:

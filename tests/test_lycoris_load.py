@@ -47,8 +47,8 @@ def _outputs(pipe):
 @pytest.mark.parametrize(
     "algo_args",
     [{"algo": "loha"}, {"algo": "loha", "use_tucker": True}, {"algo": "lokr", "decompose_both": True},
-     {"algo": "lokr", "factor": 4}],
-    ids=["loha", "loha-tucker", "lokr", "lokr-factor"],
+     {"algo": "lokr", "factor": 4}, {"algo": "full"}],
+    ids=["loha", "loha-tucker", "lokr", "lokr-factor", "full-with-bias"],
 )
 def test_lycoris_file_loads_exactly(tmp_path, make_pipe, algo_args):
     lyco_pipe, path, count = _lycoris_file(tmp_path, make_pipe, algo_args)
@@ -63,10 +63,24 @@ def test_lycoris_file_loads_exactly(tmp_path, make_pipe, algo_args):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
-def test_lycoris_bias_delta_is_refused_cleanly(tmp_path, make_pipe):
+def test_bias_delta_fuses_and_saves(tmp_path, make_pipe):
+    """A LyCORIS full file (with diff_b) fuses exactly, round-trips in diffusers format, and is
+    refused, with nothing written, by formats that cannot carry a bias."""
     _, path, _ = _lycoris_file(tmp_path, make_pipe, {"algo": "full"})
     pipe = make_pipe("tiny-sd15")
     before = model_state(pipe)
-    with pytest.raises(dl.FormatError, match="diff_b"):
-        dl.load_lora(pipe, path)
+    name = dl.load_lora(pipe, path)
+    _, unfused = _outputs(pipe)
+    dl.fuse(pipe)
+    _, fused = _outputs(pipe)
+    torch.testing.assert_close(fused, unfused, rtol=1e-4, atol=1e-4 * float(unfused.abs().max()))
+    dl.unfuse(pipe)
+    saved = dl.save_lora(pipe, name, tmp_path / "full.safetensors")
+    fresh = make_pipe("tiny-sd15")
+    dl.load_lora(fresh, saved)
+    assert torch.equal(_outputs(fresh)[1], unfused)
+    with pytest.raises(dl.FormatError, match="diffusers format"):
+        dl.save_lora(pipe, name, tmp_path / "k.safetensors", format="kohya")
+    assert not (tmp_path / "k.safetensors").exists()
+    dl.remove_lora(pipe, name)
     assert_same_state(model_state(pipe), before)

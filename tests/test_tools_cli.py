@@ -68,7 +68,7 @@ def test_convert_with_tiny_model_is_exact(sdxl_file, tmp_path, make_pipe, chain)
     assert meta["ss_output_name"] == "s" and meta["modelspec.trigger_phrase"] == "zxq"
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_convert_real_size_names_without_a_model(tmp_path, family):
     """Real-model module names resolve through the meta-device reference model; tensors pass unchanged."""
     keys = reference_keys(family)

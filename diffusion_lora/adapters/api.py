@@ -87,7 +87,8 @@ def add_lora(
                 config = LoraConfig(
                     r=rank, lora_alpha=alpha, target_modules=paths, use_dora=use_dora, use_rslora=use_rslora
                 )
-                inject(state.components[component], name, config, dict.fromkeys(paths, (rank, alpha)), empty=False)
+                layers = dict.fromkeys(paths, (rank, alpha, False))
+                inject(state.components[component], name, config, layers, empty=False)
         except BaseException:
             _remove_everywhere(state, name)
             raise
@@ -153,7 +154,7 @@ def _inject_plan(state: AdapterState, name: str, plan: LoadPlan, use_rslora: boo
     try:
         for component, modules in plan.modules.items():
             model = state.components[component]
-            layers = {path: (m.rank, m.alpha) for path, m in modules.items()}
+            layers = {path: (m.rank, m.alpha, m.bias is not None) for path, m in modules.items()}
             inject(model, name, config_for(modules, use_rslora), layers, empty=True)
             state.add_sites(component, layers)
             assign_weights(model, name, modules)

@@ -74,11 +74,12 @@ def inject(
     model: torch.nn.Module,
     name: str,
     config: LoraConfig,
-    layers: Mapping[str, tuple[int, float]],
+    layers: Mapping[str, tuple[int, float, bool]],
     *,
     empty: bool,
 ) -> None:
-    """Add adapter ``name`` to ``model`` at exactly the module paths of ``layers`` (path → rank, alpha).
+    """Add adapter ``name`` to ``model`` at exactly the module paths of ``layers``
+    (path → rank, alpha, whether ``lora_B`` has a bias).
 
     Creates PEFT's own LoRA layers one by one, which skips the whole-model scans, the trainable
     marking and the activation PEFT's ``inject_adapter_in_model`` does on every call (most of its
@@ -101,7 +102,12 @@ def inject(
 
 
 def _create_layers(
-    model: torch.nn.Module, name: str, config: LoraConfig, layers: Mapping[str, tuple[int, float]], *, empty: bool
+    model: torch.nn.Module,
+    name: str,
+    config: LoraConfig,
+    layers: Mapping[str, tuple[int, float, bool]],
+    *,
+    empty: bool,
 ) -> None:
     from peft.tuners.lora.model import LoraModel
     from peft.utils.integrations import init_empty_weights
@@ -109,13 +115,18 @@ def _create_layers(
     context = init_empty_weights if empty else contextlib.nullcontext
     if empty:  # the weights are assigned next: skip PEFT's second random init of every LoRA matrix
         config = dataclasses.replace(config, init_lora_weights=False)
+    # lora_bias only where the adapter changes a bias: PEFT cannot fuse a LoRA bias into a bias-less layer
+    configs = {False: dataclasses.replace(config, lora_bias=False)} if config.lora_bias else {False: config}
+    if config.lora_bias:
+        configs[True] = config
     with context():
-        for path, (rank, alpha) in layers.items():
+        for path, (rank, alpha, bias) in layers.items():
             target = model.get_submodule(path)
+            cfg = configs[bias]
             if isinstance(target, LoraLayer):
-                target.update_layer(name, rank, lora_alpha=alpha, config=config, target_name=path)
+                target.update_layer(name, rank, lora_alpha=alpha, config=cfg, target_name=path)
                 continue
-            new = LoraModel._create_new_module(config, name, target, r=rank, lora_alpha=alpha, target_name=path)
+            new = LoraModel._create_new_module(cfg, name, target, r=rank, lora_alpha=alpha, target_name=path)
             parent_path, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
 
@@ -141,6 +152,8 @@ def assign_weights(model: torch.nn.Module, name: str, modules: Mapping[str, Modu
             # AdapterData keeps magnitude as [out]; PEFT's conv DoRA stores it as [1, out, 1, 1].
             shape = layer.lora_magnitude_vector[name].weight.shape
             layer.lora_magnitude_vector[name].weight = param(m.magnitude.reshape(shape))
+        if m.bias is not None:
+            layer.lora_B[name].bias = param(m.bias)
 
 
 def remove_from_model(model: torch.nn.Module, name: str) -> int:

@@ -34,11 +34,13 @@ def adapter_data(pipe: Any, name: str) -> AdapterData:
         if name not in layer.lora_A:
             continue
         magnitude = layer.lora_magnitude_vector[name].weight if name in layer.lora_magnitude_vector else None
+        bias = layer.lora_B[name].bias
         modules[f"{site.component}.{site.path}"] = ModuleLora(
             down=_cpu(layer.lora_A[name].weight),
             up=_cpu(layer.lora_B[name].weight),
             alpha=float(layer.lora_alpha[name]),
             magnitude=None if magnitude is None else _cpu(magnitude).reshape(-1),
+            bias=None if bias is None else _cpu(bias),
         )
         use_rslora = use_rslora or bool(layer.use_rslora.get(name, False))
     return AdapterData(modules=modules, use_rslora=use_rslora, metadata=dict(state.record(name).metadata))

@@ -59,6 +59,8 @@ def _fit_error(where: str, module: torch.nn.Module, m: ModuleLora, source: str) 
         return f"{where}: a linear layer needs 2-d LoRA weights, got {list(down.shape)} and {list(up.shape)}"
     if m.magnitude is not None and tuple(m.magnitude.shape) != (out_f,):
         return f"{where}: DoRA magnitude has shape {list(m.magnitude.shape)}, the layer needs [{out_f}]"
+    if m.bias is not None and (tuple(m.bias.shape) != (out_f,) or getattr(module, "bias", None) is None):
+        return f"{where}: a bias delta of shape {list(m.bias.shape)} needs a layer with a [{out_f}] bias"
     return None
 
 
@@ -70,7 +72,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _check_finite(key: str, m: ModuleLora, source: str) -> None:
-    for role, t in (("down", m.down), ("up", m.up), ("magnitude", m.magnitude)):
+    for role, t in (("down", m.down), ("up", m.up), ("magnitude", m.magnitude), ("bias", m.bias)):
         if t is not None and not torch.isfinite(t).all():
             raise FormatError(
                 f"{source}: the {role} weight of {key} contains NaN or Inf values; the file is broken "

@@ -20,13 +20,16 @@ class ModuleLora:
     ``down``: [rank, in_features] (conv: [rank, in_channels, kh, kw]);
     ``up``: [out_features, rank] (conv: [out_channels, rank, 1, 1]);
     ``alpha``: the producer's alpha, so scale = alpha / rank (alpha / √rank with rsLoRA);
-    ``magnitude``: DoRA magnitude in PEFT's convention, [out_features], or None for plain LoRA.
+    ``magnitude``: DoRA magnitude in PEFT's convention, [out_features], or None for plain LoRA;
+    ``bias``: PEFT's ``lora_B`` bias, [out_features], so the layer's bias changes by scale · bias
+    (LyCORIS ``diff_b``), or None.
     """
 
     down: torch.Tensor
     up: torch.Tensor
     alpha: float
     magnitude: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -60,5 +63,5 @@ class AdapterData:
     def tensors(self) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []
         for m in self.modules.values():
-            out += [m.down, m.up] + ([m.magnitude] if m.magnitude is not None else [])
+            out += [t for t in (m.down, m.up, m.magnitude, m.bias) if t is not None]
         return out

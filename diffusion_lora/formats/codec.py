@@ -95,11 +95,6 @@ def _decode_lycoris(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
         shape = keys.shape(*target)
         if shape is not None:
             delta = fit_shape(delta, shape, name)
-        if delta.bias is not None:
-            raise FormatError(
-                f"{name}: the LyCORIS full module changes the layer's bias (diff_b), which a LoRA layer "
-                f"cannot carry; bake this file into the model instead"
-            )
         modules[".".join(target)] = delta_as_lora(delta)
     return Decoded(AdapterData(modules=modules, metadata=dict(metadata), format=LYCORIS), LYCORIS, sorted(unresolved))
 
@@ -121,6 +116,12 @@ def encode(keys: ModelKeys, data: AdapterData, fmt: FileFormat | str) -> tuple[d
     family = keys.family
     if fmt is FileFormat.DIFFUSERS:
         return write_peft(data)
+    biased = [k for k, m in data.modules.items() if m.bias is not None]
+    if biased:
+        raise FormatError(
+            f"{len(biased)} module(s) change a layer's bias (e.g. {biased[0]}, from a LyCORIS full file); "
+            f"kohya and ComfyUI LoRA files cannot carry that — save in the diffusers format"
+        )
     if family.name == "flux1":
         return _encode_flux(keys, data, fmt)
     if fmt is FileFormat.KOHYA:

@@ -302,12 +302,8 @@ def delta_as_lora(delta: ModuleDelta, *, use_rslora: bool = False) -> ModuleLora
     [rank, in, kh, kw]); ``up``: [out, rank] (conv [out, rank, 1, 1]); alpha = rank (√rank with
     ``use_rslora``) so scale = 1. Conv deltas must have their layer's shape (:func:`fit_shape`).
 
-    Raises FormatError for a bias delta (``diff_b``), which a LoRA cannot carry.
+    A bias delta (``diff_b``) becomes the LoRA's ``bias`` (PEFT's ``lora_B`` bias; scale 1).
     """
-    if delta.bias is not None:
-        raise FormatError(
-            f"this {delta.kind} module has a diff_b (bias) delta, which a LoRA cannot represent; merge it into the model"
-        )
     w = delta.weight
     out, fan_in = int(w.shape[0]), int(w[0].numel())
     if fan_in <= out:
@@ -318,4 +314,6 @@ def delta_as_lora(delta: ModuleDelta, *, use_rslora: bool = False) -> ModuleLora
         up = torch.eye(out, dtype=w.dtype, device=w.device).reshape(out, out, *[1] * (w.dim() - 2))
     rank = int(down.shape[0])
     alpha = math.sqrt(rank) if use_rslora else float(rank)
-    return ModuleLora(down=down.contiguous(), up=up.contiguous(), alpha=alpha, magnitude=delta.magnitude)
+    return ModuleLora(
+        down=down.contiguous(), up=up.contiguous(), alpha=alpha, magnitude=delta.magnitude, bias=delta.bias
+    )

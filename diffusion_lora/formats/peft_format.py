@@ -22,6 +22,7 @@ PEFT_MODEL_PREFIX = "base_model.model."
 _ROLE_SUFFIXES = (
     (".lora_A.weight", "down"),
     (".lora_B.weight", "up"),
+    (".lora_B.bias", "bias"),
     (".lora_magnitude_vector.weight", "magnitude"),
     (".lora_magnitude_vector", "magnitude"),
     # Older diffusers files (LoRACompatibleLinear / attention-processor era), same alpha rules.
@@ -138,7 +139,9 @@ def parse_peft(
         magnitude = roles.get("magnitude")
         if magnitude is not None:  # PEFT stores a conv layer's magnitude as [1, out, 1, 1]
             magnitude = magnitude.reshape(-1)
-        modules[module] = ModuleLora(down=roles["down"], up=roles["up"], alpha=alpha, magnitude=magnitude)
+        modules[module] = ModuleLora(
+            down=roles["down"], up=roles["up"], alpha=alpha, magnitude=magnitude, bias=roles.get("bias")
+        )
     use_rslora = any(bool(c.get("use_rslora")) for c in configs.values())
     return AdapterData(modules=modules, use_rslora=use_rslora, metadata=dict(metadata), format="diffusers")
 
@@ -161,6 +164,7 @@ def lora_config_fields(modules: Mapping[str, ModuleLora], use_rslora: bool) -> d
         "alpha_pattern": {"^" + re.escape(p): m.alpha for p, m in modules.items() if m.alpha != alpha},
         "use_rslora": use_rslora,
         "use_dora": any(m.magnitude is not None for m in modules.values()),
+        "lora_bias": any(m.bias is not None for m in modules.values()),
         "lora_dropout": 0.0,
         "bias": "none",
         "init_lora_weights": True,
@@ -178,6 +182,8 @@ def write_peft(data: AdapterData) -> tuple[dict[str, torch.Tensor], dict[str, st
             tensors[f"{base}.lora_B.weight"] = m.up
             if m.magnitude is not None:
                 tensors[f"{base}.lora_magnitude_vector"] = m.magnitude
+            if m.bias is not None:
+                tensors[f"{base}.lora_B.bias"] = m.bias
         for field, value in lora_config_fields(modules, data.use_rslora).items():
             flat_config[f"{component}.{field}"] = value
     metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(flat_config, indent=2, sort_keys=True)}
