@@ -54,3 +54,18 @@ def test_sd3_kohya_round_trip(make_pipe, tmp_path):
     fresh = make_pipe("tiny-sd3")
     dl.load_lora(fresh, path)
     torch.testing.assert_close(run(fresh), expected, rtol=0, atol=1e-6)
+
+
+def test_flux_diffusion_model_prefix_with_diffusers_names(make_pipe, tmp_path):
+    """`diffusion_model.<diffusers path>.lora_A` Flux files (which diffusers 0.42 silently ignores) load."""
+    from safetensors.torch import save_file
+
+    pipe = make_pipe("tiny-flux")
+    trained_adapter(pipe, "f", seed=83, rank=4)
+    expected = run(pipe)
+    tensors = load_file(str(dl.save_lora(pipe, "f", tmp_path / "f.safetensors")))
+    renamed = {"diffusion_model." + k.removeprefix("transformer."): v for k, v in tensors.items()}
+    save_file(renamed, str(tmp_path / "dm.safetensors"))
+    fresh = make_pipe("tiny-flux")
+    dl.load_lora(fresh, tmp_path / "dm.safetensors")
+    torch.testing.assert_close(run(fresh), expected, rtol=0, atol=1e-6)

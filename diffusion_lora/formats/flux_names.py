@@ -201,6 +201,7 @@ def flux_index(dims: FluxDims, module_paths: Sequence[str]) -> FluxIndex:
     for path in module_paths:
         for prefix in (ONETRAINER_PREFIX, KOHYA_PREFIX):
             _add(modules, prefix + flatten(path), ((path, _ALL),))
+        _add(modules, COMFYUI_PREFIX + path, ((path, _ALL),))  # diffusers names under ComfyUI's prefix
     return FluxIndex(MappingProxyType(modules))
 
 
