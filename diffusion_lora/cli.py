@@ -118,12 +118,41 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a LoRA from a folder of images (TOML config and/or flags)")
+    p.add_argument("config", nargs="?", help="TOML config file (see samples/); flags override it")
+    p.add_argument("--model", help="base model (model.name)")
+    p.add_argument("--data", help="image folder (data.path)")
+    p.add_argument("--out", help="output folder (output.dir)")
+    p.add_argument("--steps", type=int, help="train.steps")
+    p.add_argument("--rank", type=int, help="lora.rank")
+    p.add_argument("--lr", type=float, help="train.learning_rate")
+    p.add_argument("--resolution", type=int, help="data.resolution")
+    p.add_argument("--batch-size", type=int, dest="batch_size", help="train.batch_size")
+    p.add_argument("--seed", type=int, help="train.seed")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config value")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train.config import FLAG_KEYS, flags_to_overrides
+    from .train.trainer import train
+
+    overrides = flags_to_overrides({flag: getattr(args, flag, None) for flag in FLAG_KEYS})
+    result = train(args.config or {}, overrides=[*overrides, *args.set], resume=args.resume)
+    if result.adapter is not None:
+        print(result.adapter)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusion-lora", description=__doc__)
     parser.add_argument("--version", action="version", version=f"diffusion-lora {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_train(sub)
     _add_inspect(sub)
     _add_convert(sub)
     return parser

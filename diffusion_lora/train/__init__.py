@@ -1,0 +1,1 @@
+"""Training: config, dataset, buckets, captions, cache, objectives and the training loop."""

@@ -1,0 +1,160 @@
+"""How each family turns captions and images into denoiser inputs, and calls its denoiser.
+
+One :class:`Conditioner` per denoiser architecture, chosen from the family registry's ``denoiser``
+class — no ``is_flux`` flags. Text encoding goes through the pipeline's own ``encode_prompt`` so it
+matches inference exactly (and lets gradients reach a trained text encoder).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..families import Family
+
+TextCond = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SizeInfo:
+    """Per-sample image geometry SDXL conditions on: (height, width) pairs and the crop's top-left."""
+
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+
+
+def latent_dist(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the VAE's latent distribution for ``pixels`` [B, 3, H, W] in [-1, 1].
+
+    Cached instead of a sample, so that cached and uncached training draw the same latents from the
+    same generator.
+    """
+    dist = vae.encode(pixels.to(dtype=vae.dtype)).latent_dist
+    return dist.mean, dist.std
+
+
+def sample_latents(vae: Any, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A latent sample, shifted and scaled the way the denoiser expects."""
+    noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+    latents = mean + std * noise
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+class Conditioner:
+    """Family-specific text encoding and denoiser call."""
+
+    def encode_text(self, pipe: Any, captions: Sequence[str], device: torch.device) -> TextCond:
+        raise NotImplementedError
+
+    def predict(
+        self, pipe: Any, denoiser: Any, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextCond,
+        sizes: Sequence[SizeInfo], guidance: float,
+    ) -> torch.Tensor:
+        """The denoiser's prediction. ``denoiser`` is the module to call — the pipeline's own, or the
+        same module wrapped by accelerate for data-parallel training."""
+        raise NotImplementedError
+
+
+class UNetConditioner(Conditioner):
+    """SD1.x / SD2.x: CLIP hidden states as cross-attention context."""
+
+    def encode_text(self, pipe: Any, captions: Sequence[str], device: torch.device) -> TextCond:
+        embeds, _ = pipe.encode_prompt(list(captions), device, 1, False)
+        return {"encoder_hidden_states": embeds}
+
+    def predict(self, pipe, denoiser, noisy, timesteps, text, sizes, guidance):  # noqa: ANN001
+        return denoiser(noisy, timesteps, encoder_hidden_states=text["encoder_hidden_states"]).sample
+
+
+class SDXLConditioner(Conditioner):
+    """SDXL: two CLIP encoders, pooled embeddings and micro-conditioning on size and crop."""
+
+    def encode_text(self, pipe: Any, captions: Sequence[str], device: torch.device) -> TextCond:
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            list(captions), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return {"encoder_hidden_states": embeds, "text_embeds": pooled}
+
+    def predict(self, pipe, denoiser, noisy, timesteps, text, sizes, guidance):  # noqa: ANN001
+        time_ids = torch.tensor(
+            [[*s.original_size, *s.crop_top_left, *s.target_size] for s in sizes], device=noisy.device,
+            dtype=text["text_embeds"].dtype,
+        )
+        added = {"text_embeds": text["text_embeds"], "time_ids": time_ids}
+        return denoiser(
+            noisy, timesteps, encoder_hidden_states=text["encoder_hidden_states"], added_cond_kwargs=added
+        ).sample
+
+
+class SD3Conditioner(Conditioner):
+    """SD3 / 3.5: joint attention on CLIP-L + CLIP-G + T5 embeddings, timesteps = σ·1000."""
+
+    def encode_text(self, pipe: Any, captions: Sequence[str], device: torch.device) -> TextCond:
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            list(captions), None, None, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def predict(self, pipe, denoiser, noisy, timesteps, text, sizes, guidance):  # noqa: ANN001
+        return denoiser(
+            hidden_states=noisy, timestep=timesteps, encoder_hidden_states=text["encoder_hidden_states"],
+            pooled_projections=text["pooled_projections"],
+        ).sample
+
+
+class FluxConditioner(Conditioner):
+    """Flux.1: packed 2×2 latent patches, CLIP pooled + T5 context, guidance embedding, timestep = σ."""
+
+    def encode_text(self, pipe: Any, captions: Sequence[str], device: torch.device) -> TextCond:
+        embeds, pooled, text_ids = pipe.encode_prompt(list(captions), None, device=device, num_images_per_prompt=1)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids}
+
+    def predict(self, pipe, denoiser, noisy, timesteps, text, sizes, guidance):  # noqa: ANN001
+        b, c, h, w = noisy.shape
+        packed = pipe._pack_latents(noisy, b, c, h, w)
+        image_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+        guidance_tensor = None
+        if pipe.transformer.config.guidance_embeds:
+            guidance_tensor = torch.full((b,), float(guidance), device=noisy.device, dtype=noisy.dtype)
+        pred = denoiser(
+            hidden_states=packed, timestep=timesteps / 1000.0, guidance=guidance_tensor,
+            pooled_projections=text["pooled_projections"], encoder_hidden_states=text["encoder_hidden_states"],
+            txt_ids=text["txt_ids"], img_ids=image_ids,
+        ).sample
+        return _unpack(pred, b, c, h, w)
+
+
+def _unpack(packed: torch.Tensor, b: int, c: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of Flux's 2×2 patch packing: [B, (h/2)(w/2), 4c] → [B, c, h, w]."""
+    x = packed.view(b, h // 2, w // 2, c, 2, 2)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+_BY_DENOISER: Mapping[str, Conditioner] = {
+    "sd1": UNetConditioner(),
+    "sd2": UNetConditioner(),
+    "sdxl": SDXLConditioner(),
+    "sd3": SD3Conditioner(),
+    "flux1": FluxConditioner(),
+}
+
+
+def conditioner_for(family: Family) -> Conditioner:
+    """The conditioner of ``family`` (every registered family has one)."""
+    return _BY_DENOISER[family.name]
+
+
+def text_cond_slice(text: TextCond, index: int) -> TextCond:
+    """Sample ``index`` of a batch of text conditions, keeping the batch dimension (txt_ids has none)."""
+    return {k: (v if k == "txt_ids" else v[index : index + 1]) for k, v in text.items()}
+
+
+def text_cond_cat(parts: Sequence[TextCond]) -> TextCond:
+    """Concatenate per-sample text conditions along the batch (txt_ids is shared)."""
+    keys = parts[0].keys()
+    return {k: (parts[0][k] if k == "txt_ids" else torch.cat([p[k] for p in parts])) for k in keys}

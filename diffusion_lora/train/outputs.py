@@ -1,0 +1,78 @@
+"""What a run leaves for people to look at: sample grids and a model card beside the adapter."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+
+
+def image_grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[str] = ()) -> Image.Image:
+    """Paste images into a grid (rows × columns); an optional label strip above each row."""
+    w, h = rows[0][0].size
+    label_h = 14 if labels else 0
+    cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (cols * w, len(rows) * (h + label_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, row in enumerate(rows):
+        top = r * (h + label_h)
+        if labels:
+            draw.text((2, top + 1), labels[r][: max(8, cols * w // 6)], fill="black")
+        for c, image in enumerate(row):
+            grid.paste(image.convert("RGB").resize((w, h)), (c * w, top + label_h))
+    return grid
+
+
+def write_sample_grid(pipe: Any, cfg: Any, path: Path) -> Path:
+    """Generate every sample prompt × seed with the adapter as it is now; rows = prompts."""
+    s = cfg.sample
+    kwargs: dict[str, Any] = {"num_inference_steps": s.steps}
+    if s.guidance is not None:
+        kwargs["guidance_scale"] = s.guidance
+    side = cfg.data.resolution
+    kwargs["height"] = s.height or side
+    kwargs["width"] = s.width or side
+    rows = []
+    for prompt in s.prompts:
+        row = []
+        for seed in s.seeds:
+            generator = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                row.append(pipe(prompt, generator=generator, **kwargs).images[0])
+        rows.append(row)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(rows, list(s.prompts)).save(path)
+    return path
+
+
+def write_model_card(
+    path: Path, cfg: Any, adapter: Path, samples: Sequence[Path], losses: Sequence[float], family: Any
+) -> Path:
+    """A README.md beside the adapter: what it is, how to use it, how it was trained."""
+    trigger = cfg.data.trigger_word
+    lines = [
+        f"# {cfg.output.name}",
+        "",
+        f"A LoRA for **{family.title}** (`{cfg.model.name}`), trained with diffusion-lora.",
+        "",
+        f"- file: `{adapter.name}` ({str(getattr(cfg.output.save_format, 'value', cfg.output.save_format))} format)",
+        f"- rank {cfg.lora.rank}, alpha {cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.rank}, "
+        f"targets `{cfg.lora.targets}`" + (", text encoder" if cfg.lora.text_encoder else ""),
+        f"- {cfg.train.steps} steps, batch {cfg.train.batch_size}, learning rate {cfg.train.learning_rate}, "
+        f"resolution {cfg.data.resolution}",
+    ]
+    if trigger:
+        lines.append(f"- trigger word: `{trigger}`")
+    if losses:
+        lines.append(f"- loss: first {losses[0]:.4f}, last {losses[-1]:.4f}")
+    lines += ["", "## Use", "", "```bash",
+              f'diffusion-lora generate --model {cfg.model.name} --lora {adapter.name}:1.0 --prompt "{trigger or "…"}"',
+              "```", ""]
+    for sample in samples:
+        lines += [f"![samples]({sample.relative_to(path.parent).as_posix()})", ""]
+    lines += ["## Training config", "", "```toml", cfg.to_toml().rstrip(), "```", ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

@@ -1,0 +1,137 @@
+"""One training micro-step: batch → latents and text conditions (cached) → noise → prediction → loss.
+
+Every random draw comes from a generator seeded by (seed, step, micro-step, process), so a resumed
+run draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..families import Family, Objective
+from . import objectives as obj
+from .cache import TensorCache, entry_key, to_device
+from .conditioning import Conditioner, SizeInfo, latent_dist, sample_latents, text_cond_cat, text_cond_slice
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int, stream: int) -> torch.Generator:
+    """A generator for one purpose (``stream``) of one micro-step on one process."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 101 + micro) * 1009 + rank * 17 + stream)
+
+
+@dataclass
+class StepContext:
+    """What every micro-step needs and that does not change during a run."""
+
+    pipe: Any
+    denoiser: Any  # the module to call (accelerate-prepared for data parallelism)
+    family: Family
+    conditioner: Conditioner
+    config: Any  # TrainConfig
+    latent_cache: TensorCache
+    text_cache: TensorCache
+    vae_fingerprint: str
+    text_fingerprint: str
+    schedule: obj.DiffusionSchedule | None
+    device: torch.device
+    weight_dtype: torch.dtype
+    train_text_encoder: bool
+
+
+def _latents(ctx: StepContext, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    means, stds = [], []
+    for px in pixels:
+        key = entry_key("latent", ctx.vae_fingerprint, tuple(px.shape), _tensor_digest(px))
+
+        def compute(px: torch.Tensor = px) -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                mean, std = latent_dist(ctx.pipe.vae, px[None].to(ctx.device, ctx.pipe.vae.dtype))
+            return {"mean": mean[0], "std": std[0]}
+
+        entry = to_device(ctx.latent_cache.get(key, compute), ctx.device, torch.float32)
+        means.append(entry["mean"])
+        stds.append(entry["std"])
+    return sample_latents(ctx.pipe.vae, torch.stack(means), torch.stack(stds), gen).to(ctx.weight_dtype)
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.detach().to("cpu").contiguous().numpy().tobytes()).hexdigest()
+
+
+def _text(ctx: StepContext, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+    if ctx.train_text_encoder:  # gradients must flow: never cached
+        return ctx.conditioner.encode_text(ctx.pipe, captions, ctx.device)
+    parts = []
+    for caption in captions:
+        key = entry_key("text", ctx.text_fingerprint, caption)
+
+        def compute(caption: str = caption) -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                return text_cond_slice(ctx.conditioner.encode_text(ctx.pipe, [caption], ctx.device), 0)
+
+        parts.append(to_device(ctx.text_cache.get(key, compute), ctx.device, ctx.weight_dtype))
+    return text_cond_cat(parts)
+
+
+def micro_step_loss(ctx: StepContext, batch: Sequence[dict], step: int, micro: int, rank: int) -> torch.Tensor:
+    """The (weighted) loss of one micro-batch of dataset items."""
+    cfg = ctx.config.train
+    pixels = torch.stack([b["pixel_values"] for b in batch])
+    latents = _latents(ctx, pixels, step_generator(cfg.seed, step, micro, rank, 0))
+    text = _text(ctx, [b["caption"] for b in batch])
+    noise_gen = step_generator(cfg.seed, step, micro, rank, 1)
+    noise = obj.noise_with_offset(latents.shape, noise_gen, cfg.noise_offset, torch.float32).to(
+        ctx.device, latents.dtype
+    )
+    sizes = [SizeInfo(tuple(b["original_size"]), tuple(b["crop_top_left"]), tuple(b["target_size"])) for b in batch]
+    weights = torch.tensor([ctx.config.prior.weight if b.get("is_class") else 1.0 for b in batch], device=ctx.device)
+    time_gen = step_generator(cfg.seed, step, micro, rank, 2)
+    if ctx.family.objective is Objective.FLOW_MATCHING:
+        pred, target = _flow_step(ctx, latents, noise, text, sizes, time_gen)
+    else:
+        pred, target, snr_weights = _ddpm_step(ctx, latents, noise, text, sizes, time_gen)
+        if snr_weights is not None:
+            weights = weights * snr_weights
+    return obj.lora_loss(pred.float(), target.float(), kind=cfg.loss, huber_delta=cfg.huber_delta, weights=weights)
+
+
+def _ddpm_step(ctx: StepContext, latents, noise, text, sizes, gen):  # noqa: ANN001, ANN202
+    cfg = ctx.config.train
+    schedule = ctx.schedule
+    assert schedule is not None
+    t = obj.sample_timesteps_ddpm(latents.shape[0], len(schedule.alphas_cumprod), gen).to(ctx.device)
+    noisy = obj.add_noise(latents, noise, t, schedule)
+    objective = Objective(schedule.prediction_type) if schedule.prediction_type else ctx.family.objective
+    target = obj.ddpm_target(latents, noise, t, schedule, objective)
+    pred = ctx.conditioner.predict(ctx.pipe, ctx.denoiser, noisy, t, text, sizes, cfg.guidance)
+    weights = None
+    if cfg.min_snr_gamma is not None:
+        weights = obj.min_snr_weights(t, schedule, cfg.min_snr_gamma, objective).to(ctx.device)
+    return pred, target, weights
+
+
+def _flow_step(ctx: StepContext, latents, noise, text, sizes, gen):  # noqa: ANN001, ANN202
+    cfg = ctx.config.train
+    b, _, h, w = latents.shape
+    common = {"logit_mean": cfg.logit_mean, "logit_std": cfg.logit_std}
+    sampling = str(getattr(cfg.timestep_sampling, "value", cfg.timestep_sampling))
+    if sampling == "shift" and cfg.shift is None and ctx.family.name == "flux1":
+        # Flux's resolution-dependent shift, from the packed image sequence length
+        mu = obj.flux_shift((h // 2) * (w // 2))
+        sigmas = obj.sample_sigmas(b, gen, sampling="flux_shift", mu=mu, **common)
+    elif sampling == "shift":
+        sigmas = obj.sample_sigmas(b, gen, sampling="shift", shift=cfg.shift or 3.0)
+    else:
+        sigmas = obj.sample_sigmas(b, gen, sampling=sampling, shift=cfg.shift, **common)
+    sigmas = sigmas.to(ctx.device, latents.dtype)
+    noisy = obj.flow_noisy(latents, noise, sigmas.view(-1, 1, 1, 1))
+    target = obj.flow_target(latents, noise)
+    timesteps = obj.sigmas_to_timesteps(sigmas)
+    pred = ctx.conditioner.predict(ctx.pipe, ctx.denoiser, noisy, timesteps, text, sizes, cfg.guidance)
+    return pred, target

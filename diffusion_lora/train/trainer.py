@@ -1,0 +1,383 @@
+"""``train(config)``: the LoRA training run, through accelerate.
+
+The run is a pure function of its config: the data order, augmentation and every random draw come
+from the seed and the step number, so ``resume`` after a crash (or Ctrl-C, which saves a checkpoint)
+continues bit-identically on CPU. Multi-process data parallelism is accelerate's
+(``accelerate launch --multi_gpu --num_processes N -m diffusion_lora.cli train …``, also on CPUs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..adapters import add_lora, save_lora
+from ..adapters.state import state_of
+from ..errors import ConfigError, DiffusionLoraError
+from ..families import Objective, detect_family
+from ..formats.atomic import atomic_write_bytes
+from ..models import load_pipeline
+from . import objectives as obj
+from .cache import TensorCache, model_fingerprint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .conditioning import conditioner_for
+from .config import TrainConfig, load_config
+from .data_setup import build_dataset, tag_frequency_of
+from .dataset import bucket_batches
+from .outputs import write_model_card, write_sample_grid
+from .steps import StepContext, micro_step_loss
+
+logger = logging.getLogger(__name__)
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run produced."""
+
+    adapter: Path | None
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    checkpoint: Path | None = None
+    samples: list[Path] = field(default_factory=list)
+
+
+def _micro_batches(dataset: Any, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """The endless, deterministic stream of micro-batches (epoch after epoch)."""
+    epoch = 0
+    while True:
+        dataset.set_epoch(epoch)
+        yield from bucket_batches(dataset, batch_size, seed=seed, epoch=epoch)
+        epoch += 1
+
+
+def _optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    opt = cfg.optimizer
+    name = str(getattr(opt.name, "value", opt.name))
+    kwargs = {"weight_decay": opt.weight_decay}
+    if name == "adamw":
+        return torch.optim.AdamW(groups, betas=tuple(opt.betas), eps=opt.eps, **kwargs)
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("optimizer.name = adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(groups, betas=tuple(opt.betas), eps=opt.eps, **kwargs)
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise ConfigError("optimizer.name = prodigy needs prodigyopt: pip install prodigyopt") from None
+    return Prodigy(groups, betas=tuple(opt.betas), eps=opt.eps, **kwargs)
+
+
+def _lr_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> Any:
+    from diffusers.optimization import get_scheduler
+
+    name = str(getattr(cfg.scheduler.name, "value", cfg.scheduler.name))
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.scheduler.warmup_steps,
+                         num_training_steps=cfg.train.steps)
+
+
+def _trainable(pipe: Any, state: Any, family: Any) -> tuple[list[tuple[str, torch.nn.Parameter]], list]:
+    named = []
+    for component, model in state.components.items():
+        named += [(f"{component}.{n}", p) for n, p in model.named_parameters() if p.requires_grad]
+    return named, [p for n, p in named if n.startswith(family.denoiser + ".")]
+
+
+class _Run:
+    """State of one training run; methods are its phases."""
+
+    def __init__(self, cfg: TrainConfig, *, progress: bool) -> None:
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.out = Path(cfg.output.dir)
+        self.progress = progress
+        mp = str(getattr(cfg.train.mixed_precision, "value", cfg.train.mixed_precision))
+        self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp)
+        self.is_main = self.acc.is_main_process
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)
+        dtype = _DTYPES[str(getattr(cfg.model.dtype, "value", cfg.model.dtype))]
+        self.pipe = load_pipeline(cfg.model.name, torch_dtype=dtype)
+        self.pipe.to(self.acc.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.family = detect_family(self.pipe)
+        self.dataset, self.items, self.problems = build_dataset(cfg, self.pipe, self.acc)
+        name = cfg.output.name
+        add_lora(self.pipe, name, rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=cfg.lora.targets,
+                 text_encoder=cfg.lora.text_encoder, use_dora=cfg.lora.use_dora, use_rslora=cfg.lora.use_rslora)
+        self.state = state_of(self.pipe)
+        denoiser = self.state.components[self.family.denoiser]
+        if cfg.train.gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+        self.named, denoiser_params = _trainable(self.pipe, self.state, self.family)
+        for _, p in self.named:  # LoRA weights train in float32 whatever the base dtype
+            p.data = p.data.float()
+        te_params = [p for n, p in self.named if not n.startswith(self.family.denoiser + ".")]
+        groups = [{"params": denoiser_params, "lr": cfg.train.learning_rate}]
+        if te_params:
+            groups.append({"params": te_params, "lr": cfg.train.text_encoder_lr or cfg.train.learning_rate})
+        self.optimizer = _optimizer(cfg, groups)
+        self.scheduler = _lr_scheduler(cfg, self.optimizer)
+        self.denoiser, self.optimizer = self.acc.prepare(denoiser, self.optimizer)
+        self.ctx = self._context(dtype)
+
+    def _context(self, dtype: torch.dtype) -> StepContext:
+        cfg = self.cfg
+        cache_dir = Path(cfg.cache.dir) if cfg.cache.dir else self.out / "cache"
+        text_mode = str(getattr(cfg.cache.text, "value", cfg.cache.text))
+        if text_mode == "auto":
+            text_mode = "off" if cfg.lora.text_encoder else "memory"
+        latent_mode = str(getattr(cfg.cache.latents, "value", cfg.cache.latents))
+        encoders = [self.state.components[c] for c in self.family.text_encoders if c in self.state.components]
+        schedule = None
+        if self.family.objective is not Objective.FLOW_MATCHING:
+            schedule = obj.ddpm_schedule(dict(self.pipe.scheduler.config), zero_terminal_snr=cfg.train.zero_terminal_snr)
+        return StepContext(
+            pipe=self.pipe, denoiser=self.denoiser, family=self.family, conditioner=conditioner_for(self.family),
+            config=cfg, latent_cache=TensorCache(latent_mode, cache_dir / "latents"),
+            text_cache=TensorCache(text_mode, cache_dir / "text"),
+            vae_fingerprint=model_fingerprint(self.pipe.vae) + str(self.pipe.vae.dtype),
+            text_fingerprint=model_fingerprint(*encoders) if text_mode != "off" else "",
+            schedule=schedule, device=self.acc.device, weight_dtype=dtype,
+            train_text_encoder=cfg.lora.text_encoder,
+        )
+
+    def resume(self) -> int:
+        ckpt = latest_checkpoint(self.out / "checkpoints")
+        if ckpt is None:
+            logger.info("no checkpoint under %s; starting from step 0", self.out / "checkpoints")
+            return 0
+        saved = load_checkpoint(ckpt)
+        if saved.get("config") != _resume_view(self.cfg):
+            raise ConfigError(
+                f"{ckpt}: the checkpoint was made with a different config; resume needs the same settings "
+                f"(only train.steps may grow)"
+            )
+        params = dict(self.named)
+        with torch.no_grad():
+            for name, tensor in saved["params"].items():
+                if name not in params:
+                    raise DiffusionLoraError(f"{ckpt}: parameter {name} is not in this run's adapter")
+                params[name].copy_(tensor)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        logger.info("resumed from %s at step %d", ckpt, saved["step"])
+        return int(saved["step"])
+
+    def checkpoint(self, step: int) -> Path | None:
+        self.acc.wait_for_everyone()
+        path = None
+        if self.is_main:
+            state = {
+                "step": step,
+                "params": {n: p.detach().to("cpu").clone() for n, p in self.named},
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "config": _resume_view(self.cfg),
+            }
+            path = save_checkpoint(self.out / "checkpoints", step, state, keep=self.cfg.checkpoint.keep)
+        self.acc.wait_for_everyone()
+        return path
+
+    def run(self, start: int, stop: int) -> list[float]:
+        cfg = self.cfg
+        world, rank = self.acc.num_processes, self.acc.process_index
+        per_step = world * cfg.train.gradient_accumulation
+        stream = _micro_batches(self.dataset, cfg.train.batch_size, cfg.train.seed)
+        for _ in range(start * per_step):
+            next(stream)
+        losses: list[float] = []
+        bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step",
+                   disable=not (self.progress and self.is_main))
+        log = _Logger(self.out, enabled=self.is_main, tensorboard=cfg.log.tensorboard)
+        try:
+            for step in range(start, stop):
+                loss = self._optimizer_step(stream, step, world, rank)
+                losses.append(loss)
+                lr = self.scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                bar.update(1)
+                done = step + 1
+                if done % cfg.log.every == 0 or done == stop:
+                    log.write(done, {"loss": loss, "lr": lr})
+                if cfg.sample.every and done % cfg.sample.every == 0 and self.is_main:
+                    write_sample_grid(self.pipe, cfg, self.out / "samples" / f"step_{done:06d}.png")
+                if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.train.steps:
+                    self.checkpoint(done)
+        except KeyboardInterrupt:
+            self.checkpoint(step)
+            logger.warning("interrupted: saved a checkpoint at step %d; continue with --resume", step)
+            raise
+        finally:
+            bar.close()
+            log.close()
+        return losses
+
+    def _optimizer_step(self, stream: Iterator[list[int]], step: int, world: int, rank: int) -> float:
+        cfg = self.cfg
+        accumulation = cfg.train.gradient_accumulation
+        total = 0.0
+        for micro in range(accumulation):
+            batches = [next(stream) for _ in range(world)]
+            batch = [self.dataset[i] for i in batches[rank]]
+            sync = self.acc.no_sync(self.denoiser) if micro < accumulation - 1 else contextlib.nullcontext()
+            with sync, self.acc.autocast():
+                loss = micro_step_loss(self.ctx, batch, step, micro, rank) / accumulation
+                self.acc.backward(loss)
+            total += float(loss.detach())
+        if world > 1 and self.cfg.lora.text_encoder:
+            _average_text_encoder_grads(self.acc, self.named, self.family.denoiser)
+        if cfg.train.max_grad_norm:
+            self.acc.clip_grad_norm_([p for _, p in self.named], cfg.train.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(self.acc.reduce(torch.tensor(total, device=self.acc.device), "mean"))
+
+
+def _average_text_encoder_grads(acc: Any, named: Sequence[tuple[str, torch.nn.Parameter]], denoiser: str) -> None:
+    """Text encoders are called through the pipeline, outside DDP; average their LoRA gradients here."""
+    for name, p in named:
+        if not name.startswith(denoiser + ".") and p.grad is not None:
+            p.grad = acc.reduce(p.grad, "mean")
+
+
+def _resume_view(cfg: TrainConfig) -> dict:
+    """The config a checkpoint must match to be resumed: everything but the step count and outputs."""
+    view = cfg.to_dict()
+    view["train"] = {k: v for k, v in view["train"].items() if k != "steps"}
+    for section in ("sample", "log", "checkpoint", "output"):
+        view.pop(section, None)
+    return view
+
+
+class _Logger:
+    """Loss/lr to ``logs/metrics.jsonl`` always, and to TensorBoard when it is installed."""
+
+    def __init__(self, out: Path, *, enabled: bool, tensorboard: bool) -> None:
+        self.enabled = enabled
+        self.writer = None
+        self.file = None
+        if not enabled:
+            return
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        self.file = open(out / "logs" / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out / "logs"))
+            except ImportError:
+                logger.info("tensorboard is not installed; metrics go to logs/metrics.jsonl only")
+
+    def write(self, step: int, values: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        assert self.file is not None
+        self.file.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"train/{key}", value, step)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def train(
+    config: TrainConfig | str | os.PathLike | Mapping,
+    *,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    progress: bool = True,
+    max_steps_this_run: int | None = None,
+) -> TrainResult:
+    """Train a LoRA as ``config`` says; with ``resume``, continue from the latest checkpoint.
+
+    ``max_steps_this_run`` stops early after that many steps (saving a checkpoint), as a scheduler
+    with time limits would. Returns the adapter path (None when stopped early) and the losses.
+    """
+    cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
+    run = _Run(cfg, progress=progress)
+    run.setup()
+    start = run.resume() if resume else 0
+    stop = cfg.train.steps if max_steps_this_run is None else min(cfg.train.steps, start + max_steps_this_run)
+    losses = run.run(start, stop) if start < stop else []
+    if stop < cfg.train.steps:
+        return TrainResult(None, stop, losses, run.checkpoint(stop))
+    return _finish(run, losses)
+
+
+def _check_ranks_agree(run: _Run) -> None:
+    """Data-parallel ranks must end with identical adapters; record each rank's digest and compare."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in run.named:
+        h.update(name.encode())
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    digest = torch.tensor(list(h.digest()[:16]), dtype=torch.int64, device=run.acc.device)
+    gathered = run.acc.gather(digest).reshape(run.acc.num_processes, -1).tolist()
+    if run.is_main:
+        (run.out / "logs").mkdir(parents=True, exist_ok=True)
+        hexes = [bytes(row).hex() for row in gathered]
+        (run.out / "logs" / "ranks.json").write_text(json.dumps(hexes), encoding="utf-8")
+        if len(set(hexes)) != 1:
+            raise DiffusionLoraError(f"data-parallel ranks ended with different adapters: {hexes}")
+
+
+def _finish(run: _Run, losses: list[float]) -> TrainResult:
+    cfg = run.cfg
+    if run.acc.num_processes > 1:
+        _check_ranks_agree(run)
+    ckpt = run.checkpoint(cfg.train.steps)
+    adapter = None
+    samples: list[Path] = []
+    if run.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run.out / "config.toml", cfg.to_toml().encode(), what="resolved config")
+        adapter = run.out / f"{cfg.output.name}.safetensors"
+        words = [cfg.data.trigger_word] if cfg.data.trigger_word else []
+        save_lora(run.pipe, cfg.output.name, adapter, str(getattr(cfg.output.save_format, "value",
+                  cfg.output.save_format)), trigger_words=words, extra_metadata=_training_metadata(run))
+        if cfg.sample.prompts:
+            grid = run.out / "samples" / f"step_{cfg.train.steps:06d}.png"
+            if not grid.exists():
+                write_sample_grid(run.pipe, cfg, grid)
+            samples.append(grid)
+        write_model_card(run.out / "README.md", cfg, adapter, samples, losses, run.family)
+    run.acc.wait_for_everyone()
+    return TrainResult(adapter, cfg.train.steps, losses, ckpt, samples)
+
+
+def _training_metadata(run: _Run) -> dict[str, str]:
+    cfg = run.cfg
+    return {
+        "ss_steps": str(cfg.train.steps),
+        "ss_resolution": f"({cfg.data.resolution}, {cfg.data.resolution})",
+        "ss_num_train_images": str(len(run.items)),
+        "ss_tag_frequency": json.dumps(tag_frequency_of(run.items)),
+        "ss_learning_rate": str(cfg.train.learning_rate),
+        "diffusion_lora.train_config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "diffusion_lora.dataset_size": str(len(run.items)),
+    }
+
+
