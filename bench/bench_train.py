@@ -32,17 +32,34 @@ SMALL_UNET = {  # SD1.5's layout at a quarter of the width: big enough that per-
 }  # fmt: skip
 
 
+SD15_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "latent_channels": 4,
+            "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "sample_size": 512}  # fmt: skip
+
+
 def make_model(kind: str, folder: Path) -> Path:
+    """tiny: tiny-sd15. small: a quarter-width SD1.5 UNet with tiny-sd15's VAE and CLIP.
+    sd15-io: the same small UNet behind SD1.5's real-size VAE and CLIP-L text encoder (random weights),
+    so encoding images and captions costs what it costs in real training."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
     import diffusion_lora as dl
 
     pipe = dl.build_tiny_pipeline("tiny-sd15")
-    if kind == "small":
-        import torch
-        from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    if kind in ("small", "sd15-io"):
+        unet = UNet2DConditionModel(**{**SMALL_UNET, "cross_attention_dim": 768 if kind == "sd15-io" else 32})
+        pipe.register_modules(unet=unet)
+    if kind == "sd15-io":
+        from transformers import CLIPTextConfig, CLIPTextModel
 
-        torch.manual_seed(0)
-        pipe.unet = UNet2DConditionModel(**SMALL_UNET)
-        pipe.register_modules(unet=pipe.unet)
+        from diffusion_lora.models.reference import CLIP_L
+
+        vocab = pipe.text_encoder.config.vocab_size
+        special = {k: getattr(pipe.text_encoder.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L, vocab_size=vocab, max_position_embeddings=77, **special))
+        pipe.register_modules(vae=AutoencoderKL(**SD15_VAE), text_encoder=text_encoder)
     pipe.save_pretrained(folder)
     return folder
 
@@ -102,7 +119,7 @@ def diffusers_cmd(script: Path, model: Path, data: Path, out: Path, steps: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--diffusers-script", required=True, type=Path)
-    parser.add_argument("--model", choices=["tiny", "small"], default="small")
+    parser.add_argument("--model", choices=["tiny", "small", "sd15-io"], default="small")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--rank", type=int, default=4)

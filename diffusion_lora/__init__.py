@@ -41,6 +41,10 @@ from .errors import (  # noqa: E402
 from .families import FAMILIES, Family, Objective, detect_family, get_family  # noqa: E402
 from .models import TINY_MODELS, build_tiny_pipeline, load_pipeline  # noqa: E402
 
+# `diffusion_lora.train` is the training package, and calling it runs the trainer: dl.train(config).
+from . import train  # noqa: E402
+from .train import TrainConfig, TrainResult, load_config  # noqa: E402
+
 __all__ = [
     "__version__",
     "FAMILIES",
@@ -58,6 +62,8 @@ __all__ = [
     "LoraInfo",
     "ModelLoadError",
     "Objective",
+    "TrainConfig",
+    "TrainResult",
     "UnsafeFileError",
     "UnsupportedModelError",
     "adapter_data",
@@ -71,9 +77,11 @@ __all__ = [
     "hotswap",
     "list_loras",
     "load_lora",
+    "load_config",
     "load_pipeline",
     "remove_lora",
     "save_lora",
     "set_weights",
+    "train",
     "unfuse",
 ]

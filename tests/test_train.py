@@ -87,8 +87,8 @@ def test_cache_on_off_same_loss_and_stale_cache_rebuilt(tmp_path):
 
 def test_loss_falls_when_overfitting_one_image(tmp_path):
     data = make_dataset(tmp_path / "one", n=1)
-    result = train(config(data, tmp_path / "out", train={"steps": 60, "batch_size": 1, "learning_rate": 5e-3},
-                          lora={"rank": 8}), progress=False)
+    result = dl.train(config(data, tmp_path / "out", train={"steps": 60, "batch_size": 1, "learning_rate": 5e-3},
+                             lora={"rank": 8}), progress=False)
     first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
     assert last < 0.8 * first, (first, last)
 
