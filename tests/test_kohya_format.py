@@ -378,7 +378,8 @@ def test_bad_files_are_format_errors():
     index = tiny_index("x")
     for broken, match in [
         ({"lora_unet_x.lora_down.weight": ok["lora_unet_x.lora_down.weight"]}, "no lora_up"),
-        ({**ok, "lora_unet_x.alpha": torch.tensor(0.0)}, "positive"),
+        ({**ok, "lora_unet_x.alpha": torch.tensor(-1.0)}, "non-negative"),
+        ({**ok, "lora_unet_x.alpha": torch.tensor(float("nan"))}, "non-negative"),
         ({**ok, "lora_unet_x.alpha": torch.ones(2)}, "single number"),
         ({**ok, "lora_unet_x.hada_w1_a": torch.ones(2)}, "not a kohya LoRA key"),
         ({**ok, "lora_unet_x.lora_up.weight": torch.randn(6, 3)}, "does not fit"),

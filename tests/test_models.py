@@ -135,7 +135,7 @@ def test_generation_is_sized_and_reproducible(built, kind):
 def test_save_then_load_pipeline_gives_identical_output(built, kind, tmp_path):
     pipe = built[kind][0]
     pipe.save_pretrained(tmp_path)
-    loaded = load_pipeline(tmp_path)
+    loaded = load_pipeline(tmp_path, exact=True)
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded) is type(pipe)
     np.testing.assert_array_equal(_generate(loaded), _generate(pipe))

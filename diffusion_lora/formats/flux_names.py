@@ -21,7 +21,6 @@ by flattening every known name (:func:`flux_index`). Mapping checked against dif
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from functools import lru_cache
@@ -31,7 +30,14 @@ import torch
 
 from ..errors import ConfigError, FormatError, KeyMappingError
 from .adapter_data import AdapterData, ModuleLora
-from .kohya import dora_scale_to_magnitude, flatten, kohya_metadata, magnitude_to_dora_scale, unresolved_error
+from .kohya import (
+    dora_scale_to_magnitude,
+    flatten,
+    kohya_metadata,
+    magnitude_to_dora_scale,
+    module_alpha,
+    unresolved_error,
+)
 
 COMPONENT = "transformer"
 KOHYA_PREFIX = "lora_unet_"
@@ -280,7 +286,7 @@ def _split_module(name: str, parts: Mapping[str, torch.Tensor], targets: tuple[T
         raise FormatError(
             f"{name}: up {list(up.shape)} and down {list(down.shape)} are not a Linear LoRA pair of one rank"
         )
-    alpha = _alpha(name, parts.get("alpha"), rank)
+    alpha = module_alpha(name, parts.get("alpha"), rank)
     magnitude = None
     if "dora_scale" in parts:
         magnitude = dora_scale_to_magnitude(parts["dora_scale"], int(up.shape[0]), int(down.shape[1]), name)
@@ -308,18 +314,6 @@ def _by_path(targets: Sequence[Target]) -> dict[str, list[slice]]:
     for path, rows in targets:
         by_path.setdefault(path, []).append(rows)
     return by_path
-
-
-def _alpha(name: str, alpha: torch.Tensor | None, rank: int) -> float:
-    """kohya's rule: absent alpha means alpha = rank (scale 1); otherwise one positive finite number."""
-    if alpha is None:
-        return float(rank)
-    if alpha.numel() != 1:
-        raise FormatError(f"{name}.alpha has shape {list(alpha.shape)}; it must be a single number")
-    value = float(alpha.float().reshape(()))
-    if not (math.isfinite(value) and value > 0):
-        raise FormatError(f"{name}.alpha is {value}; alpha must be a positive finite number")
-    return value
 
 
 def write_flux_kohya(data: AdapterData, dims: FluxDims) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

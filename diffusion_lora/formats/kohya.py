@@ -248,18 +248,20 @@ def _module(name: str, parts: Mapping[str, torch.Tensor]) -> ModuleLora:
     magnitude = None
     if "dora_scale" in parts:
         magnitude = dora_scale_to_magnitude(parts["dora_scale"], int(up.shape[0]), int(down.shape[1]), name)
-    return ModuleLora(down=down, up=up, alpha=_alpha(name, parts.get("alpha"), rank), magnitude=magnitude)
+    return ModuleLora(down=down, up=up, alpha=module_alpha(name, parts.get("alpha"), rank), magnitude=magnitude)
 
 
-def _alpha(name: str, alpha: torch.Tensor | None, rank: int) -> float:
+def module_alpha(name: str, alpha: torch.Tensor | None, rank: int) -> float:
+    """The alpha of a module from its ``.alpha`` tensor — kohya's rule, shared by every reader: absent
+    or 0 means alpha = rank (scale 1); otherwise one non-negative finite number."""
     if alpha is None:
         return float(rank)
     if alpha.numel() != 1:
         raise FormatError(f"{name}.alpha has shape {list(alpha.shape)}; it must be a single number")
     value = float(alpha.float().reshape(()))
-    if not (math.isfinite(value) and value > 0):
-        raise FormatError(f"{name}.alpha is {value}; alpha must be a positive finite number")
-    return value
+    if not (math.isfinite(value) and value >= 0):
+        raise FormatError(f"{name}.alpha is {value}; alpha must be a non-negative finite number")
+    return value if value != 0 else float(rank)
 
 
 def fold_tucker(down: torch.Tensor, mid: torch.Tensor, name: str = "") -> torch.Tensor:

@@ -35,7 +35,7 @@ import torch
 
 from ..errors import FormatError, KeyMappingError
 from .adapter_data import ModuleLora
-from .kohya import dora_scale_to_magnitude, fold_tucker
+from .kohya import dora_scale_to_magnitude, fold_tucker, module_alpha
 
 _LOHA = frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"})
 _LOKR = frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2"})
@@ -126,7 +126,7 @@ def module_delta(name: str, parts: Parts) -> ModuleDelta:
         return _full(name, parts)
     build = {DeltaKind.LOHA: _loha, DeltaKind.LOKR: _lokr, DeltaKind.LORA: _lora}[kind]
     weight, rank = build(name, parts)
-    scale = 1.0 if rank is None else _alpha(name, parts.get("alpha"), rank) / rank
+    scale = 1.0 if rank is None else module_alpha(name, parts.get("alpha"), rank) / rank
     weight = weight * (scale * _scalar(name, parts.get("scalar")))
     magnitude = None
     if "dora_scale" in parts:
@@ -260,16 +260,6 @@ def _number(name: str, what: str, tensor: torch.Tensor) -> float:
     if not math.isfinite(value):
         raise FormatError(f"{name}.{what} is {value}; it must be finite")
     return value
-
-
-def _alpha(name: str, alpha: torch.Tensor | None, rank: int) -> float:
-    """alpha, with absent or 0 meaning alpha = rank (LyCORIS' and kohya's rule)."""
-    if alpha is None:
-        return float(rank)
-    value = _number(name, "alpha", alpha)
-    if value < 0:
-        raise FormatError(f"{name}.alpha is {value}; alpha must not be negative")
-    return value if value != 0 else float(rank)
 
 
 def _scalar(name: str, scalar: torch.Tensor | None) -> float:
