@@ -191,3 +191,9 @@ def test_accumulation_and_checkpointing_match_plain_steps(dataset, tmp_path):
     accumulated = train(config(dataset, tmp_path / "g", train={"steps": 4, "batch_size": 1,
                                                                   "gradient_accumulation": 2}), progress=False)
     assert len(accumulated.losses) == 4 and all(torch.isfinite(torch.tensor(accumulated.losses)))
+
+
+def test_bf16_mixed_precision_on_cpu(dataset, tmp_path):
+    result = train(config(dataset, tmp_path / "out", train={"steps": 2, "mixed_precision": "bf16"}), progress=False)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert all(t.dtype == torch.float32 for t in adapter_tensors(result.adapter).values())
