@@ -84,8 +84,8 @@ def load_pipeline(
     ``torch_dtype`` converts every component (e.g. ``torch.float16``). With ``exact``, weights loaded
     from disk onto the CPU are copied to aligned memory, so a pipeline loaded from a saved folder
     computes bit-identically what the saved one did (memory-mapped weights take a kernel path that
-    differs by ~1e-7); it costs a second copy of the weights at load time, so it is off by default. Raises ModelLoadError for anything that cannot be loaded, ConfigError for
-    a malformed ``device``.
+    differs by ~1e-7); it costs a second copy of the weights at load time, so it is off by default.
+    Raises ModelLoadError for anything that cannot be loaded, ConfigError for a malformed ``device``.
     """
     name = os.fspath(source)
     target = _parse_device(device)

@@ -146,7 +146,9 @@ class _Run:
         encoders = [self.state.components[c] for c in self.family.text_encoders if c in self.state.components]
         schedule = None
         if self.family.objective is not Objective.FLOW_MATCHING:
-            schedule = obj.ddpm_schedule(dict(self.pipe.scheduler.config), zero_terminal_snr=cfg.train.zero_terminal_snr)
+            schedule = obj.ddpm_schedule(
+                dict(self.pipe.scheduler.config), zero_terminal_snr=cfg.train.zero_terminal_snr
+            )
         return StepContext(
             pipe=self.pipe, denoiser=self.denoiser, family=self.family, conditioner=conditioner_for(self.family),
             config=cfg, latent_cache=TensorCache(latent_mode, cache_dir / "latents"),
