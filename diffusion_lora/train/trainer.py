@@ -104,7 +104,12 @@ class _Run:
         self.cfg = cfg
         self.out = Path(cfg.output.dir)
         self.progress = progress
+        from accelerate.state import AcceleratorState
+
         mp = str(getattr(cfg.train.mixed_precision, "value", cfg.train.mixed_precision))
+        # accelerate keeps one process-wide state; each train() is a new run whose precision may differ
+        # (a notebook, a test session). The process group (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp)
         self.is_main = self.acc.is_main_process
 
