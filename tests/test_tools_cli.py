@@ -114,3 +114,15 @@ def test_reference_keys_know_real_kohya_names():
     sd15 = reference_keys("sd1").kohya.modules
     assert sd15["lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_out_0"] == (
         "unet", "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_out.0")
+
+
+def test_inspect_lycoris_file(tmp_path):
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    g = torch.Generator().manual_seed(72)
+    tensors = {f"{name}.hada_w1_a": torch.randn(8, 2, generator=g), f"{name}.hada_w1_b": torch.randn(2, 8, generator=g),
+               f"{name}.hada_w2_a": torch.randn(8, 2, generator=g), f"{name}.hada_w2_b": torch.randn(2, 8, generator=g),
+               f"{name}.alpha": torch.tensor(1.0)}
+    save_file(tensors, str(tmp_path / "loha.safetensors"))
+    report = inspect_file(tmp_path / "loha.safetensors")
+    assert (report.format, report.algorithm, report.modules, report.ranks) == ("lycoris", "loha", 1, {2: 1})
+    assert report.targets == {"to_q": 1}

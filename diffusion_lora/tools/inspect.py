@@ -17,6 +17,7 @@ from ..families import FAMILIES
 from ..formats.detect import detect_format
 from ..formats.family_guess import guess_families
 from ..formats.hashes import addnet_hash, autov2_hash, file_sha256
+from ..formats.lycoris import is_lycoris
 from ..formats.peft_format import PEFT_MODEL_PREFIX, split_peft_key
 from ..formats.safetensors_io import read_adapter_file
 
@@ -103,7 +104,7 @@ def inspect_file(path: str | os.PathLike) -> FileReport:
     """Read ``path`` safely and describe it. Hashes are computed from the bytes, never trusted."""
     p = Path(path)
     tensors, metadata = read_adapter_file(p)
-    fmt = detect_format(tensors, str(p)).value if not _is_lycoris(tensors) else "lycoris"
+    fmt = "lycoris" if is_lycoris(tensors) else detect_format(tensors, str(p)).value
     parts: dict[str, dict[str, torch.Tensor]] = {}
     algos: Counter[str] = Counter()
     for key, tensor in tensors.items():
@@ -149,10 +150,6 @@ def _target_of(module: str) -> str:
         return "other"
     flat = m.group(1).replace(".", "_")
     return _DOTTED.get(flat, flat)
-
-
-def _is_lycoris(keys: Mapping[str, torch.Tensor]) -> bool:
-    return any(re.search(r"\.(hada_|lokr_|diff$|diff_b$)", k) for k in keys)
 
 
 def format_report(report: FileReport) -> str:
