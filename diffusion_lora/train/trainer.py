@@ -212,6 +212,7 @@ class _Run:
         bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step",
                    disable=not (self.progress and self.is_main))
         log = _Logger(self.out, enabled=self.is_main, tensorboard=cfg.log.tensorboard)
+        step = start  # the number of completed steps when an interrupt arrives
         try:
             for step in range(start, stop):
                 loss = self._optimizer_step(stream, step, world, rank)
