@@ -146,6 +146,49 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_extract(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("extract", help="extract a LoRA from the difference of two checkpoints of one family")
+    p.add_argument("--base", required=True, help="the original model")
+    p.add_argument("--tuned", required=True, help="the fine-tuned model")
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("-o", "--out", required=True, help="output .safetensors")
+    p.add_argument("--targets", default="attn", help="preset (attn, attn-ff, all-linear) or comma-separated names")
+    p.add_argument("--text-encoder", action="store_true", help="also extract the text encoders' attention")
+    p.add_argument("--threshold", type=float, default=1e-6, help="skip modules whose ‖ΔW‖/‖W‖ is at most this")
+    p.add_argument("--to", default="diffusers", choices=["diffusers", "kohya", "comfyui"])
+    p.set_defaults(func=_run_extract)
+
+
+def _run_extract(args: argparse.Namespace) -> int:
+    from .tools.extract import extract_file
+
+    targets = args.targets if "," not in args.targets else [t.strip() for t in args.targets.split(",")]
+    report = extract_file(args.base, args.tuned, args.out, rank=args.rank, targets=targets,
+                          text_encoder=args.text_encoder, threshold=args.threshold, to=args.to)
+    for name in report.skipped:
+        print(f"skipped (no difference): {name}")
+    kept = sum(report.energy.values()) / max(1, len(report.energy))
+    print(f"{report.out}: {len(report.modules)} modules, mean energy retained {kept:.4f}")
+    return 0
+
+
+def _add_bake(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bake", help="write a standalone pipeline with adapters fused in")
+    p.add_argument("--model", required=True)
+    p.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]")
+    p.add_argument("--out", required=True, help="output diffusers folder (must not exist)")
+    p.add_argument("--single-file", help="also write one .safetensors with every component (diffusers names)")
+    p.set_defaults(func=_run_bake)
+
+
+def _run_bake(args: argparse.Namespace) -> int:
+    from .tools.bake import bake
+
+    report = bake(args.model, [split_weighted(spec) for spec in args.lora], args.out, single_file=args.single_file)
+    print(f"{report.out_dir}: {report.layers_fused} layers fused")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusion-lora", description=__doc__)
     parser.add_argument("--version", action="version", version=f"diffusion-lora {__version__}")
@@ -155,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_inspect(sub)
     _add_convert(sub)
+    _add_extract(sub)
+    _add_bake(sub)
     return parser
 
 

@@ -126,3 +126,24 @@ def test_inspect_lycoris_file(tmp_path):
     report = inspect_file(tmp_path / "loha.safetensors")
     assert (report.format, report.algorithm, report.modules, report.ranks) == ("lycoris", "loha", 1, {2: 1})
     assert report.targets == {"to_q": 1}
+
+
+def test_bake_and_extract_commands(tmp_path, make_pipe):
+    """bake → extract round trip through the CLI recovers the adapter's effect."""
+    pipe = make_pipe("tiny-sd15")
+    pipe.save_pretrained(tmp_path / "base")
+    trained_adapter(pipe, "s", seed=73, rank=2, alpha=2)
+    expected = run(pipe)
+    lora = dl.save_lora(pipe, "s", tmp_path / "s.safetensors")
+    assert main(["bake", "--model", str(tmp_path / "base"), "--lora", f"{lora}:1.0", "--out",
+                 str(tmp_path / "baked")]) == 0
+    baked = dl.load_pipeline(tmp_path / "baked")
+    baked.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(run(baked), expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+    out = tmp_path / "extracted.safetensors"
+    assert main(["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "baked"), "--rank", "2",
+                 "-o", str(out)]) == 0
+    fresh = dl.load_pipeline(tmp_path / "base")
+    fresh.set_progress_bar_config(disable=True)
+    dl.load_lora(fresh, out)
+    torch.testing.assert_close(run(fresh), expected, rtol=0, atol=1e-3 * float(expected.abs().max()))

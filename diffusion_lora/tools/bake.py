@@ -1,0 +1,151 @@
+"""``bake``: fuse LoRAs into a model and save it as a plain diffusers pipeline folder.
+
+The fused weights are copied into a freshly loaded, never-adapted copy of the model, so the saved
+folder has no PEFT wrappers (no ``base_layer`` / ``lora_`` keys) and loads anywhere diffusers does.
+The folder is written under a temporary sibling name and renamed at the end: a failure leaves no
+half-written ``out_dir``.
+
+``single_file`` additionally writes every component's state dict to one ``.safetensors`` file with
+keys prefixed by component name (``unet.…``, ``text_encoder.…``, ``vae.…``). Those are *diffusers*
+module names, not an original-layout (LDM/SGM ``model.diffusion_model.…``) checkpoint: A1111,
+Forge or ComfyUI cannot load it as a checkpoint; it is meant for diffusers-based tools and for
+inspection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from ..errors import AdapterStateError, ConfigError, FormatError
+
+logger = logging.getLogger(__name__)
+
+BAKE_INFO = "bake_info.json"
+# Parts of a PEFT-wrapped layer's state-dict keys that are adapter state, not model weights.
+_ADAPTER_PARTS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
+
+
+@dataclass
+class BakeReport:
+    """What :func:`bake` wrote: the folder, the layers changed, the LoRAs (path, sha256, weight)."""
+
+    out_dir: Path
+    layers_fused: int
+    loras: list[dict[str, Any]] = field(default_factory=list)
+    single_file: Path | None = None
+
+
+def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict with PEFT wrappers seen through: ``….base_layer.weight`` → ``….weight``,
+    adapter tensors (``lora_A``, ``lora_B``, …) dropped. Tensors are the model's own (not copies)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        parts = key.split(".")
+        if any(p in _ADAPTER_PARTS for p in parts):
+            continue
+        out[".".join(p for p in parts if p != "base_layer")] = value
+    return out
+
+
+def _torch_components(pipe: Any) -> dict[str, torch.nn.Module]:
+    return {n: c for n, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
+
+
+def _fused_pipeline(model: str, loras: Sequence[tuple[str, float]]) -> tuple[Any, int]:
+    from ..adapters import fuse, load_lora
+    from ..models import load_pipeline
+
+    pipe = load_pipeline(model)
+    for i, (path, weight) in enumerate(loras):
+        load_lora(pipe, path, name=f"bake_{i}", weight=weight)
+    return pipe, (fuse(pipe) if loras else 0)
+
+
+def _plain_copy(model: str, fused: Any) -> Any:
+    """A freshly loaded ``model`` holding ``fused``'s weights, without any adapter wrapper."""
+    from ..models import load_pipeline
+
+    plain = load_pipeline(model)
+    fused_parts = _torch_components(fused)
+    for name, component in _torch_components(plain).items():
+        weights = plain_state_dict(fused_parts[name])
+        try:
+            component.load_state_dict(weights, strict=True)
+        except RuntimeError as exc:
+            raise AdapterStateError(f"{name}: fused weights do not fit the plain model: {exc}") from exc
+    return plain
+
+
+def _write_single_file(pipe: Any, path: Path) -> None:
+    from ..formats.atomic import atomic_write_bytes
+
+    tensors = {
+        f"{name}.{key}": value.detach().to("cpu").contiguous().clone()
+        for name, component in _torch_components(pipe).items()
+        for key, value in component.state_dict().items()
+    }
+    metadata = {"format": "pt", "diffusion_lora.layout": "diffusers"}
+    atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=metadata), what="single-file model")
+
+
+def _check_inputs(loras: Sequence[tuple[str, float]], out: Path, single_file: Path | None) -> None:
+    if out.exists():
+        raise ConfigError(f"{out}: already exists; choose a new output folder or remove it first")
+    for path, _ in loras:
+        if not Path(path).exists():
+            raise FormatError(f"{path}: no such adapter file; check the path (nothing was written)")
+    if single_file is not None and single_file.suffix != ".safetensors":
+        raise ConfigError(f"{single_file}: single_file must end in .safetensors")
+
+
+def bake(
+    model: str | os.PathLike,
+    loras: Sequence[tuple[str | os.PathLike, float]],
+    out_dir: str | os.PathLike,
+    *,
+    single_file: str | os.PathLike | None = None,
+) -> BakeReport:
+    """Load ``model``, load each LoRA at its weight, fuse, and save a plain diffusers folder at ``out_dir``.
+
+    ``out_dir`` gets ``bake_info.json`` (model, LoRAs with sha256 and weights). With ``single_file``,
+    a diffusers-named (not original-layout) ``.safetensors`` of all components is written too.
+    On any failure no ``out_dir`` (nor a new ``single_file``) is left behind.
+    """
+    from ..formats.hashes import file_sha256
+
+    out = Path(out_dir)
+    single = None if single_file is None else Path(single_file)
+    _check_inputs(loras, out, single)
+    info = {
+        "model": os.fspath(model),
+        "loras": [{"path": os.fspath(p), "sha256": file_sha256(p), "weight": w} for p, w in loras],
+    }
+    fused, layers = _fused_pipeline(os.fspath(model), [(os.fspath(p), w) for p, w in loras])
+    plain = _plain_copy(os.fspath(model), fused)
+    del fused
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
+    single_existed = single is not None and single.exists()
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        (tmp / BAKE_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
+        if single is not None:
+            _write_single_file(plain, single)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if single is not None and not single_existed and not out.exists():
+            single.unlink(missing_ok=True)
+        raise
+    logger.info("baked %d LoRA(s) into %s (%d layers changed)", len(loras), out, layers)
+    return BakeReport(out_dir=out, layers_fused=layers, loras=info["loras"], single_file=single)
