@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .errors import ConfigError, DiffusionLoraError
@@ -146,6 +147,69 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="combine adapter files with weights into one")
+    p.add_argument("inputs", nargs="+", metavar="FILE[:WEIGHT]")
+    p.add_argument("-o", "--out", required=True)
+    p.add_argument("--method", choices=["concat", "svd"], default="concat",
+                   help="concat: exact (ranks add up); svd: truncate the summed delta to --rank/--dynamic")
+    p.add_argument("--rank", type=int)
+    p.add_argument("--dynamic", metavar="RULE:X", help="sv_ratio:X, sv_fro:X or sv_cumulative:X")
+    p.add_argument("--to", default="diffusers", choices=["diffusers", "kohya", "comfyui"])
+    p.add_argument("--family", choices=["sd1", "sd2", "sdxl", "sd3", "flux1"])
+    p.add_argument("--model", help="resolve keys against this model instead of the family's reference model")
+    p.set_defaults(func=_run_merge)
+
+
+def _print_energy(report: Any, verbose: bool) -> None:
+    if verbose:
+        for name, kept in sorted(report.energy.items()):
+            print(f"  {name}: rank {report.ranks.get(name, '?')}, energy retained {kept:.4f}")
+    print(f"{report.out}: {report.modules} modules, total Frobenius energy retained {report.total_energy:.4f}")
+
+
+def _model_keys(model: str | None) -> Any:
+    """Module names of ``--model`` when given (else the tools use the family's reference model)."""
+    if not model:
+        return None
+    from .adapters.files import model_keys_of
+    from .adapters.state import state_of
+    from .models import load_pipeline
+
+    return model_keys_of(state_of(load_pipeline(model)))
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from .tools.merge import merge_files
+
+    report = merge_files([split_weighted(spec) for spec in args.inputs], args.out, method=args.method,
+                         rank=args.rank, dynamic=args.dynamic, to=args.to, family=args.family,
+                         keys=_model_keys(args.model))
+    _print_energy(report, args.verbose)
+    return 0
+
+
+def _add_resize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("resize", help="shrink an adapter's rank by SVD, keeping its effective scale")
+    p.add_argument("input")
+    p.add_argument("-o", "--out", required=True)
+    p.add_argument("--rank", type=int)
+    p.add_argument("--dynamic", metavar="RULE:X", help="sv_ratio:X, sv_fro:X or sv_cumulative:X")
+    p.add_argument("--to", choices=["diffusers", "kohya", "comfyui"], help="default: the input's format")
+    p.add_argument("--family", choices=["sd1", "sd2", "sdxl", "sd3", "flux1"])
+    p.add_argument("--model", help="resolve keys against this model instead of the family's reference model")
+    p.set_defaults(func=_run_resize)
+
+
+def _run_resize(args: argparse.Namespace) -> int:
+    from .tools.resize import resize_file
+
+    report = resize_file(args.input, args.out, rank=args.rank, dynamic=args.dynamic, to=args.to, family=args.family,
+                         keys=_model_keys(args.model))
+    _print_energy(report, True)
+    return 0
+
+
 def _add_extract(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("extract", help="extract a LoRA from the difference of two checkpoints of one family")
     p.add_argument("--base", required=True, help="the original model")
@@ -198,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_inspect(sub)
     _add_convert(sub)
+    _add_merge(sub)
+    _add_resize(sub)
     _add_extract(sub)
     _add_bake(sub)
     return parser

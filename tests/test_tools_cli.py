@@ -147,3 +147,26 @@ def test_bake_and_extract_commands(tmp_path, make_pipe):
     fresh.set_progress_bar_config(disable=True)
     dl.load_lora(fresh, out)
     torch.testing.assert_close(run(fresh), expected, rtol=0, atol=1e-3 * float(expected.abs().max()))
+
+
+def test_merge_and_resize_commands(tmp_path, make_pipe, capsys):
+    """merge A:0.7 B:0.5 (concat) == stacked loading; resize to the full rank is lossless."""
+    src = make_pipe("tiny-sd15")
+    trained_adapter(src, "a", seed=74, rank=2, alpha=1)
+    trained_adapter(src, "b", seed=75, rank=3, alpha=6)
+    dl.set_weights(src, {"a": 0.7, "b": 0.5})
+    expected = run(src)
+    a = dl.save_lora(src, "a", tmp_path / "a.safetensors", format="kohya")
+    b = dl.save_lora(src, "b", tmp_path / "b.safetensors")
+    merged = tmp_path / "m.safetensors"
+    assert main(["merge", f"{a}:0.7", f"{b}:0.5", "-o", str(merged), "--model", "tiny-sd15"]) == 0
+    assert "total Frobenius energy retained 1.0000" in capsys.readouterr().out
+    fresh = make_pipe("tiny-sd15")
+    dl.load_lora(fresh, merged)
+    torch.testing.assert_close(run(fresh), expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+    resized = tmp_path / "r.safetensors"
+    assert main(["resize", str(merged), "-o", str(resized), "--rank", "5", "--model", "tiny-sd15"]) == 0
+    again = make_pipe("tiny-sd15")
+    dl.load_lora(again, resized)
+    torch.testing.assert_close(run(again), expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+    assert inspect_file(resized).ranks == {5: inspect_file(merged).modules}
