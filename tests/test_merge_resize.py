@@ -290,3 +290,28 @@ def test_concat_merge_equals_stacked_loading_in_a_pipeline(make_pipe, tmp_path):
     expected = run(stacked)
     assert not torch.equal(expected, run(make_pipe("tiny-sd15")))  # the adapters do change the output
     assert_near(run(merged), expected)
+
+
+def test_lycoris_file_resizes_and_merges_through_its_exact_delta(tmp_path):
+    """A LoHa file (rank-2 Hadamard factors, so ΔW has rank ≤ 4) resized to rank 4 is lossless."""
+    from safetensors.torch import load_file as _load, save_file as _save
+
+    from diffusion_lora.formats.lycoris import lycoris_deltas
+    from diffusion_lora.tools.merge import merge_files as _merge
+    from diffusion_lora.tools.resize import resize_file as _resize
+
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    g = torch.Generator().manual_seed(90)
+    loha = {f"{name}.hada_w1_a": torch.randn(320, 2, generator=g) * 0.1,
+            f"{name}.hada_w1_b": torch.randn(2, 320, generator=g) * 0.1,
+            f"{name}.hada_w2_a": torch.randn(320, 2, generator=g) * 0.1,
+            f"{name}.hada_w2_b": torch.randn(2, 320, generator=g) * 0.1, f"{name}.alpha": torch.tensor(1.0)}
+    _save(loha, str(tmp_path / "loha.safetensors"), metadata={"ss_base_model_version": "sd_v1"})
+    expected = lycoris_deltas(loha)[name].weight
+    report = _resize(tmp_path / "loha.safetensors", tmp_path / "r.safetensors", rank=4, to="kohya")
+    assert report.total_energy == pytest.approx(1.0, abs=1e-6)
+    out = _load(str(tmp_path / "r.safetensors"))
+    delta = out[f"{name}.alpha"] / 4 * out[f"{name}.lora_up.weight"] @ out[f"{name}.lora_down.weight"]
+    torch.testing.assert_close(delta, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+    merged = _merge([(tmp_path / "loha.safetensors", 0.5)], tmp_path / "m.safetensors", method="svd", rank=4)
+    assert merged.total_energy == pytest.approx(1.0, abs=1e-6)
