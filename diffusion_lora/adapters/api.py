@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, DiffusionLoraError, FormatError
+from ..formats.metadata import trigger_words_of
 from .files import default_adapter_name, model_keys_of, read_adapter
 from .fuse import fuse_state, unfuse_state
-from .guards import check_name, refused, require, require_new, trigger_words
+from .guards import check_name, refused, require, require_new
 from .inject import assign_weights, config_for, inject, remove_from_model, target_paths
 from .state import AdapterRecord, AdapterState, Weight, state_of
 from .validate import LoadPlan, plan_load
@@ -142,7 +143,8 @@ def load_lora(
     with refused(state):
         _inject_plan(state, name, plan, data.use_rslora)
         state.records[name] = AdapterRecord(
-            name, weight=weight, file=str(weight_file), trigger_words=trigger_words(data), metadata=data.metadata
+            name, weight=weight, file=str(weight_file), trigger_words=trigger_words_of(data.metadata),
+            metadata=data.metadata,
         )
         apply_weights(state)
     if plan.skipped:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 
 from ..errors import AdapterNotFoundError, AdapterStateError, ConfigError
-from ..formats.adapter_data import AdapterData
 from .fuse import fuse_state, unfuse_state
 from .state import AdapterState
 
@@ -42,17 +40,3 @@ def require_new(state: AdapterState, name: str) -> None:
             f"an adapter named {name!r} is already loaded; pass another name, remove_lora() it first, "
             f"or hotswap() new weights into it"
         )
-
-
-def trigger_words(data: AdapterData) -> tuple[str, ...]:
-    """Trigger words recorded in a file's metadata (ours, or ModelSpec's comma-separated phrase)."""
-    raw = data.metadata.get("diffusion_lora.trigger_words") or data.metadata.get("modelspec.trigger_phrase")
-    if not raw:
-        return ()
-    try:
-        words = json.loads(raw)
-    except json.JSONDecodeError:
-        words = [w.strip() for w in raw.split(",")]
-    return tuple(str(w) for w in words if str(w).strip()) if isinstance(words, list) else (str(words),)
-
-

@@ -14,10 +14,10 @@ from .. import __version__
 from ..errors import AdapterStateError, ConfigError
 from ..formats.adapter_data import AdapterData, ModuleLora
 from ..formats.codec import encode
-from ..formats.metadata import IMPLEMENTATION_DIFFUSERS, ModelFacts, sharing_metadata
+from ..formats.metadata import ModelFacts, sharing_metadata, trigger_words_of
 from ..formats.safetensors_io import write_adapter_file_with_hashes
 from .files import model_keys_of, read_adapter
-from .guards import refused, require, trigger_words
+from .guards import refused, require
 from .state import AdapterState, state_of
 from .validate import plan_load
 from .weights import apply_weights
@@ -85,7 +85,7 @@ def hotswap(pipe: Any, name: str, path: str | os.PathLike, *, allow_pickle: bool
     with refused(state):
         _copy_into(state, name, new, data.use_rslora)
         rec = state.record(name)
-        rec.file, rec.metadata, rec.trigger_words = str(weight_file), data.metadata, trigger_words(data)
+        rec.file, rec.metadata, rec.trigger_words = str(weight_file), data.metadata, trigger_words_of(data.metadata)
         apply_weights(state)
 
 
@@ -140,14 +140,7 @@ def save_lora(
 def describe(pipe: Any, state: AdapterState, name: str, data: AdapterData, words: Sequence[str], fmt: str) -> dict:
     """Sharing metadata (``ss_*``, ``modelspec.*``) plus diffusion_lora's own keys for a saved file."""
     family = state.family
-    facts = ModelFacts(
-        family=family.name,
-        kohya_base_model_version=family.kohya_base_model_version,
-        modelspec_architecture=family.modelspec_architecture,
-        implementation=IMPLEMENTATION_DIFFUSERS if fmt == "diffusers" else family.original_implementation,
-        resolution=family.default_resolution,
-    )
-    meta = sharing_metadata(data, facts, name=name, trigger_words=words, inherited=data.metadata)
+    meta = sharing_metadata(data, ModelFacts.of(family, fmt), name=name, trigger_words=words, inherited=data.metadata)
     meta.update(_our_metadata(pipe, state, name, data, words))
     return meta
 

@@ -13,6 +13,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from ..families import Family
 from .adapter_data import AdapterData
 from .kohya import kohya_metadata
 
@@ -32,6 +33,32 @@ class ModelFacts:
     modelspec_architecture: str
     implementation: str
     resolution: int
+
+    @classmethod
+    def of(cls, family: Family, file_format: str) -> ModelFacts:
+        """The facts of ``family`` for a file in ``file_format`` (diffusers files name diffusers as the
+        implementation; kohya/ComfyUI files name the family's original one)."""
+        return cls(
+            family=family.name,
+            kohya_base_model_version=family.kohya_base_model_version,
+            modelspec_architecture=family.modelspec_architecture,
+            implementation=IMPLEMENTATION_DIFFUSERS if file_format == "diffusers" else family.original_implementation,
+            resolution=family.default_resolution,
+        )
+
+
+def trigger_words_of(metadata: Mapping[str, str]) -> tuple[str, ...]:
+    """Trigger words a file records: diffusion_lora's JSON list, else ModelSpec's comma-separated phrase."""
+    raw = metadata.get("diffusion_lora.trigger_words")
+    if raw:
+        try:
+            words = json.loads(raw)
+        except json.JSONDecodeError:
+            words = None
+        if isinstance(words, list):
+            return tuple(str(w) for w in words if str(w).strip())
+    phrase = metadata.get("modelspec.trigger_phrase", "")
+    return tuple(w.strip() for w in phrase.split(",") if w.strip())
 
 
 def sharing_metadata(

@@ -16,7 +16,7 @@ from ..families import FAMILIES
 from ..formats.adapter_data import AdapterData
 from ..formats.detect import FileFormat
 from ..formats.family_guess import guess_families
-from ..formats.metadata import IMPLEMENTATION_DIFFUSERS, ModelFacts, sharing_metadata
+from ..formats.metadata import ModelFacts, sharing_metadata, trigger_words_of
 from ..formats.model_keys import ModelKeys
 from ..formats.safetensors_io import read_adapter_file, write_adapter_file_with_hashes
 from .inspect import _KOHYA_VERSIONS
@@ -87,14 +87,8 @@ def _carried_metadata(data: AdapterData, keys: ModelKeys, target: FileFormat, st
     source = data.metadata
     family = keys.family
     kept = {k: v for k, v in source.items() if k not in _FORMAT_KEYS and not k.startswith("sshs_")}
-    facts = ModelFacts(
-        family=family.name,
-        kohya_base_model_version=family.kohya_base_model_version,
-        modelspec_architecture=family.modelspec_architecture,
-        implementation=IMPLEMENTATION_DIFFUSERS if target is FileFormat.DIFFUSERS else family.original_implementation,
-        resolution=family.default_resolution,
-    )
-    words = [w.strip() for w in source.get("modelspec.trigger_phrase", "").split(",") if w.strip()]
     name = source.get("ss_output_name") or source.get("diffusion_lora.name") or stem
-    sharing = sharing_metadata(data, facts, name=name, trigger_words=words, inherited=source)
+    sharing = sharing_metadata(
+        data, ModelFacts.of(family, target.value), name=name, trigger_words=trigger_words_of(source), inherited=source
+    )
     return {**kept, **sharing, "diffusion_lora.family": family.name}

@@ -18,6 +18,7 @@ from ..formats.detect import detect_format
 from ..formats.family_guess import guess_families
 from ..formats.hashes import addnet_hash, autov2_hash, file_sha256
 from ..formats.lycoris import is_lycoris
+from ..formats.metadata import trigger_words_of
 from ..formats.peft_format import PEFT_MODEL_PREFIX, split_peft_key
 from ..formats.safetensors_io import read_adapter_file
 
@@ -87,19 +88,6 @@ def _family(metadata: Mapping[str, str], modules: list[str]) -> tuple[str | None
     return None, "unknown"
 
 
-def _trigger_words(metadata: Mapping[str, str]) -> list[str]:
-    raw = metadata.get("diffusion_lora.trigger_words")
-    if raw:
-        try:
-            words = json.loads(raw)
-            if isinstance(words, list):
-                return [str(w) for w in words]
-        except json.JSONDecodeError:
-            pass
-    phrase = metadata.get("modelspec.trigger_phrase", "")
-    return [w.strip() for w in phrase.split(",") if w.strip()]
-
-
 def inspect_file(path: str | os.PathLike) -> FileReport:
     """Read ``path`` safely and describe it. Hashes are computed from the bytes, never trusted."""
     p = Path(path)
@@ -131,7 +119,7 @@ def inspect_file(path: str | os.PathLike) -> FileReport:
         file=str(p), size_bytes=p.stat().st_size, format=fmt, algorithm=algorithm, family=family,
         family_source=source, modules=len(parts), ranks=dict(sorted(ranks.items())),
         alphas=dict(sorted(alphas.items())), targets=dict(targets.most_common()), components=dict(components),
-        trigger_words=_trigger_words(metadata),
+        trigger_words=list(trigger_words_of(metadata)),
         base_model=metadata.get("diffusion_lora.base_model") or metadata.get("ss_sd_model_name"),
         hashes={"addnet": computed, "addnet_stored": stored, "addnet_stored_matches": None if stored is None
                 else stored == computed, "autov2": autov2_hash(p), "sha256": file_sha256(p)},
