@@ -19,7 +19,6 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,7 +26,7 @@ import torch
 
 from ..errors import ConfigError, FamilyMismatchError, KeyMappingError
 from ..formats.adapter_data import AdapterData, ModuleLora
-from .resize import DynamicRule, check_rank_args, factor_delta, flat_delta, fraction, refuse_dora
+from .resize import DynamicRule, ReshapeReport, check_rank_args, factor_delta, flat_delta, fraction, refuse_dora
 
 if TYPE_CHECKING:
     from ..adapters.files import ReadAdapter
@@ -126,18 +125,6 @@ def merge_svd(
     return data, {k: fraction(*e) for k, e in energies.items()}
 
 
-@dataclass
-class MergeReport:
-    """What :func:`merge_files` wrote: per module its rank and (svd) the fraction of ‖ΔW‖²_F kept,
-    and the fraction of the whole merged delta's energy kept (1.0 for concat)."""
-
-    out: Path
-    modules: int
-    ranks: dict[str, int] = field(default_factory=dict)
-    energy: dict[str, float] = field(default_factory=dict)
-    total_energy: float = 1.0
-
-
 def merge_files(
     specs: Sequence[tuple[str | os.PathLike, float]],
     out: str | os.PathLike,
@@ -148,7 +135,7 @@ def merge_files(
     to: str = "diffusers",
     family: str | None = None,
     keys: ModelKeys | None = None,
-) -> MergeReport:
+) -> ReshapeReport:
     """Merge adapter files ``(path, weight)`` into ``out`` (format ``to``), atomically; nothing is
     written on failure. Inputs may be in any format but must be of one family (``family``, else the
     first file's); ``keys`` (e.g. ``model_keys_of(state_of(pipe))``) replaces the reference model."""
@@ -176,14 +163,7 @@ def merge_files(
                   "inputs": [{"file": r.path.name, "sha256": file_sha256(r.path), "weight": float(w)}
                              for r, (_, w) in zip(reads, specs)]}  # fmt: skip
     write_output(path, keys, data, to, {"diffusion_lora.merge": json.dumps(provenance)})
-    kept, total = sum(e[0] for e in energies.values()), sum(e[1] for e in energies.values())
-    return MergeReport(
-        out=path,
-        modules=len(data.modules),
-        ranks={k: m.rank for k, m in data.modules.items()},
-        energy={k: fraction(*e) for k, e in energies.items()},
-        total_energy=fraction(kept, total),
-    )
+    return ReshapeReport.of(path, data, energies)
 
 
 def read_inputs(

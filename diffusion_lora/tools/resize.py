@@ -21,6 +21,7 @@ import enum
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -169,15 +170,27 @@ def resize(
 
 
 @dataclass
-class ResizeReport:
-    """What :func:`resize_file` wrote: per module the new rank and the fraction of ‖ΔW‖²_F kept, and
-    the fraction of the whole adapter's energy kept."""
+class ReshapeReport:
+    """What a merge or resize wrote: per module the new rank and the fraction of ‖ΔW‖²_F kept, and
+    the fraction of the whole adapter's energy kept (1.0 for an exact concat merge)."""
 
     out: Path
     modules: int
     ranks: dict[str, int] = field(default_factory=dict)
     energy: dict[str, float] = field(default_factory=dict)
     total_energy: float = 1.0
+
+    @classmethod
+    def of(cls, out: Path, data: AdapterData, energies: Mapping[str, tuple[float, float]]) -> ReshapeReport:
+        """The report for ``data`` written to ``out``; ``energies``: module → (kept, total) energy."""
+        kept, total = sum(e[0] for e in energies.values()), sum(e[1] for e in energies.values())
+        return cls(
+            out=out,
+            modules=len(data.modules),
+            ranks={k: m.rank for k, m in data.modules.items()},
+            energy={k: fraction(*e) for k, e in energies.items()},
+            total_energy=fraction(kept, total),
+        )
 
 
 # Header entries that describe the old factors; recomputed or dropped.
@@ -194,7 +207,7 @@ def resize_file(
     to: str | None = None,
     family: str | None = None,
     keys: ModelKeys | None = None,
-) -> ResizeReport:
+) -> ReshapeReport:
     """Resize adapter file ``src`` into ``out`` (format ``to``, default the input's); nothing is written
     on failure. ``keys`` (e.g. ``model_keys_of(state_of(pipe))``) replaces the family's reference model."""
     from ..formats.hashes import file_sha256
@@ -214,14 +227,7 @@ def resize_file(
 
         to = read.format if read.format in {f.value for f in FileFormat} else FileFormat.DIFFUSERS.value
     write_output(path, keys, data, to, kept)
-    total_kept, total = sum(e[0] for e in energies.values()), sum(e[1] for e in energies.values())
-    return ResizeReport(
-        out=path,
-        modules=len(data.modules),
-        ranks={k: m.rank for k, m in data.modules.items()},
-        energy={k: fraction(*e) for k, e in energies.items()},
-        total_energy=fraction(total_kept, total),
-    )
+    return ReshapeReport.of(path, data, energies)
 
 
 def _check_out(out: str | os.PathLike) -> Path:
