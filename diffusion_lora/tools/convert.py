@@ -11,14 +11,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, FamilyMismatchError, KeyMappingError
+from ..errors import ConfigError, FamilyMismatchError, KeyMappingError, UnsafeFileError
 from ..families import FAMILIES
 from ..formats.adapter_data import AdapterData
 from ..formats.detect import FileFormat
 from ..formats.family_guess import guess_families
 from ..formats.metadata import ModelFacts, sharing_metadata, trigger_words_of
 from ..formats.model_keys import ModelKeys
-from ..formats.safetensors_io import read_adapter_file, write_adapter_file_with_hashes
+from ..formats.safetensors_io import read_adapter_file, read_header, write_adapter_file_with_hashes
 from .inspect import _KOHYA_VERSIONS
 
 # Header entries that describe one format's layout; recomputed rather than copied.
@@ -39,6 +39,19 @@ def file_family(path: str | os.PathLike, metadata: dict[str, str], keys: list[st
         f"{path}: cannot tell which model family this adapter is for (candidates: "
         f"{', '.join(sorted(guess)) or 'none'}); pass --family or --model"
     )
+
+
+def family_of_file(path: str | os.PathLike, *, allow_pickle: bool = False) -> str:
+    """:func:`file_family` from the file's header alone (a pickle, when allowed, is read whole)."""
+    try:
+        header = read_header(path)
+        metadata, names = dict(header.metadata), list(header.tensors)
+    except UnsafeFileError:
+        if not allow_pickle:
+            raise
+        tensors, metadata = read_adapter_file(path, allow_pickle=True)
+        names = list(tensors)
+    return file_family(path, metadata, names)
 
 
 def convert_file(
@@ -66,8 +79,7 @@ def convert_file(
     if pipe is not None:
         keys: ModelKeys = model_keys_of(state_of(pipe))
     else:
-        tensors, metadata = read_adapter_file(src, allow_pickle=allow_pickle)
-        keys = reference_keys(family or file_family(src, metadata, list(tensors)))
+        keys = reference_keys(family or family_of_file(src, allow_pickle=allow_pickle))
     read = read_adapter(src, keys, allow_pickle=allow_pickle)
     if read.unresolved:
         shown = ", ".join(read.unresolved[:5])

@@ -171,16 +171,14 @@ def read_inputs(
 ) -> tuple[list[ReadAdapter], ModelKeys]:
     """Read every file for one model; KeyMappingError naming the file on another family or unresolved keys."""
     from ..adapters.files import read_adapter, resolve_adapter_path
-    from ..formats.safetensors_io import read_adapter_file
     from ..models.reference import reference_keys
-    from .convert import file_family
+    from .convert import family_of_file
 
     families: list[str | None] = []
     for p in paths:
         weight_file, _ = resolve_adapter_path(p)
-        tensors, metadata = read_adapter_file(weight_file)
         try:
-            families.append(file_family(weight_file, metadata, list(tensors)))
+            families.append(family_of_file(weight_file))
         except ConfigError:
             if keys is None and family is None and not families:
                 raise
