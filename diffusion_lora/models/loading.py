@@ -28,16 +28,39 @@ from diffusers.loaders.single_file_utils import (
 from ..errors import ConfigError, ModelLoadError
 from .tiny import TINY_MODELS, build_tiny_pipeline
 
-__all__ = ["SINGLE_FILE_SUFFIXES", "detect_single_file_pipeline", "load_pipeline", "read_checkpoint_shapes"]
+__all__ = [
+    "EMBEDDED_MODELS",
+    "SINGLE_FILE_SUFFIXES",
+    "detect_single_file_pipeline",
+    "embedded_model_path",
+    "load_pipeline",
+    "read_checkpoint_shapes",
+]
 
 logger = logging.getLogger(__name__)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Trained pipelines shipped inside the package (diffusers folders under diffusion_lora/assets/).
+EMBEDDED_MODELS: tuple[str, ...] = ("shapes-sd15",)
+_ASSETS = Path(__file__).resolve().parent.parent / "assets"
 _WHAT_TO_PASS = (
     "pass a local diffusers folder (with model_index.json), a .safetensors/.ckpt file "
-    f"or one of {', '.join(TINY_MODELS)}"
+    f"or one of {', '.join(EMBEDDED_MODELS + tuple(TINY_MODELS))}"
 )
+
+
+def embedded_model_path(name: str) -> Path:
+    """The diffusers folder of the embedded model ``name`` (one of :data:`EMBEDDED_MODELS`)."""
+    if name not in EMBEDDED_MODELS:
+        raise ModelLoadError(f"{name}: not an embedded model; expected one of {', '.join(EMBEDDED_MODELS)}")
+    path = _ASSETS / name
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"{name}: the embedded model's folder {path} is missing or incomplete; reinstall the "
+            "package, or retrain it with train_scripts/train_base_model.py"
+        )
+    return path
 
 # diffusers' single-file model types (infer_diffusers_model_type) -> the pipeline that loads them.
 _PIPELINE_OF_MODEL_TYPE: Mapping[str, str] = MappingProxyType({
@@ -73,6 +96,8 @@ def load_pipeline(
 
     ``source`` is tried in this order:
 
+    * a name in :data:`EMBEDDED_MODELS` — a small trained pipeline shipped with the package
+      (``shapes-sd15``: SD1.x architecture, 64×64 images of coloured shapes);
     * a name in :data:`TINY_MODELS` — a built-in tiny random-weight pipeline (seed 0);
     * an existing folder with ``model_index.json`` — ``DiffusionPipeline.from_pretrained``, offline;
     * an existing ``.safetensors`` / ``.ckpt`` single file — the pipeline class is detected from the
@@ -90,7 +115,9 @@ def load_pipeline(
     name = os.fspath(source)
     target = _parse_device(device)
     path = Path(name).expanduser()
-    if name in TINY_MODELS:
+    if name in EMBEDDED_MODELS:
+        pipe = _load_folder(embedded_model_path(name), torch_dtype)
+    elif name in TINY_MODELS:
         pipe = build_tiny_pipeline(name)
     elif path.is_dir():
         pipe = _load_folder(path, torch_dtype)
@@ -121,9 +148,9 @@ def _parse_device(device: str | None) -> torch.device:
 
 
 def _missing_message(name: str) -> str:
-    close = difflib.get_close_matches(name, TINY_MODELS, n=1)
+    close = difflib.get_close_matches(name, EMBEDDED_MODELS + tuple(TINY_MODELS), n=1)
     hint = f"; did you mean {close[0]}?" if close else ""
-    return f"{name}: no such file or folder, and not a built-in tiny model{hint}; {_WHAT_TO_PASS}"
+    return f"{name}: no such file or folder, and not a built-in model{hint}; {_WHAT_TO_PASS}"
 
 
 def _load_folder(path: Path, torch_dtype: torch.dtype | None) -> DiffusionPipeline:

@@ -1,0 +1,196 @@
+"""Train the embedded base model from scratch on procedural scenes, on CPU, reproducibly.
+
+Three stages, each a pure function of the plan and its seed:
+
+1. the VAE learns to reconstruct scenes of every style (and the mascot), as a real SD VAE can
+   reconstruct pictures its UNet never draws; its latent ``scaling_factor`` is then measured, as
+   Stable Diffusion's 0.18215 was;
+2. a fixed set of plain scenes from :func:`~diffusion_lora.toy.scenes.training_combos` is encoded once;
+3. the UNet and the CLIP text encoder learn together the epsilon-prediction objective on those
+   latents, with 10 % of captions dropped (so classifier-free guidance works), min-SNR-5 loss
+   weights, and an exponential moving average of the weights, which is what gets saved.
+
+Work in progress is checkpointed in ``work_dir`` after every stage and every ``checkpoint_every``
+UNet steps, so a killed run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from tqdm.auto import tqdm
+
+from diffusion_lora.toy import scenes, styles
+from diffusion_lora.toy.base_model import build_untrained_pipeline, scheduler_config
+
+__all__ = ["BasePlan", "train_base_model"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BasePlan:
+    """Every number that decides the trained base model."""
+
+    seed: int = 0
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-4
+    images: int = 24000
+    unet_steps: int = 7000
+    unet_batch: int = 32
+    unet_lr: float = 8e-4
+    warmup: int = 200
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+
+
+def _to_tensor(images: list) -> torch.Tensor:
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def _vae_scene(rng: random.Random, combos: list) -> scenes.Scene:
+    scene = scenes.random_scene(rng, combos, style=rng.choice(styles.STYLES))
+    if rng.random() < 0.15:
+        scene = scenes.Scene(styles.MASCOT, styles.MASCOT_COLOUR, scene.size, scene.background, scene.cx, scene.cy,
+                             scene.style)
+    return scene
+
+
+def _train_vae(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list) -> None:
+    vae = pipe.vae.train()
+    rng = random.Random(plan.seed)
+    torch.manual_seed(plan.seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=plan.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, plan.vae_lr, total_steps=plan.vae_steps, pct_start=0.05)
+    bar = tqdm(range(plan.vae_steps), desc="VAE", unit="step")
+    for _ in bar:
+        x = _to_tensor([scenes.render(_vae_scene(rng, combos)) for _ in range(plan.vae_batch)])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + plan.kl_weight * posterior.kl().mean() / x[0].numel()
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        x = _to_tensor([scenes.render(_vae_scene(rng, combos)) for _ in range(256)])
+        std = vae.encode(x).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+    logger.info("VAE scaling_factor %.5f", 1.0 / std)
+
+
+def _tokenize(pipe: StableDiffusionPipeline, captions: list[str]) -> torch.Tensor:
+    tok = pipe.tokenizer
+    return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids
+
+
+def _encode_dataset(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list) -> dict[str, torch.Tensor]:
+    rng = random.Random(plan.seed + 1)
+    items = [scenes.random_scene(rng, combos) for _ in range(plan.images)]
+    latents = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(items), 64), desc="encode", unit="batch"):
+            x = _to_tensor([scenes.render(s) for s in items[start : start + 64]])
+            latents.append(pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor)
+    return {"latents": torch.cat(latents), "ids": _tokenize(pipe, [s.caption for s in items])}
+
+
+def _ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    with torch.no_grad():
+        torch._foreach_lerp_(ema, params, 1.0 - decay)
+
+
+def _train_denoiser(pipe: StableDiffusionPipeline, plan: BasePlan, data: dict, work_dir: Path) -> None:
+    unet, te = pipe.unet.train(), pipe.text_encoder.train()
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=plan.unet_lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / plan.warmup))
+    ema = [p.detach().clone() for p in params]
+    noise_sched = DDPMScheduler(**scheduler_config())
+    snr = noise_sched.alphas_cumprod / (1 - noise_sched.alphas_cumprod)
+    empty = _tokenize(pipe, [""])[0]
+    gen = torch.Generator().manual_seed(plan.seed + 2)
+    start = 0
+    ckpt = work_dir / "denoiser.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        te.load_state_dict(state["te"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        for e, s in zip(ema, state["ema"]):
+            e.copy_(s)
+        gen.set_state(state["gen"])
+        start = state["step"]
+        logger.info("resuming the denoiser at step %d", start)
+    bar = tqdm(range(start, plan.unet_steps), desc="UNet+CLIP", unit="step", initial=start, total=plan.unet_steps)
+    for step in bar:
+        idx = torch.randint(0, data["latents"].shape[0], (plan.unet_batch,), generator=gen)
+        latents, ids = data["latents"][idx], data["ids"][idx].clone()
+        drop = torch.rand(plan.unet_batch, generator=gen) < plan.caption_dropout
+        ids[drop] = empty
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (plan.unet_batch,), generator=gen)
+        noisy = noise_sched.add_noise(latents, noise, t)
+        pred = unet(noisy, t, te(ids)[0]).sample
+        weight = torch.clamp(snr[t], max=plan.min_snr_gamma) / snr[t]
+        loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        _ema_update(ema, [p.detach() for p in params], plan.ema_decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % plan.checkpoint_every == 0 or step + 1 == plan.unet_steps:
+            state = {"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(),
+                     "sched": sched.state_dict(), "ema": ema, "gen": gen.get_state(), "step": step + 1}
+            torch.save(state, work_dir / "denoiser.tmp")
+            (work_dir / "denoiser.tmp").replace(ckpt)
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    unet.eval()
+    te.eval()
+
+
+def train_base_model(out_dir: str | Path, work_dir: str | Path, plan: BasePlan = BasePlan()) -> StableDiffusionPipeline:
+    """Train the base model by ``plan`` and save it as a diffusers folder at ``out_dir``."""
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "plan.txt").write_text(repr(asdict(plan)))
+    pipe = build_untrained_pipeline(plan.seed)
+    combos = scenes.training_combos()
+    vae_file = work_dir / "vae.pt"
+    if vae_file.exists():
+        state = torch.load(vae_file, weights_only=False)
+        pipe.vae.load_state_dict(state["weights"])
+        pipe.vae.register_to_config(scaling_factor=state["scaling_factor"])
+    else:
+        _train_vae(pipe, plan, combos)
+        torch.save({"weights": pipe.vae.state_dict(), "scaling_factor": pipe.vae.config.scaling_factor}, vae_file)
+    pipe.vae.eval().requires_grad_(False)
+    data_file = work_dir / "latents.pt"
+    if data_file.exists():
+        data = torch.load(data_file)
+    else:
+        data = _encode_dataset(pipe, plan, combos)
+        torch.save(data, data_file)
+    _train_denoiser(pipe, plan, data, work_dir)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return pipe
