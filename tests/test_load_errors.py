@@ -28,10 +28,12 @@ def files(tmp_path_factory):
     return root, good, xl
 
 
-def _variant(root, good, name, change):
+def _variant(root, good, name, change, change_meta=None):
     tensors = load_file(str(good))
     meta = read_metadata(good)
     change(tensors)
+    if change_meta is not None:
+        change_meta(meta)
     path = root / f"{name}.safetensors"
     save_file(tensors, str(path), metadata=meta)
     return path
@@ -82,10 +84,25 @@ def _make_bad(root, good, xl, case):
             t[ka] = torch.randn(500, t[ka].shape[1])
             t[kb] = torch.randn(t[kb].shape[0], 500)
         return _variant(root, good, "rank", change), dl.KeyMappingError, "rank 500"
+    if case.startswith("meta-"):
+        key = "lora_adapter_metadata"
+        values = {
+            "meta-deep-json": "[" * 200_000 + "]" * 200_000,  # RecursionError in Python's json
+            "meta-huge-int": '{"unet.r": 4, "unet.lora_alpha": 1' + "0" * 5000 + "}",  # ValueError in json
+            "meta-alpha-overflow": '{"unet.r": 4, "unet.lora_alpha": 1' + "0" * 400 + "}",  # float() overflows
+            "meta-regex": '{"unet.r": 4, "unet.lora_alpha": 4, "unet.alpha_pattern": {"(a+)+$": 2}}',
+        }
+
+        def change_meta(meta):
+            meta[key] = values[case]
+
+        return _variant(root, good, case, lambda t: None, change_meta), dl.FormatError, key if case in (
+            "meta-deep-json", "meta-huge-int") else ("lora_alpha" if case == "meta-alpha-overflow" else "pattern")
     raise AssertionError(case)
 
 
-CASES = ["missing", "not-safetensors", "pickle", "other-family", "shape", "nan", "inf", "incomplete", "rank-absurd"]
+CASES = ["missing", "not-safetensors", "pickle", "other-family", "shape", "nan", "inf", "incomplete", "rank-absurd",
+         "meta-deep-json", "meta-huge-int", "meta-alpha-overflow", "meta-regex"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -147,3 +164,15 @@ def test_strict_false_loads_matching_and_reports_skipped(files, make_pipe):
     reference = make_pipe("tiny-sd15")
     dl.load_lora(reference, good)
     assert torch.equal(run(pipe), run(reference))
+
+
+def test_unreadable_trigger_words_metadata_is_ignored_not_a_crash(files, make_pipe):
+    root, good, _ = files
+
+    def change_meta(meta):
+        meta["diffusion_lora.trigger_words"] = "[" * 200_000
+
+    path = _variant(root, good, "deep-trigger", lambda t: None, change_meta)
+    pipe = make_pipe("tiny-sd15")
+    name = dl.load_lora(pipe, path)
+    assert dl.list_loras(pipe)[0].name == name

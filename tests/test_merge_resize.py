@@ -294,7 +294,8 @@ def test_concat_merge_equals_stacked_loading_in_a_pipeline(make_pipe, tmp_path):
 
 def test_lycoris_file_resizes_and_merges_through_its_exact_delta(tmp_path):
     """A LoHa file (rank-2 Hadamard factors, so ΔW has rank ≤ 4) resized to rank 4 is lossless."""
-    from safetensors.torch import load_file as _load, save_file as _save
+    from safetensors.torch import load_file as _load
+    from safetensors.torch import save_file as _save
 
     from diffusion_lora.formats.lycoris import lycoris_deltas
     from diffusion_lora.tools.merge import merge_files as _merge

@@ -3,7 +3,10 @@
     python train_scripts/train_base_model.py --out diffusion_lora/assets/shapes-sd15 --work out/base-work
 
 Reproducible: the same plan and thread count give the same weights. A killed run continues from
-the checkpoints in --work. Ends by scoring prompt following on the 100 held-out captions.
+the checkpoints in --work. Ends by scoring prompt following on the 100 held-out captions. On two
+cores, the decoder stage can run beside the UNet stage once --work/vae.pt exists:
+
+    python train_scripts/train_base_model.py --out ... --work out/base-work --decoder-only --threads 1
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 
 from diffusion_lora.toy.evaluate import prompt_following
 from diffusion_lora.toy.scenes import held_out_combos
-from diffusion_lora.toy.train_base import BasePlan, train_base_model
+from diffusion_lora.toy.train_base import BasePlan, finetune_decoder_stage, train_base_model
 
 
 def main() -> None:
@@ -24,12 +27,17 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="folder for the trained diffusers pipeline")
     parser.add_argument("--work", required=True, help="folder for checkpoints and cached latents")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--decoder-only", action="store_true",
+                        help="run only the decoder stage (needs --work/vae.pt), e.g. beside the main run")
     for f in dataclasses.fields(BasePlan):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     plan = BasePlan(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BasePlan)})
+    if args.decoder_only:
+        finetune_decoder_stage(args.work, plan)
+        return
     pipe = train_base_model(args.out, args.work, plan)
     pipe.set_progress_bar_config(disable=True)
     score = prompt_following(pipe, held_out_combos())

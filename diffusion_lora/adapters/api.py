@@ -140,11 +140,11 @@ def load_lora(
     require_new(state, name)
     weight = validate_weight(name, weight, block_layout(state))
     plan = plan_load(state, data, str(weight_file), strict=strict, unresolved=read.unresolved)
+    trigger_words = trigger_words_of(data.metadata)  # metadata is parsed before anything changes
     with refused(state):
         _inject_plan(state, name, plan, data.use_rslora)
         state.records[name] = AdapterRecord(
-            name, weight=weight, file=str(weight_file), trigger_words=trigger_words_of(data.metadata),
-            metadata=data.metadata,
+            name, weight=weight, file=str(weight_file), trigger_words=trigger_words, metadata=data.metadata,
         )
         apply_weights(state)
     if plan.skipped:

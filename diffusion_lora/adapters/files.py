@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from pathlib import Path
 from ..errors import FormatError, UnsupportedModelError
 from ..formats.adapter_data import AdapterData
 from ..formats.codec import decode
+from ..formats.json_text import parse_json
 from ..formats.model_keys import ModelKeys
 from ..formats.safetensors_io import read_adapter_file
 from ..formats.sgm_blocks import UNetLayout
@@ -39,8 +39,8 @@ def resolve_adapter_path(path: str | os.PathLike) -> tuple[Path, dict | None]:
         cfg_file = p / "adapter_config.json"
         if cfg_file.is_file():
             try:
-                config = json.loads(cfg_file.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                config = parse_json(cfg_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
                 raise FormatError(f"{cfg_file}: not a readable adapter_config.json ({exc})") from None
             if not isinstance(config, dict):
                 raise FormatError(f"{cfg_file}: adapter_config.json must hold a JSON object")

@@ -9,12 +9,12 @@ which computes them from the final tensor bytes.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..families import Family
 from .adapter_data import AdapterData
+from .json_text import parse_json
 from .kohya import kohya_metadata
 
 MODELSPEC_VERSION = "1.0.0"
@@ -52,8 +52,8 @@ def trigger_words_of(metadata: Mapping[str, str]) -> tuple[str, ...]:
     raw = metadata.get("diffusion_lora.trigger_words")
     if raw:
         try:
-            words = json.loads(raw)
-        except json.JSONDecodeError:
+            words = parse_json(raw)
+        except ValueError:
             words = None
         if isinstance(words, list):
             return tuple(str(w) for w in words if str(w).strip())
@@ -97,6 +97,6 @@ def sharing_metadata(
 
 def _is_json_object(text: str) -> bool:
     try:
-        return isinstance(json.loads(text), dict)
-    except (json.JSONDecodeError, TypeError):
+        return isinstance(parse_json(text), dict)
+    except (ValueError, TypeError):
         return False

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import FormatError
 from .adapter_data import AdapterData, ModuleLora
+from .json_text import parse_json
 
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 PEFT_MODEL_PREFIX = "base_model.model."
@@ -59,8 +60,8 @@ def component_configs(metadata: Mapping[str, str], components: Collection[str]) 
     if not raw:
         return {}
     try:
-        flat = json.loads(raw)
-    except json.JSONDecodeError as exc:
+        flat = parse_json(raw)
+    except ValueError as exc:
         raise FormatError(f"metadata {LORA_ADAPTER_METADATA_KEY!r} is not valid JSON ({exc})") from None
     if not isinstance(flat, dict):
         raise FormatError(f"metadata {LORA_ADAPTER_METADATA_KEY!r} must be a JSON object")
@@ -72,12 +73,32 @@ def component_configs(metadata: Mapping[str, str], components: Collection[str]) 
     return configs
 
 
+_REGEX_SYNTAX = re.compile(r"[*+?{}()\[\]|$]")
+
+
+def _pattern_path(pattern: str) -> str:
+    """The module path a ``rank_pattern``/``alpha_pattern`` key names.
+
+    PEFT treats these keys as regular expressions, but every writer (PEFT, diffusers, us) stores
+    module paths, at most ``^``-anchored and ``re.escape``d. A key from a file is never run as a
+    regular expression: one like ``(a+)+$`` would make matching take exponential time.
+    """
+    path = re.sub(r"\\(.)", r"\1", pattern.removeprefix("^"))
+    if len(pattern) > 1000 or _REGEX_SYNTAX.search(path) or "\\" in path:
+        raise FormatError(
+            f"metadata pattern key {pattern[:80]!r} is not a module path; rank_pattern/alpha_pattern keys "
+            "must name modules (e.g. 'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q')"
+        )
+    return path
+
+
 def _pattern_value(patterns: object, path: str, default: object) -> object:
-    """PEFT's rule: the first pattern key that matches the end of the module path wins."""
+    """PEFT's rule: the first pattern key that names the module (a suffix of its path) wins."""
     if not isinstance(patterns, dict):
         return default
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", path):
+        named = _pattern_path(str(pattern))
+        if path == named or path.endswith("." + named):
             return value
     return default
 
@@ -86,9 +107,13 @@ def _module_alpha(path: str, rank: int, config: Mapping[str, object]) -> float:
     if not config:
         return float(rank)
     alpha = _pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", rank))
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
-        raise FormatError(f"lora_alpha for module {path!r} must be a positive number, got {alpha!r}")
-    return float(alpha)
+    try:
+        value = float(alpha) if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else None
+    except OverflowError:  # a JSON integer with hundreds of digits
+        value = None
+    if value is None or not 0 < value < float("inf"):
+        raise FormatError(f"lora_alpha for module {path!r} must be a positive finite number, got {str(alpha)[:40]}")
+    return value
 
 
 def _alpha_tensor(module: str, value: torch.Tensor) -> float:

@@ -14,7 +14,9 @@ from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusio
 
 from diffusion_lora.models.tokenizers import CLIP_BOS, CLIP_EOS, build_clip_tokenizer, clip_vocab_size
 
-__all__ = ["BASE_MODEL_NAME", "build_untrained_pipeline", "scheduler_config", "text_config", "unet_config", "vae_config"]
+__all__ = [
+    "BASE_MODEL_NAME", "build_untrained_pipeline", "scheduler_config", "text_config", "unet_config", "vae_config",
+]
 
 BASE_MODEL_NAME = "shapes-sd15"
 _TEXT_WIDTH = 64
