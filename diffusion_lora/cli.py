@@ -34,6 +34,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="adapter file to apply, repeatable; weight defaults to 1")
     p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
                    help="folder where <lora:NAME:W> prompt tags look for NAME.safetensors")
+    _add_allow_pickle(p)
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt, repeatable; may contain <lora:NAME_OR_PATH:WEIGHT> tags")
     p.add_argument("--negative-prompt")
@@ -57,7 +58,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     loras = {}
     for spec in args.lora:
         path, weight = split_weighted(spec)
-        name = load_lora(pipe, path, weight=weight)
+        name = load_lora(pipe, path, weight=weight, allow_pickle=args.allow_pickle)
         loras[name] = weight
     settings = GenerationSettings(
         prompts=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
@@ -102,7 +103,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--family", choices=["sd1", "sd2", "sdxl", "sd3", "flux1"],
                    help="model family, when the file's metadata and keys do not say")
     p.add_argument("--model", help="resolve keys against this model instead of the family's reference model")
-    p.add_argument("--allow-pickle", action="store_true", help="read .ckpt/.pt/.bin with torch.load(weights_only=True)")
+    _add_allow_pickle(p)
     p.set_defaults(func=_run_convert)
 
 
@@ -147,6 +148,11 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_allow_pickle(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also read pickled .ckpt/.pt/.bin adapters, with torch.load(weights_only=True) only")
+
+
 def _add_merge(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="combine adapter files with weights into one")
     p.add_argument("inputs", nargs="+", metavar="FILE[:WEIGHT]")
@@ -158,6 +164,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", default="diffusers", choices=["diffusers", "kohya", "comfyui"])
     p.add_argument("--family", choices=["sd1", "sd2", "sdxl", "sd3", "flux1"])
     p.add_argument("--model", help="resolve keys against this model instead of the family's reference model")
+    _add_allow_pickle(p)
     p.set_defaults(func=_run_merge)
 
 
@@ -184,7 +191,7 @@ def _run_merge(args: argparse.Namespace) -> int:
 
     report = merge_files([split_weighted(spec) for spec in args.inputs], args.out, method=args.method,
                          rank=args.rank, dynamic=args.dynamic, to=args.to, family=args.family,
-                         keys=_model_keys(args.model))
+                         keys=_model_keys(args.model), allow_pickle=args.allow_pickle)
     _print_energy(report, args.verbose)
     return 0
 
@@ -198,6 +205,7 @@ def _add_resize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", choices=["diffusers", "kohya", "comfyui"], help="default: the input's format")
     p.add_argument("--family", choices=["sd1", "sd2", "sdxl", "sd3", "flux1"])
     p.add_argument("--model", help="resolve keys against this model instead of the family's reference model")
+    _add_allow_pickle(p)
     p.set_defaults(func=_run_resize)
 
 
@@ -205,7 +213,7 @@ def _run_resize(args: argparse.Namespace) -> int:
     from .tools.resize import resize_file
 
     report = resize_file(args.input, args.out, rank=args.rank, dynamic=args.dynamic, to=args.to, family=args.family,
-                         keys=_model_keys(args.model))
+                         keys=_model_keys(args.model), allow_pickle=args.allow_pickle)
     _print_energy(report, True)
     return 0
 

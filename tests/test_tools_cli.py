@@ -78,8 +78,9 @@ def test_convert_real_size_names_without_a_model(tmp_path, family):
     tensors = {}
     for p in paths:
         component = "text_encoder" if "layers" in p else "unet"
-        tensors[f"{component}.{p}.lora_A.weight"] = torch.randn(4, 8, generator=g)
-        tensors[f"{component}.{p}.lora_B.weight"] = torch.randn(8, 4, generator=g)
+        out_f, in_f = keys.shape(component, p)[:2]  # real sizes: the tools check them
+        tensors[f"{component}.{p}.lora_A.weight"] = torch.randn(4, in_f, generator=g)
+        tensors[f"{component}.{p}.lora_B.weight"] = torch.randn(out_f, 4, generator=g)
     src = tmp_path / "real.safetensors"
     save_file(tensors, str(src), metadata={"ss_base_model_version": keys.family.kohya_base_model_version})
     current = src

@@ -10,6 +10,7 @@ import torch
 from ..errors import FamilyMismatchError, FormatError, KeyMappingError
 from ..formats.adapter_data import AdapterData, ModuleLora
 from ..formats.family_guess import guess_families
+from ..formats.model_keys import ModelKeys
 from .inject import base_module
 from .state import AdapterState
 
@@ -46,6 +47,16 @@ def _fit_error(where: str, module: torch.nn.Module, m: ModuleLora, source: str) 
         in_f, out_f, kernel = module.in_channels // module.groups, module.out_channels, tuple(module.kernel_size)
     else:
         return f"{where} is a {type(module).__name__}, which LoRA cannot adapt"
+    return fit_problem(where, in_f, out_f, kernel, m, getattr(module, "bias", None) is not None)
+
+
+def fit_problem(
+    where: str, in_f: int, out_f: int, kernel: tuple[int, ...], m: ModuleLora, has_bias: bool | None
+) -> str | None:
+    """Why ``m`` cannot be a LoRA of a layer ``in_f`` → ``out_f`` (conv: ``kernel`` (kh, kw)), or None.
+
+    ``has_bias`` None means the layer's bias is unknown (a reference model's weight shapes only).
+    """
     down, up, rank = m.down, m.up, m.rank
     if rank < 1 or rank > min(in_f * max(1, _numel(kernel)), out_f):
         return f"{where}: rank {rank} is impossible for a layer of {in_f}→{out_f} features"
@@ -59,7 +70,7 @@ def _fit_error(where: str, module: torch.nn.Module, m: ModuleLora, source: str) 
         return f"{where}: a linear layer needs 2-d LoRA weights, got {list(down.shape)} and {list(up.shape)}"
     if m.magnitude is not None and tuple(m.magnitude.shape) != (out_f,):
         return f"{where}: DoRA magnitude has shape {list(m.magnitude.shape)}, the layer needs [{out_f}]"
-    if m.bias is not None and (tuple(m.bias.shape) != (out_f,) or getattr(module, "bias", None) is None):
+    if m.bias is not None and (tuple(m.bias.shape) != (out_f,) or has_bias is False):
         return f"{where}: a bias delta of shape {list(m.bias.shape)} needs a layer with a [{out_f}] bias"
     return None
 
@@ -76,10 +87,32 @@ def _check_finite(key: str, m: ModuleLora, source: str) -> None:
         if t is not None and not torch.isfinite(t).all():
             raise FormatError(
                 f"{source}: the {role} weight of {key} contains NaN or Inf values; the file is broken "
-                f"(re-download or re-export it) and was not loaded"
+                f"(re-download or re-export it) and was not used"
             )
     if not m.alpha > 0 or m.alpha != m.alpha or m.alpha == float("inf"):
         raise FormatError(f"{source}: alpha of {key} is {m.alpha}, it must be a positive finite number")
+
+
+def check_against_keys(data: AdapterData, keys: ModelKeys, source: str) -> None:
+    """The file-only check of the tools (convert, merge, resize): every module fits the model's layer
+    shapes and holds finite numbers. Raises KeyMappingError / FormatError naming ``source``."""
+    misfits = []
+    for key, m in data.modules.items():
+        component, _, path = key.partition(".")
+        shape = keys.shape(component, path)
+        if shape is None:
+            continue  # unresolved keys are the caller's error, with its own message
+        out_f, in_f, kernel = shape[0], shape[1], tuple(shape[2:])
+        problem = fit_problem(key, in_f, out_f, kernel, m, None)
+        if problem:
+            misfits.append(problem)
+            continue
+        _check_finite(key, m, source)
+    if misfits:
+        raise KeyMappingError(
+            f"{source}: {len(misfits)} module(s) do not fit the {keys.family.title} model: "
+            + "; ".join(misfits[:5]) + (" …" if len(misfits) > 5 else "") + "; nothing was written"
+        )
 
 
 def plan_load(

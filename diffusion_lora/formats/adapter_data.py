@@ -8,9 +8,12 @@ are ``"<component>.<module path>"`` with the pipeline component first (``unet.do
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from ..errors import FormatError
 
 
 @dataclass
@@ -65,3 +68,19 @@ class AdapterData:
         for m in self.modules.values():
             out += [t for t in (m.down, m.up, m.magnitude, m.bias) if t is not None]
         return out
+
+
+# The largest weight delta a file may make us build, in elements (512 MiB in float32). The largest
+# layer of any supported model (Flux's fused linear1, 3072 × 21504) has 66M; a small file whose
+# factors multiply out past this is hostile or corrupt, and is refused before anything is allocated.
+MAX_DELTA_ELEMENTS = 2**27
+
+
+def check_delta_size(name: str, shape: Sequence[int], what: str = "weight delta") -> None:
+    """Raise FormatError if a tensor of ``shape`` (about to be built from a file's factors) is absurd."""
+    elements = math.prod(int(d) for d in shape)
+    if elements > MAX_DELTA_ELEMENTS:
+        raise FormatError(
+            f"{name}: its {what} would be {list(shape)} ({elements:,} numbers), larger than any layer of a "
+            f"supported model ({MAX_DELTA_ELEMENTS:,}); the file is corrupt or not an adapter"
+        )

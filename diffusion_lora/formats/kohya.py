@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import FormatError, KeyMappingError
-from .adapter_data import AdapterData, ModuleLora
+from .adapter_data import AdapterData, ModuleLora, check_delta_size
 from .sgm_blocks import UNetLayout, sgm_path
 
 NETWORK_MODULE = "networks.lora"
@@ -277,6 +277,7 @@ def fold_tucker(down: torch.Tensor, mid: torch.Tensor, name: str = "") -> torch.
             f"{name}: Tucker LoCon needs lora_down [rank, in, 1, 1] and lora_mid [rank, rank, kh, kw], "
             f"got {list(down.shape)} and {list(mid.shape)}"
         )
+    check_delta_size(name, [mid.shape[0], down.shape[1], *mid.shape[2:]], "folded Tucker lora_down")
     folded = torch.einsum("mrkl,ri->mikl", mid.float(), down.float().flatten(1))
     return folded.to(down.dtype)
 

@@ -34,7 +34,7 @@ from enum import StrEnum
 import torch
 
 from ..errors import FormatError, KeyMappingError
-from .adapter_data import ModuleLora
+from .adapter_data import ModuleLora, check_delta_size
 from .kohya import dora_scale_to_magnitude, fold_tucker, module_alpha
 
 _LOHA = frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"})
@@ -165,6 +165,7 @@ def _matmul(name: str, a: torch.Tensor, b: torch.Tensor, what: str) -> torch.Ten
     _dims(name, what.split(" @ ")[0], a, 2)
     if b.dim() < 2 or a.shape[1] != b.shape[0]:
         raise FormatError(f"{name}: {what} do not multiply ({list(a.shape)} @ {list(b.shape)})")
+    check_delta_size(name, [a.shape[0], *b.shape[1:]], what)
     return (a @ b.flatten(1)).reshape(a.shape[0], *b.shape[1:])
 
 
@@ -176,6 +177,7 @@ def _tucker(name: str, t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, what
             f"{name}: {what} Tucker factors do not fit: t {list(t.shape)}, a {list(wa.shape)}, b {list(wb.shape)} "
             f"(need t [r, r, kh, kw], a [r, out], b [r, in])"
         )
+    check_delta_size(name, [wa.shape[1], wb.shape[1], *t.shape[2:]], f"{what} Tucker product")
     return torch.einsum("ij...,ip,jq->pq...", t, wa, wb)
 
 
@@ -228,6 +230,7 @@ def _lokr(name: str, parts: Parts) -> tuple[torch.Tensor, int | None]:
     w2, r2 = _lokr_half(name, parts, 2)
     if r1 is not None and r2 is not None and r1 != r2:
         raise FormatError(f"{name}: lokr_w1 has rank {r1} but lokr_w2 rank {r2}; LyCORIS uses one rank")
+    check_delta_size(name, [a * b for a, b in zip(w1.shape, w2.shape)] + list(w2.shape[2:]), "Kronecker product")
     weight = torch.kron(w1.reshape(*w1.shape, *[1] * (w2.dim() - 2)), w2.contiguous())
     return weight, r1 if r1 is not None else r2
 

@@ -66,6 +66,7 @@ def convert_file(
     """Write ``src`` to ``dst`` in format ``to``; returns ``dst``. Nothing is written on failure."""
     from ..adapters.files import model_keys_of, read_adapter
     from ..adapters.state import state_of
+    from ..adapters.validate import check_against_keys
     from ..formats.codec import encode
     from ..models.reference import reference_keys
 
@@ -88,6 +89,7 @@ def convert_file(
             f"{read.path}: {len(read.unresolved)} key(s) match no module of the {keys.family.title} model "
             f"(e.g. {shown}); nothing was written"
         )
+    check_against_keys(read.data, keys, str(read.path))
     tensors, metadata = encode(keys, read.data, target)
     metadata.update(_carried_metadata(read.data, keys, target, out.stem))
     write_adapter_file_with_hashes(out, tensors, metadata)

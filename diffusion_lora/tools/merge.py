@@ -135,6 +135,7 @@ def merge_files(
     to: str = "diffusers",
     family: str | None = None,
     keys: ModelKeys | None = None,
+    allow_pickle: bool = False,
 ) -> ReshapeReport:
     """Merge adapter files ``(path, weight)`` into ``out`` (format ``to``), atomically; nothing is
     written on failure. Inputs may be in any format but must be of one family (``family``, else the
@@ -152,7 +153,7 @@ def merge_files(
     path = _check_out(out)
     if not specs:
         raise ConfigError("merge: give at least one (file, weight)")
-    reads, keys = read_inputs([p for p, _ in specs], family, keys)
+    reads, keys = read_inputs([p for p, _ in specs], family, keys, allow_pickle=allow_pickle)
     inputs = [(r.data, w) for r, (_, w) in zip(reads, specs)]
     if chosen is MergeMethod.CONCAT:
         data, energies = merge_concat(inputs), {}
@@ -167,10 +168,12 @@ def merge_files(
 
 
 def read_inputs(
-    paths: Sequence[str | os.PathLike], family: str | None, keys: ModelKeys | None
+    paths: Sequence[str | os.PathLike], family: str | None, keys: ModelKeys | None, *, allow_pickle: bool = False
 ) -> tuple[list[ReadAdapter], ModelKeys]:
-    """Read every file for one model; KeyMappingError naming the file on another family or unresolved keys."""
+    """Read every file for one model; KeyMappingError naming the file on another family, unresolved keys
+    or shapes that do not fit; FormatError on NaN/Inf. Pickles only with ``allow_pickle``."""
     from ..adapters.files import read_adapter, resolve_adapter_path
+    from ..adapters.validate import check_against_keys
     from ..models.reference import reference_keys
     from .convert import family_of_file
 
@@ -178,7 +181,7 @@ def read_inputs(
     for p in paths:
         weight_file, _ = resolve_adapter_path(p)
         try:
-            families.append(family_of_file(weight_file))
+            families.append(family_of_file(weight_file, allow_pickle=allow_pickle))
         except ConfigError:
             if keys is None and family is None and not families:
                 raise
@@ -193,12 +196,13 @@ def read_inputs(
             )
     reads = []
     for p in paths:
-        read = read_adapter(p, keys)
+        read = read_adapter(p, keys, allow_pickle=allow_pickle)
         if read.unresolved:
             raise KeyMappingError(
                 f"{read.path}: {len(read.unresolved)} key(s) match no module of the {keys.family.title} model "
                 f"(e.g. {', '.join(read.unresolved[:5])}); nothing was written"
             )
+        check_against_keys(read.data, keys, str(read.path))
         reads.append(read)
     return reads, keys
 

@@ -207,6 +207,7 @@ def resize_file(
     to: str | None = None,
     family: str | None = None,
     keys: ModelKeys | None = None,
+    allow_pickle: bool = False,
 ) -> ReshapeReport:
     """Resize adapter file ``src`` into ``out`` (format ``to``, default the input's); nothing is written
     on failure. ``keys`` (e.g. ``model_keys_of(state_of(pipe))``) replaces the family's reference model."""
@@ -215,7 +216,7 @@ def resize_file(
 
     rule = check_rank_args(rank, dynamic)
     path = _check_out(out)
-    (read,), keys = read_inputs([src], family, keys)
+    (read,), keys = read_inputs([src], family, keys, allow_pickle=allow_pickle)
     refuse_dora(read.data, "resize")
     data, energies = resize_modules(read.data, rank, rule)
     kept = {k: v for k, v in read.data.metadata.items() if k not in _STALE_KEYS and not k.startswith("sshs_")}
