@@ -286,6 +286,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DiffusionLoraError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # `train` has saved a checkpoint by now (see train.trainer); other commands write nothing
+        # partial, because every output is renamed into place only when complete.
+        hint = "; continue with the same command plus --resume" if args.command == "train" else ""
+        print(f"interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from .conditioning import conditioner_for
 from .config import TrainConfig, load_config
 from .data_setup import build_dataset, tag_frequency_of
 from .dataset import bucket_batches
+from .interrupts import interrupts_deferred
 from .outputs import write_model_card, write_sample_grid
 from .steps import StepContext, micro_step_loss
 
@@ -212,7 +213,7 @@ class _Run:
         bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step",
                    disable=not (self.progress and self.is_main))
         log = _Logger(self.out, enabled=self.is_main, tensorboard=cfg.log.tensorboard)
-        step = start  # the number of completed steps when an interrupt arrives
+        self.completed = start  # optimizer steps applied; what an interrupt checkpoints
         try:
             for step in range(start, stop):
                 loss = self._optimizer_step(stream, step, world, rank)
@@ -226,10 +227,12 @@ class _Run:
                 if cfg.sample.every and done % cfg.sample.every == 0 and self.is_main:
                     write_sample_grid(self.pipe, cfg, self.out / "samples" / f"step_{done:06d}.png")
                 if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.train.steps:
-                    self.checkpoint(done)
+                    with interrupts_deferred():
+                        self.checkpoint(done)
         except KeyboardInterrupt:
-            self.checkpoint(step)
-            logger.warning("interrupted: saved a checkpoint at step %d; continue with --resume", step)
+            with interrupts_deferred():
+                self.checkpoint(self.completed)
+            logger.warning("interrupted: saved a checkpoint at step %d; continue with --resume", self.completed)
             raise
         finally:
             bar.close()
@@ -252,9 +255,13 @@ class _Run:
             _average_text_encoder_grads(self.acc, self.named, self.family.denoiser)
         if cfg.train.max_grad_norm:
             self.acc.clip_grad_norm_([p for _, p in self.named], cfg.train.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # An interrupt must find the optimizer, scheduler and step count all before or all after this
+        # update, or the checkpoint it triggers would not resume bit-identically.
+        with interrupts_deferred():
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.completed = step + 1
         return float(self.acc.reduce(torch.tensor(total, device=self.acc.device), "mean"))
 
 
