@@ -4,7 +4,7 @@
 
 Reproducible: the same plan and thread count give the same weights. A killed run continues from
 the checkpoints in --work. Ends by scoring prompt following on the 100 held-out captions. On two
-cores, the decoder stage can run beside the UNet stage once --work/vae.pt exists:
+cores, stage 4 can run beside the UNet stage once --work/vae-sharp.pt exists:
 
     python train_scripts/train_base_model.py --out ... --work out/base-work --decoder-only --threads 1
 """
@@ -19,7 +19,7 @@ import torch
 
 from diffusion_lora.toy.evaluate import prompt_following
 from diffusion_lora.toy.scenes import held_out_combos
-from diffusion_lora.toy.train_base import BasePlan, finetune_decoder_stage, train_base_model
+from diffusion_lora.toy.train_base import BasePlan, polish_decoder_stage, train_base_model
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--work", required=True, help="folder for checkpoints and cached latents")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--decoder-only", action="store_true",
-                        help="run only the decoder stage (needs --work/vae.pt), e.g. beside the main run")
+                        help="run only stage 4 (needs --work/vae-sharp.pt), e.g. beside the UNet stage")
     for f in dataclasses.fields(BasePlan):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     args = parser.parse_args()
@@ -36,7 +36,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     plan = BasePlan(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BasePlan)})
     if args.decoder_only:
-        finetune_decoder_stage(args.work, plan)
+        polish_decoder_stage(args.work, plan)
         return
     pipe = train_base_model(args.out, args.work, plan)
     pipe.set_progress_bar_config(disable=True)

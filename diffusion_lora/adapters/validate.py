@@ -93,6 +93,32 @@ def _check_finite(key: str, m: ModuleLora, source: str) -> None:
         raise FormatError(f"{source}: alpha of {key} is {m.alpha}, it must be a positive finite number")
 
 
+# A delta this many times the layer's own weight (Frobenius norms) is a corrupt file, not a style:
+# real LoRAs change a layer by a few percent, and overfit ones by well under 100%.
+MAX_DELTA_RATIO = 1000.0
+
+
+def _check_magnitude(key: str, module: torch.nn.Module, m: ModuleLora, use_rslora: bool, source: str) -> None:
+    """Refuse finite but absurdly large updates (a flipped exponent bit): they overflow the forward pass."""
+    weight = module.weight.detach().double()
+    base = max(float(weight.norm()), 1e-6)
+    up, down = m.up.detach().flatten(1).double(), m.down.detach().flatten(1).double()
+    # ‖up @ down‖_F² = Σ (upᵀup) ⊙ (down downᵀ), without building the [out, in] product
+    delta = m.scale(use_rslora) * float(((up.T @ up) * (down @ down.T)).sum().clamp(min=0).sqrt())
+    extra = []
+    if m.magnitude is not None:
+        extra.append(("DoRA magnitude", float(m.magnitude.detach().double().norm())))
+    if m.bias is not None:
+        extra.append(("bias delta", m.scale(use_rslora) * float(m.bias.detach().double().norm())))
+    for what, norm in (("weight delta", delta), *extra):
+        if not norm <= MAX_DELTA_RATIO * base:
+            raise FormatError(
+                f"{source}: the {what} of {key} is {norm / base:.3g} times the size of the layer's own weight "
+                f"(norms {norm:.3g} vs {base:.3g}); no working adapter is that large, so the file is corrupt "
+                f"(re-download or re-export it) and was not loaded"
+            )
+
+
 def check_against_keys(data: AdapterData, keys: ModelKeys, source: str) -> None:
     """The file-only check of the tools (convert, merge, resize): every module fits the model's layer
     shapes and holds finite numbers. Raises KeyMappingError / FormatError naming ``source``."""
@@ -136,6 +162,7 @@ def plan_load(
             misfits.append(problem)
             continue
         _check_finite(key, m, source)
+        _check_magnitude(key, module, m, data.use_rslora, source)
         plan.modules.setdefault(component, {})[path] = m
     total = len(data.modules) + len(unresolved)
     guess = guess_families(data.modules, extra_keys=unresolved)

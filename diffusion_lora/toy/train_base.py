@@ -3,15 +3,15 @@
 Three stages, each a pure function of the plan and its seed:
 
 1. the VAE learns to reconstruct scenes of every style (and the mascot), as a real SD VAE can
-   reconstruct pictures its UNet never draws; its latent ``scaling_factor`` is then measured, as
-   Stable Diffusion's 0.18215 was;
+   reconstruct pictures its UNet never draws: first from sampled latents (a smooth latent space,
+   fast), then from the posterior mean with shape pixels weighted up (exact colours); its latent
+   ``scaling_factor`` is then measured, as Stable Diffusion's 0.18215 was;
 2. a fixed set of plain scenes from :func:`~diffusion_lora.toy.scenes.training_combos` is encoded once;
 3. the UNet and the CLIP text encoder learn together the epsilon-prediction objective on those
    latents, with 10 % of captions dropped (so classifier-free guidance works), min-SNR-5 loss
    weights, and an exponential moving average of the weights, which is what gets saved;
-4. the decoder alone trains longer for sharper pictures (as Stable Diffusion's ft-MSE VAE did). The
-   encoder stays fixed, so the latents the UNet learned are unchanged and this stage may run beside
-   stage 3 (``finetune_decoder_stage``).
+4. the decoder alone trains on (as Stable Diffusion's ft-MSE VAE did). The encoder is fixed, so the
+   UNet's latents stay valid and this stage may run beside stage 3 (``polish_decoder_stage``).
 
 Work in progress is checkpointed in ``work_dir`` after every stage and every ``checkpoint_every``
 UNet steps, so a killed run continues where it stopped.
@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from diffusion_lora.toy import scenes, styles
 from diffusion_lora.toy.base_model import build_untrained_pipeline, scheduler_config
 
-__all__ = ["BasePlan", "finetune_decoder_stage", "train_base_model"]
+__all__ = ["BasePlan", "polish_decoder_stage", "train_base_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +47,12 @@ class BasePlan:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     kl_weight: float = 1e-4
-    decoder_steps: int = 2000
-    decoder_lr: float = 5e-4
+    sharpen_steps: int = 1500
+    sharpen_lr: float = 5e-4
+    polish_steps: int = 2000
+    polish_lr: float = 3e-4
     images: int = 24000
-    unet_steps: int = 6000
+    unet_steps: int = 5000
     unet_batch: int = 32
     unet_lr: float = 8e-4
     warmup: int = 200
@@ -103,26 +105,55 @@ def _train_vae(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list) -> N
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval()
+    _measure_scaling_factor(pipe, rng, combos)
+
+
+def _measure_scaling_factor(pipe: StableDiffusionPipeline, rng: random.Random, combos: list) -> None:
     with torch.no_grad():
         x = _to_tensor([scenes.render(_vae_scene(rng, combos)) for _ in range(256)])
-        std = vae.encode(x).latent_dist.mean.std().item()
-    vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+        std = pipe.vae.encode(x).latent_dist.mean.std().item()
+    pipe.vae.register_to_config(scaling_factor=round(1.0 / std, 5))
     logger.info("VAE scaling_factor %.5f", 1.0 / std)
 
 
-def _finetune_decoder(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list) -> None:
-    """Train the decoder alone for sharper pictures; the encoder, and so the latents, stay fixed."""
-    vae = pipe.vae
-    vae.requires_grad_(False)
-    vae.decoder.requires_grad_(True)
-    vae.post_quant_conv.requires_grad_(True)
-    params = [p for p in vae.parameters() if p.requires_grad]
+def _sharpen_vae(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list) -> None:
+    """Train on the posterior's mean, with shape pixels weighted up, until colours come out exact.
+
+    Stage 1's sampled latents teach a smooth, well-scaled latent space quickly but blur colours
+    into each other (yellow decodes orange); decoding the mean sharpens them.
+    """
+    vae = pipe.vae.train().requires_grad_(True)
     rng = random.Random(plan.seed + 3)
     torch.manual_seed(plan.seed + 3)
-    opt = torch.optim.AdamW(params, lr=plan.decoder_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, plan.decoder_steps)
-    bar = tqdm(range(plan.decoder_steps), desc="decoder", unit="step")
-    vae.decoder.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=plan.sharpen_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, plan.sharpen_steps)
+    bar = tqdm(range(plan.sharpen_steps), desc="VAE sharpen", unit="step")
+    for _ in bar:
+        x = _to_tensor([scenes.render(_vae_scene(rng, combos)) for _ in range(plan.vae_batch)])
+        posterior = vae.encode(x).latent_dist
+        loss = _reconstruction_loss(vae.decode(posterior.mode()).sample, x)
+        loss = loss + plan.kl_weight * posterior.kl().mean() / x[0].numel()
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+    _measure_scaling_factor(pipe, rng, combos)
+
+
+def _polish_decoder(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list) -> None:
+    """Train the decoder alone, longer, for exact colours and edges. The encoder is fixed, so the
+    latents the UNet learned stay valid and this stage may run beside the UNet stage."""
+    vae = pipe.vae.eval().requires_grad_(False)
+    vae.decoder.requires_grad_(True).train()
+    vae.post_quant_conv.requires_grad_(True)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    rng = random.Random(plan.seed + 4)
+    torch.manual_seed(plan.seed + 4)
+    opt = torch.optim.AdamW(params, lr=plan.polish_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, plan.polish_steps)
+    bar = tqdm(range(plan.polish_steps), desc="decoder polish", unit="step")
     for _ in bar:
         x = _to_tensor([scenes.render(_vae_scene(rng, combos)) for _ in range(plan.vae_batch)])
         with torch.no_grad():
@@ -136,14 +167,18 @@ def _finetune_decoder(pipe: StableDiffusionPipeline, plan: BasePlan, combos: lis
     vae.eval().requires_grad_(False)
 
 
-def finetune_decoder_stage(work_dir: str | Path, plan: BasePlan = BasePlan()) -> None:
-    """Run only the decoder stage (it needs ``vae.pt`` in ``work_dir``), e.g. beside the denoiser stage."""
+def polish_decoder_stage(work_dir: str | Path, plan: BasePlan = BasePlan()) -> None:
+    """Stage 4 alone (it needs ``vae-sharp.pt`` in ``work_dir``), e.g. in a second process."""
     work_dir = Path(work_dir)
     pipe = build_untrained_pipeline(plan.seed)
-    _load_vae(pipe, work_dir / "vae.pt")
-    _finetune_decoder(pipe, plan, scenes.training_combos())
-    torch.save({"weights": pipe.vae.state_dict()}, work_dir / "decoder.tmp")
+    _load_vae(pipe, work_dir / "vae-sharp.pt")
+    _polish_decoder(pipe, plan, scenes.training_combos())
+    _save_vae(pipe, work_dir / "decoder.tmp")
     (work_dir / "decoder.tmp").replace(work_dir / "decoder.pt")
+
+
+def _save_vae(pipe: StableDiffusionPipeline, path: Path) -> None:
+    torch.save({"weights": pipe.vae.state_dict(), "scaling_factor": pipe.vae.config.scaling_factor}, path)
 
 
 def _load_vae(pipe: StableDiffusionPipeline, path: Path) -> None:
@@ -240,7 +275,13 @@ def train_base_model(out_dir: str | Path, work_dir: str | Path, plan: BasePlan =
         _load_vae(pipe, vae_file)
     else:
         _train_vae(pipe, plan, combos)
-        torch.save({"weights": pipe.vae.state_dict(), "scaling_factor": pipe.vae.config.scaling_factor}, vae_file)
+        _save_vae(pipe, vae_file)
+    sharp_file = work_dir / "vae-sharp.pt"
+    if sharp_file.exists():
+        _load_vae(pipe, sharp_file)
+    else:
+        _sharpen_vae(pipe, plan, combos)
+        _save_vae(pipe, sharp_file)
     pipe.vae.eval().requires_grad_(False)
     data_file = work_dir / "latents.pt"
     if data_file.exists():
@@ -250,7 +291,7 @@ def train_base_model(out_dir: str | Path, work_dir: str | Path, plan: BasePlan =
         torch.save(data, data_file)
     _train_denoiser(pipe, plan, data, work_dir)
     if not (work_dir / "decoder.pt").exists():
-        finetune_decoder_stage(work_dir, plan)
-    pipe.vae.load_state_dict(torch.load(work_dir / "decoder.pt", weights_only=False)["weights"])
+        polish_decoder_stage(work_dir, plan)
+    _load_vae(pipe, work_dir / "decoder.pt")
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return pipe
