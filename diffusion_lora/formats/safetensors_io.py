@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 import safetensors.torch
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from diffusion_lora.errors import FormatError, UnsafeFileError
 from diffusion_lora.formats.atomic import atomic_write_bytes
@@ -81,10 +81,16 @@ def read_adapter_file(
     ``torch.load(weights_only=True)``.
     """
     path = Path(path)
-    header = _inspect(path, max_header_bytes, allow_pickle=allow_pickle)
-    if header is None:
-        return _load_pickle(path), {}
-    return _load_safetensors(path, header), dict(header.metadata)
+    # One open file for the header and the data: a writer that renames a new file into place
+    # meanwhile (atomic saves do) cannot hand us one file's header and another's tensors.
+    try:
+        with _open_regular_file(path) as f:
+            header = _inspect_open_file(f, path, max_header_bytes, allow_pickle=allow_pickle)
+            if header is None:
+                return _load_pickle(f, path), {}
+            return _load_safetensors(f, path, header), dict(header.metadata)
+    except OSError as e:  # EIO and the like while reading
+        raise FormatError(f"{path}: could not read: {e.strerror or e}") from e
 
 
 def read_header(
@@ -394,25 +400,28 @@ def _check_layout(tensors: Mapping[str, TensorInfo], data_size: int, path: Path)
 # --- reading: tensors -------------------------------------------------------------------------
 
 
-def _load_safetensors(path: Path, header: AdapterHeader) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            tensors = {key: f.get_tensor(key) for key in header.tensors}
-    except (SafetensorError, OSError, RuntimeError, KeyError, ValueError) as e:
-        # Only reachable when the file changed after validation, or safetensors is stricter than us.
-        raise FormatError(f"{path}: safetensors could not read it: {e}") from e
+def _load_safetensors(f: BinaryIO, path: Path, header: AdapterHeader) -> dict[str, torch.Tensor]:
+    """The tensors of a validated header, read from the same open file (offsets are already checked).
+
+    safetensors stores little-endian numbers, as every platform torch ships for is.
+    """
+    f.seek(header.data_start)
+    data = bytearray(_read_exact(f, os.fstat(f.fileno()).st_size - header.data_start, path))
+    tensors = {}
     for key, info in header.tensors.items():
-        t = tensors[key]
-        if t.dtype != FLOAT_DTYPES[info.dtype] or tuple(t.shape) != info.shape:
-            raise FormatError(f"{path}: tensor {key!r} changed while the file was read; try again")
+        begin, end = info.data_offsets
+        dtype = FLOAT_DTYPES[info.dtype]
+        flat = torch.frombuffer(data, dtype=dtype, offset=begin, count=(end - begin) // dtype.itemsize) \
+            if end > begin else torch.empty(0, dtype=dtype)
+        tensors[key] = flat.reshape(info.shape).clone()  # own memory: the buffer is freed on return
     return tensors
 
 
-def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+def _load_pickle(f: BinaryIO, path: Path) -> dict[str, torch.Tensor]:
     try:
-        # A file object, not the path: torch.load hands paths ending in .safetensors to safetensors.
-        with open(path, "rb") as f:
-            obj = torch.load(f, map_location="cpu", weights_only=True)
+        # The open file, not the path: torch.load hands paths ending in .safetensors to safetensors.
+        f.seek(0)
+        obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types on bad input: UnpicklingError, EOFError, ...
         raise FormatError(f"{path}: not a readable torch checkpoint: {e}") from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

@@ -36,19 +36,28 @@ def _fsync_file(path: Path) -> None:
 
 
 def save_checkpoint(root: Path, step: int, state: dict[str, Any], *, keep: int) -> Path:
-    """Write ``state`` as checkpoint ``step`` under ``root``, point ``latest`` at it, keep the newest ``keep``."""
-    root.mkdir(parents=True, exist_ok=True)
+    """Write ``state`` as checkpoint ``step`` under ``root``, point ``latest`` at it, keep the newest ``keep``.
+
+    A failure (disk full, no permission) removes the partial folder, keeps every earlier checkpoint
+    and raises DiffusionLoraError naming the path.
+    """
     final = root / f"{_PREFIX}{step:08d}"
     tmp = root / f".tmp-{_PREFIX}{step:08d}-{secrets.token_hex(4)}"
-    tmp.mkdir()
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         torch.save(state, tmp / STATE)
         _fsync_file(tmp / STATE)
         if final.exists():  # re-saving the same step (resumed run): replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, (OSError, RuntimeError)):  # torch.save reports a full disk as RuntimeError
+            raise DiffusionLoraError(
+                f"{final}: could not write the checkpoint ({exc}); earlier checkpoints are intact. Free disk "
+                f"space or fix the folder's permissions, then continue with --resume"
+            ) from exc
         raise
     atomic_write_bytes(root / LATEST, final.name.encode(), what="latest-checkpoint pointer")
     _prune(root, keep)
