@@ -1,0 +1,62 @@
+"""The embedded base model: a plain SD1.x diffusers folder that really follows prompts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusion_lora.models.loading import embedded_model_path, load_pipeline
+from diffusion_lora.toy.evaluate import prompt_following
+from diffusion_lora.toy.scenes import held_out_combos
+from diffusion_lora.toy.train_base import BasePlan, train_base_model
+
+pytestmark = pytest.mark.slow
+
+GUIDANCE = 5.0
+
+
+@pytest.fixture
+def two_threads():
+    """Generation and training are the slow part of these tests; give them both cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_embedded_model_is_a_plain_sd15_folder_of_at_most_25_mb():
+    from diffusers import StableDiffusionPipeline
+
+    folder = embedded_model_path("shapes-sd15")
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size <= 25 * 2**20
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel" and type(pipe.vae).__name__ == "AutoencoderKL"
+    assert type(pipe.text_encoder).__name__ == "CLIPTextModel" and type(pipe.tokenizer).__name__ == "CLIPTokenizer"
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
+
+
+def test_base_model_follows_100_held_out_prompts(two_threads):
+    pipe = load_pipeline("shapes-sd15")
+    pipe.set_progress_bar_config(disable=True)
+    combos = held_out_combos()
+    assert len(combos) == 100
+    score = prompt_following(pipe, combos, seed=0, steps=20, guidance=GUIDANCE)
+    print(f"held-out prompt following: colour {score.colour:.0%}, shape {score.shape:.0%}")
+    assert score.colour >= 0.80
+    assert score.shape >= 0.60
+
+
+def test_base_model_training_is_reproducible(tmp_path, two_threads):
+    """Every stage is seeded: two short runs of the real trainer give the same weights."""
+    plan = BasePlan(vae_steps=2, vae_batch=2, sharpen_steps=2, polish_steps=2, images=16, unet_steps=3,
+                    unet_batch=4, warmup=1, checkpoint_every=2)
+    states = []
+    for run in ("a", "b"):
+        pipe = train_base_model(tmp_path / run / "model", tmp_path / run / "work", plan)
+        states.append({f"{c}.{k}": v.clone() for c in ("vae", "unet", "text_encoder")
+                       for k, v in getattr(pipe, c).state_dict().items()})
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    reloaded = load_pipeline(tmp_path / "a" / "model")
+    assert torch.equal(reloaded.unet.conv_in.weight, states[0]["unet.conv_in.weight"])
