@@ -73,6 +73,11 @@ def _make_bad(root, good, xl, case):
             t[k] = t[k].clone()
             t[k][-1, -1] = float("inf")
         return _variant(root, good, "inf", change), dl.FormatError, "Inf"
+    if case == "huge":  # finite, but an exponent bit flipped: the update dwarfs the layer
+        def change(t):
+            k = _first_key(t, "lora_B")
+            t[k] = t[k] * 1e8
+        return _variant(root, good, "huge", change), dl.FormatError, "times the size"
     if case == "incomplete":
         def change(t):
             del t[_first_key(t, "lora_B")]
@@ -101,7 +106,8 @@ def _make_bad(root, good, xl, case):
     raise AssertionError(case)
 
 
-CASES = ["missing", "not-safetensors", "pickle", "other-family", "shape", "nan", "inf", "incomplete", "rank-absurd",
+CASES = ["missing", "not-safetensors", "pickle", "other-family", "shape", "nan", "inf", "huge", "incomplete",
+         "rank-absurd",
          "meta-deep-json", "meta-huge-int", "meta-alpha-overflow", "meta-regex"]
 
 
