@@ -12,7 +12,7 @@ from typing import Any
 from . import __version__
 from .errors import ConfigError, DiffusionLoraError
 
-DEFAULT_MODEL = "tiny-sd15"
+DEFAULT_MODEL = "shapes-sd15"  # the embedded trained base (diffusion_lora/assets)
 
 
 def split_weighted(spec: str, default: float = 1.0) -> tuple[str, float]:
@@ -28,8 +28,9 @@ def split_weighted(spec: str, default: float = 1.0) -> tuple[str, float]:
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate images with stacked LoRA adapters")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"base model: a tiny-* name, a diffusers folder, "
-                   f"a .safetensors checkpoint or a hub id (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"base model: shapes-sd15, a tiny-* name, a diffusers folder, a .safetensors checkpoint "
+                   f"or a hub id (default: {DEFAULT_MODEL})")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="adapter file to apply, repeatable; weight defaults to 1")
     p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",

@@ -498,7 +498,8 @@ def test_sgm_paths_of_the_sd15_ldm_layout():
         "mid_block.resnets.1.time_emb_proj": "middle_block.2.emb_layers.1",
         "up_blocks.0.upsamplers.0.conv": "output_blocks.2.1.conv",
         "up_blocks.1.upsamplers.0.conv": "output_blocks.5.2.conv",
-        "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_k": "output_blocks.11.1.transformer_blocks.0.attn2.to_k",
+        "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_k":
+            "output_blocks.11.1.transformer_blocks.0.attn2.to_k",
         "up_blocks.3.upsamplers.0.conv": None,
         "up_blocks.0.attentions.0.proj_in": None,
         "conv_norm_out": None,

@@ -31,7 +31,8 @@ def delta(m: ModuleLora, scale: float) -> torch.Tensor:
 
 
 def pair() -> list[tuple[AdapterData, float]]:
-    a = AdapterData({LIN: lora(12, 10, 4, 2.0, 1), CONV: lora(6, 5, 3, 3.0, 2, kernel=3), ONLY_A: lora(7, 9, 2, 1.0, 3)})
+    a = AdapterData({LIN: lora(12, 10, 4, 2.0, 1), CONV: lora(6, 5, 3, 3.0, 2, kernel=3),
+                     ONLY_A: lora(7, 9, 2, 1.0, 3)})
     b = AdapterData({LIN: lora(12, 10, 2, 8.0, 4), CONV: lora(6, 5, 5, 5.0, 5, kernel=3)}, use_rslora=True)
     return [(a, 0.7), (b, -0.5)]
 
@@ -217,7 +218,8 @@ def test_merge_files_svd_writes_the_merged_delta_with_provenance(tmp_path):
         {"file": "a.safetensors", "sha256": file_sha256(tmp_path / "a.safetensors"), "weight": 0.6},
         {"file": "b.safetensors", "sha256": file_sha256(tmp_path / "b.safetensors"), "weight": 1.5},
     ]
-    assert meta["ss_network_dim"] == "64" and meta["ss_network_alpha"] == "64.0" and meta["diffusion_lora.family"] == "sd1"
+    assert meta["ss_network_dim"] == "64" and meta["ss_network_alpha"] == "64.0"
+    assert meta["diffusion_lora.family"] == "sd1"
     assert "sshs_model_hash" in meta
 
 

@@ -115,5 +115,6 @@ def test_cli_merge_and_resize_read_pickles_only_when_allowed(setup, tmp_path, ca
     small = tmp_path / "small.safetensors"
     assert main(["resize", str(pickled), "-o", str(small), "--rank", "2", "--model", "tiny-sd15"]) != 0
     assert not small.exists()
-    assert main(["resize", str(pickled), "-o", str(small), "--rank", "2", "--model", "tiny-sd15", "--allow-pickle"]) == 0
+    args = ["resize", str(pickled), "-o", str(small), "--rank", "2", "--model", "tiny-sd15"]
+    assert main([*args, "--allow-pickle"]) == 0
     assert small.exists()
