@@ -23,7 +23,7 @@ from .adapters import list_loras, load_lora, set_weights
 from .adapters.files import default_adapter_name
 from .errors import ConfigError
 from .families import detect_family
-from .formats.safetensors_io import read_metadata
+from .formats.hashes import addnet_hash
 
 logger = logging.getLogger(__name__)
 
@@ -157,10 +157,10 @@ def _short_hash(file: str | None) -> str | None:
     if not file:
         return None
     try:
-        value = read_metadata(file).get("sshs_model_hash")
+        # Computed, not copied from the file's sshs_model_hash, which a file may state wrongly.
+        return addnet_hash(file)[:12]
     except Exception:  # a hash is a courtesy in the PNG; never fail generation for it
         return None
-    return value[:12] if value else None
 
 
 def generate(pipe: Any, settings: GenerationSettings, *, progress: bool = True) -> list[GeneratedImage]:

@@ -46,7 +46,9 @@ def test_generate_writes_pngs_with_parameters(tmp_path, style_file, capsys):
     params = image.text["parameters"]
     assert params.startswith("a red circle <lora:style:0.8>")
     assert "Steps: 2" in params and "Seed: 7" in params and "Size: 32x32" in params
-    assert "Lora hashes: \"style: " in params
+    from diffusion_lora.formats.hashes import addnet_hash
+
+    assert f'Lora hashes: "style: {addnet_hash(style_file)[:12]}"' in params  # computed, not the stored claim
     assert "Seed: 8" in Image.open(files[1]).text["parameters"]
 
 
