@@ -123,21 +123,14 @@ def _sharpen_vae(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list) ->
     into each other (yellow decodes orange); decoding the mean sharpens them.
     """
     vae = pipe.vae.train().requires_grad_(True)
-    rng = random.Random(plan.seed + 3)
-    torch.manual_seed(plan.seed + 3)
-    opt = torch.optim.AdamW(vae.parameters(), lr=plan.sharpen_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, plan.sharpen_steps)
-    bar = tqdm(range(plan.sharpen_steps), desc="VAE sharpen", unit="step")
-    for _ in bar:
-        x = _to_tensor([scenes.render(_vae_scene(rng, combos)) for _ in range(plan.vae_batch)])
+
+    def loss_of(x: torch.Tensor) -> torch.Tensor:
         posterior = vae.encode(x).latent_dist
         loss = _reconstruction_loss(vae.decode(posterior.mode()).sample, x)
-        loss = loss + plan.kl_weight * posterior.kl().mean() / x[0].numel()
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        return loss + plan.kl_weight * posterior.kl().mean() / x[0].numel()
+
+    rng = _fit_vae(list(vae.parameters()), loss_of, plan.seed + 3, plan.sharpen_steps, plan.sharpen_lr,
+                   plan.vae_batch, combos, "VAE sharpen")
     vae.eval().requires_grad_(False)
     _measure_scaling_factor(pipe, rng, combos)
 
@@ -148,23 +141,33 @@ def _polish_decoder(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list)
     vae = pipe.vae.eval().requires_grad_(False)
     vae.decoder.requires_grad_(True).train()
     vae.post_quant_conv.requires_grad_(True)
-    params = [p for p in vae.parameters() if p.requires_grad]
-    rng = random.Random(plan.seed + 4)
-    torch.manual_seed(plan.seed + 4)
-    opt = torch.optim.AdamW(params, lr=plan.polish_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, plan.polish_steps)
-    bar = tqdm(range(plan.polish_steps), desc="decoder polish", unit="step")
-    for _ in bar:
-        x = _to_tensor([scenes.render(_vae_scene(rng, combos)) for _ in range(plan.vae_batch)])
+
+    def loss_of(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             latents = vae.encode(x).latent_dist.mode()
-        loss = _reconstruction_loss(vae.decode(latents).sample, x)
+        return _reconstruction_loss(vae.decode(latents).sample, x)
+
+    _fit_vae([p for p in vae.parameters() if p.requires_grad], loss_of, plan.seed + 4, plan.polish_steps,
+             plan.polish_lr, plan.vae_batch, combos, "decoder polish")
+    vae.eval().requires_grad_(False)
+
+
+def _fit_vae(params: list, loss_of, seed: int, steps: int, lr: float, batch: int, combos: list,
+             desc: str) -> random.Random:
+    """AdamW with a cosine schedule on fresh scenes; returns the scene generator for what follows."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    bar = tqdm(range(steps), desc=desc, unit="step")
+    for _ in bar:
+        loss = loss_of(_to_tensor([scenes.render(_vae_scene(rng, combos)) for _ in range(batch)]))
         loss.backward()
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.4f}")
-    vae.eval().requires_grad_(False)
+    return rng
 
 
 def polish_decoder_stage(work_dir: str | Path, plan: BasePlan = BasePlan()) -> None:
@@ -270,18 +273,12 @@ def train_base_model(out_dir: str | Path, work_dir: str | Path, plan: BasePlan =
     (work_dir / "plan.txt").write_text(repr(asdict(plan)))
     pipe = build_untrained_pipeline(plan.seed)
     combos = scenes.training_combos()
-    vae_file = work_dir / "vae.pt"
-    if vae_file.exists():
-        _load_vae(pipe, vae_file)
-    else:
-        _train_vae(pipe, plan, combos)
-        _save_vae(pipe, vae_file)
-    sharp_file = work_dir / "vae-sharp.pt"
-    if sharp_file.exists():
-        _load_vae(pipe, sharp_file)
-    else:
-        _sharpen_vae(pipe, plan, combos)
-        _save_vae(pipe, sharp_file)
+    for name, stage in (("vae.pt", _train_vae), ("vae-sharp.pt", _sharpen_vae)):
+        if (work_dir / name).exists():  # a finished stage of an earlier (killed) run
+            _load_vae(pipe, work_dir / name)
+        else:
+            stage(pipe, plan, combos)
+            _save_vae(pipe, work_dir / name)
     pipe.vae.eval().requires_grad_(False)
     data_file = work_dir / "latents.pt"
     if data_file.exists():
