@@ -93,15 +93,18 @@ def _check_finite(key: str, m: ModuleLora, source: str) -> None:
         raise FormatError(f"{source}: alpha of {key} is {m.alpha}, it must be a positive finite number")
 
 
-# A delta this many times the layer's own weight (Frobenius norms) is a corrupt file, not a style:
-# real LoRAs change a layer by a few percent, and overfit ones by well under 100%.
+# A delta this many times the layer's own weight (Frobenius norms, the weight's at least 1) is a
+# corrupt file, not a style: real LoRAs change a layer by a few percent, overfit ones by well under 100%.
 MAX_DELTA_RATIO = 1000.0
 
 
 def _check_magnitude(key: str, module: torch.nn.Module, m: ModuleLora, use_rslora: bool, source: str) -> None:
     """Refuse finite but absurdly large updates (a flipped exponent bit): they overflow the forward pass."""
-    weight = module.weight.detach().double()
-    base = max(float(weight.norm()), 1e-6)
+    # ‖W‖_F estimated from at most 16 rows (loading must not read every base weight), floored at 1
+    # so that a zero-initialised layer does not make any update look absurd.
+    weight = module.weight.detach()
+    rows = weight[:16].double()
+    base = max(float(rows.norm()) * (weight.shape[0] / rows.shape[0]) ** 0.5, 1.0)
     up, down = m.up.detach().flatten(1).double(), m.down.detach().flatten(1).double()
     # ‖up @ down‖_F² = Σ (upᵀup) ⊙ (down downᵀ), without building the [out, in] product
     delta = m.scale(use_rslora) * float(((up.T @ up) * (down @ down.T)).sum().clamp(min=0).sqrt())
