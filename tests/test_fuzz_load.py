@@ -112,6 +112,8 @@ def _with_header(data: bytes, change) -> bytes:
 def _mutate(data: bytes, edit: tuple, keys: list[str], header_end: int) -> bytes:
     kind = edit[0]
     if kind in ("byte", "header-byte", "flip"):
+        if not data:  # an earlier edit truncated the file to nothing
+            return data
         end = header_end if kind == "header-byte" else len(data)
         i = min(_at(edit[1], 0, end), len(data) - 1)
         value = data[i] ^ (1 << edit[2]) if kind == "flip" else edit[2]
