@@ -56,8 +56,6 @@ def test_base_model_draws_the_requested_shape_for_60_percent_of_held_out_prompts
     assert held_out_score.shape >= 0.60
 
 
-@pytest.mark.xfail(strict=True, reason="issue 6 is open: the shipped UNet is undertrained (30% measured at "
-                   "5000 steps); continue it from train_scripts/base_work")
 def test_base_model_draws_the_requested_colour_for_80_percent_of_held_out_prompts(held_out_score):
     assert held_out_score.colour >= 0.80
 

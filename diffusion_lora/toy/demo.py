@@ -28,7 +28,7 @@ from diffusion_lora.toy.datasets import character_scenes
 from diffusion_lora.toy.evaluate import caption_of, generate
 from diffusion_lora.train.outputs import image_grid
 
-__all__ = ["DemoResult", "run_demo"]
+__all__ = ["CELL", "DemoResult", "run_demo"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ GRID_PROMPTS = (
     "a medium purple square on a white background",
 )
 _EVAL_PROMPTS = 24
+CELL = 160  # grid cell side in pixels
 _SEED = 1000  # generation seeds; the LoRA runs have their own
 
 
@@ -86,8 +87,10 @@ def _mascot_rate(images: list[Image.Image]) -> float:
 
 def _grid(columns: dict[str, list[Image.Image]], prompts: list[str] | tuple[str, ...]) -> Image.Image:
     titles = list(columns)
-    rows = [[columns[t][r].resize((128, 128), Image.Resampling.NEAREST) for t in titles] for r in range(len(prompts))]
-    labels = [f"{p}   [{' | '.join(titles)}]" for p in prompts]
+    # 160 px cells: room for the prompt and the column titles in each row's label.
+    rows = [[columns[t][r].resize((CELL, CELL), Image.Resampling.NEAREST) for t in titles]
+            for r in range(len(prompts))]
+    labels = [f"{p}  [{' | '.join(titles)}]" for p in prompts]
     return image_grid(rows, labels)
 
 

@@ -7,9 +7,11 @@ Three stages, each a pure function of the plan and its seed:
    fast), then from the posterior mean with shape pixels weighted up (exact colours); its latent
    ``scaling_factor`` is then measured, as Stable Diffusion's 0.18215 was;
 2. a fixed set of plain scenes from :func:`~diffusion_lora.toy.scenes.training_combos` is encoded once;
-3. the UNet and the CLIP text encoder learn together the epsilon-prediction objective on those
-   latents, with 10 % of captions dropped (so classifier-free guidance works), min-SNR-5 loss
-   weights, and an exponential moving average of the weights, which is what gets saved;
+3. the UNet and the CLIP text encoder learn together the v-prediction objective on a zero-terminal-SNR
+   schedule (see :func:`~diffusion_lora.toy.base_model.scheduler_config`) on those latents, with 10 %
+   of captions dropped (so classifier-free guidance works), min-SNR-5 loss weights (on ``snr + 1``, so
+   the pure-noise step keeps its weight) and an exponential moving average of the weights, which is
+   what gets saved;
 4. the decoder alone trains on (as Stable Diffusion's ft-MSE VAE did). The encoder is fixed, so the
    UNet's latents stay valid and this stage may run beside stage 3 (``polish_decoder_stage``).
 
@@ -27,11 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from diffusion_lora.toy import scenes, styles
 from diffusion_lora.toy.base_model import build_untrained_pipeline, scheduler_config
+from diffusion_lora.train.objectives import add_noise, ddpm_schedule, ddpm_target, snr
 
 __all__ = ["BasePlan", "polish_decoder_stage", "train_base_model"]
 
@@ -52,10 +55,11 @@ class BasePlan:
     polish_steps: int = 2000
     polish_lr: float = 3e-4
     images: int = 24000
-    unet_steps: int = 5000
+    unet_steps: int = 8000
     unet_batch: int = 32
     unet_lr: float = 8e-4
     warmup: int = 200
+    decay_from: int = 3000  # the learning rate falls linearly from here to 0 at unet_steps
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
@@ -207,6 +211,14 @@ def _encode_dataset(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list)
     return {"latents": torch.cat(latents), "ids": _tokenize(pipe, [s.caption for s in items])}
 
 
+def _lr_factor(plan: BasePlan, step: int) -> float:
+    """Linear warm-up, constant, then linear decay to 0 from ``decay_from`` to ``unet_steps``."""
+    factor = min(1.0, (step + 1) / plan.warmup)
+    if step >= plan.decay_from:
+        factor *= max(0.0, (plan.unet_steps - step) / max(1, plan.unet_steps - plan.decay_from))
+    return factor
+
+
 def _ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
     with torch.no_grad():
         torch._foreach_lerp_(ema, params, 1.0 - decay)
@@ -216,10 +228,9 @@ def _train_denoiser(pipe: StableDiffusionPipeline, plan: BasePlan, data: dict, w
     unet, te = pipe.unet.train(), pipe.text_encoder.train()
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=plan.unet_lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / plan.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(plan, s))
     ema = [p.detach().clone() for p in params]
-    noise_sched = DDPMScheduler(**scheduler_config())
-    snr = noise_sched.alphas_cumprod / (1 - noise_sched.alphas_cumprod)
+    schedule = ddpm_schedule(scheduler_config())
     empty = _tokenize(pipe, [""])[0]
     gen = torch.Generator().manual_seed(plan.seed + 2)
     start = 0
@@ -242,11 +253,13 @@ def _train_denoiser(pipe: StableDiffusionPipeline, plan: BasePlan, data: dict, w
         drop = torch.rand(plan.unet_batch, generator=gen) < plan.caption_dropout
         ids[drop] = empty
         noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (plan.unet_batch,), generator=gen)
-        noisy = noise_sched.add_noise(latents, noise, t)
-        pred = unet(noisy, t, te(ids)[0]).sample
-        weight = torch.clamp(snr[t], max=plan.min_snr_gamma) / snr[t]
-        loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        t = torch.randint(0, schedule.num_train_timesteps, (plan.unet_batch,), generator=gen)
+        pred = unet(add_noise(latents, noise, t, schedule), t, te(ids)[0]).sample
+        target = ddpm_target(latents, noise, t, schedule, schedule.prediction_type)
+        # The v-loss is the x0-loss times (snr + 1); cap that factor at γ (min-SNR). Unlike the usual
+        # min(snr, γ) / (snr + 1), this keeps full weight at the zero-SNR step, where layout is decided.
+        weight = torch.clamp(plan.min_snr_gamma / (snr(t, schedule) + 1), max=1.0)
+        loss = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
