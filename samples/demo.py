@@ -1,6 +1,6 @@
 """The demo of the README: a style LoRA and a character LoRA trained on the embedded base, on CPU.
 
-    python samples/demo.py [--style outline|stripes|pastel] [--out out/demo]
+    python samples/demo.py [--style stripes|outline|pastel] [--out out/demo]
 
 Trains samples/train_style_<style>.toml and samples/train_character_zorbo.toml on the embedded
 shapes-sd15 model (about a minute each on 2 CPU cores), then writes out/demo/comparison.png (base /
@@ -20,7 +20,7 @@ from diffusion_lora.toy.demo import run_demo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--style", default="outline", choices=("outline", "stripes", "pastel"))
+    parser.add_argument("--style", default="stripes", choices=("stripes", "outline", "pastel"))
     parser.add_argument("--out", default="out/demo")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

@@ -94,7 +94,7 @@ def _grid(columns: dict[str, list[Image.Image]], prompts: list[str] | tuple[str,
     return image_grid(rows, labels)
 
 
-def run_demo(samples: str | Path, out_dir: str | Path, style: str = "outline", progress: bool = True) -> DemoResult:
+def run_demo(samples: str | Path, out_dir: str | Path, style: str = "stripes", progress: bool = True) -> DemoResult:
     """Train both LoRAs, write the grids and measure them (see the module docstring)."""
     samples, out_dir = Path(samples), Path(out_dir)
     style_file = _train(samples, f"train_style_{style}.toml", out_dir / style, style, progress)
