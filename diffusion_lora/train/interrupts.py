@@ -14,10 +14,12 @@ __all__ = ["interrupts_deferred"]
 def interrupts_deferred() -> Iterator[None]:
     """Run the block with SIGINT recorded instead of raised; raise KeyboardInterrupt after it if one came.
 
-    Only the main thread can install signal handlers, so elsewhere this does nothing. Nested use is
-    fine: an interrupt held by the inner block is raised when it ends, inside the outer block.
+    Only the main thread can install signal handlers, so elsewhere this does nothing. A process that
+    ignores SIGINT (one started in the background by a non-interactive shell, or under ``nohup``
+    with ``&``) keeps ignoring it. Nested use is fine: an interrupt held by the inner block is raised
+    when it ends, inside the outer block.
     """
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         yield
         return
     received: list[int] = []
