@@ -3,9 +3,9 @@
 Three stages, each a pure function of the plan and its seed:
 
 1. the VAE learns to reconstruct scenes of every style (and the mascot), as a real SD VAE can
-   reconstruct pictures its UNet never draws: first from sampled latents (a smooth latent space,
-   fast), then from the posterior mean with shape pixels weighted up (exact colours); its latent
-   ``scaling_factor`` is then measured, as Stable Diffusion's 0.18215 was;
+   reconstruct pictures its UNet never draws: from the posterior mean, with shape pixels weighted
+   up (exact colours), first at a one-cycle learning rate, then again at a lower, decaying one; its
+   latent ``scaling_factor`` is then measured, as Stable Diffusion's 0.18215 was;
 2. a fixed set of plain scenes from :func:`~diffusion_lora.toy.scenes.training_combos` is encoded once;
 3. the UNet and the CLIP text encoder learn together the v-prediction objective on a zero-terminal-SNR
    schedule (see :func:`~diffusion_lora.toy.base_model.scheduler_config`) on those latents, with 10 %
@@ -88,26 +88,24 @@ def _vae_scene(rng: random.Random, combos: list) -> scenes.Scene:
     return scene
 
 
+def _vae_loss(vae, plan: BasePlan):
+    """Reconstruction from the posterior's mean (not a sample: a deterministic autoencoder converges
+    several times faster, and the UNet is trained on, and samples, means anyway) plus a small KL."""
+
+    def loss_of(x: torch.Tensor) -> torch.Tensor:
+        posterior = vae.encode(x).latent_dist
+        loss = _reconstruction_loss(vae.decode(posterior.mode()).sample, x)
+        return loss + plan.kl_weight * posterior.kl().mean() / x[0].numel()
+
+    return loss_of
+
+
 def _train_vae(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list) -> None:
     vae = pipe.vae.train()
-    rng = random.Random(plan.seed)
-    torch.manual_seed(plan.seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=plan.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, plan.vae_lr, total_steps=plan.vae_steps, pct_start=0.05)
-    bar = tqdm(range(plan.vae_steps), desc="VAE", unit="step")
-    for _ in bar:
-        x = _to_tensor([scenes.render(_vae_scene(rng, combos)) for _ in range(plan.vae_batch)])
-        posterior = vae.encode(x).latent_dist
-        # The posterior's mean, not a sample: a deterministic autoencoder converges several times
-        # faster, and the UNet is trained on (and samples) means anyway.
-        recon = vae.decode(posterior.mode()).sample
-        # Shapes cover a small part of each image: weight their pixels up so colours come out exact.
-        loss = _reconstruction_loss(recon, x) + plan.kl_weight * posterior.kl().mean() / x[0].numel()
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+    rng = _fit_vae(list(vae.parameters()), _vae_loss(vae, plan), plan.seed, plan.vae_steps, plan.vae_lr,
+                   plan.vae_batch, combos, "VAE",
+                   lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, plan.vae_lr, total_steps=plan.vae_steps,
+                                                                   pct_start=0.05))
     vae.eval()
     _measure_scaling_factor(pipe, rng, combos)
 
@@ -121,19 +119,9 @@ def _measure_scaling_factor(pipe: StableDiffusionPipeline, rng: random.Random, c
 
 
 def _sharpen_vae(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list) -> None:
-    """Train on the posterior's mean, with shape pixels weighted up, until colours come out exact.
-
-    Stage 1's sampled latents teach a smooth, well-scaled latent space quickly but blur colours
-    into each other (yellow decodes orange); decoding the mean sharpens them.
-    """
+    """Stage 1's loss again at a lower, cosine-decaying learning rate, until colours come out exact."""
     vae = pipe.vae.train().requires_grad_(True)
-
-    def loss_of(x: torch.Tensor) -> torch.Tensor:
-        posterior = vae.encode(x).latent_dist
-        loss = _reconstruction_loss(vae.decode(posterior.mode()).sample, x)
-        return loss + plan.kl_weight * posterior.kl().mean() / x[0].numel()
-
-    rng = _fit_vae(list(vae.parameters()), loss_of, plan.seed + 3, plan.sharpen_steps, plan.sharpen_lr,
+    rng = _fit_vae(list(vae.parameters()), _vae_loss(vae, plan), plan.seed + 3, plan.sharpen_steps, plan.sharpen_lr,
                    plan.vae_batch, combos, "VAE sharpen")
     vae.eval().requires_grad_(False)
     _measure_scaling_factor(pipe, rng, combos)
@@ -156,13 +144,14 @@ def _polish_decoder(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list)
     vae.eval().requires_grad_(False)
 
 
-def _fit_vae(params: list, loss_of, seed: int, steps: int, lr: float, batch: int, combos: list,
-             desc: str) -> random.Random:
-    """AdamW with a cosine schedule on fresh scenes; returns the scene generator for what follows."""
+def _fit_vae(params: list, loss_of, seed: int, steps: int, lr: float, batch: int, combos: list, desc: str,
+             lr_schedule=None) -> random.Random:
+    """AdamW on fresh scenes, with ``lr_schedule(opt)`` (default: cosine decay over ``steps``); returns
+    the scene generator for what follows."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    sched = lr_schedule(opt) if lr_schedule else torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     bar = tqdm(range(steps), desc=desc, unit="step")
     for _ in bar:
         loss = loss_of(_to_tensor([scenes.render(_vae_scene(rng, combos)) for _ in range(batch)]))
