@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,7 +141,7 @@ def load_lora(
     weight = validate_weight(name, weight, block_layout(state))
     plan = plan_load(state, data, str(weight_file), strict=strict, unresolved=read.unresolved)
     trigger_words = trigger_words_of(data.metadata)  # metadata is parsed before anything changes
-    with refused(state):
+    with refused(state, undo=lambda: _unload(state, name)):
         _inject_plan(state, name, plan, data.use_rslora)
         state.records[name] = AdapterRecord(
             name, weight=weight, file=str(weight_file), trigger_words=trigger_words, metadata=data.metadata,
@@ -150,6 +150,13 @@ def load_lora(
     if plan.skipped:
         logger.warning("%s: skipped %d module(s) that match no layer", weight_file, len(plan.skipped))
     return LoadReport(name, plan.count, tuple(plan.skipped)) if not strict else name
+
+
+def _unload(state: AdapterState, name: str) -> None:
+    """Take a just-loaded adapter out again (the undo of a load whose re-fuse failed)."""
+    _remove_everywhere(state, name)
+    state.records.pop(name, None)
+    apply_weights(state)
 
 
 def _inject_plan(state: AdapterState, name: str, plan: LoadPlan, use_rslora: bool) -> None:
@@ -182,11 +189,24 @@ def set_weights(pipe: Any, weights: Mapping[str, Weight]) -> None:
     unchanged = all((state.record(n).enabled, state.record(n).weight) == w for n, w in wanted.items())
     if unchanged and state.fused is not None:
         return  # re-fusing the same weights would only cost time
-    with refused(state):
+    with refused(state, undo=_restorer(state)):
         for name, (enabled, weight) in wanted.items():
             rec = state.record(name)
             rec.enabled, rec.weight = enabled, weight
         apply_weights(state)
+
+
+def _restorer(state: AdapterState) -> Callable[[], None]:
+    """A function that puts every adapter's enabled flag and weight back as they are now."""
+    saved = {n: (r.enabled, r.weight) for n, r in state.records.items()}
+
+    def restore() -> None:
+        for name, (enabled, weight) in saved.items():
+            rec = state.record(name)
+            rec.enabled, rec.weight = enabled, weight
+        apply_weights(state)
+
+    return restore
 
 
 def _set_enabled(pipe: Any, names: str | Sequence[str] | None, enabled: bool) -> None:
@@ -194,7 +214,7 @@ def _set_enabled(pipe: Any, names: str | Sequence[str] | None, enabled: bool) ->
     chosen = state.peft_adapter_names() if names is None else [names] if isinstance(names, str) else list(names)
     for name in chosen:
         require(state, name)
-    with refused(state):
+    with refused(state, undo=_restorer(state)):
         for name in chosen:
             state.record(name).enabled = enabled
         apply_weights(state)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ..errors import AdapterNotFoundError, AdapterStateError, ConfigError
 from .fuse import fuse_state, unfuse_state
@@ -11,15 +11,32 @@ from .state import AdapterState
 
 
 @contextlib.contextmanager
-def refused(state: AdapterState) -> Iterator[None]:
-    """Run a change with adapters unfused, fusing again afterwards if they were fused."""
+def refused(state: AdapterState, undo: Callable[[], None] | None = None) -> Iterator[None]:
+    """Run a change with adapters unfused, fusing again afterwards if they were fused.
+
+    If that re-fuse fails (the new adapters or weights overflow the dtype), ``undo`` reverts the
+    change and the previous adapters are fused again — bit for bit as before, since fusing the same
+    adapters at the same weights into the same restored base weights repeats the same arithmetic —
+    and the fuse error is raised saying so. Without ``undo`` the pipeline is left unfused.
+    """
     was_fused = state.fused is not None
     unfuse_state(state)
     try:
         yield
-    finally:
+    except BaseException:
         if was_fused:
             fuse_state(state)
+        raise
+    if not was_fused:
+        return
+    try:
+        fuse_state(state)
+    except AdapterStateError as exc:
+        if undo is None:
+            raise
+        undo()
+        fuse_state(state)
+        raise AdapterStateError(f"{exc}; the change was undone and the previous adapters are fused as before") from exc
 
 
 def check_name(name: object) -> str:

@@ -20,6 +20,10 @@ from collections.abc import Mapping
 from ..errors import ConfigError
 from .state import AdapterState, LoraSite, Weight
 
+# The bound on |weight|: ComfyUI's LoraLoader offers strengths in [-100, 100]; nothing in practice
+# goes further (A1111 users rarely pass ±2, block weights ±10), and beyond it a weight only turns images
+# into noise or NaN. A typo such as 1e30 is an error rather than a black image.
+MAX_WEIGHT = 100.0
 _KEY = re.compile(r"^(?P<group>[a-z_0-9]+?)(?:\.(?P<lo>\d+)(?:-(?P<hi>\d+))?)?$")
 Block = tuple[str, int | None] | None
 
@@ -54,10 +58,34 @@ def _describe(layout: Mapping[str, int | None]) -> str:
     return ", ".join(g if n is None else f"{g}.0-{n - 1}" for g, n in layout.items())
 
 
+def check_weight_value(what: str, value: object) -> float:
+    """``value`` as a float if it is a finite number with |value| ≤ :data:`MAX_WEIGHT`; else ConfigError
+    naming ``what`` (e.g. "weight of adapter 'a' at 'up.1'")."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{what} must be a number, got {_shown(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int with hundreds of digits
+        number = math.inf if value > 0 else -math.inf
+    if not math.isfinite(number):
+        raise ConfigError(f"{what} must be a finite number, got {_shown(value)}")
+    if abs(number) > MAX_WEIGHT:
+        raise ConfigError(
+            f"{what} is {number!r}; weights must lie in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}] "
+            f"(ComfyUI's range; usual values are 0 to 2)"
+        )
+    return number
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**40:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _check_value(name: str, key: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"weight of adapter {name!r} at {key!r} must be a finite number, got {value!r}")
-    return float(value)
+    return check_weight_value(f"weight of adapter {name!r} at {key!r}", value)
 
 
 def validate_weight(name: str, weight: Weight, layout: Mapping[str, int | None]) -> Weight:

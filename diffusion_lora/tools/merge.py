@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import enum
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,9 +43,10 @@ Inputs = Sequence[tuple[AdapterData, float]]
 def _check_inputs(inputs: Inputs, method: str) -> None:
     if not inputs:
         raise ConfigError(f"merge ({method}): give at least one adapter")
+    from ..adapters.weights import check_weight_value
+
     for i, (data, weight) in enumerate(inputs):
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise ConfigError(f"merge input {i}: weight {weight!r} must be a finite number")
+        check_weight_value(f"merge input {i}: weight", weight)
         refuse_dora(data, "merge")
 
 
@@ -153,6 +153,10 @@ def merge_files(
     path = _check_out(out)
     if not specs:
         raise ConfigError("merge: give at least one (file, weight)")
+    from ..adapters.weights import check_weight_value
+
+    for p, w in specs:
+        check_weight_value(f"merge weight of {os.fspath(p)}", w)
     reads, keys = read_inputs([p for p, _ in specs], family, keys, allow_pickle=allow_pickle)
     inputs = [(r.data, w) for r, (_, w) in zip(reads, specs)]
     if chosen is MergeMethod.CONCAT:
