@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -12,17 +13,26 @@ from ..formats.adapter_data import AdapterData
 from ..formats.codec import decode
 from ..formats.json_text import parse_json
 from ..formats.model_keys import ModelKeys
+from ..formats.peft_format import LORA_ADAPTER_METADATA_KEY, PEFT_MODEL_PREFIX
 from ..formats.safetensors_io import read_adapter_file
 from ..formats.sgm_blocks import UNetLayout
 from .state import AdapterState
 
+logger = logging.getLogger(__name__)
+
 # Weight files diffusers and PEFT put in a folder, in the order we look for them.
 FOLDER_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
+PEFT_WEIGHT_NAME, PEFT_CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"
 
 
 def resolve_adapter_path(path: str | os.PathLike) -> tuple[Path, dict | None]:
     """The weight file for a file or folder path, plus a PEFT ``adapter_config.json`` if one is beside it."""
     p = Path(path)
+    if p.name == PEFT_WEIGHT_NAME and p.is_file() and (p.parent / PEFT_CONFIG_NAME).is_file():
+        # PEFT keeps lora_alpha only in adapter_config.json: the file is read as part of its folder.
+        folder_file, folder_config = resolve_adapter_path(p.parent)
+        if folder_file == p:
+            return p, folder_config
     if not p.exists():
         raise FormatError(f"{p}: no such file or folder; check the path of the adapter")
     config = None
@@ -80,12 +90,25 @@ def read_adapter(path: str | os.PathLike, keys: ModelKeys, *, allow_pickle: bool
     """Read and parse an adapter file or folder, in any supported format, for the model of ``keys``."""
     weight_file, config = resolve_adapter_path(path)
     tensors, metadata = read_adapter_file(weight_file, allow_pickle=allow_pickle)
+    if config is None:
+        _warn_if_alpha_unknown(weight_file, tensors, metadata)
     try:
         decoded = decode(tensors, metadata, keys, peft_config=config, source=str(weight_file))
     except FormatError as exc:
         message = str(exc)
         raise FormatError(message if str(weight_file) in message else f"{weight_file}: {message}") from None
     return ReadAdapter(weight_file, decoded.data, decoded.format, decoded.unresolved)
+
+
+def _warn_if_alpha_unknown(weight_file: Path, tensors: dict, metadata: dict[str, str]) -> None:
+    """Say so when a PEFT ``save_pretrained`` file comes without the config that holds its lora_alpha."""
+    if LORA_ADAPTER_METADATA_KEY in metadata or not any(k.startswith(PEFT_MODEL_PREFIX) for k in tensors):
+        return
+    logger.warning(
+        "%s: a PEFT adapter file without its %s, which holds lora_alpha; it is loaded with alpha = rank "
+        "(scale 1), as diffusers assumes. If it was trained with another lora_alpha, pass the folder that "
+        "holds both files (or put %s beside it)", weight_file, PEFT_CONFIG_NAME, PEFT_CONFIG_NAME,
+    )
 
 
 def default_adapter_name(path: Path) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -86,14 +87,31 @@ def legacy_hash_of_bytes(data: bytes) -> str:
 
 
 def _open(path: Path) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file; FormatError otherwise.
+
+    O_NONBLOCK so that a FIFO cannot hang the open, then fstat refuses anything that is not a regular
+    file: a FIFO, a socket or a device such as ``/dev/zero`` would never end or never start.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
-        return open(path, "rb")
+        fd = os.open(path, flags)
     except FileNotFoundError as e:
         raise FormatError(f"{path}: no such file; check the path") from e
     except IsADirectoryError as e:
         raise FormatError(f"{path}: is a directory; pass the adapter file itself") from e
     except OSError as e:
-        raise FormatError(f"{path}: could not open the file to hash it: {e}") from e
+        raise FormatError(f"{path}: could not open the file to hash it: {e.strerror or e}") from e
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as e:
+        os.close(fd)
+        raise FormatError(f"{path}: could not stat the file: {e.strerror or e}") from e
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise FormatError(f"{path}: is a directory; pass the adapter file itself")
+        raise FormatError(f"{path}: is not a regular file (a FIFO, socket or device), so it cannot be hashed")
+    return os.fdopen(fd, "rb")
 
 
 def _size(f: BinaryIO, path: Path) -> int:

@@ -27,7 +27,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from ..errors import AdapterStateError, ConfigError, FormatError
+from ..errors import AdapterStateError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +99,32 @@ def _write_single_file(pipe: Any, path: Path) -> None:
     atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=metadata), what="single-file model")
 
 
-def _check_inputs(loras: Sequence[tuple[str, float]], out: Path, single_file: Path | None) -> None:
+def _check_inputs(loras: Sequence[tuple[str, float]], out: Path, single_file: Path | None) -> list[dict[str, Any]]:
+    """Check the output paths and every LoRA before anything is loaded; each LoRA's provenance entry.
+
+    A LoRA is whatever ``load_lora`` accepts (a file, or a folder with its ``adapter_config.json``),
+    resolved by the same reader; its weight file's header is validated (a FIFO, a device or a pickle
+    is refused without being read) before the file is hashed.
+    """
+    from ..adapters.files import resolve_adapter_path
+    from ..adapters.weights import check_weight_value
+    from ..formats.hashes import file_sha256
+    from ..formats.safetensors_io import read_header
+
     if out.exists():
         raise ConfigError(f"{out}: already exists; choose a new output folder or remove it first")
-    for path, _ in loras:
-        if not Path(path).exists():
-            raise FormatError(f"{path}: no such adapter file; check the path (nothing was written)")
     if single_file is not None and single_file.suffix != ".safetensors":
         raise ConfigError(f"{single_file}: single_file must end in .safetensors")
+    entries = []
+    for path, weight in loras:
+        check_weight_value(f"weight of LoRA {path}", weight)
+        weight_file, _ = resolve_adapter_path(path)
+        read_header(weight_file)
+        entry = {"path": os.fspath(path), "sha256": file_sha256(weight_file), "weight": weight}
+        if weight_file != Path(path):
+            entry["file"] = os.fspath(weight_file)
+        entries.append(entry)
+    return entries
 
 
 def bake(
@@ -122,15 +140,9 @@ def bake(
     a diffusers-named (not original-layout) ``.safetensors`` of all components is written too.
     On any failure no ``out_dir`` (nor a new ``single_file``) is left behind.
     """
-    from ..formats.hashes import file_sha256
-
     out = Path(out_dir)
     single = None if single_file is None else Path(single_file)
-    _check_inputs(loras, out, single)
-    info = {
-        "model": os.fspath(model),
-        "loras": [{"path": os.fspath(p), "sha256": file_sha256(p), "weight": w} for p, w in loras],
-    }
+    info = {"model": os.fspath(model), "loras": _check_inputs(loras, out, single)}
     fused, layers = _fused_pipeline(os.fspath(model), [(os.fspath(p), w) for p, w in loras])
     plain = _plain_copy(os.fspath(model), fused)
     del fused
