@@ -111,12 +111,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 def _run_convert(args: argparse.Namespace) -> int:
     from .tools.convert import convert_file
 
-    pipe = None
-    if args.model:
-        from .models import load_pipeline
-
-        pipe = load_pipeline(args.model)
-    out = convert_file(args.input, args.output, args.to, family=args.family, pipe=pipe, allow_pickle=args.allow_pickle)
+    out = convert_file(args.input, args.output, args.to, family=args.family, keys=_model_keys(args.model),
+                       allow_pickle=args.allow_pickle)
     print(out)
     return 0
 
@@ -177,14 +173,13 @@ def _print_energy(report: Any, verbose: bool) -> None:
 
 
 def _model_keys(model: str | None) -> Any:
-    """Module names of ``--model`` when given (else the tools use the family's reference model)."""
+    """Layer shapes of ``--model`` when given, without loading weights where its configs suffice (else
+    the tools use the base model the file records, or the family's reference model)."""
     if not model:
         return None
-    from .adapters.files import model_keys_of
-    from .adapters.state import state_of
-    from .models import load_pipeline
+    from .tools.base_keys import keys_of_model
 
-    return model_keys_of(state_of(load_pipeline(model)))
+    return keys_of_model(model)
 
 
 def _run_merge(args: argparse.Namespace) -> int:

@@ -61,7 +61,8 @@ def test_bake_refuses_a_fifo_lora_before_hashing_or_loading(tmp_path, capsys):
     os.mkfifo(fifo)
     out = tmp_path / "baked"
     codes: list[int] = []
-    assert _finishes(lambda: codes.append(main(["bake", "--model", "tiny-sd15", "--lora", str(fifo), "--out", str(out)]))) is None
+    argv = ["bake", "--model", "tiny-sd15", "--lora", str(fifo), "--out", str(out)]
+    assert _finishes(lambda: codes.append(main(argv))) is None
     assert codes == [2]
     assert "not a regular file" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["style.safetensors"]
@@ -114,3 +115,86 @@ def test_bake_takes_a_peft_folder_and_its_file_alone_keeps_lora_alpha(make_pipe,
     with caplog.at_level(logging.WARNING, logger="diffusion_lora"):
         _fused_unet(make_pipe("tiny-sd15"), folder / "adapter_model.safetensors")
     assert "lora_alpha" not in caplog.text
+
+
+@needs_fifo
+def test_extract_refuses_a_fifo_checkpoint_without_hanging(tmp_path):
+    from diffusion_lora.tools.extract import extract_file
+
+    fifo = tmp_path / "tuned.safetensors"
+    os.mkfifo(fifo)
+    error = _finishes(lambda: extract_file("tiny-sd15", fifo, tmp_path / "x.safetensors", rank=2))
+    assert isinstance(error, dl.DiffusionLoraError) and str(fifo) in str(error)
+
+
+# --- 1.4: a LoRA made on a built-in or local model is checked against that model ---------------------
+
+
+def _lora_on(pipe, path):
+    from .helpers import run, trained_adapter
+
+    pipe.set_progress_bar_config(disable=True)
+    trained_adapter(pipe, "s", seed=5, rank=4, alpha=2)
+    return dl.save_lora(pipe, "s", path, format="kohya"), run(pipe)
+
+
+def _output_with(model, lora):
+    from .helpers import run
+
+    pipe = dl.load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    dl.load_lora(pipe, lora)
+    return run(pipe)
+
+
+@pytest.mark.parametrize("model", ["shapes-sd15", "tiny-sd15", "folder"])
+def test_tools_use_the_built_in_or_local_base_a_file_records(tmp_path, model):
+    from safetensors.torch import load_file, save_file
+
+    from diffusion_lora.formats.safetensors_io import read_metadata
+
+    if model == "folder":
+        dl.build_tiny_pipeline("tiny-sd15", seed=3).save_pretrained(tmp_path / "my-model")
+        model = str(tmp_path / "my-model")
+    lora, expected = _lora_on(dl.load_pipeline(model), tmp_path / "s.safetensors")
+    if model == "shapes-sd15":  # recorded by an install elsewhere: the name still resolves
+        meta = read_metadata(lora)
+        meta["diffusion_lora.base_model"] = "/elsewhere/site-packages/diffusion_lora/assets/shapes-sd15"
+        save_file(load_file(str(lora)), str(lora), metadata=meta)
+    outs = {tool: tmp_path / f"{tool}.safetensors" for tool in ("convert", "merge", "resize")}
+    assert main(["convert", str(lora), str(outs["convert"]), "--to", "diffusers"]) == 0
+    assert main(["merge", f"{lora}:1", "-o", str(outs["merge"]), "--to", "comfyui"]) == 0
+    assert main(["resize", str(lora), "-o", str(outs["resize"]), "--rank", "4"]) == 0
+    for tool, out in outs.items():
+        got = _output_with(model, out)
+        assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max()), tool
+
+
+def test_an_unresolvable_recorded_base_is_named_with_what_to_pass(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from diffusion_lora.formats.safetensors_io import read_metadata
+
+    lora, expected = _lora_on(dl.build_tiny_pipeline("tiny-sd15"), tmp_path / "s.safetensors")
+    meta = read_metadata(lora)
+    meta["diffusion_lora.base_model"] = "someone/sd15-\x1b]0;finetune"
+    save_file(load_file(str(lora)), str(lora), metadata=meta)
+    out = tmp_path / "r.safetensors"
+    for argv in (["resize", str(lora), "-o", str(out), "--rank", "4"],
+                 ["convert", str(lora), str(out), "--to", "comfyui"], ["merge", str(lora), "-o", str(out)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert '"someone/sd15-\\u001b]0;finetune" (diffusion_lora.base_model)' in err and "pass --model" in err
+        assert "\x1b" not in err and not out.exists()
+    assert main(["resize", str(lora), "-o", str(out), "--rank", "4", "--model", "tiny-sd15"]) == 0
+    torch.testing.assert_close(_output_with("tiny-sd15", out), expected, rtol=0, atol=1e-5)
+
+
+def test_recorded_bases_reads_ours_the_train_config_and_kohyas():
+    from diffusion_lora.tools.base_keys import recorded_bases, resolve_base
+
+    meta = {"ss_sd_model_name": "v1-5-pruned.safetensors", "diffusion_lora.base_model": "/gone/model",
+            "diffusion_lora.train_config": json.dumps({"model": {"name": "tiny-sd15"}})}
+    assert [v for _, v in recorded_bases(meta)] == ["/gone/model", "tiny-sd15", "v1-5-pruned.safetensors"]
+    assert [resolve_base(v) for _, v in recorded_bases(meta)] == [None, "tiny-sd15", None]
+    assert recorded_bases({"diffusion_lora.train_config": "not json"}) == []

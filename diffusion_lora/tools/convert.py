@@ -41,17 +41,21 @@ def file_family(path: str | os.PathLike, metadata: dict[str, str], keys: list[st
     )
 
 
-def family_of_file(path: str | os.PathLike, *, allow_pickle: bool = False) -> str:
-    """:func:`file_family` from the file's header alone (a pickle, when allowed, is read whole)."""
+def header_of(path: str | os.PathLike, *, allow_pickle: bool = False) -> tuple[dict[str, str], list[str]]:
+    """(metadata, tensor names) from the file's header alone (a pickle, when allowed, is read whole)."""
     try:
         header = read_header(path)
-        metadata, names = dict(header.metadata), list(header.tensors)
+        return dict(header.metadata), list(header.tensors)
     except UnsafeFileError:
         if not allow_pickle:
             raise
         tensors, metadata = read_adapter_file(path, allow_pickle=True)
-        names = list(tensors)
-    return file_family(path, metadata, names)
+        return metadata, list(tensors)
+
+
+def family_of_file(path: str | os.PathLike, *, allow_pickle: bool = False) -> str:
+    """:func:`file_family` from the file's header alone (a pickle, when allowed, is read whole)."""
+    return file_family(path, *header_of(path, allow_pickle=allow_pickle))
 
 
 def convert_file(
@@ -61,14 +65,18 @@ def convert_file(
     *,
     family: str | None = None,
     pipe: Any = None,
+    keys: ModelKeys | None = None,
     allow_pickle: bool = False,
 ) -> Path:
-    """Write ``src`` to ``dst`` in format ``to``; returns ``dst``. Nothing is written on failure."""
-    from ..adapters.files import model_keys_of, read_adapter
+    """Write ``src`` to ``dst`` in format ``to``; returns ``dst``. Nothing is written on failure.
+
+    Keys resolve against ``pipe`` or ``keys`` when given, else the base the file records when it
+    resolves (see ``tools.base_keys``), else the family's reference model."""
+    from ..adapters.files import model_keys_of, read_adapter, resolve_adapter_path
     from ..adapters.state import state_of
     from ..adapters.validate import check_against_keys
     from ..formats.codec import encode
-    from ..models.reference import reference_keys
+    from .base_keys import keys_for_files, misfit_hint
 
     out = Path(dst)
     if out.suffix != ".safetensors":
@@ -77,19 +85,27 @@ def convert_file(
         target = FileFormat(to)
     except ValueError:
         raise ConfigError(f"--to {to!r}: choose one of {', '.join(f.value for f in FileFormat)}") from None
+    base = None
+    given = pipe is not None or keys is not None
     if pipe is not None:
-        keys: ModelKeys = model_keys_of(state_of(pipe))
-    else:
-        keys = reference_keys(family or family_of_file(src, allow_pickle=allow_pickle))
+        keys = model_keys_of(state_of(pipe))
+    elif keys is None:
+        weight_file, _ = resolve_adapter_path(src)
+        metadata, names = header_of(weight_file, allow_pickle=allow_pickle)
+        keys, base = keys_for_files([metadata], family or file_family(weight_file, metadata, names))
     read = read_adapter(src, keys, allow_pickle=allow_pickle)
+    hint = "" if given else misfit_hint(read.data.metadata, base)
     if read.unresolved:
         shown = ", ".join(read.unresolved[:5])
-        error = KeyMappingError if family or pipe is not None else FamilyMismatchError
+        error = KeyMappingError if family or given else FamilyMismatchError
         raise error(
             f"{read.path}: {len(read.unresolved)} key(s) match no module of the {keys.family.title} model "
-            f"(e.g. {shown}); nothing was written"
+            f"(e.g. {shown}); nothing was written{hint}"
         )
-    check_against_keys(read.data, keys, str(read.path))
+    try:
+        check_against_keys(read.data, keys, str(read.path))
+    except KeyMappingError as exc:
+        raise type(exc)(f"{exc}{hint}") from None
     tensors, metadata = encode(keys, read.data, target)
     metadata.update(_carried_metadata(read.data, keys, target, out.stem))
     write_adapter_file_with_hashes(out, tensors, metadata)

@@ -175,23 +175,32 @@ def read_inputs(
     paths: Sequence[str | os.PathLike], family: str | None, keys: ModelKeys | None, *, allow_pickle: bool = False
 ) -> tuple[list[ReadAdapter], ModelKeys]:
     """Read every file for one model; KeyMappingError naming the file on another family, unresolved keys
-    or shapes that do not fit; FormatError on NaN/Inf. Pickles only with ``allow_pickle``."""
+    or shapes that do not fit; FormatError on NaN/Inf. Pickles only with ``allow_pickle``.
+
+    Without ``keys`` the model is the base the files record when it resolves (see ``tools.base_keys``),
+    else the family's reference model; a misfit then says which base the file records.
+    """
     from ..adapters.files import read_adapter, resolve_adapter_path
     from ..adapters.validate import check_against_keys
-    from ..models.reference import reference_keys
-    from .convert import family_of_file
+    from .base_keys import keys_for_files, misfit_hint
+    from .convert import file_family, header_of
 
     families: list[str | None] = []
+    metadatas: list[dict[str, str]] = []
     for p in paths:
         weight_file, _ = resolve_adapter_path(p)
+        metadata, names = header_of(weight_file, allow_pickle=allow_pickle)
+        metadatas.append(metadata)
         try:
-            families.append(family_of_file(weight_file, allow_pickle=allow_pickle))
+            families.append(file_family(weight_file, metadata, names))
         except ConfigError:
             if keys is None and family is None and not families:
                 raise
             families.append(None)
+    given = keys is not None
+    base = None
     if keys is None:
-        keys = reference_keys(family or families[0])
+        keys, base = keys_for_files(metadatas, family or families[0])
     target = keys.family.name
     for p, found in zip(paths, families):
         if found is not None and found != target:
@@ -201,12 +210,16 @@ def read_inputs(
     reads = []
     for p in paths:
         read = read_adapter(p, keys, allow_pickle=allow_pickle)
+        hint = "" if given else misfit_hint(read.data.metadata, base)
         if read.unresolved:
             raise KeyMappingError(
                 f"{read.path}: {len(read.unresolved)} key(s) match no module of the {keys.family.title} model "
-                f"(e.g. {', '.join(read.unresolved[:5])}); nothing was written"
+                f"(e.g. {', '.join(read.unresolved[:5])}); nothing was written{hint}"
             )
-        check_against_keys(read.data, keys, str(read.path))
+        try:
+            check_against_keys(read.data, keys, str(read.path))
+        except KeyMappingError as exc:
+            raise type(exc)(f"{exc}{hint}") from None
         reads.append(read)
     return reads, keys
 
