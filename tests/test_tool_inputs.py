@@ -165,7 +165,9 @@ def test_tools_use_the_built_in_or_local_base_a_file_records(tmp_path, model):
     assert main(["convert", str(lora), str(outs["convert"]), "--to", "diffusers"]) == 0
     assert main(["merge", f"{lora}:1", "-o", str(outs["merge"]), "--to", "comfyui"]) == 0
     assert main(["resize", str(lora), "-o", str(outs["resize"]), "--rank", "4"]) == 0
-    for tool, out in outs.items():
+    again = tmp_path / "merged-then-resized.safetensors"  # the merge records the base it was made on
+    assert main(["resize", str(outs["merge"]), "-o", str(again), "--rank", "4"]) == 0
+    for tool, out in {**outs, "merge+resize": again}.items():
         got = _output_with(model, out)
         assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max()), tool
 
@@ -198,3 +200,19 @@ def test_recorded_bases_reads_ours_the_train_config_and_kohyas():
     assert [v for _, v in recorded_bases(meta)] == ["/gone/model", "tiny-sd15", "v1-5-pruned.safetensors"]
     assert [resolve_base(v) for _, v in recorded_bases(meta)] == [None, "tiny-sd15", None]
     assert recorded_bases({"diffusion_lora.train_config": "not json"}) == []
+
+
+def test_an_extracted_file_records_its_base_so_the_tools_resolve_it(tmp_path):
+    from diffusion_lora.adapters.inject import plain_modules
+
+    tuned = dl.build_tiny_pipeline("tiny-sd15")
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for path, module in plain_modules(tuned.unet):
+            if path.endswith("attn1.to_q"):
+                module.weight += 0.05 * torch.randn(module.weight.shape, generator=g)
+    tuned.save_pretrained(tmp_path / "tuned")
+    lora = tmp_path / "x.safetensors"
+    assert main(["extract", "--base", "tiny-sd15", "--tuned", str(tmp_path / "tuned"), "--rank", "4",
+                 "-o", str(lora)]) == 0
+    assert main(["resize", str(lora), "-o", str(tmp_path / "r.safetensors"), "--rank", "2"]) == 0

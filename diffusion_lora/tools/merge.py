@@ -25,6 +25,7 @@ import torch
 
 from ..errors import ConfigError, FamilyMismatchError, KeyMappingError
 from ..formats.adapter_data import AdapterData, ModuleLora
+from .base_keys import BASE_MODEL_KEY
 from .resize import DynamicRule, ReshapeReport, check_rank_args, factor_delta, flat_delta, fraction, refuse_dora
 
 if TYPE_CHECKING:
@@ -167,7 +168,11 @@ def merge_files(
     provenance = {"method": chosen.value, "rank": rank, "dynamic": dynamic,
                   "inputs": [{"file": r.path.name, "sha256": file_sha256(r.path), "weight": float(w)}
                              for r, (_, w) in zip(reads, specs)]}  # fmt: skip
-    write_output(path, keys, data, to, {"diffusion_lora.merge": json.dumps(provenance)})
+    extra = {"diffusion_lora.merge": json.dumps(provenance)}
+    bases = {r.data.metadata.get(BASE_MODEL_KEY) for r in reads}
+    if len(bases) == 1 and None not in bases:  # inputs made on one base: so is the merge
+        extra[BASE_MODEL_KEY] = bases.pop()
+    write_output(path, keys, data, to, extra)
     return ReshapeReport.of(path, data, energies)
 
 
