@@ -275,7 +275,9 @@ def _collapse(values: dict[str, Any]) -> Any:
 def fuse(pipe: Any) -> int:
     """Fuse the active adapters at their weights into the base weights; returns layers changed.
 
-    While fused, changing weights or adapters re-fuses automatically; :func:`unfuse` restores the
+    While fused, changing weights or adapters re-fuses automatically; a load, weight change or
+    enable/disable whose re-fuse fails (AdapterStateError: the new weights overflow the dtype) is
+    undone, leaving the previous adapters fused bit for bit as before. :func:`unfuse` restores the
     original base weights bit for bit.
     """
     return fuse_state(state_of(pipe))
