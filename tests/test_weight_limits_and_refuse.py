@@ -117,3 +117,21 @@ def test_load_lora_whose_refuse_overflows_is_undone_bit_for_bit(make_pipe, tmp_p
     assert torch.equal(forward(), fused_out)
     dl.load_lora(pipe, path, weight=1.0)  # the same file at a weight that fits loads and re-fuses
     assert state_of(pipe).fused is not None and len(dl.list_loras(pipe)) == 2
+
+
+def test_remove_lora_whose_refuse_overflows_is_undone_bit_for_bit(make_pipe):
+    """Fused in name order, a_neg keeps p + q finite; without it their sum overflows float32."""
+    pipe = make_pipe("tiny-sd15")
+    _planted(pipe, "a_neg", -3e38)
+    _planted(pipe, "p", 2e38)
+    _planted(pipe, "q", 2e38)
+    dl.fuse(pipe)
+    fused_weights = model_state(pipe)
+    with pytest.raises(dl.AdapterStateError) as err:
+        dl.remove_lora(pipe, "a_neg")
+    assert "undone" in str(err.value) and state_of(pipe).fused is not None
+    after = model_state(pipe)
+    assert after.keys() == fused_weights.keys() and all(torch.equal(after[k], v) for k, v in fused_weights.items())
+    assert [(i.name, i.enabled) for i in dl.list_loras(pipe)] == [("a_neg", True), ("p", True), ("q", True)]
+    dl.remove_lora(pipe, "q")  # a removal that fits re-fuses the rest
+    assert [i.name for i in dl.list_loras(pipe)] == ["a_neg", "p"] and state_of(pipe).fused is not None

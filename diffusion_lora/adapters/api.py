@@ -234,6 +234,10 @@ def remove_lora(pipe: Any, name: str) -> None:
     """Unload an adapter; layers left without adapters become plain layers again."""
     state = state_of(pipe)
     require(state, name)
+    if state.fused is not None and state.record(name).enabled:
+        # A removal cannot be undone, so first re-fuse without it (undone if that overflows): the
+        # re-fuse after the removal then repeats a fuse that succeeded.
+        _set_enabled(pipe, [name], False)
     with refused(state):
         _remove_everywhere(state, name)
         state.records.pop(name, None)
