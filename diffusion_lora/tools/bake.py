@@ -136,6 +136,9 @@ def bake(
 ) -> BakeReport:
     """Load ``model``, load each LoRA at its weight, fuse, and save a plain diffusers folder at ``out_dir``.
 
+    A LoRA is anything ``load_lora`` reads: a file, or a diffusers/PEFT folder (a PEFT
+    ``adapter_model.safetensors`` keeps the ``lora_alpha`` of the ``adapter_config.json`` beside it).
+
     ``out_dir`` gets ``bake_info.json`` (model, LoRAs with sha256 and weights). With ``single_file``,
     a diffusers-named (not original-layout) ``.safetensors`` of all components is written too.
     On any failure no ``out_dir`` (nor a new ``single_file``) is left behind.
