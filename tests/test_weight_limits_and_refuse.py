@@ -135,3 +135,27 @@ def test_remove_lora_whose_refuse_overflows_is_undone_bit_for_bit(make_pipe):
     assert [(i.name, i.enabled) for i in dl.list_loras(pipe)] == [("a_neg", True), ("p", True), ("q", True)]
     dl.remove_lora(pipe, "q")  # a removal that fits re-fuses the rest
     assert [i.name for i in dl.list_loras(pipe)] == ["a_neg", "p"] and state_of(pipe).fused is not None
+
+
+def test_hotswap_whose_refuse_overflows_is_undone_bit_for_bit(make_pipe, tmp_path):
+    """A hot-swap into a fused adapter whose new values overflow float16 when fused puts the old ones back."""
+    files = {}
+    for value in (1.0, 1000.0):  # at weight 100: 100 fits float16, 100000 does not
+        donor = make_pipe("tiny-sd15").to(torch.float16)
+        _planted(donor, "big", value)
+        files[value] = dl.save_lora(donor, "big", tmp_path / f"big-{value:g}.safetensors")
+    pipe = make_pipe("tiny-sd15").to(torch.float16)
+    dl.load_lora(pipe, files[1.0], name="big", weight=100.0)
+    dl.fuse(pipe)
+    fused_weights = model_state(pipe)
+    with pytest.raises(dl.DiffusionLoraError):
+        dl.hotswap(pipe, "big", files[1000.0])
+    assert state_of(pipe).fused is not None
+    after = model_state(pipe)
+    assert after.keys() == fused_weights.keys()
+    assert all(torch.equal(after[k], v) for k, v in fused_weights.items())
+    assert dl.list_loras(pipe)[0].file == str(files[1.0])
+    dl.unfuse(pipe)
+    dl.set_weights(pipe, {"big": 1.0})
+    dl.hotswap(pipe, "big", files[1000.0])  # at a weight that fits, the same swap goes through
+    assert dl.list_loras(pipe)[0].file == str(files[1000.0])

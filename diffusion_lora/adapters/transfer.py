@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from ..formats.metadata import ModelFacts, sharing_metadata, trigger_words_of
 from ..formats.safetensors_io import write_adapter_file_with_hashes
 from .files import model_keys_of, read_adapter
 from .guards import refused, require
-from .state import AdapterState, state_of
+from .state import AdapterRecord, AdapterState, state_of
 from .validate import plan_load
 from .weights import apply_weights
 
@@ -76,17 +76,52 @@ def hotswap(pipe: Any, name: str, path: str | os.PathLike, *, allow_pickle: bool
     for key, m in new.items():
         layer = current[key]
         loaded_rank = layer.r[name]
-        if m.rank != loaded_rank or (m.magnitude is None) == (name in layer.lora_magnitude_vector):
+        has_bias = layer.lora_B[name].bias is not None
+        if (m.rank != loaded_rank or (m.magnitude is None) == (name in layer.lora_magnitude_vector)
+                or (m.bias is not None) != has_bias):
             raise AdapterStateError(
                 f"{weight_file}: cannot hot-swap into {name!r}: {key} has rank {m.rank}"
                 f"{'' if m.magnitude is None else ' with DoRA'}, the loaded adapter rank {loaded_rank}"
-                f"{' with DoRA' if name in layer.lora_magnitude_vector else ''}; use remove_lora + load_lora"
+                f"{' with DoRA' if name in layer.lora_magnitude_vector else ''}"
+                f"{'' if (m.bias is not None) == has_bias else ' (one of them has a bias delta, the other not)'}"
+                f"; use remove_lora + load_lora"
             )
-    with refused(state):
+    rec = state.record(name)
+    undo = _restorer(state, name, rec) if state.fused is not None else None
+    with refused(state, undo):
         _copy_into(state, name, new, data.use_rslora)
-        rec = state.record(name)
         rec.file, rec.metadata, rec.trigger_words = str(weight_file), data.metadata, trigger_words_of(data.metadata)
         apply_weights(state)
+
+
+def _restorer(state: AdapterState, name: str, rec: AdapterRecord) -> Callable[[], None]:
+    """An undo for a hot-swap into ``name``: copies of its factors, alphas and record fields as they are now.
+
+    Taken only while fused, where a re-fuse that overflows must put the previous adapter back.
+    """
+    saved = []
+    for site in state.sites():
+        layer = site.layer
+        if name not in layer.lora_A:
+            continue
+        params = [layer.lora_A[name].weight, layer.lora_B[name].weight]
+        if layer.lora_B[name].bias is not None:
+            params.append(layer.lora_B[name].bias)
+        if name in layer.lora_magnitude_vector:
+            params.append(layer.lora_magnitude_vector[name].weight)
+        saved.append((layer, [(p, p.detach().clone()) for p in params], layer.lora_alpha[name], layer.use_rslora[name]))
+    fields = (rec.file, rec.metadata, rec.trigger_words)
+
+    def undo() -> None:
+        with torch.no_grad():
+            for layer, params, alpha, use_rslora in saved:
+                for param, copy in params:
+                    param.copy_(copy)
+                layer.lora_alpha[name], layer.use_rslora[name] = alpha, use_rslora
+        rec.file, rec.metadata, rec.trigger_words = fields
+        apply_weights(state)
+
+    return undo
 
 
 def _copy_into(state: AdapterState, name: str, modules: Mapping[str, ModuleLora], use_rslora: bool) -> None:
@@ -98,6 +133,8 @@ def _copy_into(state: AdapterState, name: str, modules: Mapping[str, ModuleLora]
             layer = site.layer
             layer.lora_A[name].weight.copy_(m.down.reshape(layer.lora_A[name].weight.shape))
             layer.lora_B[name].weight.copy_(m.up.reshape(layer.lora_B[name].weight.shape))
+            if m.bias is not None:
+                layer.lora_B[name].bias.copy_(m.bias)
             if m.magnitude is not None:
                 magnitude = layer.lora_magnitude_vector[name].weight
                 magnitude.copy_(m.magnitude.reshape(magnitude.shape))
