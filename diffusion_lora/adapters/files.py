@@ -38,14 +38,35 @@ def resolve_adapter_path(path: str | os.PathLike) -> tuple[Path, dict | None]:
         weight_file = candidates[0]
         cfg_file = p / "adapter_config.json"
         if cfg_file.is_file():
-            try:
-                config = parse_json(cfg_file.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
-                raise FormatError(f"{cfg_file}: not a readable adapter_config.json ({exc})") from None
-            if not isinstance(config, dict):
-                raise FormatError(f"{cfg_file}: adapter_config.json must hold a JSON object")
+            config = _read_config(cfg_file)
         return weight_file, config
     return p, None
+
+
+# PEFT's adapter_config.json is a few kB (a rank_pattern for every layer of a large model stays well
+# under 1 MB); a larger one is not read at all, so a huge file cannot fill memory.
+MAX_CONFIG_BYTES = 4 * 2**20
+
+
+def _read_config(cfg_file: Path) -> dict:
+    """The JSON object in a PEFT ``adapter_config.json``, read with a size bound; FormatError otherwise."""
+    try:
+        size = cfg_file.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise FormatError(
+                f"{cfg_file}: {size:,} bytes, more than the {MAX_CONFIG_BYTES:,} an adapter_config.json may have; "
+                f"the file is not a PEFT config (remove it, or pass the .safetensors file itself)"
+            )
+        with cfg_file.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # the file may have grown since stat
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise FormatError(f"{cfg_file}: more than {MAX_CONFIG_BYTES:,} bytes; not a PEFT adapter_config.json")
+        config = parse_json(raw.decode("utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise FormatError(f"{cfg_file}: not a readable adapter_config.json ({exc})") from None
+    if not isinstance(config, dict):
+        raise FormatError(f"{cfg_file}: adapter_config.json must hold a JSON object")
+    return config
 
 
 @dataclass
