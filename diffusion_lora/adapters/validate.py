@@ -129,8 +129,9 @@ def check_against_keys(data: AdapterData, keys: ModelKeys, source: str) -> None:
     for key, m in data.modules.items():
         component, _, path = key.partition(".")
         shape = keys.shape(component, path)
-        if shape is None:
-            continue  # unresolved keys are the caller's error, with its own message
+        if shape is None:  # a diffusers-format module path the model does not have
+            misfits.append(f"{key}: the model has no Linear/Conv2d layer of that name")
+            continue
         out_f, in_f, kernel = shape[0], shape[1], tuple(shape[2:])
         problem = fit_problem(key, in_f, out_f, kernel, m, None)
         if problem:

@@ -53,7 +53,8 @@ def decode(
         # Every component name of every family, so another family's keys keep their component and
         # fail to match visibly instead of being taken for bare keys of this family's denoiser.
         components = {c for f in FAMILIES.values() for c in (f.denoiser, *f.text_encoders)}
-        return Decoded(parse_peft(tensors, metadata, components, family.denoiser, peft_config), fmt.value)
+        data = parse_peft(tensors, metadata, components, family.denoiser, peft_config)
+        return Decoded(_model_spelling(data, keys, source), fmt.value)
     if family.name == "flux1":
         return _decode_flux(tensors, metadata, keys, fmt, source)
     if fmt is FileFormat.COMFYUI:
@@ -61,6 +62,20 @@ def decode(
     data, unresolved = parse_kohya(tensors, metadata, keys.kohya, source=source)
     data.format = fmt.value
     return Decoded(data, fmt.value, unresolved)
+
+
+def _model_spelling(data: AdapterData, keys: ModelKeys, source: str) -> AdapterData:
+    """``data`` with every module path spelled as the model spells it (see :meth:`ModelKeys.module_path`)."""
+    modules: dict[str, ModuleLora] = {}
+    for key, m in data.modules.items():
+        component, _, path = key.partition(".")
+        own = f"{component}.{keys.module_path(component, path)}"
+        if own in modules:
+            raise FormatError(f"{source}: two modules of the file both adapt {own} (spelled with and without "
+                              f"'text_model.'); the file is ambiguous")
+        modules[own] = m
+    data.modules = modules
+    return data
 
 
 def _decode_flux(
