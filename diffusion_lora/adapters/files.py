@@ -52,17 +52,18 @@ def _read_config(cfg_file: Path) -> dict:
     """The JSON object in a PEFT ``adapter_config.json``, read with a size bound; FormatError otherwise."""
     try:
         size = cfg_file.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise FormatError(
-                f"{cfg_file}: {size:,} bytes, more than the {MAX_CONFIG_BYTES:,} an adapter_config.json may have; "
-                f"the file is not a PEFT config (remove it, or pass the .safetensors file itself)"
-            )
         with cfg_file.open("rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)  # the file may have grown since stat
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise FormatError(f"{cfg_file}: more than {MAX_CONFIG_BYTES:,} bytes; not a PEFT adapter_config.json")
+            raw = f.read(MAX_CONFIG_BYTES + 1) if size <= MAX_CONFIG_BYTES else b""
+    except OSError as exc:
+        raise FormatError(f"{cfg_file}: not a readable adapter_config.json ({exc})") from None
+    if size > MAX_CONFIG_BYTES or len(raw) > MAX_CONFIG_BYTES:  # stat first; the file may also grow
+        raise FormatError(
+            f"{cfg_file}: {max(size, len(raw)):,} bytes, more than the {MAX_CONFIG_BYTES:,} an adapter_config.json "
+            f"may have; it is not a PEFT config (remove it, or pass the .safetensors file itself)"
+        )
+    try:
         config = parse_json(raw.decode("utf-8"))
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError
         raise FormatError(f"{cfg_file}: not a readable adapter_config.json ({exc})") from None
     if not isinstance(config, dict):
         raise FormatError(f"{cfg_file}: adapter_config.json must hold a JSON object")

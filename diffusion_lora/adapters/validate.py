@@ -187,7 +187,18 @@ def plan_load(
         examples = ", ".join(plan.skipped[:5])
         raise KeyMappingError(
             f"{source}: {len(plan.skipped)} of {total} module(s) match no layer of the "
-            f"{state.family.title} pipeline (e.g. {examples}). Pass strict=False to load the modules "
-            f"that match and skip the rest."
+            f"{state.family.title} pipeline (e.g. {examples}){_unheld_hint(plan.skipped)}. Pass strict=False "
+            f"to load the modules that match and skip the rest."
         )
     return plan
+
+
+def _unheld_hint(skipped: Sequence[str]) -> str:
+    """Why ComfyUI ``diff``/``diff_b`` keys are among the skipped ones (ComfyUI applies them; PEFT cannot)."""
+    deltas = [k for k in skipped if k.endswith((".diff", ".diff_b"))]
+    if not deltas:
+        return ""
+    return (
+        f"; {len(deltas)} of them are whole weight or bias deltas (diff/diff_b) of layers a LoRA cannot hold — "
+        f"norms, or biases of layers without a LoRA — which ComfyUI applies but a PEFT adapter cannot"
+    )

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import FormatError, KeyMappingError
-from .adapter_data import AdapterData, ModuleLora, check_delta_size
+from .adapter_data import AdapterData, ModuleLora, bias_from_delta, check_delta_size
 from .sgm_blocks import UNetLayout, sgm_path
 
 NETWORK_MODULE = "networks.lora"
@@ -36,6 +36,7 @@ _ROLES = {
     "lora_mid.weight": "mid",
     "alpha": "alpha",
     "dora_scale": "dora_scale",
+    "diff_b": "diff_b",  # ComfyUI's bias delta beside a LoRA (its trainer writes one per bias)
 }
 _KOHYA_KEY = re.compile(r"lora_\w+\.(?:lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha|dora_scale)")
 _CLIP_Q = re.compile(r"(?:text_model\.)?encoder\.layers\.\d+\.self_attn\.q_proj")
@@ -186,7 +187,7 @@ def _group(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, tuple[str
         if role is None:
             raise FormatError(
                 f"key {key!r} is not a kohya LoRA key (<name>.lora_down.weight / .lora_up.weight / .alpha "
-                f"/ .lora_mid.weight / .dora_scale); LoHa/LoKr and other LyCORIS types are not LoRA"
+                f"/ .lora_mid.weight / .dora_scale / .diff_b); LoHa/LoKr and other LyCORIS types are not LoRA"
             )
         groups.setdefault(name, {})[role] = (key, tensor)
     return groups
@@ -248,7 +249,11 @@ def _module(name: str, parts: Mapping[str, torch.Tensor]) -> ModuleLora:
     magnitude = None
     if "dora_scale" in parts:
         magnitude = dora_scale_to_magnitude(parts["dora_scale"], int(up.shape[0]), int(down.shape[1]), name)
-    return ModuleLora(down=down, up=up, alpha=module_alpha(name, parts.get("alpha"), rank), magnitude=magnitude)
+    alpha = module_alpha(name, parts.get("alpha"), rank)
+    bias = None
+    if "diff_b" in parts:
+        bias = bias_from_delta(name, parts["diff_b"], int(up.shape[0]), alpha / rank)
+    return ModuleLora(down=down, up=up, alpha=alpha, magnitude=magnitude, bias=bias)
 
 
 def module_alpha(name: str, alpha: torch.Tensor | None, rank: int) -> float:
