@@ -217,3 +217,38 @@ def test_flux_comfyui_trainer_file_equals_reference_math_and_writes_back(make_pi
     assert back.keys() == kept.keys()
     for key, value in kept.items():
         torch.testing.assert_close(back[key].float(), value.float(), rtol=0, atol=0, msg=key)
+
+
+def test_sdxl_unet_and_clip_comfyui_keys_with_diff_b_equal_reference_math(make_pipe, tmp_path):
+    """SDXL: SGM UNet names plus ``text_encoders.clip_l/clip_g.transformer.text_model.…`` keys, all with
+    diff_b, against W + alpha/rank · up @ down and b + diff_b, and written back key for key."""
+    pipe = make_pipe("tiny-sdxl")
+    tensors = _lora_only(comfyui_trainer_tensors(pipe.unet, rank=RANK, seed=93))
+    g = torch.Generator().manual_seed(94)
+    clip: dict[str, tuple[str, str]] = {}  # file module name → (component, module path)
+    for role, component in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2")):
+        encoder = getattr(pipe, component)
+        for path, module in encoder.named_modules():
+            if path.endswith(("self_attn.q_proj", "mlp.fc2")):
+                name = f"text_encoders.{role}.transformer.text_model.{path.removeprefix('text_model.')}"
+                clip[name] = (component, path)
+                tensors[f"{name}.lora_up.weight"] = torch.randn(module.out_features, RANK, generator=g) * 0.05
+                tensors[f"{name}.lora_down.weight"] = torch.randn(RANK, module.in_features, generator=g) * 0.05
+                tensors[f"{name}.alpha"] = torch.tensor(3.0)
+                tensors[f"{name}.diff_b"] = torch.randn(module.out_features, generator=g) * 0.05
+    path = tmp_path / "sdxl_comfy.safetensors"
+    save_file(tensors, str(path))
+    dl.load_lora(pipe, path, name="x")
+    reference = make_pipe("tiny-sdxl")
+    _reference(reference, {k: v for k, v in tensors.items() if k.startswith("diffusion_model.")})
+    with torch.no_grad():
+        for name, (component, module_path) in clip.items():
+            layer = getattr(reference, component).get_submodule(module_path)
+            layer.weight += (3.0 / RANK) * tensors[f"{name}.lora_up.weight"] @ tensors[f"{name}.lora_down.weight"]
+            layer.bias += tensors[f"{name}.diff_b"]
+    assert_near(run(pipe), run(reference), rel=1e-5)
+    back = load_file(str(dl.save_lora(pipe, "x", tmp_path / "back.safetensors", format="comfyui")))
+    assert back.keys() == tensors.keys()
+    for key, value in tensors.items():  # the pipeline holds float32; conv factors come back 4-d
+        got = back[key].float()
+        torch.testing.assert_close(got.reshape(value.shape), value.float(), rtol=1e-6, atol=1e-7, msg=key)
