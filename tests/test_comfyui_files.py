@@ -252,3 +252,24 @@ def test_sdxl_unet_and_clip_comfyui_keys_with_diff_b_equal_reference_math(make_p
     for key, value in tensors.items():  # the pipeline holds float32; conv factors come back 4-d
         got = back[key].float()
         torch.testing.assert_close(got.reshape(value.shape), value.float(), rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_kohya_named_lora_with_diff_b_reads_as_lora_not_lycoris(trained, make_pipe, tmp_path):
+    """The same file under kohya names (``lora_unet_input_blocks_…``): LoRA + diff_b is a LoRA with bias
+    deltas, not a LyCORIS 'full' module; norm deltas are still refused by name."""
+    pipe, _, tensors = trained
+    kohya = {}
+    for key, value in tensors.items():
+        module, _, suffix = key.removeprefix("diffusion_model.").partition(".lora_")
+        module, suffix = (module, "lora_" + suffix) if suffix else key.removeprefix("diffusion_model.").rsplit(".", 1)
+        kohya[f"lora_unet_{module.replace('.', '_')}.{suffix}"] = value
+    assert "lora_unet_input_blocks_1_1_proj_in.diff_b" in kohya
+    path = tmp_path / "kohya_named.safetensors"
+    save_file(kohya, str(path))
+    assert inspect_file(path).format == "kohya"
+    with pytest.raises(dl.KeyMappingError, match=r"lora_unet_input_blocks_1_0_in_layers_0\.diff"):
+        dl.load_lora(make_pipe("tiny-sd15"), path)
+    dl.load_lora(pipe, path, strict=False)
+    reference = make_pipe("tiny-sd15")
+    _reference(reference, tensors)
+    assert_near(run(pipe), run(reference), rel=1e-5)

@@ -19,7 +19,7 @@ from .adapter_data import AdapterData, ModuleLora
 from .comfyui import TEXT_PREFIX, comfyui_names, comfyui_to_kohya, write_comfyui
 from .detect import FileFormat, detect_format
 from .flux_names import COMFYUI_PREFIX, KOHYA_PREFIX, bfl_table, parse_flux, write_flux_kohya
-from .kohya import flatten, kohya_metadata, parse_kohya, write_kohya
+from .kohya import flatten, is_kohya, kohya_metadata, parse_kohya, write_kohya
 from .lycoris import delta_as_lora, fit_shape, is_lycoris, lycoris_deltas
 from .model_keys import ModelKeys
 from .peft_format import parse_peft, write_peft
@@ -46,7 +46,7 @@ def decode(
 ) -> Decoded:
     """Detect the format of ``tensors`` (all keys) and read them for the model of ``keys``."""
     family = keys.family
-    if is_lycoris(tensors):
+    if is_lycoris(tensors) and not is_kohya(tensors):  # LoRA beside ComfyUI's diff/diff_b stays LoRA
         return _decode_lycoris(tensors, metadata, keys)
     fmt = detect_format(tensors, source)
     if fmt is FileFormat.DIFFUSERS:

@@ -38,7 +38,7 @@ _ROLES = {
     "dora_scale": "dora_scale",
     "diff_b": "diff_b",  # ComfyUI's bias delta beside a LoRA (its trainer writes one per bias)
 }
-_KOHYA_KEY = re.compile(r"lora_\w+\.(?:lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha|dora_scale)")
+_KOHYA_KEY = re.compile(r"lora_\w+\.(?:lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha|dora_scale|diff_b|diff)")
 _CLIP_Q = re.compile(r"(?:text_model\.)?encoder\.layers\.\d+\.self_attn\.q_proj")
 _CLIP_WRAPPER = "text_model."
 
@@ -47,7 +47,8 @@ Target = tuple[str, str]  # (pipeline component, module path inside it)
 
 def is_kohya(keys: Iterable[str]) -> bool:
     """True when every key is a kohya LoRA key (``lora_<…>.lora_down.weight`` / ``.lora_up.weight`` /
-    ``.alpha`` / ``.lora_mid.weight`` / ``.dora_scale``) and at least one is a ``lora_down`` weight.
+    ``.alpha`` / ``.lora_mid.weight`` / ``.dora_scale``, or ComfyUI's ``.diff_b`` / ``.diff``) and at
+    least one is a ``lora_down`` weight.
 
     All keys are looked at: a file mixing in keys of another format is not a kohya LoRA file.
     """

@@ -17,6 +17,7 @@ from ..families import FAMILIES
 from ..formats.detect import detect_format
 from ..formats.family_guess import guess_families
 from ..formats.hashes import addnet_hash, autov2_hash, file_sha256
+from ..formats.kohya import is_kohya
 from ..formats.lycoris import is_lycoris
 from ..formats.metadata import trigger_words_of
 from ..formats.peft_format import PEFT_MODEL_PREFIX, split_peft_key
@@ -93,7 +94,7 @@ def inspect_file(path: str | os.PathLike) -> FileReport:
     """Read ``path`` safely and describe it. Hashes are computed from the bytes, never trusted."""
     p = Path(path)
     tensors, metadata = read_adapter_file(p)
-    fmt = "lycoris" if is_lycoris(tensors) else detect_format(tensors, str(p)).value
+    fmt = "lycoris" if is_lycoris(tensors) and not is_kohya(tensors) else detect_format(tensors, str(p)).value
     parts: dict[str, dict[str, torch.Tensor]] = {}
     algos: Counter[str] = Counter()
     for key, tensor in tensors.items():
