@@ -83,7 +83,9 @@ def test_load_equals_reference_math(trained, make_pipe):
     report = dl.load_lora(pipe, path, strict=False)
     layers = [m for m in make_pipe("tiny-sd15").unet.modules() if isinstance(m, _LORA_LAYERS)]
     assert report.loaded == len(layers)
-    norm_keys = {k for k in tensors if k.endswith((".diff", ".diff_b")) and k.rsplit(".", 1)[0] + ".alpha" not in tensors}
+    norm_keys = {
+        k for k in tensors if k.endswith((".diff", ".diff_b")) and k.rsplit(".", 1)[0] + ".alpha" not in tensors
+    }
     assert norm_keys and set(report.skipped) == norm_keys  # everything dropped is named, nothing else is
     reference = make_pipe("tiny-sd15")
     _reference(reference, tensors)

@@ -36,7 +36,8 @@ def _with_config(tmp_path, tensors, metadata, **fields) -> str:
 
 
 def _scalings(pipe, name: str) -> dict[str, float]:
-    return {f"{site.component}.{site.path}": site.layer.scaling[name] for site in state_of(pipe).sites() if name in site.layer.lora_A}
+    sites = [site for site in state_of(pipe).sites() if name in site.layer.lora_A]
+    return {f"{site.component}.{site.path}": site.layer.scaling[name] for site in sites}
 
 
 def test_huge_adapter_config_is_refused_without_reading_it(sd15_file, tmp_path):

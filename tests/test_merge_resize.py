@@ -67,7 +67,7 @@ def test_dora_is_refused(method):
 
 
 def test_concat_and_svd_both_sum_bias_deltas():
-    """Bias deltas add: Σ wᵢ · scaleᵢ · biasᵢ (a: 0.7 · 2/4 · 1; b: -0.5 · 8/√2 · 2, rsLoRA), at scale 1."""
+    """Bias deltas add: Σ wᵢ·scaleᵢ·biasᵢ (a: 0.7 · 2/4 · 1; b: -0.5 · 8/√2 · 2, rsLoRA), at scale 1."""
     a, b = pair()
     a[0].modules[LIN].bias = torch.ones(12)
     b[0].modules[LIN].bias = torch.full((12,), 2.0)

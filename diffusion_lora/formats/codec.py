@@ -99,7 +99,9 @@ def _decode_kohya_names(
         whole = _decode_lycoris(full, metadata, keys)
         for key, module in whole.data.modules.items():
             if key in data.modules:
-                raise FormatError(f"{source}: {key} has both a LoRA and a whole weight delta (diff); the file is ambiguous")
+                raise FormatError(
+                    f"{source}: {key} has both a LoRA and a whole weight delta (diff); the file is ambiguous"
+                )
             data.modules[key] = module
         unresolved += whole.unresolved
     _conv_factors(data, keys)

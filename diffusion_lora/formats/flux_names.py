@@ -82,8 +82,12 @@ _TOP: tuple[tuple[str, str], ...] = (
 _ADALN = "final_layer.adaLN_modulation.1"
 
 _FLAT_ROLES = {
-    "lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "dora_scale", "diff_b": "diff_b",
-}  # fmt: skip
+    "lora_down.weight": "down",
+    "lora_up.weight": "up",
+    "alpha": "alpha",
+    "dora_scale": "dora_scale",
+    "diff_b": "diff_b",
+}
 _DOTTED_ROLES = (
     ("lora_A.weight", "down"),
     ("lora_B.weight", "up"),

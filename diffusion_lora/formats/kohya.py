@@ -38,7 +38,9 @@ _ROLES = {
     "dora_scale": "dora_scale",
     "diff_b": "diff_b",  # ComfyUI's bias delta beside a LoRA (its trainer writes one per bias)
 }
-_KOHYA_KEY = re.compile(r"lora_\w+\.(?:lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha|dora_scale|diff_b|diff)")
+_KOHYA_KEY = re.compile(
+    r"lora_\w+\.(?:lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha|dora_scale|diff_b|diff)"
+)
 _CLIP_Q = re.compile(r"(?:text_model\.)?encoder\.layers\.\d+\.self_attn\.q_proj")
 _CLIP_WRAPPER = "text_model."
 

@@ -183,7 +183,10 @@ def parse_peft(
     if config and default_component not in configs:
         configs[default_component] = dict(config)
         where[default_component] = "adapter_config.json key '{}'"
-    alphas = {c: pattern_table(cfg.get("alpha_pattern"), where[c].format("alpha_pattern")) for c, cfg in configs.items()}
+    alphas = {
+        c: pattern_table(cfg.get("alpha_pattern"), where[c].format("alpha_pattern"))
+        for c, cfg in configs.items()
+    }
     modules: dict[str, ModuleLora] = {}
     for module, roles in parts.items():
         if "down" not in roles or "up" not in roles:
