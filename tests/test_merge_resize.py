@@ -66,13 +66,17 @@ def test_dora_is_refused(method):
         resize(a[0], rank=2)
 
 
-def test_concat_refuses_bias_but_svd_sums_it():
+def test_concat_and_svd_both_sum_bias_deltas():
+    """Bias deltas add: Σ wᵢ·scaleᵢ·biasᵢ (a: 0.7 · 2/4 · 1; b: -0.5 · 8/√2 · 2, rsLoRA), at scale 1."""
     a, b = pair()
     a[0].modules[LIN].bias = torch.ones(12)
-    with pytest.raises(ConfigError, match="bias"):
-        merge_concat([a, b])
-    merged, _ = merge_svd([a, b], rank=100)
-    torch.testing.assert_close(merged.modules[LIN].bias, torch.full((12,), 0.7 * 0.5))
+    b[0].modules[LIN].bias = torch.full((12,), 2.0)
+    want = torch.full((12,), 0.7 * 0.5 - 0.5 * (8.0 / 2**0.5) * 2.0)
+    for merged in (merge_concat([a, b]), merge_svd([a, b], rank=100)[0]):
+        m = merged.modules[LIN]
+        assert m.scale() == 1.0
+        torch.testing.assert_close(m.bias, want)
+        assert merged.modules[CONV].bias is None
 
 
 def test_svd_at_full_rank_equals_concat():

@@ -66,7 +66,6 @@ def sample_tensors() -> dict[str, torch.Tensor]:
         "lora_unet_x.alpha": torch.tensor(2.0),
         "lora_te_y.lora_down.weight": torch.randn(3, 5, generator=g).to(torch.bfloat16),
         "lora_te_y.lora_up.weight": torch.randn(5, 3, generator=g).to(torch.float64),
-        "empty": torch.zeros(0, 3),
     }
 
 
@@ -109,7 +108,25 @@ def test_write_then_read_is_identity(tmp_path):
     assert read_metadata(path) == meta
     header = read_header(path)
     assert header.tensors["lora_unet_x.lora_up.weight"].dtype == "F16"
-    assert header.tensors["empty"].shape == (0, 3)
+    assert header.tensors["lora_te_y.lora_down.weight"].shape == (3, 5)
+
+
+def test_zero_size_tensor_is_refused_naming_it(tmp_path):
+    path = write(tmp_path, raw_file({"w": entry("F32", [2], 0, 8), "hollow": entry("F32", [0, 3], 8, 8)}, b"\0" * 8))
+    with raises_naming(FormatError, str(path), "'hollow'", "[0, 3]", "no numbers"):
+        read_adapter_file(path)
+
+
+def test_absurd_tensor_count_is_refused_before_parsing(tmp_path, monkeypatch):
+    """1.5 M one-element entries fit a 100 MB header; they are refused by counting, not by parsing."""
+    count = sio.MAX_TENSORS + 1
+    header = {f"t{i}": entry("F16", [1], 2 * i, 2 * i + 2) for i in range(count)}
+    path = write(tmp_path, raw_file(header, b"\0" * (2 * count)))
+    parsed = []
+    monkeypatch.setattr(sio, "_parse_tensor_entry", lambda *a: parsed.append(a))
+    with raises_naming(FormatError, str(path), f"{count:,} tensors", f"{sio.MAX_TENSORS:,}"):
+        read_adapter_file(path)
+    assert parsed == []  # refused before a single entry was looked at
 
 
 def test_writer_accepts_views_shared_storage_and_grad_tensors(tmp_path):

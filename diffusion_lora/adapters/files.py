@@ -48,14 +48,36 @@ def resolve_adapter_path(path: str | os.PathLike) -> tuple[Path, dict | None]:
         weight_file = candidates[0]
         cfg_file = p / "adapter_config.json"
         if cfg_file.is_file():
-            try:
-                config = parse_json(cfg_file.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
-                raise FormatError(f"{cfg_file}: not a readable adapter_config.json ({exc})") from None
-            if not isinstance(config, dict):
-                raise FormatError(f"{cfg_file}: adapter_config.json must hold a JSON object")
+            config = _read_config(cfg_file)
         return weight_file, config
     return p, None
+
+
+# PEFT's adapter_config.json is a few kB (a rank_pattern for every layer of a large model stays well
+# under 1 MB); a larger one is not read at all, so a huge file cannot fill memory.
+MAX_CONFIG_BYTES = 4 * 2**20
+
+
+def _read_config(cfg_file: Path) -> dict:
+    """The JSON object in a PEFT ``adapter_config.json``, read with a size bound; FormatError otherwise."""
+    try:
+        size = cfg_file.stat().st_size
+        with cfg_file.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1) if size <= MAX_CONFIG_BYTES else b""
+    except OSError as exc:
+        raise FormatError(f"{cfg_file}: not a readable adapter_config.json ({exc})") from None
+    if size > MAX_CONFIG_BYTES or len(raw) > MAX_CONFIG_BYTES:  # stat first; the file may also grow
+        raise FormatError(
+            f"{cfg_file}: {max(size, len(raw)):,} bytes, more than the {MAX_CONFIG_BYTES:,} an adapter_config.json "
+            f"may have; it is not a PEFT config (remove it, or pass the .safetensors file itself)"
+        )
+    try:
+        config = parse_json(raw.decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError
+        raise FormatError(f"{cfg_file}: not a readable adapter_config.json ({exc})") from None
+    if not isinstance(config, dict):
+        raise FormatError(f"{cfg_file}: adapter_config.json must hold a JSON object")
+    return config
 
 
 @dataclass

@@ -129,8 +129,9 @@ def check_against_keys(data: AdapterData, keys: ModelKeys, source: str) -> None:
     for key, m in data.modules.items():
         component, _, path = key.partition(".")
         shape = keys.shape(component, path)
-        if shape is None:
-            continue  # unresolved keys are the caller's error, with its own message
+        if shape is None:  # a diffusers-format module path the model does not have
+            misfits.append(f"{key}: the model has no Linear/Conv2d layer of that name")
+            continue
         out_f, in_f, kernel = shape[0], shape[1], tuple(shape[2:])
         problem = fit_problem(key, in_f, out_f, kernel, m, None)
         if problem:
@@ -186,7 +187,18 @@ def plan_load(
         examples = ", ".join(plan.skipped[:5])
         raise KeyMappingError(
             f"{source}: {len(plan.skipped)} of {total} module(s) match no layer of the "
-            f"{state.family.title} pipeline (e.g. {examples}). Pass strict=False to load the modules "
-            f"that match and skip the rest."
+            f"{state.family.title} pipeline (e.g. {examples}){_unheld_hint(plan.skipped)}. Pass strict=False "
+            f"to load the modules that match and skip the rest."
         )
     return plan
+
+
+def _unheld_hint(skipped: Sequence[str]) -> str:
+    """Why ComfyUI ``diff``/``diff_b`` keys are among the skipped ones (ComfyUI applies them; PEFT cannot)."""
+    deltas = [k for k in skipped if k.endswith((".diff", ".diff_b"))]
+    if not deltas:
+        return ""
+    return (
+        f"; {len(deltas)} of them are whole weight or bias deltas (diff/diff_b) of layers a LoRA cannot hold — "
+        f"norms, or biases of layers without a LoRA — which ComfyUI applies but a PEFT adapter cannot"
+    )

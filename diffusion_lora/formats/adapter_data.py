@@ -41,6 +41,27 @@ class ModuleLora:
     def scale(self, use_rslora: bool = False) -> float:
         return self.alpha / (math.sqrt(self.rank) if use_rslora else self.rank)
 
+    def bias_delta(self, use_rslora: bool = False) -> torch.Tensor | None:
+        """The change of the layer's bias, scale · bias ([out], ``up``'s dtype), as ComfyUI's ``diff_b``
+        stores it; None without a bias."""
+        if self.bias is None:
+            return None
+        return (self.bias.double() * self.scale(use_rslora)).to(self.up.dtype)
+
+
+def bias_from_delta(name: str, diff_b: torch.Tensor, out_features: int, scale: float) -> torch.Tensor:
+    """PEFT's ``lora_B`` bias for a layer whose bias changes by ``diff_b`` [out] under LoRA ``scale``.
+
+    PEFT multiplies the bias by the scale, so the bias is diff_b / scale, kept in float32 (at least):
+    scale · bias then equals diff_b to float32 rounding, also for a bfloat16 file. FormatError for a
+    shape that is not [out_features].
+    """
+    if tuple(diff_b.shape) != (out_features,):
+        raise FormatError(
+            f"{name}.diff_b has shape {list(diff_b.shape)}; a layer with {out_features} outputs needs [{out_features}]"
+        )
+    return diff_b.to(torch.promote_types(diff_b.dtype, torch.float32)) / scale
+
 
 @dataclass
 class AdapterData:

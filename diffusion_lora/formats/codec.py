@@ -19,7 +19,7 @@ from .adapter_data import AdapterData, ModuleLora
 from .comfyui import TEXT_PREFIX, comfyui_names, comfyui_to_kohya, write_comfyui
 from .detect import FileFormat, detect_format
 from .flux_names import COMFYUI_PREFIX, KOHYA_PREFIX, bfl_table, parse_flux, write_flux_kohya
-from .kohya import flatten, kohya_metadata, parse_kohya, write_kohya
+from .kohya import flatten, is_kohya, kohya_metadata, parse_kohya, write_kohya
 from .lycoris import delta_as_lora, fit_shape, is_lycoris, lycoris_deltas
 from .model_keys import ModelKeys
 from .peft_format import parse_peft, write_peft
@@ -46,21 +46,101 @@ def decode(
 ) -> Decoded:
     """Detect the format of ``tensors`` (all keys) and read them for the model of ``keys``."""
     family = keys.family
-    if is_lycoris(tensors):
+    if is_lycoris(tensors) and not is_kohya(tensors):  # LoRA beside ComfyUI's diff/diff_b stays LoRA
         return _decode_lycoris(tensors, metadata, keys)
     fmt = detect_format(tensors, source)
     if fmt is FileFormat.DIFFUSERS:
         # Every component name of every family, so another family's keys keep their component and
         # fail to match visibly instead of being taken for bare keys of this family's denoiser.
         components = {c for f in FAMILIES.values() for c in (f.denoiser, *f.text_encoders)}
-        return Decoded(parse_peft(tensors, metadata, components, family.denoiser, peft_config), fmt.value)
+        data = parse_peft(tensors, metadata, components, family.denoiser, peft_config)
+        return Decoded(_model_spelling(data, keys, source), fmt.value)
     if family.name == "flux1":
         return _decode_flux(tensors, metadata, keys, fmt, source)
+    origin: dict[str, str] = {}
     if fmt is FileFormat.COMFYUI:
-        tensors = comfyui_to_kohya(tensors, family.kohya_prefixes, family.comfyui_text_encoders, family.denoiser)
-    data, unresolved = parse_kohya(tensors, metadata, keys.kohya, source=source)
+        renamed = comfyui_to_kohya(tensors, family.kohya_prefixes, family.comfyui_text_encoders, family.denoiser)
+        origin = dict(zip(renamed, tensors))  # one renamed key per file key, in the file's order
+        tensors = renamed
+    data, unresolved = _decode_kohya_names(tensors, metadata, keys, source)
     data.format = fmt.value
-    return Decoded(data, fmt.value, unresolved)
+    return Decoded(data, fmt.value, sorted(origin.get(k, k) for k in unresolved))
+
+
+def _decode_kohya_names(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], keys: ModelKeys, source: str
+) -> tuple[AdapterData, list[str]]:
+    """kohya-named tensors (renamed ComfyUI ones too, which may carry ``diff``/``diff_b``) as AdapterData,
+    plus the sorted file keys it cannot hold.
+
+    LoRA modules keep their bias delta (``diff_b``) as the LoRA's bias. A module with a whole weight
+    delta (``diff``) on a Linear/Conv2d layer becomes an exact full-rank LoRA, as LyCORIS full modules
+    do. A ``diff_b`` without a LoRA or ``diff`` (the bias of a norm, of a layer the file adapts no
+    other way) and the ``diff`` of a layer LoRA cannot adapt (a norm's weight) have no place in a PEFT
+    adapter: they are returned with the unresolved keys, which loading refuses by name or, with
+    ``strict=False``, skips by name.
+    """
+    by_name: dict[str, dict[str, str]] = {}
+    for key in tensors:
+        name, _, suffix = key.partition(".")
+        by_name.setdefault(name, {})[suffix] = key
+    lora: dict[str, torch.Tensor] = {}
+    full: dict[str, torch.Tensor] = {}
+    unheld: list[str] = []
+    for name, parts in by_name.items():
+        if "diff" in parts and keys.kohya.resolve(name) is not None:
+            full.update({k: tensors[k] for k in parts.values()})
+        elif parts.keys() <= _DELTA_ONLY:
+            unheld += parts.values()
+        else:
+            lora.update({k: tensors[k] for k in parts.values()})
+    data, unresolved = parse_kohya(lora, metadata, keys.kohya, source=source)
+    if full:
+        whole = _decode_lycoris(full, metadata, keys)
+        for key, module in whole.data.modules.items():
+            if key in data.modules:
+                raise FormatError(
+                    f"{source}: {key} has both a LoRA and a whole weight delta (diff); the file is ambiguous"
+                )
+            data.modules[key] = module
+        unresolved += whole.unresolved
+    _conv_factors(data, keys)
+    return data, sorted(unresolved + unheld)
+
+
+_DELTA_ONLY = frozenset({"diff", "diff_b", "alpha"})
+
+
+def _conv_factors(data: AdapterData, keys: ModelKeys) -> None:
+    """Give flattened LoRA factors of conv layers the layer's 4-d shapes, in place.
+
+    ComfyUI's trainer stores a conv layer's LoRA as down [rank, in·kh·kw] and up [out, rank]; PEFT's
+    conv LoRA is down [rank, in, kh, kw] and up [out, rank, 1, 1] — the same numbers in another shape,
+    so up @ down is unchanged. Factors that do not fit are left for the shape check to report.
+    """
+    for key, m in data.modules.items():
+        component, _, path = key.partition(".")
+        shape = keys.shape(component, path)
+        if shape is None or len(shape) != 4 or m.down.dim() != 2 or m.up.dim() != 2:
+            continue
+        _, in_c, kh, kw = shape
+        if m.down.shape[1] == in_c * kh * kw:
+            m.down = m.down.reshape(m.rank, in_c, kh, kw)
+            m.up = m.up.reshape(m.up.shape[0], m.rank, 1, 1)
+
+
+def _model_spelling(data: AdapterData, keys: ModelKeys, source: str) -> AdapterData:
+    """``data`` with every module path spelled as the model spells it (see :meth:`ModelKeys.module_path`)."""
+    modules: dict[str, ModuleLora] = {}
+    for key, m in data.modules.items():
+        component, _, path = key.partition(".")
+        own = f"{component}.{keys.module_path(component, path)}"
+        if own in modules:
+            raise FormatError(f"{source}: two modules of the file both adapt {own} (spelled with and without "
+                              f"'text_model.'); the file is ambiguous")
+        modules[own] = m
+    data.modules = modules
+    return data
 
 
 def _decode_flux(
@@ -76,7 +156,7 @@ def _decode_flux(
     if text:
         if fmt is FileFormat.COMFYUI:
             text = comfyui_to_kohya(text, family.kohya_prefixes, family.comfyui_text_encoders, family.denoiser)
-        text_data, text_unresolved = parse_kohya(text, metadata, keys.kohya, source=source)
+        text_data, text_unresolved = _decode_kohya_names(text, metadata, keys, source)
         data.modules.update(text_data.modules)
         unresolved = sorted(unresolved + text_unresolved)
     data.format = fmt.value
@@ -117,10 +197,10 @@ def encode(keys: ModelKeys, data: AdapterData, fmt: FileFormat | str) -> tuple[d
     if fmt is FileFormat.DIFFUSERS:
         return write_peft(data)
     biased = [k for k, m in data.modules.items() if m.bias is not None]
-    if biased:
+    if biased and fmt is FileFormat.KOHYA:
         raise FormatError(
-            f"{len(biased)} module(s) change a layer's bias (e.g. {biased[0]}, from a LyCORIS full file); "
-            f"kohya and ComfyUI LoRA files cannot carry that — save in the diffusers format"
+            f"{len(biased)} module(s) change a layer's bias (e.g. {biased[0]}, a diff_b); kohya LoRA files "
+            f"cannot carry that — save in the diffusers format (a lora_B bias) or the comfyui format (diff_b)"
         )
     if family.name == "flux1":
         return _encode_flux(keys, data, fmt)
@@ -133,6 +213,7 @@ def encode(keys: ModelKeys, data: AdapterData, fmt: FileFormat | str) -> tuple[d
 def _encode_flux(keys: ModelKeys, data: AdapterData, fmt: FileFormat) -> tuple[dict, dict[str, str]]:
     family = keys.family
     denoiser = {k: m for k, m in data.modules.items() if k.startswith("transformer.")}
+
     text = {k: m for k, m in data.modules.items() if k not in denoiser}
     tensors, metadata = write_flux_kohya(
         AdapterData(modules=denoiser, use_rslora=data.use_rslora), keys.flux_dims

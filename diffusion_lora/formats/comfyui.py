@@ -4,6 +4,11 @@ ComfyUI names the denoiser by the original (LDM/SGM) checkpoint paths and each t
 role (``clip_l``, ``clip_g``, ``t5xxl``), with either ``lora_A``/``lora_B`` or ``lora_down``/``lora_up``
 weights and an optional ``.alpha``. Reading renames every key to its kohya spelling, which the kohya
 index resolves against the real model (SGM names included); writing uses the SGM paths.
+
+ComfyUI's own LoRA trainer (``comfy_extras/nodes_train.py``) also writes, for every layer it patches,
+``<name>.diff_b``: the change of the layer's bias, applied as b + strength · diff_b (no LoRA scale);
+and for layers with a 1-d weight (GroupNorm/LayerNorm) ``<name>.diff``, a whole weight delta. Both are
+renamed like the LoRA keys; :mod:`.codec` decides which of them an adapter can hold.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ _ROLES = (
     (".lora_up.weight", ".lora_up.weight"),
     (".alpha", ".alpha"),
     (".dora_scale", ".dora_scale"),
+    (".diff_b", ".diff_b"),
+    (".diff", ".diff"),
 )
 _TEXT = re.compile(r"text_encoders\.([a-z0-9_]+)\.(?:transformer\.)?(.+)")
 
@@ -102,7 +109,7 @@ def comfyui_names(
 
 def write_comfyui(data: AdapterData, names: Mapping[str, str]) -> dict[str, torch.Tensor]:
     """Tensors of a ComfyUI-style file: ``<name>.lora_down.weight``/``.lora_up.weight``/``.alpha``
-    (and ``.dora_scale`` in the kohya/LyCORIS convention for DoRA)."""
+    (and ``.dora_scale`` in the kohya/LyCORIS convention for DoRA, ``.diff_b`` for a bias change)."""
     from .kohya import kohya_alpha, magnitude_to_dora_scale
 
     tensors: dict[str, torch.Tensor] = {}
@@ -114,4 +121,6 @@ def write_comfyui(data: AdapterData, names: Mapping[str, str]) -> dict[str, torc
         tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=m.down.dtype)
         if m.magnitude is not None:
             tensors[f"{name}.dora_scale"] = magnitude_to_dora_scale(m.magnitude, m.down)
+        if m.bias is not None:
+            tensors[f"{name}.diff_b"] = m.bias_delta(data.use_rslora)
     return tensors

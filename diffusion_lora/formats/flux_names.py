@@ -7,7 +7,8 @@ Flux LoRA files in the wild name the transformer's layers three ways, all read b
 * OneTrainer: ``lora_transformer_<flat diffusers path>`` (``lora_transformer_transformer_blocks_0_attn_to_q``),
   same suffixes; ``lora_unet_<flat diffusers path>`` (our generic kohya writer) is read the same way;
 * ComfyUI: ``diffusion_model.<dotted BFL name>.lora_A.weight`` / ``.lora_B.weight`` (or ``.lora_down`` /
-  ``.lora_up``) and ``.alpha``.
+  ``.lora_up``) and ``.alpha``; its trainer adds ``.diff_b``, the change of the layer's bias (split by
+  rows like ``up`` for a fused layer).
 
 BFL fuses layers diffusers keeps apart: ``img_attn.qkv`` is diffusers' ``to_q``/``to_k``/``to_v`` stacked
 along the output rows, ``single_blocks.N.linear1`` is ``to_q``/``to_k``/``to_v``/``proj_mlp``, and
@@ -29,7 +30,7 @@ from types import MappingProxyType
 import torch
 
 from ..errors import ConfigError, FormatError, KeyMappingError
-from .adapter_data import AdapterData, ModuleLora
+from .adapter_data import AdapterData, ModuleLora, bias_from_delta
 from .kohya import (
     dora_scale_to_magnitude,
     flatten,
@@ -80,7 +81,13 @@ _TOP: tuple[tuple[str, str], ...] = (
 )
 _ADALN = "final_layer.adaLN_modulation.1"
 
-_FLAT_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "dora_scale"}
+_FLAT_ROLES = {
+    "lora_down.weight": "down",
+    "lora_up.weight": "up",
+    "alpha": "alpha",
+    "dora_scale": "dora_scale",
+    "diff_b": "diff_b",
+}
 _DOTTED_ROLES = (
     ("lora_A.weight", "down"),
     ("lora_B.weight", "up"),
@@ -264,6 +271,9 @@ def parse_flux(
     modules: dict[str, ModuleLora] = {}
     seen: dict[str, str] = {}
     for name, parts in groups.items():
+        if parts.keys() <= {"diff_b", "alpha"}:  # a bias delta without a LoRA: PEFT cannot hold it
+            unresolved += [key for key, _ in parts.values()]
+            continue
         roles = {role: t for role, (_, t) in parts.items()}
         for path, module in _split_module(name, roles, index.modules[name]).items():
             key = f"{COMPONENT}.{path}"
@@ -290,8 +300,11 @@ def _split_module(name: str, parts: Mapping[str, torch.Tensor], targets: tuple[T
     magnitude = None
     if "dora_scale" in parts:
         magnitude = dora_scale_to_magnitude(parts["dora_scale"], int(up.shape[0]), int(down.shape[1]), name)
+    bias = None
+    if "diff_b" in parts:
+        bias = bias_from_delta(name, parts["diff_b"], int(up.shape[0]), alpha / rank)
     if len(targets) == 1 and targets[0][1] == _ALL:
-        return {targets[0][0]: ModuleLora(down=down, up=up, alpha=alpha, magnitude=magnitude)}
+        return {targets[0][0]: ModuleLora(down=down, up=up, alpha=alpha, magnitude=magnitude, bias=bias)}
     rows = max(s.stop for _, s in targets)
     if up.shape[0] != rows:
         raise FormatError(
@@ -305,6 +318,7 @@ def _split_module(name: str, parts: Mapping[str, torch.Tensor], targets: tuple[T
             up=torch.cat([up[s] for s in slices]).contiguous(),
             alpha=alpha,
             magnitude=None if magnitude is None else torch.cat([magnitude[s] for s in slices]),
+            bias=None if bias is None else torch.cat([bias[s] for s in slices]),
         )
     return out
 
@@ -358,6 +372,8 @@ def write_flux_kohya(data: AdapterData, dims: FluxDims) -> tuple[dict[str, torch
         tensors[f"{name}.alpha"] = torch.tensor(fused.alpha, dtype=fused.down.dtype)
         if fused.magnitude is not None:
             tensors[f"{name}.dora_scale"] = magnitude_to_dora_scale(fused.magnitude, fused.down)
+        if fused.bias is not None:  # only a ComfyUI file may carry it; the codec refuses kohya
+            tensors[f"{name}.diff_b"] = fused.bias_delta()
         written[name] = fused
     metadata = kohya_metadata(AdapterData(modules=written))
     metadata["ss_network_module"] = NETWORK_MODULE
@@ -372,7 +388,7 @@ def _fuse(name: str, targets: tuple[Target, ...], parts: Mapping[str, ModuleLora
     scales = [m.scale(use_rslora) for m in ms]
     if len(targets) == 1 and targets[0][1] == _ALL:
         m = ms[0]
-        return ModuleLora(down=m.down, up=m.up, alpha=scales[0] * m.rank, magnitude=m.magnitude)
+        return ModuleLora(down=m.down, up=m.up, alpha=scales[0] * m.rank, magnitude=m.magnitude, bias=m.bias)
     if any(m.down.dim() != 2 or m.down.shape[1] != ms[0].down.shape[1] for m in ms):
         raise FormatError(f"{name}: the parts {', '.join(present)} are not Linear LoRAs on one input size")
     shared = all(torch.equal(m.down, ms[0].down) for m in ms[1:])
@@ -380,6 +396,8 @@ def _fuse(name: str, targets: tuple[Target, ...], parts: Mapping[str, ModuleLora
     rows = max(s.stop for _, s in targets)
     up = torch.zeros(rows, down.shape[0], dtype=ms[0].up.dtype)
     dora = _fused_magnitude(name, by_path, parts, ms, rows)
+    # bias rows at the fused scale (scales[0]); parts without a bias delta, or left out, get zeros
+    bias = torch.zeros(rows, dtype=torch.float32) if any(m.bias is not None for m in ms) else None
     col = 0
     for path, m, scale in zip(present, ms, scales):
         block = m.up if scale == scales[0] else m.up * (scale / scales[0])
@@ -391,10 +409,12 @@ def _fuse(name: str, targets: tuple[Target, ...], parts: Mapping[str, ModuleLora
             up[rows_slice, cols] = block[start : start + count]
             if dora is not None:
                 dora[rows_slice] = m.magnitude[start : start + count]  # type: ignore[index]
+            if bias is not None and m.bias is not None:
+                bias[rows_slice] = m.bias[start : start + count].float() * (scale / scales[0])
             start += count
         if start != m.up.shape[0]:
             raise FormatError(f"{name}: {path} has {m.up.shape[0]} output rows but this Flux size gives it {start}")
-    return ModuleLora(down=down, up=up, alpha=scales[0] * down.shape[0], magnitude=dora)
+    return ModuleLora(down=down, up=up, alpha=scales[0] * down.shape[0], magnitude=dora, bias=bias)
 
 
 def _fused_magnitude(

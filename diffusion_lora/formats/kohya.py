@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import FormatError, KeyMappingError
-from .adapter_data import AdapterData, ModuleLora, check_delta_size
+from .adapter_data import AdapterData, ModuleLora, bias_from_delta, check_delta_size
 from .sgm_blocks import UNetLayout, sgm_path
 
 NETWORK_MODULE = "networks.lora"
@@ -36,8 +36,11 @@ _ROLES = {
     "lora_mid.weight": "mid",
     "alpha": "alpha",
     "dora_scale": "dora_scale",
+    "diff_b": "diff_b",  # ComfyUI's bias delta beside a LoRA (its trainer writes one per bias)
 }
-_KOHYA_KEY = re.compile(r"lora_\w+\.(?:lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha|dora_scale)")
+_KOHYA_KEY = re.compile(
+    r"lora_\w+\.(?:lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha|dora_scale|diff_b|diff)"
+)
 _CLIP_Q = re.compile(r"(?:text_model\.)?encoder\.layers\.\d+\.self_attn\.q_proj")
 _CLIP_WRAPPER = "text_model."
 
@@ -46,7 +49,8 @@ Target = tuple[str, str]  # (pipeline component, module path inside it)
 
 def is_kohya(keys: Iterable[str]) -> bool:
     """True when every key is a kohya LoRA key (``lora_<…>.lora_down.weight`` / ``.lora_up.weight`` /
-    ``.alpha`` / ``.lora_mid.weight`` / ``.dora_scale``) and at least one is a ``lora_down`` weight.
+    ``.alpha`` / ``.lora_mid.weight`` / ``.dora_scale``, or ComfyUI's ``.diff_b`` / ``.diff``) and at
+    least one is a ``lora_down`` weight.
 
     All keys are looked at: a file mixing in keys of another format is not a kohya LoRA file.
     """
@@ -186,7 +190,7 @@ def _group(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, tuple[str
         if role is None:
             raise FormatError(
                 f"key {key!r} is not a kohya LoRA key (<name>.lora_down.weight / .lora_up.weight / .alpha "
-                f"/ .lora_mid.weight / .dora_scale); LoHa/LoKr and other LyCORIS types are not LoRA"
+                f"/ .lora_mid.weight / .dora_scale / .diff_b); LoHa/LoKr and other LyCORIS types are not LoRA"
             )
         groups.setdefault(name, {})[role] = (key, tensor)
     return groups
@@ -248,7 +252,11 @@ def _module(name: str, parts: Mapping[str, torch.Tensor]) -> ModuleLora:
     magnitude = None
     if "dora_scale" in parts:
         magnitude = dora_scale_to_magnitude(parts["dora_scale"], int(up.shape[0]), int(down.shape[1]), name)
-    return ModuleLora(down=down, up=up, alpha=module_alpha(name, parts.get("alpha"), rank), magnitude=magnitude)
+    alpha = module_alpha(name, parts.get("alpha"), rank)
+    bias = None
+    if "diff_b" in parts:
+        bias = bias_from_delta(name, parts["diff_b"], int(up.shape[0]), alpha / rank)
+    return ModuleLora(down=down, up=up, alpha=alpha, magnitude=magnitude, bias=bias)
 
 
 def module_alpha(name: str, alpha: torch.Tensor | None, rank: int) -> float:

@@ -13,6 +13,7 @@ from .kohya import KohyaIndex, kohya_index
 from .sgm_blocks import UNetLayout
 
 Shape = tuple[int, ...]
+_CLIP_WRAPPER = "text_model."
 
 
 @dataclass(frozen=True)
@@ -49,3 +50,16 @@ class ModelKeys:
 
     def shape(self, component: str, path: str) -> Shape | None:
         return self.module_shapes.get(component, {}).get(path)
+
+    def module_path(self, component: str, path: str) -> str:
+        """The model's own spelling of a module path read from a file, or ``path`` when it has none.
+
+        CLIP text encoders are spelled two ways: files in the wild say ``text_model.encoder.…``
+        (transformers 4), while transformers 5's CLIPTextModel has no ``text_model.`` level (its
+        CLIPTextModelWithProjection keeps it). Either spelling resolves to the layer the model has.
+        """
+        paths = self.module_shapes.get(component, {})
+        if path in paths:
+            return path
+        other = path[len(_CLIP_WRAPPER) :] if path.startswith(_CLIP_WRAPPER) else _CLIP_WRAPPER + path
+        return other if other in paths else path

@@ -92,27 +92,58 @@ def _pattern_path(pattern: str) -> str:
     return path
 
 
-def _pattern_value(patterns: object, path: str, default: object) -> object:
-    """PEFT's rule: the first pattern key that names the module (a suffix of its path) wins."""
+# A LoraConfig names at most every adapted module in a pattern (about 1,100 for SDXL's UNet); more
+# entries than this are not a config, and would make matching every module against them slow.
+MAX_PATTERN_ENTRIES = 20_000
+
+PatternTable = dict[str, tuple[int, object]]  # module path a key names → (key's position, value)
+
+
+def pattern_table(patterns: object, where: str) -> PatternTable:
+    """``rank_pattern``/``alpha_pattern`` as a look-up table, built once per component.
+
+    ``where`` names the setting in errors. Raises FormatError for more than MAX_PATTERN_ENTRIES keys
+    or a key that is not a module path.
+    """
     if not isinstance(patterns, dict):
-        return default
-    for pattern, value in patterns.items():
-        named = _pattern_path(str(pattern))
-        if path == named or path.endswith("." + named):
-            return value
-    return default
+        return {}
+    if len(patterns) > MAX_PATTERN_ENTRIES:
+        raise FormatError(
+            f"{where} has {len(patterns):,} entries, more than the {MAX_PATTERN_ENTRIES:,} a model's modules "
+            f"need; the adapter config is corrupt"
+        )
+    table: PatternTable = {}
+    for position, (pattern, value) in enumerate(patterns.items()):
+        table.setdefault(_pattern_path(str(pattern)), (position, value))
+    return table
 
 
-def _module_alpha(path: str, rank: int, config: Mapping[str, object]) -> float:
+def _pattern_value(table: PatternTable, path: str, default: object) -> object:
+    """PEFT's rule: the first pattern key that names the module (``path`` or a dotted suffix of it) wins."""
+    parts = path.split(".")
+    found = [table[s] for s in (".".join(parts[i:]) for i in range(len(parts))) if s in table]
+    return min(found, key=lambda hit: hit[0])[1] if found else default
+
+
+def _module_alpha(path: str, rank: int, config: Mapping[str, object], alphas: PatternTable) -> float:
     if not config:
         return float(rank)
-    alpha = _pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", rank))
+    alpha = _pattern_value(alphas, path, config.get("lora_alpha", rank))
     try:
         value = float(alpha) if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else None
     except OverflowError:  # a JSON integer with hundreds of digits
         value = None
     if value is None or not 0 < value < float("inf"):
         raise FormatError(f"lora_alpha for module {path!r} must be a positive finite number, got {str(alpha)[:40]}")
+    return value
+
+
+def _flag(config: Mapping[str, object], field: str, where: str) -> bool:
+    """A boolean setting: absent is False; anything but JSON true/false is an error (the string
+    ``"false"`` is truthy in Python and would silently turn the setting on)."""
+    value = config.get(field, False)
+    if not isinstance(value, bool):
+        raise FormatError(f"{where} is {str(value)[:40]!r}; it must be true or false (a JSON boolean)")
     return value
 
 
@@ -148,8 +179,14 @@ def parse_peft(
             module = f"{default_component}.{module}"
         parts.setdefault(module, {})[role] = tensor
     configs = component_configs(metadata, components)
-    if config:
-        configs.setdefault(default_component, dict(config))
+    where = {c: f"{LORA_ADAPTER_METADATA_KEY} entry '{c}.{{}}'" for c in configs}
+    if config and default_component not in configs:
+        configs[default_component] = dict(config)
+        where[default_component] = "adapter_config.json key '{}'"
+    alphas = {
+        c: pattern_table(cfg.get("alpha_pattern"), where[c].format("alpha_pattern"))
+        for c, cfg in configs.items()
+    }
     modules: dict[str, ModuleLora] = {}
     for module, roles in parts.items():
         if "down" not in roles or "up" not in roles:
@@ -160,14 +197,14 @@ def parse_peft(
         if "alpha" in roles:  # an explicit network alpha beats the config
             alpha = _alpha_tensor(module, roles["alpha"])
         else:
-            alpha = _module_alpha(path, rank, configs.get(component, {}))
+            alpha = _module_alpha(path, rank, configs.get(component, {}), alphas.get(component, {}))
         magnitude = roles.get("magnitude")
         if magnitude is not None:  # PEFT stores a conv layer's magnitude as [1, out, 1, 1]
             magnitude = magnitude.reshape(-1)
         modules[module] = ModuleLora(
             down=roles["down"], up=roles["up"], alpha=alpha, magnitude=magnitude, bias=roles.get("bias")
         )
-    use_rslora = any(bool(c.get("use_rslora")) for c in configs.values())
+    use_rslora = any([_flag(cfg, "use_rslora", where[c].format("use_rslora")) for c, cfg in configs.items()])
     return AdapterData(modules=modules, use_rslora=use_rslora, metadata=dict(metadata), format="diffusers")
 
 

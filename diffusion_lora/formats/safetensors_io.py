@@ -31,6 +31,10 @@ from diffusion_lora.formats.hashes import addnet_hash_of_bytes, legacy_hash_of_b
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_HEADER_BYTES = 100 * 2**20
+# The most tensors a file may hold. The largest real adapters (every layer and norm of SDXL with both
+# text encoders, ComfyUI's trainer writing up/down/alpha/diff_b per layer) hold about 5,000; a header
+# that lists 1.5 M tiny entries fits in 100 MB and would take a minute and gigabytes to parse.
+MAX_TENSORS = 50_000
 FLOAT_DTYPES: Mapping[str, torch.dtype] = {
     "F16": torch.float16,
     "BF16": torch.bfloat16,
@@ -305,6 +309,13 @@ def _reject_constant(name: str) -> object:
 
 
 def _parse_header(raw: bytes, path: Path, data_size: int) -> AdapterHeader:
+    # Every tensor entry spells "data_offsets": counting them bounds the work before any parsing.
+    entries = raw.count(b'"data_offsets"')
+    if entries > MAX_TENSORS:
+        raise FormatError(
+            f"{path}: the header lists about {entries:,} tensors, more than the {MAX_TENSORS:,} any adapter "
+            f"holds; the file is corrupt or hostile"
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -357,6 +368,8 @@ def _parse_tensor_entry(key: str, entry: object, path: Path) -> TensorInfo:
         numel *= d
         if numel > _U64_MAX or d >= 2**63:
             raise FormatError(f"{where}: shape {shape} is too large")
+    if numel == 0:
+        raise FormatError(f"{where}: shape {shape} holds no numbers; an adapter tensor is never empty")
     expected = numel * FLOAT_DTYPES[dtype].itemsize
     if end < begin or end - begin != expected:
         raise FormatError(

@@ -17,6 +17,7 @@ from ..families import FAMILIES
 from ..formats.detect import detect_format
 from ..formats.family_guess import guess_families
 from ..formats.hashes import addnet_hash, autov2_hash, file_sha256
+from ..formats.kohya import is_kohya
 from ..formats.lycoris import is_lycoris
 from ..formats.metadata import trigger_words_of
 from ..formats.peft_format import PEFT_MODEL_PREFIX, split_peft_key
@@ -30,7 +31,7 @@ _SUFFIXES = {
     "hada_w2_a": ("up2", "loha"), "hada_w2_b": ("down2", "loha"), "hada_t1": ("t1", "loha"),
     "hada_t2": ("t2", "loha"), "lokr_w1": ("w1", "lokr"), "lokr_w1_a": ("w1a", "lokr"),
     "lokr_w1_b": ("down", "lokr"), "lokr_w2": ("w2", "lokr"), "lokr_w2_a": ("w2a", "lokr"),
-    "lokr_w2_b": ("down2", "lokr"), "lokr_t2": ("t2", "lokr"), "diff": ("diff", "full"), "diff_b": ("diff_b", "full"),
+    "lokr_w2_b": ("down2", "lokr"), "lokr_t2": ("t2", "lokr"), "diff": ("diff", "full"), "diff_b": ("diff_b", None),
 }  # fmt: skip
 _TARGET = re.compile(r"(to_q|to_k|to_v|to_out[._]0|add_[qkv]_proj|to_add_out|q_proj|k_proj|v_proj|out_proj|qkv|proj|"
                      r"linear1|linear2|proj_in|proj_out|ff[._]net[._]0[._]proj|ff[._]net[._]2|fc1|fc2|lin|"
@@ -58,6 +59,7 @@ class FileReport:
     base_model: str | None
     hashes: dict[str, str | bool | None]
     metadata: dict[str, str] = field(default_factory=dict)
+    bias_deltas: int = 0  # diff_b / lora_B.bias tensors: changes of a layer's bias
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False, default=str)
@@ -92,7 +94,7 @@ def inspect_file(path: str | os.PathLike) -> FileReport:
     """Read ``path`` safely and describe it. Hashes are computed from the bytes, never trusted."""
     p = Path(path)
     tensors, metadata = read_adapter_file(p)
-    fmt = "lycoris" if is_lycoris(tensors) else detect_format(tensors, str(p)).value
+    fmt = "lycoris" if is_lycoris(tensors) and not is_kohya(tensors) else detect_format(tensors, str(p)).value
     parts: dict[str, dict[str, torch.Tensor]] = {}
     algos: Counter[str] = Counter()
     for key, tensor in tensors.items():
@@ -104,6 +106,7 @@ def inspect_file(path: str | os.PathLike) -> FileReport:
     alphas: Counter[float] = Counter()
     targets: Counter[str] = Counter()
     components: Counter[str] = Counter()
+    bias_deltas = sum(1 for roles in parts.values() if roles.keys() & {"diff_b", "bias"})
     for module, roles in parts.items():
         if "down" in roles:
             ranks[int(roles["down"].shape[0])] += 1
@@ -123,7 +126,7 @@ def inspect_file(path: str | os.PathLike) -> FileReport:
         base_model=metadata.get("diffusion_lora.base_model") or metadata.get("ss_sd_model_name"),
         hashes={"addnet": computed, "addnet_stored": stored, "addnet_stored_matches": None if stored is None
                 else stored == computed, "autov2": autov2_hash(p), "sha256": file_sha256(p)},
-        metadata=dict(metadata),
+        metadata=dict(metadata), bias_deltas=bias_deltas,
     )
 
 
@@ -150,6 +153,7 @@ def format_report(report: FileReport) -> str:
         f"ranks      {report.ranks}",
         f"alphas     {report.alphas or 'none stored (scale 1, or in lora_adapter_metadata)'}",
         f"targets    {report.targets}",
+        *([f"bias       {report.bias_deltas} diff_b (bias deltas)"] if report.bias_deltas else []),
         f"trigger    {', '.join(report.trigger_words) or '-'}",
         f"base model {report.base_model or '-'}",
         f"addnet     {report.hashes['addnet']}"

@@ -80,22 +80,18 @@ def _dtype(group: Sequence[tuple[ModuleLora, float]]) -> torch.dtype:
 def merge_concat(inputs: Inputs) -> AdapterData:
     """The exact merge of ``(adapter, weight)`` pairs by stacking factors (see the module docstring).
 
-    ConfigError for DoRA or bias-carrying inputs, non-finite weights, or disagreeing layer shapes.
+    ConfigError for DoRA inputs, non-finite weights, or disagreeing layer shapes. Bias deltas
+    (ComfyUI's ``diff_b``) add up: the merged bias is Σ wᵢ·sᵢ·biasᵢ at scale 1, exact too.
     """
     _check_inputs(inputs, "concat")
-    for i, (data, _) in enumerate(inputs):
-        biased = [k for k, m in data.modules.items() if m.bias is not None]
-        if biased:
-            raise ConfigError(
-                f"merge input {i}: {len(biased)} module(s) change a layer's bias (e.g. {biased[0]}); "
-                f"concat cannot stack a bias — use method='svd'"
-            )
     modules: dict[str, ModuleLora] = {}
     for key, group in _grouped(inputs).items():
         dtype = _dtype(group)
         down = torch.cat([m.down.to(dtype) for m, _ in group], dim=0)
         up = torch.cat([(ws * m.up.double()).to(dtype) for m, ws in group], dim=1)
-        modules[key] = ModuleLora(down=down.contiguous(), up=up.contiguous(), alpha=float(down.shape[0]))
+        biases = [ws * m.bias.double() for m, ws in group if m.bias is not None]
+        bias = sum(biases).to(torch.promote_types(dtype, torch.float32)) if biases else None
+        modules[key] = ModuleLora(down=down.contiguous(), up=up.contiguous(), alpha=float(down.shape[0]), bias=bias)
     return AdapterData(modules=modules)
 
 
