@@ -23,10 +23,14 @@ FOLDER_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safete
 def resolve_adapter_path(path: str | os.PathLike) -> tuple[Path, dict | None]:
     """The weight file for a file or folder path, plus a PEFT ``adapter_config.json`` if one is beside it."""
     p = Path(path)
-    if not p.exists():
+    try:
+        exists, is_dir = p.exists(), p.is_dir()
+    except OSError as exc:  # e.g. a name over 255 bytes
+        raise FormatError(f"{p}: cannot be read: {exc.strerror or exc}; check the path of the adapter") from None
+    if not exists:
         raise FormatError(f"{p}: no such file or folder; check the path of the adapter")
     config = None
-    if p.is_dir():
+    if is_dir:
         candidates = [p / n for n in FOLDER_WEIGHT_NAMES if (p / n).is_file()]
         if not candidates:
             candidates = sorted(p.glob("*.safetensors"))
