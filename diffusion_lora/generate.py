@@ -320,35 +320,38 @@ def iter_generate(pipe: Any, settings: GenerationSettings, *, progress: bool = T
     """
     kwargs = _call_kwargs(pipe, settings)
     size = _check_size(pipe, settings)
-    parsed = [parse_lora_tags(raw) for raw in settings.prompts]  # every prompt's tags checked up front
+    # Every prompt's tags are parsed and resolved (their files loaded) before the first image, so a
+    # bad tag in the last prompt fails the run before it has spent any time.
+    plans = []
+    for raw in settings.prompts:
+        prompt, tags = parse_lora_tags(raw)
+        active: dict[str, Any] = dict(settings.loras)
+        for tag in tags:
+            active[resolve_tag(pipe, tag, settings.lora_dirs)] = tag_weight(pipe, tag)
+        plans.append((prompt, active))
     model = os.fspath(model_file) if model_file is not None else None
-    hash_cache: dict[str, str | None] = {}
-    bar = tqdm(total=len(parsed) * settings.num_images, desc="generate", unit="img", disable=not progress)
+    hashes = _lora_hashes(pipe)
+    bar = tqdm(total=len(plans) * settings.num_images, desc="generate", unit="img", disable=not progress)
     pipe.set_progress_bar_config(disable=True)
     try:
-        for prompt, tags in parsed:
-            active: dict[str, Any] = dict(settings.loras)
-            for tag in tags:
-                active[resolve_tag(pipe, tag, settings.lora_dirs)] = tag_weight(pipe, tag)
+        for prompt, active in plans:
             set_weights(pipe, active)
-            files = {info.name: info.file for info in list_loras(pipe)}
-            hashes = {}
-            for name in active:
-                file = files.get(name)
-                if file and file not in hash_cache:
-                    hash_cache[file] = _short_hash(file)
-                if file and hash_cache[file]:
-                    hashes[name] = hash_cache[file]
             shown = [_tag_text(pipe, n, w) for n, w in active.items()]
+            used = {n: hashes[n] for n in active if hashes.get(n)}
             for index in range(settings.num_images):
                 seed = settings.seed + index
                 generator = torch.Generator(device="cpu").manual_seed(seed)
                 image = _pixels_or_oom(pipe, prompt, generator, kwargs, size)
-                text = _parameters_text(pipe, prompt, settings, seed, image.size, shown, hashes, model)
+                text = _parameters_text(pipe, prompt, settings, seed, image.size, shown, used, model)
                 yield GeneratedImage(image, prompt, seed, text)
                 bar.update(1)
     finally:
         bar.close()
+
+
+def _lora_hashes(pipe: Any) -> dict[str, str | None]:
+    """Each loaded adapter's short AddNet hash, computed once per file."""
+    return {info.name: _short_hash(info.file) for info in list_loras(pipe)}
 
 
 def generate(pipe: Any, settings: GenerationSettings, *, progress: bool = True,

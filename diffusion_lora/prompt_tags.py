@@ -90,7 +90,9 @@ def _parse_tag(tag: str, kind: str, body: str) -> LoraTag:
     te = _number(tag, "te weight", named["te"]) if "te" in named else te
     unet = _number(tag, "unet weight", positional[1]) if len(positional) > 1 else te
     unet = _number(tag, "unet weight", named["unet"]) if "unet" in named else unet
-    return LoraTag(name.strip(), unet, None if te == unet else te)
+    parsed = LoraTag(name.strip(), unet, None if te == unet else te)
+    _relative_target(parsed)  # an absolute path or '..' is refused here, before any model loads
+    return parsed
 
 
 def parse_lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
