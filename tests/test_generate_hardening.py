@@ -69,13 +69,14 @@ def test_planted_symlinks_are_never_written_through(tmp_path, capsys):
     out.mkdir()
     victim = tmp_path / "victim.txt"
     victim.write_bytes(b"precious")
-    (out / "00000-7.png").symlink_to(victim)  # the name the first image would get
-    (out / "00001-7.png").symlink_to(tmp_path / "created-by-attacker")  # dangling
+    # Two entries, so a count of the PNGs names the next image 00002-7.png: a link to the victim.
+    (out / "00002-7.png").symlink_to(victim)
+    (out / "00003-7.png").symlink_to(tmp_path / "created-by-attacker")  # dangling
     code, printed, _ = _run(capsys, *ARGS, "--prompt", "a red circle", "--out", str(out))
     assert code == 0
     assert victim.read_bytes() == b"precious"
     assert not (tmp_path / "created-by-attacker").exists()
-    assert (out / "00000-7.png").is_symlink() and (out / "00001-7.png").is_symlink()
+    assert (out / "00002-7.png").is_symlink() and (out / "00003-7.png").is_symlink()
     written = Path(printed.strip())
     assert written.parent == out and not written.is_symlink()
     assert Image.open(written).size == (32, 32)
@@ -238,7 +239,7 @@ def test_a1111_tag_forms_parse():
 
 
 @pytest.mark.parametrize("prompt, message", [
-    ("<lora::1>", "name is empty"), ("<lora:x:1:1:8>", "dyn"), ("<lora:x:dyn=8>", "dyn"),
+    ("<lora::1>", "name is empty"), ("<lora:x:1:1:8>", "DyLoRA"), ("<lora:x:dyn=8>", "DyLoRA"),
     ("<lora:x:foo=1>", "unknown argument"), ("<hypernet:x:1>", "not supported"), ("<lora:x:nan>", "finite"),
     ("<lora:x:1e400>", "finite"), ("<lora:x:0.5:abc>", "not a number"), ("<lora:x:1:2:3:4>", "4 weights"),
 ])  # fmt: skip
