@@ -48,7 +48,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, …)")
     p.add_argument("--out", default="out", help="output folder for the PNGs (default: out)")
     p.add_argument("--max-pixels", type=int,
-                   help="largest height x width allowed (default: 16x the model's native pixel count)")
+                   help="largest height x width allowed (default: 16x the model's native pixel count, "
+                   "at least 2048x2048)")
     p.add_argument("--fuse", action="store_true", help="fuse adapters into the weights for speed")
     p.set_defaults(func=_run_generate)
 

@@ -36,15 +36,16 @@ logger = logging.getLogger(__name__)
 
 _MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64-bit seeds
 _MAX_GUIDANCE = 100.0  # far above any useful CFG scale (A1111's slider stops at 30)
-_AREA_FACTOR = 16  # default size limit: 16x the model's native pixel count (4x each side)
+_AREA_FACTOR = 16  # default size limit: 16x the model's native pixel count (4x each side) ...
+_MIN_PIXEL_LIMIT = 2048 * 2048  # ... but never below 2048x2048, so small and tiny models may render big
 
 
 @dataclass
 class GenerationSettings:
     """What one ``generate`` call asks for; sizes in pixels, ``guidance`` is the CFG scale.
 
-    ``max_pixels`` bounds ``height × width`` (default: 16× the model's native pixel count), so a
-    typo cannot ask for an image that exhausts memory.
+    ``max_pixels`` bounds ``height × width`` (default: 16× the model's native pixel count, at least
+    2048²), so a typo cannot ask for an image that exhausts memory.
     """
 
     prompts: Sequence[str]
@@ -184,9 +185,10 @@ def _check_size(pipe: Any, settings: GenerationSettings) -> tuple[int, int]:
     """(height, width) the pipeline will produce, refused when over the pixel limit."""
     native = _native_size(pipe)
     height, width = settings.height or native, settings.width or native
-    limit = settings.max_pixels or _AREA_FACTOR * native * native
+    limit = settings.max_pixels or max(_AREA_FACTOR * native * native, _MIN_PIXEL_LIMIT)
     if height * width > limit:
-        why = "max_pixels" if settings.max_pixels else f"{_AREA_FACTOR}x the model's native {native}x{native}"
+        why = "max_pixels" if settings.max_pixels else (
+            f"{_AREA_FACTOR}x the model's native {native}x{native}, at least 2048x2048")
         raise ConfigError(
             f"height x width {height}x{width} is {height * width} pixels, over the limit of {limit} ({why}); "
             "generate smaller and upscale, or raise max_pixels (--max-pixels) if the memory is there"

@@ -293,6 +293,25 @@ def test_model_hash_of_a_single_file_checkpoint(tmp_path):
     assert f"Model hash: {expected}, Model: myModel_v2, " in fields
 
 
+def test_parameters_with_a_non_utf8_file_name_are_still_written(tmp_path):
+    pipe = dl.load_pipeline("tiny-sd15")
+    checkpoint = tmp_path / os.fsdecode(b"model\xff.safetensors")  # a name that is not UTF-8
+    checkpoint.write_bytes(b"\0" * 16)
+    (result,) = generate(pipe, GenerationSettings(["x"], steps=1, height=32, width=32), progress=False,
+                         model_file=checkpoint)
+    path = result.save(tmp_path / "a.png")
+    assert "Model: model\\udcff" in Image.open(path).text["parameters"]
+
+
+def test_save_replaces_a_symlink_instead_of_writing_through_it(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    (tmp_path / "a.png").symlink_to(victim)
+    path = _image("p").save(tmp_path / "a.png")
+    assert victim.read_bytes() == b"precious" and not path.is_symlink()
+    assert Image.open(path).text["parameters"] == "p"
+
+
 # --- arguments that ended in a traceback or NaN images (5.8, 5.9) ----------------------------------
 
 
