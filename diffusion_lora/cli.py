@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import ConfigError, DiffusionLoraError
+from .errors import ConfigError, DatasetError, DiffusionLoraError
+from .formats.printable import printable
 
 DEFAULT_MODEL = "shapes-sd15"  # the embedded trained base (diffusion_lora/assets)
 
@@ -46,39 +47,51 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, …)")
     p.add_argument("--out", default="out", help="output folder for the PNGs (default: out)")
+    p.add_argument("--max-pixels", type=int,
+                   help="largest height x width allowed (default: 16x the model's native pixel count, "
+                   "at least 2048x2048)")
     p.add_argument("--fuse", action="store_true", help="fuse adapters into the weights for speed")
     p.set_defaults(func=_run_generate)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from .adapters import fuse, load_lora
-    from .generate import GenerationSettings, generate
-    from .models import load_pipeline
+    import dataclasses
 
-    pipe = load_pipeline(args.model)
-    loras = {}
-    for spec in args.lora:
-        path, weight = split_weighted(spec)
-        name = load_lora(pipe, path, weight=weight, allow_pickle=args.allow_pickle)
-        loras[name] = weight
+    from .adapters import fuse, load_lora, set_weights
+    from .generate import GenerationSettings, ImageFolder, iter_generate
+    from .models import load_pipeline
+    from .prompt_tags import parse_lora_tags
+
+    # Everything the arguments alone can refuse is refused before the model loads.
     settings = GenerationSettings(
         prompts=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
-        seed=args.seed, height=args.height, width=args.width, num_images=args.num_images, loras=loras,
-        lora_dirs=args.lora_dir,
+        seed=args.seed, height=args.height, width=args.width, num_images=args.num_images,
+        lora_dirs=args.lora_dir, max_pixels=args.max_pixels,
     )
+    for prompt in args.prompt:
+        parse_lora_tags(prompt)
+    specs = [split_weighted(spec) for spec in args.lora]
+    folder = ImageFolder(args.out)
+    pipe = load_pipeline(args.model)
+    loras = {}
+    for path, weight in specs:
+        name = load_lora(pipe, path, weight=weight, allow_pickle=args.allow_pickle)
+        loras[name] = weight
+    settings = dataclasses.replace(settings, loras=loras)
     if args.fuse:
-        from .adapters import set_weights
-
         set_weights(pipe, loras)
         fuse(pipe)
-    images = generate(pipe, settings)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = len(list(out.glob("*.png")))
-    for i, result in enumerate(images):
-        path = result.save(out / f"{start + i:05d}-{result.seed}.png")
-        print(path)
+    for result in iter_generate(pipe, settings, model_file=_single_file(args.model)):
+        print(printable(folder.add(result)))  # each image is on disk as soon as it is made
     return 0
+
+
+def _single_file(model: str) -> str | None:
+    """``--model`` when it names a checkpoint file (its hash and stem go into the PNG parameters)."""
+    try:
+        return model if Path(model).is_file() else None
+    except OSError:
+        return None
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -168,7 +181,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
 def _print_energy(report: Any, verbose: bool) -> None:
     if verbose:
         for name, kept in sorted(report.energy.items()):
-            print(f"  {name}: rank {report.ranks.get(name, '?')}, energy retained {kept:.4f}")
+            print(f"  {printable(name)}: rank {report.ranks.get(name, '?')}, energy retained {kept:.4f}")
     print(f"{report.out}: {report.modules} modules, total Frobenius energy retained {report.total_energy:.4f}")
 
 
@@ -280,7 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (DiffusionLoraError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # Messages quote keys, metadata and file names: escape their control characters. A dataset
+        # error lists one problem per line on purpose.
+        print(f"error: {printable(exc, keep_newlines=isinstance(exc, DatasetError))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # `train` has saved a checkpoint by now (see train.trainer); other commands write nothing
@@ -288,6 +303,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = "; continue with the same command plus --resume" if args.command == "train" else ""
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("error: out of memory; use smaller sizes or fewer items", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # Last resort for a file error no command turned into a message of its own: one line, never a traceback.
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        print(f"error: {printable(where)}{printable(exc.strerror or exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -120,3 +120,6 @@ def test_generate_every_family(tmp_path, kind):
     image = Image.open(png)
     assert image.size == (int(size), int(size))
     assert f"Model: {kind}" in image.text["parameters"]
+    # Flux's guidance_scale is distilled guidance: written as Forge does, with the true CFG scale (1)
+    cfg = "CFG scale: 1, Distilled CFG Scale: 3.5," if kind == "tiny-flux" else "CFG scale: 3.5,"
+    assert f"Sampler: {type(dl.load_pipeline(kind).scheduler).__name__}, {cfg} Seed: 0," in image.text["parameters"]

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import ConfigError, DiffusionLoraError, FormatError
 from ..formats.metadata import trigger_words_of
+from ..formats.printable import printable
 from .files import default_adapter_name, model_keys_of, read_adapter
 from .fuse import fuse_state, unfuse_state
 from .guards import check_name, refused, require, require_new
@@ -148,7 +149,8 @@ def load_lora(
         )
         apply_weights(state)
     if plan.skipped:
-        logger.warning("%s: skipped %d module(s) that match no layer", weight_file, len(plan.skipped))
+        logger.warning("%s: skipped %d module(s) that match no layer: %s", printable(weight_file), len(plan.skipped),
+                       printable(", ".join(plan.skipped[:5]) + (", …" if len(plan.skipped) > 5 else "")))
     return LoadReport(name, plan.count, tuple(plan.skipped)) if not strict else name
 
 

@@ -28,15 +28,19 @@ PEFT_WEIGHT_NAME, PEFT_CONFIG_NAME = "adapter_model.safetensors", "adapter_confi
 def resolve_adapter_path(path: str | os.PathLike) -> tuple[Path, dict | None]:
     """The weight file for a file or folder path, plus a PEFT ``adapter_config.json`` if one is beside it."""
     p = Path(path)
+    try:
+        exists, is_dir = p.exists(), p.is_dir()
+    except OSError as exc:  # e.g. a name over 255 bytes
+        raise FormatError(f"{p}: cannot be read: {exc.strerror or exc}; check the path of the adapter") from None
     if p.name == PEFT_WEIGHT_NAME and p.is_file() and (p.parent / PEFT_CONFIG_NAME).is_file():
         # PEFT keeps lora_alpha only in adapter_config.json: the file is read as part of its folder.
         folder_file, folder_config = resolve_adapter_path(p.parent)
         if folder_file == p:
             return p, folder_config
-    if not p.exists():
+    if not exists:
         raise FormatError(f"{p}: no such file or folder; check the path of the adapter")
     config = None
-    if p.is_dir():
+    if is_dir:
         candidates = [p / n for n in FOLDER_WEIGHT_NAMES if (p / n).is_file()]
         if not candidates:
             candidates = sorted(p.glob("*.safetensors"))

@@ -85,3 +85,47 @@ def _fsync_directory(directory: Path) -> None:
             os.close(fd)
     except OSError as e:
         logger.warning("could not fsync directory %s: %s", directory, e)
+
+
+def write_new_file(path: Path, data: bytes, *, what: str = "file") -> None:
+    """Write ``data`` to ``path`` only if nothing is there yet: never replace, never follow a link.
+
+    The bytes go to a temp file beside ``path`` and are fsynced; ``os.link`` then gives them the
+    name, which fails atomically if any entry — file, folder or symlink, even a dangling one — is
+    already there, so two writers racing for one name cannot both win. Raises FileExistsError when
+    the name is taken (the caller picks another); other OS errors become FormatError naming the path.
+    Where hard links are unsupported (FAT, some network shares), the name is claimed with an
+    exclusive create and the temp file renamed onto that claim.
+    """
+    fd, tmp = _create_temp(path)
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _link_new(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        raise FormatError(f"{path}: could not write the {what}: {e.strerror or e}") from e
+    finally:
+        _remove_quietly(tmp)
+    _fsync_directory(path.parent)
+
+
+def _link_new(tmp: str, path: Path) -> None:
+    import errno  # only this fallback needs it
+
+    try:
+        os.link(tmp, path, follow_symlinks=False)
+        return
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+            raise
+    # No hard links here: claim the name exclusively (O_EXCL never follows a link), then rename onto it.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    os.close(os.open(path, flags, 0o666))
+    os.replace(tmp, path)

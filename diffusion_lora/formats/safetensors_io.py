@@ -11,6 +11,8 @@ Writing is atomic: a temp file in the target's folder, fsync, ``os.replace``, fs
 
 from __future__ import annotations
 
+import codecs
+
 import json
 import logging
 import os
@@ -279,16 +281,26 @@ def _not_safetensors_message(
     if header_len is None:
         return f"{path}: only {size} bytes, too short to be a safetensors file (needs at least 8)"
     if header_len > max_header_bytes:
+        # The number is just the file's first 8 bytes read as an integer: saying it would echo them.
         return (
-            f"{path}: header length {header_len} exceeds the {max_header_bytes}-byte limit; not a "
-            f"safetensors file or corrupted (starts with {head[:16]!r})"
+            f"{path}: not a safetensors file or corrupted: its first 8 bytes do not declare a header "
+            f"length within the {max_header_bytes}-byte limit ({_content_kind(head)})"
         )
     if 8 + header_len > size:
         return (
             f"{path}: declares a {header_len}-byte header but the file has only {size} bytes; it is "
-            f"truncated or not a safetensors file (starts with {head[:16]!r})"
+            f"truncated or not a safetensors file ({_content_kind(head)})"
         )
-    return f"{path}: header does not start with '{{'; not a safetensors file (starts with {head[:16]!r})"
+    return f"{path}: header does not start with '{{'; not a safetensors file ({_content_kind(head)})"
+
+
+def _content_kind(head: bytes) -> str:
+    """What the first bytes look like, described without echoing them (errors never show file contents)."""
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a cut last char is fine
+    except UnicodeDecodeError:
+        return "it starts with binary data"
+    return "it starts with text" if all(c.isprintable() or c.isspace() for c in text) else "it starts with binary data"
 
 
 class _DuplicateKeyError(ValueError):

@@ -115,6 +115,10 @@ def load_pipeline(
     name = os.fspath(source)
     target = _parse_device(device)
     path = Path(name).expanduser()
+    try:
+        path.exists()
+    except OSError as exc:  # e.g. a name over 255 bytes, which no later check should meet as a traceback
+        raise ModelLoadError(f"{name}: cannot be read as a model path: {exc.strerror or exc}") from None
     if name in EMBEDDED_MODELS:
         pipe = _load_folder(embedded_model_path(name), torch_dtype)
     elif name in TINY_MODELS:

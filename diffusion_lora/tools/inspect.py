@@ -21,6 +21,7 @@ from ..formats.kohya import is_kohya
 from ..formats.lycoris import is_lycoris
 from ..formats.metadata import trigger_words_of
 from ..formats.peft_format import PEFT_MODEL_PREFIX, split_peft_key
+from ..formats.printable import printable
 from ..formats.safetensors_io import read_adapter_file
 
 # kohya/ComfyUI/LyCORIS tensor suffixes → (role, algorithm)
@@ -166,4 +167,6 @@ def format_report(report: FileReport) -> str:
     for key, value in sorted(report.metadata.items()):
         one_line = value.replace("\n", " ")
         lines.append(f"  {key}: {one_line[:100]}{'…' if len(one_line) > 100 else ''}")
-    return "\n".join(lines)
+    # Every value above may come from the file (keys, metadata, trigger words, module names): escape
+    # control characters so none can drive the terminal or forge a line of the report.
+    return "\n".join(printable(line) for line in lines)
