@@ -332,6 +332,13 @@ def test_bad_output_settings_are_one_line_errors(tmp_path):
         (["--out", str(a_file)], "error: output.dir: "),
         (["--out", str(a_file / "sub")], "error: output.dir: "),
         (["--out", str(tmp_path / "o"), "--set", "output.name=" + "n" * 300], "error: output.name: is 300 bytes"),
+        (["--out", str(tmp_path / "o"), "--set", f"cache.dir={a_file}", "--set", "cache.latents=disk"],
+         "error: cache.dir: "),
+        (["--out", str(tmp_path / "o"), "--set", f"cache.dir={tmp_path / ('c' * 300)}", "--set", "cache.latents=disk"],
+         "error: cache.dir: "),
+        (["--out", str(tmp_path / "o"), "--set", f"prior.class_dir={a_file}", "--set", "prior.num_images=1",
+          "--set", "prior.class_prompt=a"], "error: prior.class_dir: "),
+        (["--out", str(tmp_path / "o"), "--data", str(tmp_path / ("d" * 300))], "error: data.path: "),
     ]:
         done = cli("train", "--model", "tiny-sd15", "--data", str(data), "--steps", "1", *args)
         assert done.returncode == 2, done.stderr[-2000:]
@@ -392,6 +399,18 @@ def test_a_latest_pointer_may_not_lead_outside_the_run(tmp_path, pointer):
     torch.save({"step": 2}, root / "checkpoint-00000002" / STATE)
     (root / "latest").write_text(pointer, encoding="utf-8")
     with pytest.raises(DiffusionLoraError, match=r"latest: does not name a checkpoint folder of this run"):
+        latest_checkpoint(root)
+
+
+def test_a_latest_pointer_that_is_a_folder_or_a_link_is_refused(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "latest").mkdir(parents=True)
+    with pytest.raises(DiffusionLoraError, match=r"latest: is not a regular file"):
+        latest_checkpoint(root)
+    (root / "latest").rmdir()
+    (tmp_path / "target").write_text("checkpoint-00000002", encoding="utf-8")
+    (root / "latest").symlink_to(tmp_path / "target")
+    with pytest.raises(DiffusionLoraError, match=r"latest: cannot be read as a checkpoint pointer"):
         latest_checkpoint(root)
 
 

@@ -105,9 +105,10 @@ def _read_pointer(pointer: Path) -> str:
     except OSError as exc:
         raise DiffusionLoraError(f"{pointer}: cannot be read as a checkpoint pointer ({exc.strerror or exc}); "
                                  f"{fix}") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DiffusionLoraError(f"{pointer}: is not a regular file; {fix}")
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise DiffusionLoraError(f"{pointer}: is not a regular file; {fix}")
         raw = f.read(_MAX_POINTER_BYTES + 1)
     name = raw.decode("utf-8", errors="replace").strip()
     if len(raw) > _MAX_POINTER_BYTES or not _NAME.fullmatch(name):

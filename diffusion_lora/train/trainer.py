@@ -80,15 +80,23 @@ def _native_resolution(pipe: Any) -> int:
     return min(4096, max(32, sample * factor // 8 * 8))
 
 
-def _check_output_dir(cfg: TrainConfig) -> None:
-    """``output.dir`` must be (or become) a folder: checked before the model loads, not at the first write."""
-    out = Path(cfg.output.dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output.dir: {out} exists and is not a folder; name a folder (it is created if missing)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"output.dir: cannot create the folder {out} ({exc.strerror or exc})") from exc
+def _check_folders(cfg: TrainConfig) -> None:
+    """The folders the run writes to must be (or become) folders: checked before the model loads, not at
+    the first write. ``data.path`` must be a folder too."""
+    folders = {"output.dir": cfg.output.dir}
+    if "disk" in (cfg.cache.latents, cfg.text_cache):
+        folders["cache.dir" if cfg.cache.dir else "output.dir"] = cfg.cache_dir
+    if cfg.prior.num_images > 0 and cfg.prior.class_dir:
+        folders["prior.class_dir"] = cfg.prior.class_dir
+    for key, folder in folders.items():
+        if os.path.lexists(folder) and not os.path.isdir(folder):
+            raise ConfigError(f"{key}: {folder} exists and is not a folder; name a folder (it is created if missing)")
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot create the folder {folder} ({exc.strerror or exc})") from exc
+    if not os.path.isdir(cfg.data.path):
+        raise ConfigError(f"data.path: {cfg.data.path} is not a folder of training images")
 
 
 def _optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
@@ -345,9 +353,10 @@ def _average_text_encoder_grads(acc: Any, named: Sequence[tuple[str, torch.nn.Pa
 
 
 def _resume_view(cfg: TrainConfig) -> dict:
-    """The config a checkpoint must match to be resumed: everything but the step count and outputs."""
+    """The config a checkpoint must match to be resumed: everything but the step count, the non-finite
+    step allowance (a safety limit, not part of the math) and outputs."""
     view = cfg.to_dict()
-    view["train"] = {k: v for k, v in view["train"].items() if k != "steps"}
+    view["train"] = {k: v for k, v in view["train"].items() if k not in ("steps", "max_nonfinite_steps")}
     for section in ("sample", "log", "checkpoint", "output"):
         view.pop(section, None)
     return view
@@ -404,7 +413,7 @@ def train(
     with time limits would. Returns the adapter path (None when stopped early) and the losses.
     """
     cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
-    _check_output_dir(cfg)
+    _check_folders(cfg)
     run = _Run(cfg, progress=progress)
     run.setup()  # resolves the sizes the config leaves to the model: run.cfg from here on
     start = run.resume() if resume else 0
