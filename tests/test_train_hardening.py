@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -147,6 +148,16 @@ def test_a_symlinked_metrics_log_or_logs_folder_is_refused_before_training(tmp_p
     assert list((tmp_path / "elsewhere").iterdir()) == []
 
 
+def test_a_symlinked_checkpoints_folder_is_refused(tmp_path):
+    from diffusion_lora.train.checkpoint import save_checkpoint
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "checkpoints").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(DiffusionLoraError, match=r"checkpoints: is a symlink"):
+        save_checkpoint(tmp_path / "checkpoints", 1, {"step": 1}, keep=2)
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
 def test_rank_digests_are_written_atomically_past_a_planted_link(tmp_path):
     from accelerate import Accelerator
     from types import SimpleNamespace
@@ -277,7 +288,7 @@ def test_an_oversized_caption_is_a_dataset_error_before_training(tmp_path):
 
 
 def test_training_metadata_is_sized_up_front(tmp_path):
-    from diffusion_lora.train.trainer import _training_metadata
+    from diffusion_lora.train.preflight import training_metadata as _training_metadata
 
     image = make_images(tmp_path / "data", n=1) / "img0.png"
     cfg = load_config(tiny(tmp_path / "data", tmp_path / "out"))
@@ -386,7 +397,7 @@ def test_resume_validates_the_checkpoint_first_and_changes_nothing(checkpointed,
     edit, message = DAMAGES[damage]
     torch.save(edit(torch.load(state_path, weights_only=True)), state_path)
     before = {p: digest(p) for p in out.rglob("*") if p.is_file()}
-    with pytest.raises(DiffusionLoraError, match=message) as info:
+    with pytest.raises(DiffusionLoraError, match=re.escape(message)) as info:
         train({**cfg, "output": {**cfg["output"], "dir": str(out)}}, progress=False, resume=True)
     assert str(state_path) in str(info.value) and "\n" not in str(info.value)
     assert {p: digest(p) for p in out.rglob("*") if p.is_file()} == before

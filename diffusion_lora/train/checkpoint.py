@@ -48,6 +48,10 @@ def save_checkpoint(root: Path, step: int, state: dict[str, Any], *, keep: int) 
     """
     final = root / f"{_PREFIX}{step:08d}"
     tmp = root / f".tmp-{_PREFIX}{step:08d}-{secrets.token_hex(4)}"
+    if root.is_symlink() or final.is_symlink():
+        link = root if root.is_symlink() else final
+        raise DiffusionLoraError(f"{link}: is a symlink; checkpoints are written only into folders the run owns; "
+                                 "remove the link")
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()

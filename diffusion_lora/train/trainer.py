@@ -33,11 +33,12 @@ from .cache import TensorCache, model_fingerprint
 from .checkpoint import check_state, latest_checkpoint, load_checkpoint, save_checkpoint
 from .conditioning import conditioner_for
 from .config import TrainConfig, load_config, resolve_sizes
-from .data_setup import build_dataset, tag_frequency_of
+from .data_setup import build_dataset
 from .dataset import bucket_batches
 from .files import own_folder, write_output
 from .interrupts import interrupts_deferred
 from .outputs import write_model_card, write_sample_grid
+from .preflight import check_folders, native_resolution, training_metadata
 from .steps import StepContext, micro_step_loss
 
 logger = logging.getLogger(__name__)
@@ -68,35 +69,10 @@ def _micro_batches(dataset: Any, batch_size: int, seed: int, skip: int = 0) -> I
         epoch, first = epoch + 1, 0
 
 
-def _native_resolution(pipe: Any) -> int:
-    """The image side the pipeline generates by default: sample size × VAE scale factor, as diffusers does."""
-    sample = getattr(pipe, "default_sample_size", None)
-    if sample is None:
-        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-        sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
-    factor = getattr(pipe, "vae_scale_factor", None)
-    if not isinstance(sample, int) or not isinstance(factor, int):
-        raise ConfigError("data.resolution: the model does not say its native image size; set data.resolution")
-    return min(4096, max(32, sample * factor // 8 * 8))
 
 
-def _check_folders(cfg: TrainConfig) -> None:
-    """The folders the run writes to must be (or become) folders: checked before the model loads, not at
-    the first write. ``data.path`` must be a folder too."""
-    folders = {"output.dir": cfg.output.dir}
-    if "disk" in (cfg.cache.latents, cfg.text_cache):
-        folders["cache.dir" if cfg.cache.dir else "output.dir"] = cfg.cache_dir
-    if cfg.prior.num_images > 0 and cfg.prior.class_dir:
-        folders["prior.class_dir"] = cfg.prior.class_dir
-    for key, folder in folders.items():
-        if os.path.lexists(folder) and not os.path.isdir(folder):
-            raise ConfigError(f"{key}: {folder} exists and is not a folder; name a folder (it is created if missing)")
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"{key}: cannot create the folder {folder} ({exc.strerror or exc})") from exc
-    if not os.path.isdir(cfg.data.path):
-        raise ConfigError(f"data.path: {cfg.data.path} is not a folder of training images")
+
+
 
 
 def _optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
@@ -160,9 +136,9 @@ class _Run:
         self.pipe.to(self.acc.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.family = detect_family(self.pipe)
-        self.cfg = cfg = resolve_sizes(cfg, _native_resolution(self.pipe))
+        self.cfg = cfg = resolve_sizes(cfg, native_resolution(self.pipe))
         self.dataset, self.items, self.problems = build_dataset(cfg, self.pipe, self.acc)
-        self.metadata = _training_metadata(cfg, self.items)  # checked now, not at the final save
+        self.metadata = training_metadata(cfg, self.items)  # checked now, not at the final save
         name = cfg.output.name
         add_lora(self.pipe, name, rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=cfg.lora.targets,
                  text_encoder=cfg.lora.text_encoder, use_dora=cfg.lora.use_dora, use_rslora=cfg.lora.use_rslora)
@@ -413,7 +389,7 @@ def train(
     with time limits would. Returns the adapter path (None when stopped early) and the losses.
     """
     cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
-    _check_folders(cfg)
+    check_folders(cfg)
     run = _Run(cfg, progress=progress)
     run.setup()  # resolves the sizes the config leaves to the model: run.cfg from here on
     start = run.resume() if resume else 0
@@ -463,50 +439,3 @@ def _finish(run: _Run, losses: list[float]) -> TrainResult:
         write_model_card(run.out / "README.md", cfg, adapter, samples, losses, run.family)
     run.acc.wait_for_everyone()
     return TrainResult(adapter, cfg.train.steps, losses, ckpt, samples, list(run.skipped))
-
-
-# safetensors refuses a header over 100 MB (tensor entries included); readers parse JSON values of up
-# to 16 MiB. The training metadata gets a budget well inside both.
-_MAX_METADATA_BYTES = 32 * 2**20
-_MAX_TAG_FREQUENCY_CHARS = 4 * 2**20
-
-
-def _training_metadata(cfg: TrainConfig, items: Sequence[Any]) -> dict[str, str]:
-    """The ``ss_*``/``diffusion_lora.*`` keys of the adapter file, within the size a file can carry
-    (ConfigError now, rather than a failed save after training)."""
-    meta = {
-        "ss_steps": str(cfg.train.steps),
-        "ss_resolution": f"({cfg.data.resolution}, {cfg.data.resolution})",
-        "modelspec.resolution": f"{cfg.data.resolution}x{cfg.data.resolution}",  # what was used, not the family's
-        "ss_num_train_images": str(len(items)),
-        "ss_tag_frequency": _tag_frequency_json(items),
-        "ss_learning_rate": str(cfg.train.learning_rate),
-        "diffusion_lora.train_config": json.dumps(cfg.to_dict(), sort_keys=True),
-        "diffusion_lora.dataset_size": str(len(items)),
-    }
-    size = len(json.dumps(meta).encode("utf-8", "surrogatepass"))
-    if size > _MAX_METADATA_BYTES:
-        biggest = max(meta, key=lambda k: len(meta[k]))
-        raise ConfigError(
-            f"the adapter file's training metadata would be {size:,} bytes ({biggest}: {len(meta[biggest]):,}), "
-            f"over the {_MAX_METADATA_BYTES:,} an adapter file may carry; shorten the longest settings "
-            "(data.instance_prompt, data.trigger_word, sample.prompts)"
-        )
-    return meta
-
-
-def _tag_frequency_json(items: Sequence[Any]) -> str:
-    """kohya's ``ss_tag_frequency`` as JSON; when too big to share, only each folder's most frequent tags."""
-    frequency = tag_frequency_of(items)
-    text = json.dumps(frequency)
-    most = keep = max((len(tags) for tags in frequency.values()), default=0)
-    while len(text) > _MAX_TAG_FREQUENCY_CHARS and keep > 0:
-        keep //= 2
-        text = json.dumps({folder: dict(sorted(tags.items(), key=lambda kv: (-kv[1], kv[0]))[:keep])
-                           for folder, tags in frequency.items()})
-    if keep < most:
-        logger.warning("ss_tag_frequency keeps only the %d most frequent tags of each folder (the full list "
-                       "is too big for the file's metadata)", keep)
-    return text
-
-
