@@ -69,12 +69,6 @@ def _micro_batches(dataset: Any, batch_size: int, seed: int, skip: int = 0) -> I
         epoch, first = epoch + 1, 0
 
 
-
-
-
-
-
-
 def _optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
     opt = cfg.optimizer
     name = str(getattr(opt.name, "value", opt.name))
