@@ -12,8 +12,7 @@ from typing import Any
 from . import __version__
 from .errors import ConfigError, DatasetError, DiffusionLoraError
 from .formats.printable import printable
-
-DEFAULT_MODEL = "shapes-sd15"  # the embedded trained base (diffusion_lora/assets)
+from .models.loading import DEFAULT_MODEL  # the embedded trained base (diffusion_lora/assets)
 
 
 def split_weighted(spec: str, default: float = 1.0) -> tuple[str, float]:
@@ -133,13 +132,13 @@ def _run_convert(args: argparse.Namespace) -> int:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a LoRA from a folder of images (TOML config and/or flags)")
     p.add_argument("config", nargs="?", help="TOML config file (see samples/); flags override it")
-    p.add_argument("--model", help="base model (model.name)")
+    p.add_argument("--model", help=f"base model (model.name; default: {DEFAULT_MODEL})")
     p.add_argument("--data", help="image folder (data.path)")
     p.add_argument("--out", help="output folder (output.dir)")
     p.add_argument("--steps", type=int, help="train.steps")
     p.add_argument("--rank", type=int, help="lora.rank")
     p.add_argument("--lr", type=float, help="train.learning_rate")
-    p.add_argument("--resolution", type=int, help="data.resolution")
+    p.add_argument("--resolution", type=int, help="data.resolution (default: the model's native image size)")
     p.add_argument("--batch-size", type=int, dest="batch_size", help="train.batch_size")
     p.add_argument("--seed", type=int, help="train.seed")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config value")

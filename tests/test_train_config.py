@@ -54,7 +54,7 @@ def error_of(overrides=(), **sections) -> str:
 DEFAULTS = {
     "model": {"name": "tiny-sd15", "dtype": "float32"},
     "data": {"path": "data/x", "instance_prompt": "", "trigger_word": "", "caption_extension": ".txt",
-             "resolution": 512, "buckets": True, "bucket_step": 64, "min_bucket": 256, "max_bucket": 2048,
+             "resolution": None, "buckets": True, "bucket_step": None, "min_bucket": None, "max_bucket": None,
              "no_upscale": False, "center_crop": True, "flip": False, "caption_dropout": 0.0,
              "shuffle_captions": False, "keep_tokens": 0, "repeats": 1, "skip_bad_images": False},
     "prior": {"class_dir": "", "class_prompt": "", "weight": 1.0, "num_images": 0},
@@ -64,7 +64,7 @@ DEFAULTS = {
               "text_encoder_lr": None, "seed": 0, "mixed_precision": "no", "gradient_checkpointing": False,
               "noise_offset": 0.0, "min_snr_gamma": None, "loss": "l2", "huber_delta": 0.1,
               "timestep_sampling": "uniform", "logit_mean": 0.0, "logit_std": 1.0, "shift": None,
-              "zero_terminal_snr": False, "guidance": 1.0, "max_grad_norm": 1.0},
+              "zero_terminal_snr": False, "guidance": 1.0, "max_grad_norm": 1.0, "max_nonfinite_steps": 0},
     "optimizer": {"name": "adamw", "weight_decay": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8},
     "scheduler": {"name": "constant", "warmup_steps": 0},
     "cache": {"latents": "memory", "text": "auto", "dir": ""},
@@ -138,7 +138,7 @@ def test_unknown_section_suggests():
         load_config(raw)
 
 
-@pytest.mark.parametrize("dotted", ["model.name", "data.path", "output.dir"])
+@pytest.mark.parametrize("dotted", ["data.path", "output.dir"])
 def test_missing_required_key_is_named(dotted):
     section, key = dotted.split(".")
     raw = minimal()
@@ -148,6 +148,19 @@ def test_missing_required_key_is_named(dotted):
     del raw[section]  # a missing section names its required key too
     with pytest.raises(ConfigError, match=rf"^{re.escape(dotted)}: required key is missing"):
         load_config(raw)
+
+
+def test_model_name_defaults_to_the_embedded_model_as_in_generate():
+    from diffusion_lora.cli import build_parser
+    from diffusion_lora.models.loading import EMBEDDED_MODELS
+
+    raw = minimal()
+    del raw["model"]
+    cfg = load_config(raw)
+    assert cfg.model.name == "shapes-sd15" and cfg.model.name in EMBEDDED_MODELS
+    generate = build_parser().parse_args(["generate", "--prompt", "x"])
+    assert cfg.model.name == generate.model
+    assert load_config(tomllib.loads(cfg.to_toml())).model.name == "shapes-sd15"
 
 
 @pytest.mark.parametrize("dotted", ["model.name", "data.path", "output.dir"])
@@ -203,17 +216,17 @@ def test_section_that_is_not_a_table():
 # ---------------------------------------------------------------- ranges
 
 RANGES = [  # (section, key, bad value, an accepted edge value)
-    ("data", "resolution", 32, 64), ("data", "resolution", 4104, 4096), ("data", "resolution", 100, 104),
+    ("data", "resolution", 24, 32), ("data", "resolution", 4104, 4096), ("data", "resolution", 100, 104),
     ("data", "bucket_step", 4, 8), ("data", "bucket_step", 520, 512), ("data", "bucket_step", 12, 16),
     ("data", "caption_dropout", 1.5, 1), ("data", "caption_dropout", -0.1, 0.0),
-    ("data", "keep_tokens", -1, 0), ("data", "repeats", 0, 1),
+    ("data", "keep_tokens", -1, 0), ("data", "repeats", 0, 1), ("data", "repeats", 10_001, 10_000),
     ("prior", "weight", -1.0, 0), ("prior", "num_images", -1, 0),
     ("lora", "rank", 0, 1), ("lora", "rank", 1025, 1024), ("lora", "alpha", 0, 0.5),
     ("train", "steps", 0, 1), ("train", "batch_size", 0, 1), ("train", "gradient_accumulation", 0, 1),
     ("train", "learning_rate", 0, 1e-6), ("train", "seed", -1, 2**64 - 1),
     ("train", "noise_offset", -0.1, 0), ("train", "min_snr_gamma", 0, 5), ("train", "huber_delta", 0, 0.5),
     ("train", "logit_std", 0, 0.1), ("train", "shift", -1, 3), ("train", "max_grad_norm", -1, 0),
-    ("train", "guidance", -1, 0),
+    ("train", "guidance", -1, 0), ("train", "max_nonfinite_steps", -1, 0),
     ("optimizer", "weight_decay", -0.1, 0), ("optimizer", "eps", 0, 1e-10),
     ("scheduler", "warmup_steps", -1, 0),
     ("checkpoint", "every", -1, 0), ("checkpoint", "keep", 0, 1),
@@ -228,7 +241,7 @@ def test_out_of_range_names_key_and_value(section, key, bad, good):
     msg = error_of(**{section: {key: bad}})
     assert msg.startswith(f"{section}.{key}: {float(bad) if isinstance(good, float) else bad!r}"), msg
     assert "out of range; expected a value" in msg or "is not a multiple of 8" in msg
-    loose = {"min_bucket": 8, "max_bucket": 8192} if section == "data" else {}  # so resolution's edges fit
+    loose = {"min_bucket": 8, "max_bucket": 8192} if key == "resolution" else {}  # so resolution's edges fit
     assert getattr(getattr(load(**{section: {**loose, key: good}}), section), key) == good
 
 
@@ -250,6 +263,7 @@ def test_betas_must_be_two_values():
 @pytest.mark.parametrize(
     ("section", "key", "value"),
     [("output", "name", "a/b"), ("output", "name", "a\\b"), ("output", "name", ".."), ("output", "name", ""),
+     ("output", "name", "x" * 201), ("output", "name", "é" * 101),
      ("data", "caption_extension", "txt"), ("data", "trigger_word", "ohwx, man"), ("lora", "targets", ""),
      ("lora", "targets", []), ("sample", "seeds", [])],
 )
@@ -263,7 +277,10 @@ def test_string_and_list_checks_name_the_key(section, key, value):
 @pytest.mark.parametrize(
     ("sections", "keys"),
     [
-        ({"data": {"resolution": 128}}, ["data.min_bucket", "data.resolution"]),
+        ({"data": {"resolution": 128, "min_bucket": 256}}, ["data.min_bucket", "data.resolution"]),
+        ({"data": {"min_bucket": 512, "max_bucket": 256}}, ["data.min_bucket", "data.max_bucket"]),
+        ({"data": {"resolution": 96, "bucket_step": 64}}, ["data.resolution", "data.bucket_step"]),
+        ({"data": {"min_bucket": 100, "bucket_step": 8}}, ["data.min_bucket", "data.bucket_step"]),
         ({"data": {"resolution": 1024, "max_bucket": 768}}, ["data.max_bucket", "data.resolution"]),
         ({"prior": {"num_images": 10}}, ["prior.class_prompt", "prior.num_images"]),
         ({"sample": {"every": 100}}, ["sample.prompts", "sample.every"]),
@@ -294,10 +311,57 @@ def test_direct_construction_is_checked_too():
     with pytest.raises(ConfigError, match=r"^data\.resolution: 100 is not a multiple of 8"):
         DataSection(path="x", resolution=100)
     with pytest.raises(ConfigError, match=r"^data\.min_bucket: "):
-        TrainConfig(model=ModelSection(name="m"), data=DataSection(path="x", resolution=64),
+        TrainConfig(model=ModelSection(name="m"), data=DataSection(path="x", resolution=64, min_bucket=128),
                     output=OutputSection(dir="o"))
     with pytest.raises(ConfigError, match=r"^model: expected a ModelSection"):
         TrainConfig(model={"name": "m"}, data=DataSection(path="x"), output=OutputSection(dir="o"))
+
+
+# ---------------------------------------------------------------- sizes resolved from the model
+
+
+def sizes(cfg: TrainConfig) -> tuple:
+    d = cfg.data
+    return d.resolution, d.bucket_step, d.min_bucket, d.max_bucket
+
+
+@pytest.mark.parametrize(("resolution", "native", "expected"), [
+    (None, 512, (512, 64, 256, 2048)),   # the old fixed defaults, now from the model
+    (None, 64, (64, 64, 64, 2048)),      # shapes-sd15: the bucket floor follows it down
+    (None, 32, (32, 32, 32, 2048)),      # tiny-* models
+    (None, 1024, (1024, 64, 256, 2048)),
+    (64, 512, (64, 64, 64, 2048)),       # --resolution 64 on any model
+    (128, 512, (128, 64, 128, 2048)),
+    (96, 512, (96, 32, 96, 2048)),       # a step that divides the resolution
+    (4096, 512, (4096, 64, 256, 4096)),  # the ceiling follows it up
+])
+def test_unset_sizes_follow_the_resolution(resolution, native, expected):
+    from diffusion_lora.train.config import resolve_sizes
+
+    cfg = load(data={"resolution": resolution} if resolution else {})
+    resolved = resolve_sizes(cfg, native)
+    assert sizes(resolved) == expected
+    assert load_config(tomllib.loads(resolved.to_toml())) == resolved  # the saved config is concrete
+
+
+def test_set_sizes_are_kept_and_a_contradiction_with_the_native_size_is_named():
+    from diffusion_lora.train.config import resolve_sizes
+
+    kept = resolve_sizes(load(data={"min_bucket": 128, "max_bucket": 1024, "bucket_step": 32}), 512)
+    assert sizes(kept) == (512, 32, 128, 1024)
+    with pytest.raises(ConfigError) as info:
+        resolve_sizes(load(data={"min_bucket": 256}), 64)
+    msg = str(info.value)
+    assert msg.startswith("data.min_bucket: 256 is larger than data.resolution (64)")
+    assert "native size" in msg
+    with pytest.raises(ConfigError, match=r"^data.max_bucket: 768 is smaller than data.resolution \(1024\)"):
+        resolve_sizes(load(data={"max_bucket": 768}), 1024)
+
+
+def test_resolution_flags_below_the_old_bucket_floor_load():
+    for flag in ("64", "128"):
+        overrides = flags_to_overrides({"resolution": int(flag)})
+        assert load(overrides).data.resolution == int(flag)
 
 
 # ---------------------------------------------------------------- overrides

@@ -129,3 +129,27 @@ def _link_new(tmp: str, path: Path) -> None:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     os.close(os.open(path, flags, 0o666))
     os.replace(tmp, path)
+
+
+def open_append_no_follow(path: Path, *, what: str = "file") -> int:
+    """A file descriptor of ``path`` opened for appending (created if absent), never through a symlink.
+
+    A symlink at ``path`` (even a dangling one), a FIFO, a device or a folder is refused with a
+    FormatError naming the path, as is any OS error. The caller owns (and closes) the descriptor,
+    e.g. with ``os.fdopen(fd, "ab")``.
+    """
+    refusal = f"{path}: is a symlink; refusing to write the {what} through it; remove the link"
+    if os.path.islink(path):  # checked first too, for systems without O_NOFOLLOW
+        raise FormatError(refusal)
+    flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+             | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if os.path.islink(path):  # ELOOP from O_NOFOLLOW: a link planted after the check above
+            raise FormatError(refusal) from e
+        raise FormatError(f"{path}: could not open the {what} for writing: {e.strerror or e}") from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FormatError(f"{path}: is not a regular file; refusing to write the {what} into it; remove it")
+    return fd

@@ -43,6 +43,7 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Trained pipelines shipped inside the package (diffusers folders under diffusion_lora/assets/).
 EMBEDDED_MODELS: tuple[str, ...] = ("shapes-sd15",)
+DEFAULT_MODEL = "shapes-sd15"  # the base model of every command (generate, train) when none is named
 _ASSETS = Path(__file__).resolve().parent.parent / "assets"
 _WHAT_TO_PASS = (
     "pass a local diffusers folder (with model_index.json), a .safetensors/.ckpt file "

@@ -23,13 +23,14 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, get_args, get_origin, get_type_hints
 
 from ..errors import ConfigError
+from ..models.loading import DEFAULT_MODEL
 
 __all__ = [
     "FLAG_KEYS", "CacheSection", "CheckpointSection", "DataSection", "LatentCache", "LogSection",
     "LoraSection", "Loss", "MixedPrecision", "ModelDtype", "ModelSection", "OptimizerName",
     "OptimizerSection", "OutputSection", "PriorSection", "SampleSection", "SaveFormat",
     "SchedulerName", "SchedulerSection", "TextCache", "TimestepSampling", "TrainConfig", "TrainSection",
-    "flags_to_overrides", "load_config", "with_overrides",
+    "flags_to_overrides", "load_config", "resolve_sizes", "with_overrides",
 ]
 
 
@@ -97,6 +98,12 @@ FLAG_KEYS: Mapping[str, str] = types.MappingProxyType({
 })
 
 _SEED_MAX = 2**64 - 1  # torch.Generator's range
+MAX_REPEATS = 10_000  # per image and epoch; more is a typo (or a hostile folder name), not a plan
+# The adapter file <name>.safetensors is written through a temp file ".<name>.safetensors.<12 hex>.tmp",
+# which must fit the usual 255-byte file-name limit.
+_MAX_NAME_BYTES = 200
+# Bucket limits a config leaves unset (kohya's defaults at 512 px), widened to hold the resolution.
+_MIN_BUCKET, _MAX_BUCKET, _BUCKET_STEP = 256, 2048, 64
 
 
 # ---------------------------------------------------------------- field rules
@@ -131,8 +138,11 @@ def _nonempty(v: str) -> str | None:
 
 
 def _file_stem(v: str) -> str | None:
-    if not v.strip() or v in (".", "..") or "/" in v or "\\" in v:
+    if not v.strip() or v in (".", "..") or "/" in v or "\\" in v or "\0" in v:
         return f"{v!r} is not a file stem; use a plain name without path separators, e.g. \"my_style\""
+    if len(v.encode("utf-8", "surrogatepass")) > _MAX_NAME_BYTES:
+        return (f"is {len(v.encode('utf-8', 'surrogatepass'))} bytes long; file names are limited, so use at "
+                f"most {_MAX_NAME_BYTES} bytes")
     return None
 
 
@@ -182,8 +192,7 @@ _section = dataclass(frozen=True, kw_only=True)
 @_section
 class ModelSection(_Section):
     SECTION: ClassVar[str] = "model"
-    name: str = _f(check=_nonempty, required_help="a tiny-* name, a diffusers folder, a .safetensors file "
-                   "or a hub id")
+    name: str = _f(DEFAULT_MODEL, check=_nonempty)
     dtype: ModelDtype = _f(ModelDtype.FLOAT32)
 
 
@@ -194,18 +203,20 @@ class DataSection(_Section):
     instance_prompt: str = _f("")
     trigger_word: str = _f("", check=_one_tag)
     caption_extension: str = _f(".txt", check=_extension)
-    resolution: int = _f(512, ge=64, le=4096, multiple_of=8)
+    # None: the model's native size, filled in once the model is loaded (resolve_sizes); the bucket
+    # settings left None then follow the resolution.
+    resolution: int | None = _f(None, ge=32, le=4096, multiple_of=8)
     buckets: bool = _f(True)
-    bucket_step: int = _f(64, ge=8, le=512, multiple_of=8)
-    min_bucket: int = _f(256, ge=8, le=8192)
-    max_bucket: int = _f(2048, ge=8, le=8192)
+    bucket_step: int | None = _f(None, ge=8, le=512, multiple_of=8)
+    min_bucket: int | None = _f(None, ge=8, le=8192)
+    max_bucket: int | None = _f(None, ge=8, le=8192)
     no_upscale: bool = _f(False)
     center_crop: bool = _f(True)
     flip: bool = _f(False)
     caption_dropout: float = _f(0.0, ge=0, le=1)
     shuffle_captions: bool = _f(False)
     keep_tokens: int = _f(0, ge=0)
-    repeats: int = _f(1, ge=1)
+    repeats: int = _f(1, ge=1, le=MAX_REPEATS)
     skip_bad_images: bool = _f(False)
 
 
@@ -256,6 +267,8 @@ class TrainSection(_Section):
     zero_terminal_snr: bool = _f(False)
     guidance: float = _f(1.0, ge=0)
     max_grad_norm: float = _f(1.0, ge=0)
+    # Steps whose loss or gradients are NaN/Inf that may be skipped (no update) before the run stops.
+    max_nonfinite_steps: int = _f(0, ge=0)
 
 
 @_section
@@ -369,13 +382,8 @@ class TrainConfig:
 
 
 def _cross_check(cfg: TrainConfig) -> None:
-    d, t = cfg.data, cfg.train
-    if d.min_bucket > d.resolution:
-        raise ConfigError(f"data.min_bucket: {d.min_bucket} is larger than data.resolution ({d.resolution}); "
-                          f"lower data.min_bucket to at most {d.resolution}")
-    if d.resolution > d.max_bucket:
-        raise ConfigError(f"data.max_bucket: {d.max_bucket} is smaller than data.resolution ({d.resolution}); "
-                          f"raise data.max_bucket to at least {d.resolution}")
+    t = cfg.train
+    _check_buckets(cfg.data)
     if cfg.prior.num_images > 0 and not cfg.prior.class_prompt.strip():
         raise ConfigError(f"prior.class_prompt: required when prior.num_images > 0 (it is "
                           f"{cfg.prior.num_images}); set it, e.g. \"a photo of a dog\", or set prior.num_images = 0")
@@ -392,6 +400,50 @@ def _cross_check(cfg: TrainConfig) -> None:
     if t.text_encoder_lr is not None and not cfg.lora.text_encoder:
         raise ConfigError("train.text_encoder_lr: set while lora.text_encoder = false, so it would be ignored; "
                           "set lora.text_encoder = true or remove train.text_encoder_lr")
+
+
+def _check_buckets(d: DataSection) -> None:
+    """Only the bucket settings the config sets are checked against each other; unset ones follow."""
+    res, step = d.resolution, d.bucket_step
+    if d.min_bucket is not None and d.max_bucket is not None and d.min_bucket > d.max_bucket:
+        raise ConfigError(f"data.min_bucket: {d.min_bucket} is larger than data.max_bucket ({d.max_bucket})")
+    if res is not None and d.min_bucket is not None and d.min_bucket > res:
+        raise ConfigError(f"data.min_bucket: {d.min_bucket} is larger than data.resolution ({res}); "
+                          f"lower data.min_bucket to at most {res}")
+    if res is not None and d.max_bucket is not None and res > d.max_bucket:
+        raise ConfigError(f"data.max_bucket: {d.max_bucket} is smaller than data.resolution ({res}); "
+                          f"raise data.max_bucket to at least {res}")
+    if step is None:
+        return
+    for key, value in (("resolution", res), ("min_bucket", d.min_bucket), ("max_bucket", d.max_bucket)):
+        if value is not None and value % step:
+            raise ConfigError(f"data.{key}: {value} is not a multiple of data.bucket_step ({step}); "
+                              f"use a multiple of {step} or change data.bucket_step")
+
+
+def resolve_sizes(cfg: TrainConfig, native: int) -> TrainConfig:
+    """``cfg`` with every size concrete: ``data.resolution`` (unset: ``native``, the model's own image
+    size) and the bucket settings left unset, which follow the resolution: ``bucket_step`` 64 (or the
+    largest power of two ≤ 64 dividing the resolution), ``min_bucket`` 256 and ``max_bucket`` 2048 (the
+    usual values at 512 px), widened to include the resolution. Settings the config gives are kept, and
+    one that contradicts the resolution is a ConfigError naming both."""
+    d = cfg.data
+    res = d.resolution if d.resolution is not None else native
+    step = d.bucket_step if d.bucket_step is not None else math.gcd(res, _BUCKET_STEP)
+    low = d.min_bucket if d.min_bucket is not None else min(_MIN_BUCKET, res)
+    high = d.max_bucket if d.max_bucket is not None else max(_MAX_BUCKET, res)
+    try:
+        data = DataSection(**{**_values(d), "resolution": res, "bucket_step": step, "min_bucket": low,
+                              "max_bucket": high})
+        return TrainConfig(**{**_values(cfg), "data": data})
+    except ConfigError as e:
+        if d.resolution is not None:
+            raise
+        raise ConfigError(f"{e} (data.resolution is not set, so it is the model's native size, {res})") from None
+
+
+def _values(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
 
 
 # ---------------------------------------------------------------- types and ranges

@@ -12,6 +12,7 @@ import torch
 from ..errors import DatasetError
 from .captions import tag_frequency
 from .dataset import BucketedDataset, ImageItem, scan_images, validate_images
+from .files import own_folder, write_output, write_png
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +22,11 @@ def _class_items(cfg: Any, pipe: Any, acc: Any) -> list[ImageItem]:
     prior = cfg.prior
     if prior.num_images <= 0:
         return []
-    folder = Path(prior.class_dir or Path(cfg.output.dir) / "class_images")
-    folder.mkdir(parents=True, exist_ok=True)
+    if prior.class_dir:  # the user's folder, wherever it leads
+        folder = Path(prior.class_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+    else:
+        folder = own_folder(Path(cfg.output.dir) / "class_images")
     have = scan_images(folder, instance_prompt=prior.class_prompt, is_class=True)
     missing = prior.num_images - len(have)
     if missing > 0 and acc.is_main_process:
@@ -33,8 +37,8 @@ def _class_items(cfg: Any, pipe: Any, acc: Any) -> list[ImageItem]:
             with torch.no_grad():
                 image = pipe(prior.class_prompt, generator=generator, height=side, width=side,
                              num_inference_steps=cfg.sample.steps).images[0]
-            image.save(folder / f"class_{i:05d}.png")
-            (folder / f"class_{i:05d}.txt").write_text(prior.class_prompt, encoding="utf-8")
+            write_output(folder / f"class_{i:05d}.txt", prior.class_prompt.encode("utf-8"), "class caption")
+            write_png(image, folder / f"class_{i:05d}.png", "class image")
     acc.wait_for_everyone()
     return scan_images(folder, instance_prompt=prior.class_prompt, is_class=True)[: prior.num_images]
 

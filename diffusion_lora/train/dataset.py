@@ -8,6 +8,7 @@ Flow: :func:`scan_images` → :func:`validate_images` (every problem at once, be
 from __future__ import annotations
 
 import bisect
+import contextlib
 import enum
 import hashlib
 import itertools
@@ -17,23 +18,31 @@ import os
 import random
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageMode, ImageOps
 
 from ..errors import ConfigError, DatasetError
 from .buckets import Size, assign_bucket, make_buckets, resize_and_crop
 from .captions import process_caption
+from .config import MAX_REPEATS
+from .epochs import BucketSamples, EpochBatches
+from .files import open_regular, read_bounded
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own Image.MAX_IMAGE_PIXELS default
+# Decoded pixel data (pixels × the mode's bits per pixel) allowed per image: an 8-bit RGB photo of
+# 89 megapixels; a small, well-compressed 16-bit or RGBA file must not inflate to gigabytes.
+DEFAULT_MAX_DECODED_BYTES = 256 * 2**20
+MAX_CAPTION_BYTES = 64 * 2**10  # far beyond any text encoder's context (CLIP 77 tokens, T5 512)
+MAX_METADATA_BYTES = 64 * 2**20  # a metadata.jsonl
 METADATA_FILE = "metadata.jsonl"
 _REPEATS_FOLDER = re.compile(r"(\d+)_(.+)")
 _EXIF_ORIENTATION = 0x0112
@@ -122,6 +131,8 @@ def _scan_dir(
             _add_problem(ctx, path, "broken or looping symlink; fix or remove it")
         elif entry.is_dir():
             _scan_subdir(ctx, path, ancestors, repeats, folder, metadata)
+        elif path.suffix.lower() in IMAGE_EXTENSIONS and not entry.is_file():
+            _add_problem(ctx, path, "not a regular file (a FIFO, device or socket); remove it")
         elif path.suffix.lower() in IMAGE_EXTENSIONS:
             label = folder if folder is not None else _relative_folder(ctx.root, directory)
             _add_image(ctx, path, repeats, label, metadata)
@@ -149,6 +160,10 @@ def _scan_subdir(
         if repeats < 1:
             _add_problem(ctx, path, "folder repeat count is 0; rename it with 1 or more (e.g. 1_name)")
             return
+        if repeats > MAX_REPEATS:
+            _add_problem(ctx, path, f"folder repeat count {repeats} is over the limit of {MAX_REPEATS}; rename "
+                         "it with a smaller count (e.g. 10_name)")
+            return
     _scan_dir(ctx, path, ancestors + (key,), repeats, folder, metadata)
 
 
@@ -167,12 +182,12 @@ def _add_problem(ctx: _ScanContext, path: Path, reason: str) -> None:
 
 def _read_caption(path: Path) -> tuple[str | None, list[str]]:
     """The caption file's stripped text (``None`` if there is no such file) and its problems."""
-    if not path.is_file():
-        return None, []
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return "", [f"caption file {path} cannot be read ({exc})"]
+        data = read_bounded(path, MAX_CAPTION_BYTES, "caption file")
+    except DatasetError as exc:
+        return "", [f"caption file {exc}"]
+    if data is None:
+        return None, []
     try:
         return data.decode("utf-8-sig").strip(), []
     except UnicodeDecodeError as exc:
@@ -183,12 +198,16 @@ def _read_caption(path: Path) -> tuple[str | None, list[str]]:
 def _read_metadata(ctx: _ScanContext, directory: Path) -> dict[str, str]:
     """``{normalized image path: text}`` from ``directory/metadata.jsonl``; bad lines become problems."""
     meta_path = directory / METADATA_FILE
-    if not meta_path.is_file():
-        return {}
     captions: dict[str, str] = {}
     try:
-        lines = meta_path.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
+        data = read_bounded(meta_path, MAX_METADATA_BYTES, "metadata file")
+        if data is None:
+            return {}
+        lines = data.decode("utf-8-sig").splitlines()
+    except DatasetError as exc:
+        _add_problem(ctx, meta_path, str(exc).removeprefix(f"{meta_path}: "))
+        return {}
+    except UnicodeDecodeError as exc:
         _add_problem(ctx, meta_path, f"cannot be read as UTF-8 text ({exc})")
         return {}
     for number, line in enumerate(lines, start=1):
@@ -201,6 +220,10 @@ def _read_metadata(ctx: _ScanContext, directory: Path) -> dict[str, str]:
                 raise TypeError("file_name and text must be strings")
         except (ValueError, KeyError, TypeError) as exc:
             _add_problem(ctx, meta_path, f"line {number}: not a {{'file_name', 'text'}} JSON object ({exc})")
+            continue
+        if len(text.encode("utf-8", "surrogatepass")) > MAX_CAPTION_BYTES:
+            _add_problem(ctx, meta_path, f"line {number}: the text is over the limit of {MAX_CAPTION_BYTES:,} "
+                         "bytes for a caption; shorten it")
             continue
         image_path = directory / file_name
         if not image_path.is_file():
@@ -223,25 +246,48 @@ def _relative_folder(root: Path, directory: Path) -> str:
 # ------------------------------------------------------------------------------------------ loading
 
 
-def _open_image(path: Path, max_pixels: int) -> Image.Image:
-    """Open ``path`` lazily (header only), refusing more than ``max_pixels`` pixels before any decoding."""
-    try:
-        with warnings.catch_warnings():
-            # Our own limit below replaces PIL's warning; PIL's global limit is left untouched.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
-    except Image.DecompressionBombError as exc:
-        raise DatasetError(f"{path}: refused as a decompression bomb ({exc})") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise DatasetError(f"{path}: not a readable image ({exc}); re-export it or remove it") from exc
+@contextlib.contextmanager
+def _open_image(
+    path: Path, max_pixels: int, max_bytes: int = DEFAULT_MAX_DECODED_BYTES
+) -> Iterator[Image.Image]:
+    """``path`` opened lazily (header only) as a regular file, refusing more than ``max_pixels`` pixels
+    or ``max_bytes`` of decoded pixel data before any decoding; the image and file close on exit."""
+    with open_regular(path) as fh:
+        try:
+            with warnings.catch_warnings():
+                # Our own limit below replaces PIL's warning; PIL's global limit is left untouched.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(fh)
+        except Image.DecompressionBombError as exc:
+            raise DatasetError(f"{path}: refused as a decompression bomb ({exc})") from exc
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise DatasetError(f"{path}: not a readable image ({exc}); re-export it or remove it") from exc
+        with img:
+            _check_limits(path, img, max_pixels, max_bytes)
+            yield img
+
+
+def _check_limits(path: Path, img: Image.Image, max_pixels: int, max_bytes: int) -> None:
     width, height = img.size
     if width * height > max_pixels:
-        img.close()
         raise DatasetError(
             f"{path}: {width}x{height} = {width * height} pixels is over the limit of {max_pixels} "
             "(possible decompression bomb); shrink the image or raise max_pixels if it is genuine"
         )
-    return img
+    decoded = width * height * _bits_per_pixel(img.mode) // 8
+    if decoded > max_bytes:
+        raise DatasetError(
+            f"{path}: {width}x{height} {img.mode} decodes to {decoded:,} bytes, over the limit of {max_bytes:,} "
+            "(possible decompression bomb); shrink it or save it with 8 bits per channel"
+        )
+
+
+def _bits_per_pixel(mode: str) -> int:
+    try:
+        info = ImageMode.getmode(mode)
+        return len(info.bands) * 8 * int(info.typestr[-1])
+    except (KeyError, ValueError, AttributeError):
+        return 128  # an unknown mode: assume the widest (4 × 32-bit float)
 
 
 def _decode(path: Path, img: Image.Image) -> Image.Image:
@@ -279,14 +325,22 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _gray_to_uint8(values: np.ndarray) -> np.ndarray:
-    """Scale high-depth gray to 0..255: float in [0, 1] or [0, 255]; integers as 16-bit unless all ≤ 255."""
+    """Scale high-depth gray to 0..255: float in [0, 1] or [0, 255]; integers as 16-bit unless all ≤ 255.
+
+    Converted a band of rows at a time, so the float64 work space stays small whatever the image size.
+    """
     is_float = values.dtype.kind == "f"
-    values = values.astype(np.float64)
-    if is_float and values.size and values.max() <= 1.0:
-        values = values * 255.0
-    elif values.size and values.max() > 255:
-        values = np.clip(values, 0, 65535) / 257.0
-    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    peak = float(values.max()) if values.size else 0.0
+    out = np.empty(values.shape, dtype=np.uint8)
+    rows = max(1, (1 << 16) // max(1, values.shape[-1] if values.ndim > 1 else values.size))
+    for top in range(0, max(1, values.shape[0]), rows):
+        band = values[top : top + rows].astype(np.float64)
+        if is_float and peak <= 1.0:
+            band = band * 255.0
+        elif peak > 255:
+            band = np.clip(band, 0, 65535) / 257.0
+        out[top : top + rows] = np.clip(np.rint(band), 0, 255)
+    return out
 
 
 def image_size(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Size:
@@ -413,8 +467,8 @@ class BucketedDataset(torch.utils.data.Dataset):
             for item in self.items
         ]
         for item in self.items:
-            if item.repeats < 1:
-                raise DatasetError(f"{item.path}: repeats is {item.repeats}; it must be 1 or more")
+            if not 1 <= item.repeats <= MAX_REPEATS:
+                raise DatasetError(f"{item.path}: repeats is {item.repeats}; it must be in [1, {MAX_REPEATS}]")
         self._ends = list(itertools.accumulate(item.repeats for item in self.items))
 
     def set_epoch(self, epoch: int) -> None:
@@ -467,28 +521,25 @@ class BucketedDataset(torch.utils.data.Dataset):
 
 def bucket_batches(
     dataset: BucketedDataset, batch_size: int, *, seed: int, epoch: int, drop_last: bool = False
-) -> list[list[int]]:
+) -> EpochBatches:
     """One epoch's batches of sample indices: each batch from one bucket, every sample exactly once.
 
     Samples are shuffled within their bucket and the batches shuffled across buckets, deterministically
-    from ``(seed, epoch)``. ``drop_last`` drops each bucket's incomplete last batch.
+    from ``(seed, epoch)``. ``drop_last`` drops each bucket's incomplete last batch. The batches are
+    computed when indexed (:class:`~.epochs.EpochBatches`): memory grows with the number of images,
+    not with their repeats.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size: {batch_size} must be 1 or more")
     groups: dict[Size, list[int]] = {}
     for item_idx, bucket in enumerate(dataset.item_buckets):
-        groups.setdefault(bucket, []).extend(dataset.samples_of(item_idx))
-    rng = random.Random(sample_seed(seed, epoch, -1))  # index -1: a stream no sample uses
-    batches: list[list[int]] = []
-    for bucket in sorted(groups):
-        indices = groups[bucket]
-        rng.shuffle(indices)
-        for first in range(0, len(indices), batch_size):
-            batch = indices[first : first + batch_size]
-            if len(batch) == batch_size or not drop_last:
-                batches.append(batch)
-    rng.shuffle(batches)
-    return batches
+        groups.setdefault(bucket, []).append(item_idx)
+    buckets = [
+        BucketSamples([dataset.samples_of(i).start for i in members], [dataset.items[i].repeats for i in members])
+        for _, members in sorted(groups.items())
+    ]
+    keys = [sample_seed(seed, epoch, -2 - b) for b in range(len(buckets))]  # indices no sample uses
+    return EpochBatches(buckets, keys, sample_seed(seed, epoch, -1), batch_size, drop_last)
 
 
 # -------------------------------------------------------------------------------------- fingerprints
@@ -524,7 +575,7 @@ def item_fingerprint(item: ImageItem, augmentation: str = "") -> str:
     """
     file_hash = hashlib.sha256()
     try:
-        with open(item.path, "rb") as handle:
+        with open_regular(item.path) as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 file_hash.update(chunk)
     except OSError as exc:

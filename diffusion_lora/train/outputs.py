@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
+from .files import own_folder, write_output, write_png
+
 
 def image_grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[str] = ()) -> Image.Image:
     """Paste images into a grid (rows × columns); an optional label strip above each row."""
@@ -43,9 +45,8 @@ def write_sample_grid(pipe: Any, cfg: Any, path: Path) -> Path:
             with torch.no_grad():
                 row.append(pipe(prompt, generator=generator, **kwargs).images[0])
         rows.append(row)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(rows, list(s.prompts)).save(path)
-    return path
+    own_folder(path.parent)
+    return write_png(image_grid(rows, list(s.prompts)), path, "sample grid")
 
 
 def write_model_card(
@@ -74,5 +75,4 @@ def write_model_card(
     for sample in samples:
         lines += [f"![samples]({sample.relative_to(path.parent).as_posix()})", ""]
     lines += ["## Training config", "", "```toml", cfg.to_toml().rstrip(), "```", ""]
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    return write_output(path, "\n".join(lines).encode("utf-8"), "model card")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,17 +26,19 @@ from ..adapters import add_lora, save_lora
 from ..adapters.state import state_of
 from ..errors import ConfigError, DiffusionLoraError
 from ..families import Objective, detect_family
-from ..formats.atomic import atomic_write_bytes
+from ..formats.atomic import atomic_write_bytes, open_append_no_follow
 from ..models import load_pipeline
 from . import objectives as obj
 from .cache import TensorCache, model_fingerprint
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import check_state, latest_checkpoint, load_checkpoint, save_checkpoint
 from .conditioning import conditioner_for
-from .config import TrainConfig, load_config
-from .data_setup import build_dataset, tag_frequency_of
+from .config import TrainConfig, load_config, resolve_sizes
+from .data_setup import build_dataset
 from .dataset import bucket_batches
+from .files import own_folder, write_output
 from .interrupts import interrupts_deferred
 from .outputs import write_model_card, write_sample_grid
+from .preflight import check_folders, native_resolution, training_metadata
 from .steps import StepContext, micro_step_loss
 
 logger = logging.getLogger(__name__)
@@ -51,15 +54,19 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     checkpoint: Path | None = None
     samples: list[Path] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)  # steps whose update was skipped as non-finite
 
 
-def _micro_batches(dataset: Any, batch_size: int, seed: int) -> Iterator[list[int]]:
-    """The endless, deterministic stream of micro-batches (epoch after epoch)."""
-    epoch = 0
+def _micro_batches(dataset: Any, batch_size: int, seed: int, skip: int = 0) -> Iterator[list[int]]:
+    """The endless, deterministic stream of micro-batches (epoch after epoch), from micro-batch ``skip`` on."""
+    per_epoch = len(bucket_batches(dataset, batch_size, seed=seed, epoch=0))  # the same every epoch
+    epoch, first = divmod(skip, per_epoch)
     while True:
         dataset.set_epoch(epoch)
-        yield from bucket_batches(dataset, batch_size, seed=seed, epoch=epoch)
-        epoch += 1
+        batches = bucket_batches(dataset, batch_size, seed=seed, epoch=epoch)
+        for i in range(first, len(batches)):
+            yield batches[i]
+        epoch, first = epoch + 1, 0
 
 
 def _optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
@@ -113,6 +120,7 @@ class _Run:
         AcceleratorState._reset_state(reset_partial_state=False)
         self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp)
         self.is_main = self.acc.is_main_process
+        self.skipped: list[int] = []  # steps whose update was skipped as non-finite, in this process's run
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -122,7 +130,9 @@ class _Run:
         self.pipe.to(self.acc.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.family = detect_family(self.pipe)
+        self.cfg = cfg = resolve_sizes(cfg, native_resolution(self.pipe))
         self.dataset, self.items, self.problems = build_dataset(cfg, self.pipe, self.acc)
+        self.metadata = training_metadata(cfg, self.items)  # checked now, not at the final save
         name = cfg.output.name
         add_lora(self.pipe, name, rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=cfg.lora.targets,
                  text_encoder=cfg.lora.text_encoder, use_dora=cfg.lora.use_dora, use_rslora=cfg.lora.use_rslora)
@@ -171,23 +181,27 @@ class _Run:
             logger.info("no checkpoint under %s; starting from step 0", self.out / "checkpoints")
             return 0
         saved = load_checkpoint(ckpt)
-        if saved.get("config") != _resume_view(self.cfg):
+        params = dict(self.named)
+        check_state(saved, ckpt, params, self.optimizer, self.cfg.train.steps)  # before anything changes
+        if saved["config"] != _resume_view(self.cfg):
             raise ConfigError(
                 f"{ckpt}: the checkpoint was made with a different config; resume needs the same settings "
                 f"(only train.steps may grow)"
             )
-        params = dict(self.named)
+        try:
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            raise DiffusionLoraError(f"{ckpt}: the optimizer or scheduler state does not fit this run ({exc}); "
+                                     "delete this checkpoint to resume from the one before") from exc
         with torch.no_grad():
             for name, tensor in saved["params"].items():
-                if name not in params:
-                    raise DiffusionLoraError(f"{ckpt}: parameter {name} is not in this run's adapter")
                 params[name].copy_(tensor)
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
         logger.info("resumed from %s at step %d", ckpt, saved["step"])
         return int(saved["step"])
 
     def checkpoint(self, step: int) -> Path | None:
+        self.check_finite(step)  # every process: their adapters are identical, so all stop together
         self.acc.wait_for_everyone()
         path = None
         if self.is_main:
@@ -202,13 +216,20 @@ class _Run:
         self.acc.wait_for_everyone()
         return path
 
+    def check_finite(self, step: int) -> None:
+        """Refuse to save (a checkpoint or the adapter) unless every trainable value is finite."""
+        bad = [n for n, p in self.named if not bool(torch.isfinite(p.detach()).all())]
+        if bad:
+            raise DiffusionLoraError(
+                f"train: after step {step}, {len(bad)} adapter tensor(s) hold NaN or Inf (first: {bad[0]}); nothing "
+                "was saved. Lower train.learning_rate and start again"
+            )
+
     def run(self, start: int, stop: int) -> list[float]:
         cfg = self.cfg
         world, rank = self.acc.num_processes, self.acc.process_index
         per_step = world * cfg.train.gradient_accumulation
-        stream = _micro_batches(self.dataset, cfg.train.batch_size, cfg.train.seed)
-        for _ in range(start * per_step):
-            next(stream)
+        stream = _micro_batches(self.dataset, cfg.train.batch_size, cfg.train.seed, skip=start * per_step)
         losses: list[float] = []
         bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step",
                    disable=not (self.progress and self.is_main))
@@ -223,7 +244,8 @@ class _Run:
                 bar.update(1)
                 done = step + 1
                 if done % cfg.log.every == 0 or done == stop:
-                    log.write(done, {"loss": loss, "lr": lr})
+                    values = {"loss": loss if math.isfinite(loss) else None, "lr": lr}
+                    log.write(done, values | ({"skipped_steps": len(self.skipped)} if self.skipped else {}))
                 if cfg.sample.every and done % cfg.sample.every == 0 and self.is_main:
                     write_sample_grid(self.pipe, cfg, self.out / "samples" / f"step_{done:06d}.png")
                 if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.train.steps:
@@ -255,14 +277,42 @@ class _Run:
             _average_text_encoder_grads(self.acc, self.named, self.family.denoiser)
         if cfg.train.max_grad_norm:
             self.acc.clip_grad_norm_([p for _, p in self.named], cfg.train.max_grad_norm)
+        mean = float(self.acc.reduce(torch.tensor(total, device=self.acc.device), "mean"))
+        finite = self._finite(mean)
         # An interrupt must find the optimizer, scheduler and step count all before or all after this
         # update, or the checkpoint it triggers would not resume bit-identically.
         with interrupts_deferred():
-            self.optimizer.step()
+            if finite:
+                self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.completed = step + 1
-        return float(self.acc.reduce(torch.tensor(total, device=self.acc.device), "mean"))
+        if not finite:
+            self._skip_nonfinite(step + 1, mean)
+        return mean
+
+    def _finite(self, loss: float) -> bool:
+        """Whether this step's loss and gradients are finite (the same answer on every process)."""
+        if str(getattr(self.cfg.train.mixed_precision, "value", self.cfg.train.mixed_precision)) == "fp16":
+            # fp16 gradients overflow routinely; accelerate's GradScaler skips those steps itself
+            return math.isfinite(loss)
+        grads = [p.grad for _, p in self.named if p.grad is not None]
+        ok = math.isfinite(loss) and all(bool(torch.isfinite(g).all()) for g in grads)
+        flag = torch.tensor(0 if ok else 1, device=self.acc.device)
+        return int(self.acc.reduce(flag, "sum")) == 0
+
+    def _skip_nonfinite(self, step: int, loss: float) -> None:
+        self.skipped.append(step)
+        limit = self.cfg.train.max_nonfinite_steps
+        if len(self.skipped) > limit:
+            allowed = f"more than train.max_nonfinite_steps = {limit}" if limit else "train.max_nonfinite_steps = 0"
+            raise DiffusionLoraError(
+                f"train: step {step} has a non-finite loss or gradient (loss {loss}); {len(self.skipped)} such "
+                f"step(s), {allowed}. The run diverged: lower train.learning_rate (it is "
+                f"{self.cfg.train.learning_rate}); the adapter was not saved (earlier checkpoints are intact)"
+            )
+        logger.warning("step %d: non-finite loss or gradient (loss %s); update skipped (%d of at most %d)",
+                       step, loss, len(self.skipped), limit)
 
 
 def _average_text_encoder_grads(acc: Any, named: Sequence[tuple[str, torch.nn.Parameter]], denoiser: str) -> None:
@@ -273,9 +323,10 @@ def _average_text_encoder_grads(acc: Any, named: Sequence[tuple[str, torch.nn.Pa
 
 
 def _resume_view(cfg: TrainConfig) -> dict:
-    """The config a checkpoint must match to be resumed: everything but the step count and outputs."""
+    """The config a checkpoint must match to be resumed: everything but the step count, the non-finite
+    step allowance (a safety limit, not part of the math) and outputs."""
     view = cfg.to_dict()
-    view["train"] = {k: v for k, v in view["train"].items() if k != "steps"}
+    view["train"] = {k: v for k, v in view["train"].items() if k not in ("steps", "max_nonfinite_steps")}
     for section in ("sample", "log", "checkpoint", "output"):
         view.pop(section, None)
     return view
@@ -290,8 +341,8 @@ class _Logger:
         self.file = None
         if not enabled:
             return
-        (out / "logs").mkdir(parents=True, exist_ok=True)
-        self.file = open(out / "logs" / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        logs = own_folder(out / "logs")
+        self.file = os.fdopen(open_append_no_follow(logs / "metrics.jsonl", what="metrics log"), "a", encoding="utf-8")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -300,7 +351,7 @@ class _Logger:
             except ImportError:
                 logger.info("tensorboard is not installed; metrics go to logs/metrics.jsonl only")
 
-    def write(self, step: int, values: Mapping[str, float]) -> None:
+    def write(self, step: int, values: Mapping[str, float | int | None]) -> None:
         if not self.enabled:
             return
         assert self.file is not None
@@ -308,7 +359,8 @@ class _Logger:
         self.file.flush()
         if self.writer is not None:
             for key, value in values.items():
-                self.writer.add_scalar(f"train/{key}", value, step)
+                if value is not None:
+                    self.writer.add_scalar(f"train/{key}", value, step)
 
     def close(self) -> None:
         if self.file is not None:
@@ -331,13 +383,14 @@ def train(
     with time limits would. Returns the adapter path (None when stopped early) and the losses.
     """
     cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
+    check_folders(cfg)
     run = _Run(cfg, progress=progress)
-    run.setup()
+    run.setup()  # resolves the sizes the config leaves to the model: run.cfg from here on
     start = run.resume() if resume else 0
     stop = cfg.train.steps if max_steps_this_run is None else min(cfg.train.steps, start + max_steps_this_run)
     losses = run.run(start, stop) if start < stop else []
     if stop < cfg.train.steps:
-        return TrainResult(None, stop, losses, run.checkpoint(stop))
+        return TrainResult(None, stop, losses, run.checkpoint(stop), skipped_steps=list(run.skipped))
     return _finish(run, losses)
 
 
@@ -352,9 +405,8 @@ def _check_ranks_agree(run: _Run) -> None:
     digest = torch.tensor(list(h.digest()[:16]), dtype=torch.int64, device=run.acc.device)
     gathered = run.acc.gather(digest).reshape(run.acc.num_processes, -1).tolist()
     if run.is_main:
-        (run.out / "logs").mkdir(parents=True, exist_ok=True)
         hexes = [bytes(row).hex() for row in gathered]
-        (run.out / "logs" / "ranks.json").write_text(json.dumps(hexes), encoding="utf-8")
+        write_output(own_folder(run.out / "logs") / "ranks.json", json.dumps(hexes).encode(), "rank digests")
         if len(set(hexes)) != 1:
             raise DiffusionLoraError(f"data-parallel ranks ended with different adapters: {hexes}")
 
@@ -372,7 +424,7 @@ def _finish(run: _Run, losses: list[float]) -> TrainResult:
         adapter = run.out / f"{cfg.output.name}.safetensors"
         words = [cfg.data.trigger_word] if cfg.data.trigger_word else []
         save_lora(run.pipe, cfg.output.name, adapter, str(getattr(cfg.output.save_format, "value",
-                  cfg.output.save_format)), trigger_words=words, extra_metadata=_training_metadata(run))
+                  cfg.output.save_format)), trigger_words=words, extra_metadata=run.metadata)
         if cfg.sample.prompts:
             grid = run.out / "samples" / f"step_{cfg.train.steps:06d}.png"
             if not grid.exists():
@@ -380,19 +432,4 @@ def _finish(run: _Run, losses: list[float]) -> TrainResult:
             samples.append(grid)
         write_model_card(run.out / "README.md", cfg, adapter, samples, losses, run.family)
     run.acc.wait_for_everyone()
-    return TrainResult(adapter, cfg.train.steps, losses, ckpt, samples)
-
-
-def _training_metadata(run: _Run) -> dict[str, str]:
-    cfg = run.cfg
-    return {
-        "ss_steps": str(cfg.train.steps),
-        "ss_resolution": f"({cfg.data.resolution}, {cfg.data.resolution})",
-        "ss_num_train_images": str(len(run.items)),
-        "ss_tag_frequency": json.dumps(tag_frequency_of(run.items)),
-        "ss_learning_rate": str(cfg.train.learning_rate),
-        "diffusion_lora.train_config": json.dumps(cfg.to_dict(), sort_keys=True),
-        "diffusion_lora.dataset_size": str(len(run.items)),
-    }
-
-
+    return TrainResult(adapter, cfg.train.steps, losses, ckpt, samples, list(run.skipped))
