@@ -6,6 +6,7 @@ fsync the folder. Used for adapter files, checkpoints and anything else that mus
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -115,8 +116,6 @@ def write_new_file(path: Path, data: bytes, *, what: str = "file") -> None:
 
 
 def _link_new(tmp: str, path: Path) -> None:
-    import errno  # only this fallback needs it
-
     try:
         os.link(tmp, path, follow_symlinks=False)
         return
