@@ -78,9 +78,9 @@ def inject(
     layers: Mapping[str, tuple[int, float, bool]],
     *,
     empty: bool,
-) -> None:
+) -> dict[str, LoraLayer]:
     """Add adapter ``name`` to ``model`` at exactly the module paths of ``layers``
-    (path → rank, alpha, whether ``lora_B`` has a bias).
+    (path → rank, alpha, whether ``lora_B`` has a bias); returns the LoRA layer at each path.
 
     Creates PEFT's own LoRA layers one by one, which skips the whole-model scans, the trainable
     marking and the activation PEFT's ``inject_adapter_in_model`` does on every call (most of its
@@ -89,7 +89,7 @@ def inject(
     """
     previous = dict(getattr(model, "peft_config", {}) or {})
     try:
-        _create_layers(model, name, config, layers, empty=empty)
+        placed = _create_layers(model, name, config, layers, empty=empty)
     except TypeError:
         # An older or newer PEFT whose layer constructors take other arguments: use its public API.
         logger.debug("PEFT layer constructors differ from the ones expected; using inject_adapter_in_model")
@@ -97,9 +97,11 @@ def inject(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
             inject_adapter_in_model(config, model, adapter_name=name, low_cpu_mem_usage=empty)
+        placed = {path: model.get_submodule(path) for path in layers}
     previous[name] = config
     model.peft_config = previous
     model._hf_peft_config_loaded = True
+    return placed
 
 
 def _create_layers(
@@ -109,7 +111,7 @@ def _create_layers(
     layers: Mapping[str, tuple[int, float, bool]],
     *,
     empty: bool,
-) -> None:
+) -> dict[str, LoraLayer]:
     from peft.tuners.lora.model import LoraModel
 
     context = _empty_tensors if empty else contextlib.nullcontext
@@ -119,16 +121,21 @@ def _create_layers(
     configs = {False: dataclasses.replace(config, lora_bias=False)} if config.lora_bias else {False: config}
     if config.lora_bias:
         configs[True] = config
+    placed = {}
     with context():
         for path, (rank, alpha, bias) in layers.items():
-            target = model.get_submodule(path)
+            parent_path, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            target = getattr(parent, child)
             cfg = configs[bias]
             if isinstance(target, LoraLayer):
                 target.update_layer(name, rank, lora_alpha=alpha, config=cfg, target_name=path)
+                placed[path] = target
                 continue
             new = LoraModel._create_new_module(cfg, name, target, r=rank, lora_alpha=alpha, target_name=path)
-            parent_path, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
+            setattr(parent, child, new)
+            placed[path] = new
+    return placed
 
 
 class _SkipInit(TorchFunctionMode):
@@ -160,10 +167,11 @@ def config_for(modules: Mapping[str, ModuleLora], use_rslora: bool) -> LoraConfi
     return LoraConfig(**lora_config_fields(modules, use_rslora))
 
 
-def assign_weights(model: torch.nn.Module, name: str, modules: Mapping[str, ModuleLora]) -> None:
-    """Put the tensors of ``modules`` into the LoRA layers of adapter ``name``, on each layer's device/dtype."""
+def assign_weights(layers: Mapping[str, LoraLayer], name: str, modules: Mapping[str, ModuleLora]) -> None:
+    """Put the tensors of ``modules`` into the LoRA layers of adapter ``name`` (``layers``: path → layer,
+    as :func:`inject` returns them), on each layer's device/dtype."""
     for path, m in modules.items():
-        layer = model.get_submodule(path)
+        layer = layers[path]
         weight = layer.get_base_layer().weight
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
 
