@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -122,7 +123,7 @@ def _norm(t: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(parts))
 
 
-def layer_dtype(module: torch.nn.Module) -> torch.dtype:
+def _layer_dtype(module: torch.nn.Module) -> torch.dtype:
     """The dtype the adapter's tensors get in ``module`` (float32 beside a quantized weight)."""
     dtype = module.weight.dtype
     return dtype if dtype.is_floating_point else torch.float32
@@ -137,7 +138,7 @@ def _check_values(key: str, module: torch.nn.Module, m: ModuleLora, use_rslora: 
     weight = module.weight.detach()
     rows = weight[:_BASE_ROWS]
     base = max(_norm(rows) * (weight.shape[0] / rows.shape[0]) ** 0.5, 1.0)
-    limit = torch.finfo(layer_dtype(module)).max
+    limit = torch.finfo(_layer_dtype(module)).max
     scale = m.scale(use_rslora)
     down, up = _norm(m.down), _norm(m.up)
     magnitude = _norm(m.magnitude) if m.magnitude is not None else 0.0
@@ -145,11 +146,11 @@ def _check_values(key: str, module: torch.nn.Module, m: ModuleLora, use_rslora: 
     size = max(scale * up * down, magnitude, scale * bias)
     # The forward computes lora_B(lora_A(x)) before scaling, so the unscaled product must fit too.
     largest = max(down, up, magnitude, max(scale, 1.0) * max(up * down, bias))
-    if size <= _ROOM * MAX_DELTA_RATIO * base and largest <= _ROOM * limit:
+    if 0 < m.alpha < math.inf and size <= _ROOM * MAX_DELTA_RATIO * base and largest <= _ROOM * limit:
         return
     _check_finite(key, m, source)
     _check_magnitude(key, module, m, use_rslora, source)
-    _check_dtype(key, m, use_rslora, layer_dtype(module), source)
+    _check_dtype(key, m, use_rslora, _layer_dtype(module), source)
 
 
 def _check_magnitude(key: str, module: torch.nn.Module, m: ModuleLora, use_rslora: bool, source: str) -> None:
