@@ -251,3 +251,20 @@ def test_large_factors_whose_product_is_zero_still_load(files, make_pipe):
     dl.load_lora(pipe, _variant(root, good, "cancelling", change), name="x")
     dl.load_lora(reference, _variant(root, good, "zero-up", zero_up), name="x")
     assert torch.equal(run(pipe), run(reference))
+
+
+def test_nan_in_a_dora_magnitude_is_refused(tmp_path, make_pipe):
+    src = make_pipe("tiny-sd15")
+    trained_adapter(src, "dora", seed=34, rank=4, use_dora=True)
+    tensors = load_file(str(dl.save_lora(src, "dora", tmp_path / "dora.safetensors")))
+    key = _first_key(tensors, "magnitude")
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")  # up and down stay finite: only the magnitude is broken
+    path = tmp_path / "nan-magnitude.safetensors"
+    save_file(tensors, str(path), metadata=read_metadata(tmp_path / "dora.safetensors"))
+    pipe = make_pipe("tiny-sd15")
+    before = model_state(pipe)
+    with pytest.raises(dl.FormatError, match="magnitude weight of .* contains NaN"):
+        dl.load_lora(pipe, path)
+    assert dl.list_loras(pipe) == []
+    assert_same_state(model_state(pipe), before)

@@ -146,7 +146,8 @@ def _check_values(key: str, module: torch.nn.Module, m: ModuleLora, use_rslora: 
     size = max(scale * up * down, magnitude, scale * bias)
     # The forward computes lora_B(lora_A(x)) before scaling, so the unscaled product must fit too.
     largest = max(down, up, magnitude, max(scale, 1.0) * max(up * down, bias))
-    if 0 < m.alpha < math.inf and size <= _ROOM * MAX_DELTA_RATIO * base and largest <= _ROOM * limit:
+    finite = all(math.isfinite(x) for x in (base, down, up, magnitude, bias))  # max() would drop a NaN
+    if finite and 0 < m.alpha < math.inf and size <= _ROOM * MAX_DELTA_RATIO * base and largest <= _ROOM * limit:
         return
     _check_finite(key, m, source)
     _check_magnitude(key, module, m, use_rslora, source)
