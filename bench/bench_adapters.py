@@ -7,13 +7,16 @@ plain UNet C with the same weights is the no-adapter reference for forwards and 
     python bench/bench_adapters.py            # full run (~8 min on 2 quiet CPU cores, ~15 busy)
     python bench/bench_adapters.py --quick    # 20 adapters, fewer repetitions, k ≤ 2 (~3–4 min)
     python bench/bench_adapters.py --out results.md --profile 3
+    python bench/bench_adapters.py --quick --load-only   # the load rows only (~3 min)
 
 Measured, in this order:
 
 1. ``--adapters`` rank-16 attention LoRA files (random non-zero up/lora_B, one seed each).
 2. Load one adapter: ``dl.load_lora`` (then ``dl.remove_lora``) vs ``pipe.load_lora_weights``
    (then ``pipe.delete_adapters``), interleaved, after one untimed warm-up each; also into plain
-   layers and next to an already loaded adapter.
+   layers and next to an already loaded adapter. Everything runs at torch's default thread count
+   (what a user gets); the main load row is repeated with ``torch.set_num_threads(1)`` and while a
+   CPU-bound process (a Python loop of matmuls, one thread) runs beside the benchmark.
 3. Switch the active pair of adapters with all of them loaded: ``dl.set_weights`` vs
    ``pipe.set_adapters``, interleaved, a different pair each repetition.
 4. UNet forward (batch 1, latents 1×4×32×32 = 256 px, timestep 500, fixed random inputs) with k stacked
@@ -28,6 +31,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import subprocess
+import sys
 import gc
 import io
 import logging
@@ -245,8 +250,38 @@ def column(rounds: list[tuple[float, ...]], i: int) -> float:
     return med([r[i] for r in rounds])
 
 
+# One core's worth of steady CPU work in another process: what a user's machine usually has beside
+# the program (a browser, a second job). torch's thread pool then waits for a core at every parallel op.
+BUSY_LOOP = "\n".join(
+    ["import torch", "torch.set_num_threads(1)", "x = torch.randn(256, 256)", "while True:", "    x = torch.tanh(x @ x)"]
+)
+
+
+@contextlib.contextmanager
+def busy_cpu() -> Iterator[None]:
+    """Run a CPU-bound Python process beside the block (started, given a second to spin up, killed)."""
+    proc = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
+    try:
+        time.sleep(1.0)
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def bench_load(a, b, files: list[Path], s: Settings, res: Results) -> None:
     n = s.load_reps
+    threads = torch.get_num_threads()
     # As asked: delete after each load. diffusers' delete_adapters leaves empty PEFT wrappers behind,
     # so its later loads skip creating them; our remove_lora gives back plain layers every time.
     main = load_rounds(a, b, files[:-1], n, b.delete_adapters)
@@ -257,15 +292,32 @@ def bench_load(a, b, files: list[Path], s: Settings, res: Results) -> None:
     wrapped = load_rounds(a, b, files[:-1], n, b.delete_adapters)
     dl.remove_lora(a, files[-1].stem)
     b.unload_lora_weights()
+    with torch_threads(1):
+        one_thread = load_rounds(a, b, files[:-1], n, lambda _: b.unload_lora_weights())
+    with busy_cpu():
+        busy = load_rounds(a, b, files[:-1], n, lambda _: b.unload_lora_weights())
     rows = (
         (f"load 1 adapter (median of {n}; ours remove_lora / diffusers delete_adapters after each)", main, 0, 2),
         ("remove 1 adapter (remove_lora / delete_adapters)", main, 1, 3),
         ("load 1 adapter into plain layers (diffusers: unload_lora_weights after each)", plain, 0, 2),
         ("load 1 adapter next to 1 loaded adapter (layers already wrapped)", wrapped, 0, 2),
+        (f"load 1 adapter into plain layers, torch.set_num_threads(1) (default here: {threads})", one_thread, 0, 2),
+        (
+            f"load 1 adapter into plain layers while a CPU-bound process runs beside it ({threads} threads)",
+            busy,
+            0,
+            2,
+        ),
     )
     for what, rounds, i, j in rows:
-        res.add(what, ms(column(rounds, i)), ms(column(rounds, j)), ratio(column(rounds, j), column(rounds, i)))
-    log(f"load: ours {[round(r[0] * 1e3) for r in main]} ms, diffusers {[round(r[2] * 1e3) for r in main]} ms")
+        # Ratio of the medians, then the median of each round's own ratio (ours and diffusers ran
+        # back to back in a round, so a slow period of the machine cancels there).
+        per_round = med([r[j] / r[i] for r in rounds])
+        cell = f"{ratio(column(rounds, j), column(rounds, i))} · per round {per_round:.2f}×"
+        res.add(what, ms(column(rounds, i)), ms(column(rounds, j)), cell)
+    for label, rounds in (("quiet", plain), ("1 thread", one_thread), ("busy CPU", busy)):
+        ours, theirs = [round(r[0] * 1e3) for r in rounds], [round(r[2] * 1e3) for r in rounds]
+        log(f"load, {label}: ours {ours} ms, diffusers {theirs} ms")
 
 
 def profile_text(prof: cProfile.Profile, title: str, dirs: Sequence[str], top: int = 16) -> str:
@@ -483,7 +535,10 @@ def render(res: Results, s: Settings, elapsed: float) -> str:
             f"torch {torch.__version__} · diffusers {diffusers.__version__} · peft {peft.__version__} · "
             f"diffusion_lora {dl.__version__} · python {platform.python_version()}"
         ),
-        f"torch threads {torch.get_num_threads()} · CPU cores {os.cpu_count()} · {platform.processor() or platform.machine()}",
+        (
+            f"torch threads {torch.get_num_threads()} (torch's default here, used by every row but the 1-thread one) · "
+            f"CPU cores {os.cpu_count()} · {platform.processor() or platform.machine()}"
+        ),
         (
             f"model: SD1.5 UNet config, random weights, float32, CPU · adapters: rank {RANK}, attention "
             f"(to_q/to_k/to_v/to_out.0) · forward: batch 1, latents 1×4×{s.latent}×{s.latent} "
@@ -510,6 +565,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latent", type=int, help="latent side length (default 32, i.e. 256 px)")
     p.add_argument("--adapters", type=int, help="number of adapter files (default 50; 20 with --quick)")
     p.add_argument("--out", type=Path, help="also write the table to this file")
+    p.add_argument("--load-only", action="store_true", help="only the load rows (no switch, no forward)")
     p.add_argument(
         "--profile",
         type=int,
@@ -533,17 +589,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     res = Results()
     res.notes.append(f"load average at start: {os.getloadavg()[0]:.2f}")
-    log("building three SD1.5 UNets (same seed)")
-    a, b, c_unet = build_pipeline(build_unet(0)), build_pipeline(build_unet(0)), build_unet(0)
+    log("building the SD1.5 UNets (same seed)")
+    a, b = build_pipeline(build_unet(0)), build_pipeline(build_unet(0))
     with tempfile.TemporaryDirectory(prefix="bench_adapters_") as tmp:
         files = make_files(a, Path(tmp), s.adapters)
         log(f"wrote {len(files)} adapter files of {files[0].stat().st_size / 1e6:.1f} MB")
         bench_load(a, b, files, s, res)
         log("load benchmark done")
-        profile = bench_switch(a, b, files, s, res, args.profile)
-        log("switch benchmark done")
-        bench_forward(a, b, c_unet, files, s, res)
-        log("forward benchmark done")
+        profile = ""
+        if not args.load_only:
+            profile = bench_switch(a, b, files, s, res, args.profile)
+            log("switch benchmark done")
+            bench_forward(a, b, build_unet(0), files, s, res)
+            log("forward benchmark done")
         if args.profile:
             profile = profile_loads(a, b, files, args.profile) + profile
     res.notes.append(f"load average at end: {os.getloadavg()[0]:.2f}")

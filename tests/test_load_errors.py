@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -182,3 +184,87 @@ def test_unreadable_trigger_words_metadata_is_ignored_not_a_crash(files, make_pi
     pipe = make_pipe("tiny-sd15")
     name = dl.load_lora(pipe, path)
     assert dl.list_loras(pipe)[0].name == name
+
+
+def _unet_pair(tensors):
+    down = next(k for k in sorted(tensors) if k.startswith("unet.") and ".lora_A." in k)
+    return down, down.replace(".lora_A.", ".lora_B.")
+
+
+def _beyond_float16(root, good, case):
+    """A file whose numbers are finite and sane in float32 but overflow float16."""
+    def change(t):
+        kd, ku = _unet_pair(t)
+        t[kd], t[ku] = t[kd].clone(), t[ku].clone()
+        if case == "value":  # one up value above 65504; its down row is tiny, so the delta stays small
+            t[ku][0, 0] = 70000.0
+            t[kd][0] *= 1e-6
+        else:  # small factors whose product passes 65504: PEFT computes lora_B(lora_A(x)) before scaling
+            t[kd].fill_(300.0)
+            t[ku].fill_(300.0)
+
+    def change_meta(meta):
+        if case == "product":  # a tiny scale keeps the scaled delta sane
+            config = json.loads(meta["lora_adapter_metadata"])
+            config["unet.lora_alpha"] = 1e-5
+            meta["lora_adapter_metadata"] = json.dumps(config)
+
+    return _variant(root, good, f"fp16-{case}", change, change_meta)
+
+
+@pytest.mark.parametrize("case", ["value", "product"])
+def test_values_float16_cannot_hold_are_refused_by_a_float16_pipeline(files, make_pipe, case):
+    root, good, _ = files
+    path = _beyond_float16(root, good, case)
+    module = _unet_pair(load_file(str(path)))[0].removesuffix(".lora_A.weight")
+    pipe = make_pipe("tiny-sd15").to(torch.float16)
+    before = model_state(pipe)
+    with pytest.raises(dl.FormatError) as err:
+        dl.load_lora(pipe, path)
+    msg = str(err.value)
+    assert path.name in msg and module in msg and "torch.float16" in msg and "float32" in msg
+    assert dl.list_loras(pipe) == [] and pipe.get_list_adapters() == {}
+    assert_same_state(model_state(pipe), before)
+    # The same file is fine where its numbers fit: the refusal is about the pipeline's dtype.
+    pipe32 = make_pipe("tiny-sd15")
+    dl.load_lora(pipe32, path)
+    assert torch.isfinite(run(pipe32)).all()
+
+
+def test_large_factors_whose_product_is_zero_still_load(files, make_pipe):
+    """‖up‖·‖down‖ is huge, up @ down is 0: the norm bound cannot clear it, the exact check must."""
+    root, good, _ = files
+
+    def change(t):
+        kd, ku = _unet_pair(t)
+        t[kd] = t[kd].clone()
+        t[ku] = torch.zeros_like(t[ku])
+        t[ku][:, 0] = t[ku][:, 1] = 1e3  # two equal columns of up ...
+        t[kd][0] = 1e3
+        t[kd][1] = -1e3  # ... against opposite rows of down: they cancel exactly
+        t[kd][2:] = 0.0
+
+    def zero_up(t):
+        t[_unet_pair(t)[1]] = torch.zeros_like(t[_unet_pair(t)[1]])
+
+    pipe, reference = make_pipe("tiny-sd15"), make_pipe("tiny-sd15")
+    dl.load_lora(pipe, _variant(root, good, "cancelling", change), name="x")
+    dl.load_lora(reference, _variant(root, good, "zero-up", zero_up), name="x")
+    assert torch.equal(run(pipe), run(reference))
+
+
+def test_nan_in_a_dora_magnitude_is_refused(tmp_path, make_pipe):
+    src = make_pipe("tiny-sd15")
+    trained_adapter(src, "dora", seed=34, rank=4, use_dora=True)
+    tensors = load_file(str(dl.save_lora(src, "dora", tmp_path / "dora.safetensors")))
+    key = _first_key(tensors, "magnitude")
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")  # up and down stay finite: only the magnitude is broken
+    path = tmp_path / "nan-magnitude.safetensors"
+    save_file(tensors, str(path), metadata=read_metadata(tmp_path / "dora.safetensors"))
+    pipe = make_pipe("tiny-sd15")
+    before = model_state(pipe)
+    with pytest.raises(dl.FormatError, match="magnitude weight of .* contains NaN"):
+        dl.load_lora(pipe, path)
+    assert dl.list_loras(pipe) == []
+    assert_same_state(model_state(pipe), before)

@@ -166,9 +166,9 @@ def _inject_plan(state: AdapterState, name: str, plan: LoadPlan, use_rslora: boo
         for component, modules in plan.modules.items():
             model = state.components[component]
             layers = {path: (m.rank, m.alpha, m.bias is not None) for path, m in modules.items()}
-            inject(model, name, config_for(modules, use_rslora), layers, empty=True)
-            state.add_sites(component, layers)
-            assign_weights(model, name, modules)
+            placed = inject(model, name, config_for(modules, use_rslora), layers, empty=True)
+            state.add_sites(component, placed)
+            assign_weights(placed, name, modules)
     except BaseException as exc:
         _remove_everywhere(state, name)
         if isinstance(exc, DiffusionLoraError) or not isinstance(exc, Exception):

@@ -6,11 +6,12 @@ import contextlib
 import dataclasses
 import logging
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
+from torch.overrides import TorchFunctionMode
 
 from ..errors import ConfigError
 from ..families import ALL_LINEAR, Family
@@ -77,9 +78,9 @@ def inject(
     layers: Mapping[str, tuple[int, float, bool]],
     *,
     empty: bool,
-) -> None:
+) -> dict[str, LoraLayer]:
     """Add adapter ``name`` to ``model`` at exactly the module paths of ``layers``
-    (path → rank, alpha, whether ``lora_B`` has a bias).
+    (path → rank, alpha, whether ``lora_B`` has a bias); returns the LoRA layer at each path.
 
     Creates PEFT's own LoRA layers one by one, which skips the whole-model scans, the trainable
     marking and the activation PEFT's ``inject_adapter_in_model`` does on every call (most of its
@@ -88,7 +89,7 @@ def inject(
     """
     previous = dict(getattr(model, "peft_config", {}) or {})
     try:
-        _create_layers(model, name, config, layers, empty=empty)
+        placed = _create_layers(model, name, config, layers, empty=empty)
     except TypeError:
         # An older or newer PEFT whose layer constructors take other arguments: use its public API.
         logger.debug("PEFT layer constructors differ from the ones expected; using inject_adapter_in_model")
@@ -96,9 +97,11 @@ def inject(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
             inject_adapter_in_model(config, model, adapter_name=name, low_cpu_mem_usage=empty)
+        placed = {path: model.get_submodule(path) for path in layers}
     previous[name] = config
     model.peft_config = previous
     model._hf_peft_config_loaded = True
+    return placed
 
 
 def _create_layers(
@@ -108,27 +111,56 @@ def _create_layers(
     layers: Mapping[str, tuple[int, float, bool]],
     *,
     empty: bool,
-) -> None:
+) -> dict[str, LoraLayer]:
     from peft.tuners.lora.model import LoraModel
-    from peft.utils.integrations import init_empty_weights
 
-    context = init_empty_weights if empty else contextlib.nullcontext
+    context = _empty_tensors if empty else contextlib.nullcontext
     if empty:  # the weights are assigned next: skip PEFT's second random init of every LoRA matrix
         config = dataclasses.replace(config, init_lora_weights=False)
     # lora_bias only where the adapter changes a bias: PEFT cannot fuse a LoRA bias into a bias-less layer
     configs = {False: dataclasses.replace(config, lora_bias=False)} if config.lora_bias else {False: config}
     if config.lora_bias:
         configs[True] = config
+    placed = {}
     with context():
         for path, (rank, alpha, bias) in layers.items():
-            target = model.get_submodule(path)
+            parent_path, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            target = getattr(parent, child)
             cfg = configs[bias]
             if isinstance(target, LoraLayer):
                 target.update_layer(name, rank, lora_alpha=alpha, config=cfg, target_name=path)
+                placed[path] = target
                 continue
             new = LoraModel._create_new_module(cfg, name, target, r=rank, lora_alpha=alpha, target_name=path)
-            parent_path, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
+            setattr(parent, child, new)
+            placed[path] = new
+    return placed
+
+
+class _SkipInit(TorchFunctionMode):
+    """Makes torch.nn.init's in-place initialisers (``kaiming_uniform_``, ``uniform_``, …) return their
+    tensor untouched."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # torch's signature
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init" and func.__name__.endswith("_"):
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _empty_tensors() -> Iterator[None]:
+    """New tensors on the meta device, and no initialisation of them.
+
+    The LoRA tensors PEFT creates are replaced by the file's right after. Initialising them (even on
+    meta, where torch runs its Python decompositions) was about a tenth of the time of placing an
+    adapter, and PEFT's constructors are most of a load's time.
+    Torch function modes are per thread, unlike PEFT's ``init_empty_weights``, which patches
+    ``nn.Module.register_parameter`` for every thread while it runs.
+    """
+    with torch.device("meta"), _SkipInit():
+        yield
 
 
 def config_for(modules: Mapping[str, ModuleLora], use_rslora: bool) -> LoraConfig:
@@ -136,10 +168,11 @@ def config_for(modules: Mapping[str, ModuleLora], use_rslora: bool) -> LoraConfi
     return LoraConfig(**lora_config_fields(modules, use_rslora))
 
 
-def assign_weights(model: torch.nn.Module, name: str, modules: Mapping[str, ModuleLora]) -> None:
-    """Put the tensors of ``modules`` into the LoRA layers of adapter ``name``, on each layer's device/dtype."""
+def assign_weights(layers: Mapping[str, LoraLayer], name: str, modules: Mapping[str, ModuleLora]) -> None:
+    """Put the tensors of ``modules`` into the LoRA layers of adapter ``name`` (``layers``: path → layer,
+    as :func:`inject` returns them), on each layer's device/dtype."""
     for path, m in modules.items():
-        layer = model.get_submodule(path)
+        layer = layers[path]
         weight = layer.get_base_layer().weight
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
 

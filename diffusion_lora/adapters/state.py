@@ -8,7 +8,7 @@ never share state.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,14 +82,13 @@ class AdapterState:
             self._sites = {(s.component, s.path): s for s in self._scan()}
         return list(self._sites.values())
 
-    def add_sites(self, component: str, paths: Iterable[str]) -> None:
-        """Record LoRA layers just placed at ``paths``, without rescanning the whole model."""
+    def add_sites(self, component: str, layers: Mapping[str, LoraLayer]) -> None:
+        """Record LoRA layers just placed (path → layer), without rescanning the whole model."""
         if self._sites is None:
             return
-        model = self._pipe_components[component]
-        for path in paths:
+        for path, layer in layers.items():
             if (component, path) not in self._sites:
-                self._sites[(component, path)] = self._site(component, path, model.get_submodule(path))
+                self._sites[(component, path)] = self._site(component, path, layer)
 
     def _site(self, component: str, path: str, layer: LoraLayer) -> LoraSite:
         block = self.family.block_of(path + ".") if component == self.family.denoiser else (component, None)

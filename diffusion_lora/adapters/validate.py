@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -96,6 +97,61 @@ def _check_finite(key: str, m: ModuleLora, source: str) -> None:
 # A delta this many times the layer's own weight (Frobenius norms, the weight's at least 1) is a
 # corrupt file, not a style: real LoRAs change a layer by a few percent, overfit ones by well under 100%.
 MAX_DELTA_RATIO = 1000.0
+# The weight norm is estimated from this many rows: loading must not read every base weight.
+_BASE_ROWS = 16
+# Elements per reduction. torch runs a reduction this small on the calling thread; a larger one
+# starts its thread pool, and on a busy machine every parallel region waits milliseconds for a core
+# (256 tiny float64 products made a load 8x slower than diffusers' while another process ran).
+_SERIAL = 32768
+# The fast path accepts only with this much room, so float32 rounding in the norms cannot let
+# through a module that the exact float64 checks would refuse.
+_ROOM = 0.99
+
+
+def _norm(t: torch.Tensor) -> float:
+    """‖t‖ (all elements), in float32 (float64 for float64 input), in serial-sized pieces.
+
+    Overflow gives inf and a NaN or Inf element gives NaN or inf, so a finite result also proves
+    every element finite."""
+    flat = t.detach().reshape(-1)
+    if not flat.is_floating_point():
+        flat = flat.float()
+    dtype = None if flat.dtype == torch.float64 else torch.float32
+    if flat.numel() <= _SERIAL:
+        return float(torch.linalg.vector_norm(flat, dtype=dtype))
+    parts = torch.stack([torch.linalg.vector_norm(c, dtype=dtype) for c in flat.split(_SERIAL)])
+    return float(torch.linalg.vector_norm(parts))
+
+
+def _layer_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype the adapter's tensors get in ``module`` (float32 beside a quantized weight)."""
+    dtype = module.weight.dtype
+    return dtype if dtype.is_floating_point else torch.float32
+
+
+def _check_values(key: str, module: torch.nn.Module, m: ModuleLora, use_rslora: bool, source: str) -> None:
+    """Finite numbers, a sane size and values the layer's dtype can hold; raises FormatError.
+
+    Settled by norms in the common case: ‖scale · up @ down‖ ≤ scale · ‖up‖ · ‖down‖, and no
+    element is larger than its tensor's norm. A module these bounds do not clear goes through the
+    exact float64 checks, so the decisions are exactly theirs."""
+    weight = module.weight.detach()
+    rows = weight[:_BASE_ROWS]
+    base = max(_norm(rows) * (weight.shape[0] / rows.shape[0]) ** 0.5, 1.0)
+    limit = torch.finfo(_layer_dtype(module)).max
+    scale = m.scale(use_rslora)
+    down, up = _norm(m.down), _norm(m.up)
+    magnitude = _norm(m.magnitude) if m.magnitude is not None else 0.0
+    bias = _norm(m.bias) if m.bias is not None else 0.0
+    size = max(scale * up * down, magnitude, scale * bias)
+    # The forward computes lora_B(lora_A(x)) before scaling, so the unscaled product must fit too.
+    largest = max(down, up, magnitude, max(scale, 1.0) * max(up * down, bias))
+    finite = all(math.isfinite(x) for x in (base, down, up, magnitude, bias))  # max() would drop a NaN
+    if finite and 0 < m.alpha < math.inf and size <= _ROOM * MAX_DELTA_RATIO * base and largest <= _ROOM * limit:
+        return
+    _check_finite(key, m, source)
+    _check_magnitude(key, module, m, use_rslora, source)
+    _check_dtype(key, m, use_rslora, _layer_dtype(module), source)
 
 
 def _check_magnitude(key: str, module: torch.nn.Module, m: ModuleLora, use_rslora: bool, source: str) -> None:
@@ -103,7 +159,7 @@ def _check_magnitude(key: str, module: torch.nn.Module, m: ModuleLora, use_rslor
     # ‖W‖_F estimated from at most 16 rows (loading must not read every base weight), floored at 1
     # so that a zero-initialised layer does not make any update look absurd.
     weight = module.weight.detach()
-    rows = weight[:16].double()
+    rows = weight[:_BASE_ROWS].double()
     base = max(float(rows.norm()) * (weight.shape[0] / rows.shape[0]) ** 0.5, 1.0)
     up, down = m.up.detach().flatten(1).double(), m.down.detach().flatten(1).double()
     # ‖up @ down‖_F² = Σ (upᵀup) ⊙ (down downᵀ), without building the [out, in] product
@@ -120,6 +176,39 @@ def _check_magnitude(key: str, module: torch.nn.Module, m: ModuleLora, use_rslor
                 f"(norms {norm:.3g} vs {base:.3g}); no working adapter is that large, so the file is corrupt "
                 f"(re-download or re-export it) and was not loaded"
             )
+
+
+def _check_dtype(key: str, m: ModuleLora, use_rslora: bool, dtype: torch.dtype, source: str) -> None:
+    """Refuse values the layer's dtype cannot hold: an fp32 file above 65504 is Inf in an fp16
+    pipeline, and every image it makes is NaN."""
+    limit = torch.finfo(dtype).max
+    scale = m.scale(use_rslora)
+    largest = [
+        ("down weight", _max_abs(m.down)),
+        ("up weight", _max_abs(m.up)),
+        ("weight delta (up @ down, unscaled and scaled)", max(scale, 1.0) * _max_abs_product(m.up, m.down)),
+    ]
+    if m.magnitude is not None:
+        largest.append(("DoRA magnitude", _max_abs(m.magnitude)))
+    if m.bias is not None:
+        largest.append(("bias delta", max(scale, 1.0) * _max_abs(m.bias)))
+    for what, value in largest:
+        if not value <= limit:
+            raise FormatError(
+                f"{source}: the {what} of {key} reaches {value:.3g}, more than {dtype} can hold (largest "
+                f"{limit:.6g}), so in this {dtype} pipeline it would turn into Inf/NaN. Load the pipeline in "
+                f"torch.float32 (or torch.bfloat16) to use this adapter; it was not loaded"
+            )
+
+
+def _max_abs(t: torch.Tensor) -> float:
+    return float(t.detach().double().abs().max())
+
+
+def _max_abs_product(up: torch.Tensor, down: torch.Tensor) -> float:
+    """max |up @ down| in float64, a block of rows at a time (only modules the norms cannot clear get here)."""
+    d = down.detach().flatten(1).double()
+    return max(float((u.double() @ d).abs().max()) for u in up.detach().flatten(1).split(256))
 
 
 def check_against_keys(data: AdapterData, keys: ModelKeys, source: str) -> None:
@@ -165,8 +254,7 @@ def plan_load(
         if problem:
             misfits.append(problem)
             continue
-        _check_finite(key, m, source)
-        _check_magnitude(key, module, m, data.use_rslora, source)
+        _check_values(key, module, m, data.use_rslora, source)
         plan.modules.setdefault(component, {})[path] = m
     total = len(data.modules) + len(unresolved)
     guess = guess_families(data.modules, extra_keys=unresolved)
