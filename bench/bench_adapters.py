@@ -253,7 +253,8 @@ def column(rounds: list[tuple[float, ...]], i: int) -> float:
 # One core's worth of steady CPU work in another process: what a user's machine usually has beside
 # the program (a browser, a second job). torch's thread pool then waits for a core at every parallel op.
 BUSY_LOOP = "\n".join(
-    ["import torch", "torch.set_num_threads(1)", "x = torch.randn(256, 256)", "while True:", "    x = torch.tanh(x @ x)"]
+    ["import torch", "torch.set_num_threads(1)", "x = torch.randn(256, 256)",
+     "while True:", "    x = torch.tanh(x @ x)"]
 )
 
 

@@ -310,7 +310,8 @@ def test_a_diverging_run_stops_with_an_error_and_saves_nothing_non_finite(tmp_pa
     data = make_images(tmp_path / "data")
     out = tmp_path / "out"
     cfg = tiny(data, out, train={"steps": 6, "learning_rate": 1e6}, checkpoint={"every": 1, "keep": 10})
-    with pytest.raises(DiffusionLoraError, match=r"step 2 has a non-finite loss or gradient.*lower train.learning_rate"):
+    message = r"step 2 has a non-finite loss or gradient.*lower train.learning_rate"
+    with pytest.raises(DiffusionLoraError, match=message):
         train(cfg, progress=False)
     assert not (out / "style.safetensors").exists()
     checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from diffusion_lora.errors import FormatError
+from diffusion_lora.formats.regular_file import open_regular
 
 CHUNK_BYTES = 1 << 20
 _LEGACY_OFFSET = 0x100000
@@ -30,7 +30,7 @@ _LEGACY_LENGTH = 0x10000
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """SHA-256 hex digest (64 lowercase hex digits) of the whole file."""
     path = Path(path)
-    with _open(path) as f:
+    with open_regular(path) as f:
         return _sha256_of_chunks(_chunks(f, path))
 
 
@@ -45,7 +45,7 @@ def addnet_hash(path: str | os.PathLike[str]) -> str:
     Raises FormatError naming the path when the file is too short to hold the header it declares.
     """
     path = Path(path)
-    with _open(path) as f:
+    with open_regular(path) as f:
         size = _size(f, path)
         header_len = int.from_bytes(_read_prefix(f, path), "little")
         if 8 + header_len > size:
@@ -63,7 +63,7 @@ def legacy_hash(path: str | os.PathLike[str]) -> str:
     A file shorter than 1 MiB hashes to SHA-256 of no bytes, as in kohya and the old webui.
     """
     path = Path(path)
-    with _open(path) as f:
+    with open_regular(path) as f:
         try:
             f.seek(_LEGACY_OFFSET)
             return hashlib.sha256(f.read(_LEGACY_LENGTH)).hexdigest()[:8]
@@ -84,34 +84,6 @@ def addnet_hash_of_bytes(data: bytes) -> str:
 def legacy_hash_of_bytes(data: bytes) -> str:
     """:func:`legacy_hash` of a serialized safetensors file held in memory."""
     return hashlib.sha256(memoryview(data)[_LEGACY_OFFSET : _LEGACY_OFFSET + _LEGACY_LENGTH]).hexdigest()[:8]
-
-
-def _open(path: Path) -> BinaryIO:
-    """``path`` opened for reading if it is a regular file; FormatError otherwise.
-
-    O_NONBLOCK so that a FIFO cannot hang the open, then fstat refuses anything that is not a regular
-    file: a FIFO, a socket or a device such as ``/dev/zero`` would never end or never start.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError as e:
-        raise FormatError(f"{path}: no such file; check the path") from e
-    except IsADirectoryError as e:
-        raise FormatError(f"{path}: is a directory; pass the adapter file itself") from e
-    except OSError as e:
-        raise FormatError(f"{path}: could not open the file to hash it: {e.strerror or e}") from e
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError as e:
-        os.close(fd)
-        raise FormatError(f"{path}: could not stat the file: {e.strerror or e}") from e
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        if stat.S_ISDIR(mode):
-            raise FormatError(f"{path}: is a directory; pass the adapter file itself")
-        raise FormatError(f"{path}: is not a regular file (a FIFO, socket or device), so it cannot be hashed")
-    return os.fdopen(fd, "rb")
 
 
 def _size(f: BinaryIO, path: Path) -> int:

@@ -16,7 +16,6 @@ import codecs
 import json
 import logging
 import os
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from safetensors import SafetensorError
 
 from diffusion_lora.errors import FormatError, UnsafeFileError
 from diffusion_lora.formats.atomic import atomic_write_bytes
+from diffusion_lora.formats.regular_file import open_regular
 from diffusion_lora.formats.hashes import addnet_hash_of_bytes, legacy_hash_of_bytes
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def read_adapter_file(
     # One open file for the header and the data: a writer that renames a new file into place
     # meanwhile (atomic saves do) cannot hand us one file's header and another's tensors.
     try:
-        with _open_regular_file(path) as f:
+        with open_regular(path) as f:
             header = _inspect_open_file(f, path, max_header_bytes, allow_pickle=allow_pickle)
             if header is None:
                 return _load_pickle(f, path), {}
@@ -179,7 +179,7 @@ def data_section_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
 def _inspect(path: Path, max_header_bytes: int, *, allow_pickle: bool) -> AdapterHeader | None:
     """Validated header of a safetensors file, or None for a pickle checkpoint that may be loaded."""
     try:
-        with _open_regular_file(path) as f:
+        with open_regular(path) as f:
             return _inspect_open_file(f, path, max_header_bytes, allow_pickle=allow_pickle)
     except OSError as e:  # EIO and the like while reading
         raise FormatError(f"{path}: could not read: {e.strerror or e}") from e
@@ -205,25 +205,6 @@ def _inspect_open_file(
     if kind in ("zip", "pickle"):
         raise UnsafeFileError(_pickle_refusal(path, kind))
     raise FormatError(_not_safetensors_message(path, head, header_len, size, max_header_bytes, kind))
-
-
-def _open_regular_file(path: Path) -> BinaryIO:
-    # O_NONBLOCK so that a FIFO at `path` cannot hang the open; fstat then rejects it.
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError as e:
-        raise FormatError(f"{path}: no such file; check the path") from e
-    except IsADirectoryError as e:
-        raise FormatError(f"{path}: is a directory; pass the adapter file inside it") from e
-    except OSError as e:
-        raise FormatError(f"{path}: cannot open: {e.strerror or e}") from e
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        what = "a directory; pass the adapter file inside it" if stat.S_ISDIR(mode) else "not a regular file"
-        raise FormatError(f"{path}: is {what}")
-    return os.fdopen(fd, "rb")
 
 
 def _fits(header_len: int, size: int, max_header_bytes: int) -> bool:

@@ -12,28 +12,17 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import DatasetError, DiffusionLoraError
 from ..formats.atomic import atomic_write_bytes
+from ..formats.regular_file import open_regular as _open_regular
 
 
 def open_regular(path: Path) -> BinaryIO:
     """``path`` opened for binary reading; DatasetError naming it unless it is a regular file."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError as exc:
-        raise DatasetError(f"{path}: no such file") from exc
-    except OSError as exc:
-        raise DatasetError(f"{path}: cannot be opened ({exc.strerror or exc})") from exc
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise DatasetError(f"{path}: not a regular file (a FIFO, device, socket or folder); remove it or put "
-                           "the file itself there")
-    return os.fdopen(fd, "rb")
+    return _open_regular(path, error=DatasetError)
 
 
 def read_bounded(path: Path, limit: int, what: str) -> bytes | None:
