@@ -27,6 +27,7 @@ from .errors import ConfigError, FormatError
 from .families import detect_family
 from .formats.atomic import atomic_write_bytes, write_new_file
 from .formats.hashes import addnet_hash, legacy_hash
+from .models.loading import native_size
 from .prompt_tags import LoraTag, parse_lora_tags, resolve_tag, tag_weight
 
 __all__ = ["GeneratedImage", "GenerationSettings", "ImageFolder", "LoraTag", "generate", "iter_generate",
@@ -169,21 +170,9 @@ class ImageFolder:
         raise FormatError(f"{self.path}: found no free image name after {_MAX_NAME_TRIES} tries")
 
 
-def _native_size(pipe: Any) -> int:
-    """The pipeline's default image side in pixels (its sample size × the VAE's scale factor)."""
-    sample = getattr(pipe, "default_sample_size", None)
-    if sample is None:
-        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-        sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
-    factor = getattr(pipe, "vae_scale_factor", None)
-    if isinstance(sample, (tuple, list)):
-        sample = max(sample)
-    return int(sample * factor) if isinstance(sample, int) and isinstance(factor, int) else 1024
-
-
 def _check_size(pipe: Any, settings: GenerationSettings) -> tuple[int, int]:
     """(height, width) the pipeline will produce, refused when over the pixel limit."""
-    native = _native_size(pipe)
+    native = native_size(pipe) or 1024
     height, width = settings.height or native, settings.width or native
     limit = settings.max_pixels or max(_AREA_FACTOR * native * native, _MIN_PIXEL_LIMIT)
     if height * width > limit:

@@ -44,6 +44,20 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Trained pipelines shipped inside the package (diffusers folders under diffusion_lora/assets/).
 EMBEDDED_MODELS: tuple[str, ...] = ("shapes-sd15",)
 DEFAULT_MODEL = "shapes-sd15"  # the base model of every command (generate, train) when none is named
+
+
+def native_size(pipe: object) -> int | None:
+    """The image side in pixels the pipeline generates by default (its denoiser's sample size × the
+    VAE's scale factor, as diffusers pipelines compute it), or None when the pipeline does not say."""
+    sample = getattr(pipe, "default_sample_size", None)
+    if sample is None:
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
+    if isinstance(sample, (tuple, list)) and sample:
+        sample = max(sample)
+    factor = getattr(pipe, "vae_scale_factor", None)
+    ok = isinstance(sample, int) and isinstance(factor, int) and sample > 0 and factor > 0
+    return sample * factor if ok else None
 _ASSETS = Path(__file__).resolve().parent.parent / "assets"
 _WHAT_TO_PASS = (
     "pass a local diffusers folder (with model_index.json), a .safetensors/.ckpt file "

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ConfigError
+from ..models.loading import native_size
 from .config import TrainConfig
 from .data_setup import tag_frequency_of
 
@@ -17,15 +18,11 @@ logger = logging.getLogger(__name__)
 
 
 def native_resolution(pipe: Any) -> int:
-    """The image side the pipeline generates by default: sample size × VAE scale factor, as diffusers does."""
-    sample = getattr(pipe, "default_sample_size", None)
-    if sample is None:
-        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-        sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
-    factor = getattr(pipe, "vae_scale_factor", None)
-    if not isinstance(sample, int) or not isinstance(factor, int):
+    """The image side the pipeline generates by default (a multiple of 8 within 32–4096), as diffusers does."""
+    size = native_size(pipe)
+    if size is None:
         raise ConfigError("data.resolution: the model does not say its native image size; set data.resolution")
-    return min(4096, max(32, sample * factor // 8 * 8))
+    return min(4096, max(32, size // 8 * 8))
 
 
 def check_folders(cfg: TrainConfig) -> None:
