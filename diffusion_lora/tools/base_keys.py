@@ -26,7 +26,6 @@ import importlib
 import json
 import logging
 import os
-import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,6 +36,7 @@ import torch
 from ..errors import DiffusionLoraError, ModelLoadError, UnsupportedModelError
 from ..formats.json_text import parse_json
 from ..formats.model_keys import ModelKeys
+from ..formats.regular_file import open_regular
 
 logger = logging.getLogger(__name__)
 
@@ -156,12 +156,8 @@ def _meta_component(folder: Path, component: str, spec: Any) -> torch.nn.Module:
 
 def _read_json(path: Path) -> dict:
     """A JSON object from a small regular file; ModelLoadError otherwise (a FIFO cannot hang it)."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
     try:
-        fd = os.open(path, flags)
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ModelLoadError(f"{path}: not a regular file")
+        with open_regular(path, error=ModelLoadError) as f:
             raw = f.read(_MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ModelLoadError(f"{path}: cannot read ({exc.strerror or exc})") from exc
