@@ -79,7 +79,8 @@ def check_weight_value(what: str, value: object) -> float:
 
 def _shown(value: object) -> str:
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**40:
-        return f"an integer of {len(str(abs(value)))} digits"
+        # from the bit length: str() of an integer over 4300 digits raises ValueError
+        return f"an integer of about {int(abs(value).bit_length() * math.log10(2)) + 1} digits"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
