@@ -27,7 +27,8 @@ _FIRST_ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
         ({"default": 1.0, "up.1": 1e30}, "'up.1'"),
         ({"default": float("nan")}, "'default'"),
     ],
-    ids=["huge-int", "huge-negative-int", "int-past-str-limit", "1e30", "past-bound", "nan", "-inf", "block-1e30", "block-nan"],
+    ids=["huge-int", "huge-negative-int", "int-past-str-limit", "1e30", "past-bound", "nan", "-inf", "block-1e30",
+         "block-nan"],
 )
 def test_absurd_weights_are_one_config_error_naming_the_adapter(make_pipe, weight, words):
     pipe = make_pipe("tiny-sd15")
