@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig, get_peft_model
 
 import diffusion_lora as dl
 from diffusion_lora.adapters.state import state_of
@@ -66,3 +69,17 @@ def assert_near(actual: torch.Tensor, expected: torch.Tensor, rel: float = 5e-4)
     """
     scale = float(expected.abs().max())
     torch.testing.assert_close(actual, expected, rtol=0, atol=rel * scale)
+
+
+def peft_folder(pipe: Any, root: Path) -> tuple[Any, Path]:
+    """A PEFT ``save_pretrained`` folder (adapter_config.json + adapter_model.safetensors) of a copy of
+    the pipeline's UNet, r=4, lora_alpha=6 on to_q/to_v with random lora_B; returns (PEFT model, folder)."""
+    config = LoraConfig(r=4, lora_alpha=6, target_modules=["to_q", "to_v"])
+    peft_model = get_peft_model(copy.deepcopy(pipe.unet), config)
+    g = torch.Generator().manual_seed(51)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    peft_model.save_pretrained(root / "peft")
+    return peft_model, root / "peft"

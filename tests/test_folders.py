@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
 import diffusion_lora as dl
 
-from .helpers import run, trained_adapter
+from .helpers import peft_folder, run, trained_adapter
 
 
 def test_diffusers_lora_folder(make_pipe, tmp_path):
@@ -29,15 +26,8 @@ def test_diffusers_lora_folder(make_pipe, tmp_path):
 
 def test_peft_save_pretrained_folder(make_pipe, tmp_path):
     pipe = make_pipe("tiny-sd15")
-    unet = copy.deepcopy(pipe.unet)
-    config = LoraConfig(r=4, lora_alpha=6, target_modules=["to_q", "to_v"])
-    peft_model = get_peft_model(unet, config)
-    g = torch.Generator().manual_seed(51)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    peft_model.save_pretrained(tmp_path / "peft")
+    peft_model, _ = peft_folder(pipe, tmp_path)
+    g = torch.Generator().manual_seed(52)
     assert (tmp_path / "peft" / "adapter_config.json").is_file()
     sample = torch.randn(1, 4, 8, 8, generator=g)
     context = torch.randn(1, 7, pipe.unet.config.cross_attention_dim, generator=g)

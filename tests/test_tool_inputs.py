@@ -3,7 +3,6 @@ and a PEFT file keeps its lora_alpha."""
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -12,12 +11,13 @@ import threading
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
 import diffusion_lora as dl
 from diffusion_lora.cli import main
 from diffusion_lora.formats import hashes
 from diffusion_lora.tools.bake import bake, plain_state_dict
+
+from .helpers import peft_folder
 
 needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
 
@@ -68,19 +68,6 @@ def test_bake_refuses_a_fifo_lora_before_hashing_or_loading(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["style.safetensors"]
 
 
-def _peft_folder(pipe, root):
-    """A PEFT save_pretrained folder (adapter_config.json + adapter_model.safetensors), r=4, lora_alpha=6."""
-    unet = copy.deepcopy(pipe.unet)
-    peft_model = get_peft_model(unet, LoraConfig(r=4, lora_alpha=6, target_modules=["to_q", "to_v"]))
-    g = torch.Generator().manual_seed(51)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    peft_model.save_pretrained(root / "peft")
-    return root / "peft"
-
-
 def _fused_unet(pipe, path, **kwargs):
     dl.load_lora(pipe, path, **kwargs)
     dl.fuse(pipe)
@@ -96,7 +83,7 @@ def _equal(a, b):
 
 
 def test_bake_takes_a_peft_folder_and_its_file_alone_keeps_lora_alpha(make_pipe, tmp_path, caplog):
-    folder = _peft_folder(make_pipe("tiny-sd15"), tmp_path)
+    _, folder = peft_folder(make_pipe("tiny-sd15"), tmp_path)
     expected = _fused_unet(make_pipe("tiny-sd15"), folder)  # load_lora reads alpha 6 from the config
     for i, given in enumerate([folder, folder / "adapter_model.safetensors"]):
         out = tmp_path / f"baked{i}"
