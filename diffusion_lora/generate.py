@@ -120,7 +120,7 @@ class GeneratedImage:
         return out
 
 
-_INDEXED = re.compile(r"(\d+)-")
+_INDEXED = re.compile(r"(\d{1,9})-")  # a longer number is not ours; counting past it would make names too long
 _MAX_NAME_TRIES = 10_000
 
 

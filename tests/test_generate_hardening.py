@@ -104,6 +104,14 @@ def _write_many(folder: Path, tag: str, count: int) -> None:
         images.add(_image(f"{tag}{i}"))
 
 
+def test_a_planted_name_with_a_huge_number_does_not_push_names_past_the_length_limit(tmp_path):
+    huge = tmp_path / ("9" * 240 + "-0.png")
+    huge.write_bytes(b"planted")
+    (tmp_path / "00004-1.png").write_bytes(b"ours")
+    assert ImageFolder(tmp_path).add(_image("x")).name == "00005-7.png"
+    assert huge.read_bytes() == b"planted"
+
+
 def test_two_writers_racing_for_one_folder_lose_nothing(tmp_path):
     import multiprocessing
 
