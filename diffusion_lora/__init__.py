@@ -9,8 +9,6 @@ The public API lives here::
 
 __version__ = "0.1.0"
 
-# `diffusion_lora.train` is the training package, and calling it runs the trainer: dl.train(config).
-from . import train  # noqa: E402
 from .adapters import (  # noqa: E402
     LoadReport,
     LoraInfo,
@@ -42,7 +40,7 @@ from .errors import (  # noqa: E402
 )
 from .families import FAMILIES, Family, Objective, detect_family, get_family  # noqa: E402
 from .models import TINY_MODELS, build_tiny_pipeline, load_pipeline  # noqa: E402
-from .train import TrainConfig, TrainResult, load_config  # noqa: E402
+from .training import TrainConfig, TrainResult, load_config, train  # noqa: E402
 
 __all__ = [
     "__version__",

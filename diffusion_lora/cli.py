@@ -147,8 +147,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .train.config import FLAG_KEYS, flags_to_overrides
-    from .train.trainer import train
+    from .training.config import FLAG_KEYS, flags_to_overrides
+    from .training.trainer import train
 
     overrides = flags_to_overrides({flag: getattr(args, flag, None) for flag in FLAG_KEYS})
     result = train(args.config or {}, overrides=[*overrides, *args.set], resume=args.resume)
@@ -297,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {printable(exc, keep_newlines=isinstance(exc, DatasetError))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        # `train` has saved a checkpoint by now (see train.trainer); other commands write nothing
+        # `train` has saved a checkpoint by now (see training.trainer); other commands write nothing
         # partial, because every output is renamed into place only when complete.
         hint = "; continue with the same command plus --resume" if args.command == "train" else ""
         print(f"interrupted{hint}", file=sys.stderr)

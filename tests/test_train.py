@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import diffusion_lora as dl
 from diffusion_lora.formats.safetensors_io import read_metadata
-from diffusion_lora.train.trainer import train
+from diffusion_lora.training.trainer import train
 
 COLOURS = ("red", "blue", "green", "orange")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from diffusion_lora.errors import ConfigError
-from diffusion_lora.train.config import (
+from diffusion_lora.training.config import (
     FLAG_KEYS,
     LatentCache,
     Loss,
@@ -306,7 +306,7 @@ def test_cross_field_rules_accept_valid_combinations():
 
 
 def test_direct_construction_is_checked_too():
-    from diffusion_lora.train.config import DataSection, ModelSection, OutputSection
+    from diffusion_lora.training.config import DataSection, ModelSection, OutputSection
 
     with pytest.raises(ConfigError, match=r"^data\.resolution: 100 is not a multiple of 8"):
         DataSection(path="x", resolution=100)
@@ -336,7 +336,7 @@ def sizes(cfg: TrainConfig) -> tuple:
     (4096, 512, (4096, 64, 256, 4096)),  # the ceiling follows it up
 ])
 def test_unset_sizes_follow_the_resolution(resolution, native, expected):
-    from diffusion_lora.train.config import resolve_sizes
+    from diffusion_lora.training.config import resolve_sizes
 
     cfg = load(data={"resolution": resolution} if resolution else {})
     resolved = resolve_sizes(cfg, native)
@@ -345,7 +345,7 @@ def test_unset_sizes_follow_the_resolution(resolution, native, expected):
 
 
 def test_set_sizes_are_kept_and_a_contradiction_with_the_native_size_is_named():
-    from diffusion_lora.train.config import resolve_sizes
+    from diffusion_lora.training.config import resolve_sizes
 
     kept = resolve_sizes(load(data={"min_bucket": 128, "max_bucket": 1024, "bucket_step": 32}), 512)
     assert sizes(kept) == (512, 32, 128, 1024)

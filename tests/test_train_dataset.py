@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from diffusion_lora.errors import ConfigError, DatasetError
-from diffusion_lora.train.buckets import assign_bucket, make_buckets, resize_and_crop
-from diffusion_lora.train.captions import process_caption, tag_frequency
-from diffusion_lora.train.dataset import (
+from diffusion_lora.training.buckets import assign_bucket, make_buckets, resize_and_crop
+from diffusion_lora.training.captions import process_caption, tag_frequency
+from diffusion_lora.training.dataset import (
     BucketedDataset,
     ImageItem,
     augmentation_fingerprint,

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusion_lora.train.checkpoint import latest_checkpoint, load_checkpoint
+from diffusion_lora.training.checkpoint import latest_checkpoint, load_checkpoint
 
 from .test_train import make_dataset
 
@@ -144,7 +144,7 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resumes_bit_identically(referen
 
 
 def test_interrupts_deferred_holds_ctrl_c_until_the_block_ends_and_respects_an_ignored_sigint():
-    from diffusion_lora.train.interrupts import interrupts_deferred
+    from diffusion_lora.training.interrupts import interrupts_deferred
 
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as started from a terminal
     try:

@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 from diffusion_lora.cli import main
 from diffusion_lora.errors import ConfigError, DatasetError, DiffusionLoraError
 from diffusion_lora.formats.safetensors_io import read_metadata
-from diffusion_lora.train.checkpoint import STATE, latest_checkpoint
-from diffusion_lora.train.config import load_config
-from diffusion_lora.train.dataset import (
+from diffusion_lora.training.checkpoint import STATE, latest_checkpoint
+from diffusion_lora.training.config import load_config
+from diffusion_lora.training.dataset import (
     MAX_CAPTION_BYTES,
     BucketedDataset,
     ImageItem,
@@ -35,8 +35,8 @@ from diffusion_lora.train.dataset import (
     scan_images,
     validate_images,
 )
-from diffusion_lora.train.epochs import Permutation
-from diffusion_lora.train.trainer import train
+from diffusion_lora.training.epochs import Permutation
+from diffusion_lora.training.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -149,7 +149,7 @@ def test_a_symlinked_metrics_log_or_logs_folder_is_refused_before_training(tmp_p
 
 
 def test_a_symlinked_checkpoints_folder_is_refused(tmp_path):
-    from diffusion_lora.train.checkpoint import save_checkpoint
+    from diffusion_lora.training.checkpoint import save_checkpoint
 
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "checkpoints").symlink_to(tmp_path / "elsewhere")
@@ -162,7 +162,7 @@ def test_rank_digests_are_written_atomically_past_a_planted_link(tmp_path):
     from accelerate import Accelerator
     from types import SimpleNamespace
 
-    from diffusion_lora.train.trainer import _check_ranks_agree
+    from diffusion_lora.training.trainer import _check_ranks_agree
 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious", encoding="utf-8")
@@ -248,7 +248,7 @@ def test_decoded_bytes_are_bounded_from_the_header_not_just_pixels(tmp_path):
 
 
 def test_sixteen_bit_gray_converts_in_bands_bit_identically(tmp_path):
-    from diffusion_lora.train.dataset import _gray_to_uint8
+    from diffusion_lora.training.dataset import _gray_to_uint8
 
     def reference(values: np.ndarray) -> np.ndarray:  # the whole-image float64 formula
         is_float = values.dtype.kind == "f"
@@ -288,11 +288,11 @@ def test_an_oversized_caption_is_a_dataset_error_before_training(tmp_path):
 
 
 def test_training_metadata_is_sized_up_front(tmp_path):
-    from diffusion_lora.train.preflight import training_metadata as _training_metadata
+    from diffusion_lora.training.preflight import training_metadata as _training_metadata
 
     image = make_images(tmp_path / "data", n=1) / "img0.png"
     cfg = load_config(tiny(tmp_path / "data", tmp_path / "out"))
-    from diffusion_lora.train.config import resolve_sizes
+    from diffusion_lora.training.config import resolve_sizes
 
     cfg = resolve_sizes(cfg, 32)
     items = [ImageItem(image, ", ".join(f"t{i}_{j}" for j in range(6000)), 1, "f") for i in range(100)]

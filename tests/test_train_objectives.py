@@ -18,7 +18,7 @@ from diffusers.training_utils import (
 
 from diffusion_lora.errors import ConfigError
 from diffusion_lora.families import Objective
-from diffusion_lora.train import objectives as obj
+from diffusion_lora.training import objectives as obj
 
 SD_CONFIG = {  # the DDPM part of SD1.5/SDXL's scheduler_config.json
     "num_train_timesteps": 1000,

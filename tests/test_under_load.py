@@ -86,7 +86,7 @@ _FULL_DISK = textwrap.dedent("""
     import resource, signal, sys, torch
     import diffusion_lora as dl
     from diffusion_lora.models import build_tiny_pipeline
-    from diffusion_lora.train.checkpoint import save_checkpoint
+    from diffusion_lora.training.checkpoint import save_checkpoint
     out = sys.argv[1]
     pipe = build_tiny_pipeline("tiny-sd15")
     dl.add_lora(pipe, "big", rank=64, text_encoder=True)

@@ -1,4 +1,4 @@
-"""Train a LoRA: a thin wrapper over ``diffusion_lora.train`` for people who prefer scripts.
+"""Train a LoRA: a thin wrapper over ``diffusion_lora.training`` for people who prefer scripts.
 
     python train_scripts/train.py samples/train_style_sd15.toml --set train.steps=100
     accelerate launch --multi_gpu --num_processes 2 train_scripts/train.py CONFIG   # data parallel

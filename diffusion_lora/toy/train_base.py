@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from diffusion_lora.toy import scenes, styles
 from diffusion_lora.toy.base_model import build_untrained_pipeline, scheduler_config
-from diffusion_lora.train.objectives import add_noise, ddpm_schedule, ddpm_target, snr
+from diffusion_lora.training.objectives import add_noise, ddpm_schedule, ddpm_target, snr
 
 __all__ = ["BasePlan", "polish_decoder_stage", "train_base_model"]
 

@@ -53,7 +53,7 @@ def assign_bucket(size: Size, buckets: Sequence[Size], *, no_upscale: bool = Fal
     enlarged to cover that bucket gets a bucket of its own instead: its size, shrunk to fit the largest
     bucket area if needed, with each side rounded down to a multiple of ``step`` (at least ``step``) —
     so it is only ever shrunk (an image under ``step`` pixels on a side is the one exception, and
-    :func:`~diffusion_lora.train.dataset.validate_images` rejects those).
+    :func:`~diffusion_lora.training.dataset.validate_images` rejects those).
     """
     width, height = size
     _check_positive(step=step, width=width, height=height)
