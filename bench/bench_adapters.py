@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import subprocess
-import sys
 import gc
 import io
 import logging
@@ -40,6 +38,8 @@ import os
 import platform
 import pstats
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings

@@ -159,8 +159,9 @@ def test_a_symlinked_checkpoints_folder_is_refused(tmp_path):
 
 
 def test_rank_digests_are_written_atomically_past_a_planted_link(tmp_path):
-    from accelerate import Accelerator
     from types import SimpleNamespace
+
+    from accelerate import Accelerator
 
     from diffusion_lora.training.trainer import _check_ranks_agree
 

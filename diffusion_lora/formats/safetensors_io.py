@@ -12,7 +12,6 @@ Writing is atomic: a temp file in the target's folder, fsync, ``os.replace``, fs
 from __future__ import annotations
 
 import codecs
-
 import json
 import logging
 import os
@@ -27,8 +26,8 @@ from safetensors import SafetensorError
 
 from diffusion_lora.errors import FormatError, UnsafeFileError
 from diffusion_lora.formats.atomic import atomic_write_bytes
-from diffusion_lora.formats.regular_file import open_regular
 from diffusion_lora.formats.hashes import addnet_hash_of_bytes, legacy_hash_of_bytes
+from diffusion_lora.formats.regular_file import open_regular
 
 logger = logging.getLogger(__name__)
 
