@@ -54,7 +54,7 @@ def make_model(kind: str, folder: Path) -> Path:
     if kind == "sd15-io":
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        from diffusion_lora.models.reference import CLIP_L
+        from diffusion_lora.families.published import CLIP_L
 
         vocab = pipe.text_encoder.config.vocab_size
         special = {k: getattr(pipe.text_encoder.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}

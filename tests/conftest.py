@@ -13,11 +13,13 @@ import torch  # noqa: E402
 # Tiny models gain nothing from a second thread, and on a shared 2-core machine it costs a lot.
 torch.set_num_threads(1)
 
+from diffusion_lora.families import FAMILIES  # noqa: E402
 from diffusion_lora.models import build_tiny_pipeline  # noqa: E402
 
 from . import helpers  # noqa: E402
 
-ALL_TINY = ("tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux")
+# every family's tiny pipeline, from the registry: a new family is tested everywhere without edits here
+ALL_TINY = tuple(family.tiny_model for family in FAMILIES.values())
 
 
 @pytest.fixture(params=ALL_TINY)

@@ -93,7 +93,7 @@ def test_denoiser_has_the_real_layout(built, kind):
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
     for proj in ("to_q", "to_k", "to_v", "to_out.0"):
         assert _linear_names(denoiser, "." + proj), f"{kind}: no {proj} Linear"
-    if kind in ("tiny-sd15", "tiny-sdxl"):
+    if hasattr(pipe, "unet"):
         blocks = denoiser.down_blocks, denoiser.up_blocks
         assert all(len(b) >= 2 and all(hasattr(x, "attentions") for x in b) for b in blocks)
         assert _linear_names(denoiser.mid_block, "attn2.to_k")
@@ -260,5 +260,5 @@ def test_single_file_pipeline_detection(shapes, pipeline):
 
 
 def test_build_unknown_tiny_model():
-    with pytest.raises(ModelLoadError, match="tiny-sd15, tiny-sdxl"):
+    with pytest.raises(ModelLoadError, match="tiny-sd15, tiny-sd2, tiny-sdxl"):
         build_tiny_pipeline("tiny-sd9")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError, FormatError
-from ..families import FAMILIES
+from ..families import FAMILIES, KohyaNames
 from .adapter_data import AdapterData, ModuleLora
 from .comfyui import TEXT_PREFIX, comfyui_names, comfyui_to_kohya, write_comfyui
 from .detect import FileFormat, detect_format
@@ -55,7 +55,7 @@ def decode(
         components = {c for f in FAMILIES.values() for c in (f.denoiser, *f.text_encoders)}
         data = parse_peft(tensors, metadata, components, family.denoiser, peft_config)
         return Decoded(_model_spelling(data, keys, source), fmt.value)
-    if family.name == "flux1":
+    if family.kohya_names is KohyaNames.BFL:
         return _decode_flux(tensors, metadata, keys, fmt, source)
     origin: dict[str, str] = {}
     if fmt is FileFormat.COMFYUI:
@@ -202,10 +202,10 @@ def encode(keys: ModelKeys, data: AdapterData, fmt: FileFormat | str) -> tuple[d
             f"{len(biased)} module(s) change a layer's bias (e.g. {biased[0]}, a diff_b); kohya LoRA files "
             f"cannot carry that — save in the diffusers format (a lora_B bias) or the comfyui format (diff_b)"
         )
-    if family.name == "flux1":
+    if family.kohya_names is KohyaNames.BFL:
         return _encode_flux(keys, data, fmt)
     if fmt is FileFormat.KOHYA:
-        return write_kohya(data, keys.kohya, sgm=family.name == "sdxl")
+        return write_kohya(data, keys.kohya, sgm=family.kohya_names is KohyaNames.SGM)
     names = comfyui_names(data, family.denoiser, family.comfyui_text_encoders, keys.unet_layout)
     return write_comfyui(data, names), kohya_metadata(data)
 

@@ -14,7 +14,6 @@ import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from types import MappingProxyType
 
 import diffusers
 import torch
@@ -26,6 +25,7 @@ from diffusers.loaders.single_file_utils import (
 )
 
 from ..errors import ConfigError, ModelLoadError
+from ..families import single_file_pipelines, supported_titles
 from .tiny import TINY_MODELS, build_tiny_pipeline
 
 __all__ = [
@@ -77,24 +77,6 @@ def embedded_model_path(name: str) -> Path:
         )
     return path
 
-# diffusers' single-file model types (infer_diffusers_model_type) -> the pipeline that loads them.
-_PIPELINE_OF_MODEL_TYPE: Mapping[str, str] = MappingProxyType({
-    "v1": "StableDiffusionPipeline",
-    "v2": "StableDiffusionPipeline",
-    "inpainting": "StableDiffusionInpaintPipeline",
-    "inpainting_v2": "StableDiffusionInpaintPipeline",
-    "xl_base": "StableDiffusionXLPipeline",
-    "playground-v2-5": "StableDiffusionXLPipeline",
-    "xl_refiner": "StableDiffusionXLImg2ImgPipeline",
-    "xl_inpaint": "StableDiffusionXLInpaintPipeline",
-    "sd3": "StableDiffusion3Pipeline",
-    "sd35_medium": "StableDiffusion3Pipeline",
-    "sd35_large": "StableDiffusion3Pipeline",
-    "flux-dev": "FluxPipeline",
-    "flux-schnell": "FluxPipeline",
-    "flux-fill": "FluxFillPipeline",
-    "flux-depth": "FluxControlPipeline",
-})
 # infer_diffusers_model_type answers "v1" for any unknown checkpoint; a real one has the LDM UNet.
 _SD1_MARKER = "model.diffusion_model.input_blocks."
 
@@ -242,7 +224,7 @@ def detect_single_file_pipeline(shapes: Mapping[str, tuple[int, ...]]) -> tuple[
     """(diffusers model type, pipeline class name) of a single-file checkpoint, from its keys and shapes.
 
     Uses diffusers' ``infer_diffusers_model_type``. Raises ModelLoadError for a checkpoint that is not
-    Stable Diffusion 1/2, SDXL, SD3 or Flux.1.
+    of a registered family (:func:`~diffusion_lora.families.single_file_pipelines`).
     """
     sniffable = {k: _Shape(v) for k, v in shapes.items()}
     try:
@@ -251,10 +233,10 @@ def detect_single_file_pipeline(shapes: Mapping[str, tuple[int, ...]]) -> tuple[
         raise ModelLoadError(f"checkpoint layout not recognised by diffusers ({exc})") from exc
     if model_type == "v1" and not any(k.startswith(_SD1_MARKER) for k in shapes):
         raise ModelLoadError(
-            "checkpoint is not a Stable Diffusion 1/2, SDXL, SD3 or Flux.1 model "
+            f"checkpoint is not a {supported_titles()} model "
             f"(no {_SD1_MARKER}* keys and no other known layout)"
         )
-    pipeline = _PIPELINE_OF_MODEL_TYPE.get(model_type)
+    pipeline = single_file_pipelines().get(model_type)
     if pipeline is None:
         raise ModelLoadError(
             f"checkpoint is a {model_type!r} model, which diffusion_lora does not load as a base pipeline"

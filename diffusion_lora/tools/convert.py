@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, FamilyMismatchError, KeyMappingError, UnsafeFileError
-from ..families import FAMILIES
+from ..families import FAMILIES, family_of_kohya_version
 from ..formats.adapter_data import AdapterData
 from ..formats.detect import FileFormat
 from ..formats.family_guess import guess_families
 from ..formats.metadata import ModelFacts, sharing_metadata, trigger_words_of
 from ..formats.model_keys import ModelKeys
 from ..formats.safetensors_io import read_adapter_file, read_header, write_adapter_file_with_hashes
-from .inspect import _KOHYA_VERSIONS
 
 # Header entries that describe one format's layout; recomputed rather than copied.
 _FORMAT_KEYS = ("lora_adapter_metadata", "ss_network_dim", "ss_network_alpha", "ss_network_module", "format")
@@ -29,8 +28,9 @@ def file_family(path: str | os.PathLike, metadata: dict[str, str], keys: list[st
     """The family a file belongs to: from its metadata, else from its key names; ConfigError if unclear."""
     if metadata.get("diffusion_lora.family") in FAMILIES:
         return metadata["diffusion_lora.family"]
-    if metadata.get("ss_base_model_version") in _KOHYA_VERSIONS:
-        return _KOHYA_VERSIONS[metadata["ss_base_model_version"]]
+    kohya_family = family_of_kohya_version(metadata.get("ss_base_model_version", ""))
+    if kohya_family is not None:
+        return kohya_family.name
     dotted = [k.rsplit(".lora", 1)[0] for k in keys if k.split(".")[0] in {"unet", "transformer", "text_encoder_2"}]
     guess = guess_families(dotted, extra_keys=keys)
     if len(guess) == 1:

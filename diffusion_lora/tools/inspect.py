@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FormatError
-from ..families import FAMILIES
+from ..families import FAMILIES, family_of_kohya_version
 from ..formats.detect import detect_format
 from ..formats.family_guess import guess_families
 from ..formats.hashes import addnet_hash, autov2_hash, file_sha256
@@ -37,8 +37,6 @@ _SUFFIXES = {
 _TARGET = re.compile(r"(to_q|to_k|to_v|to_out[._]0|add_[qkv]_proj|to_add_out|q_proj|k_proj|v_proj|out_proj|qkv|proj|"
                      r"linear1|linear2|proj_in|proj_out|ff[._]net[._]0[._]proj|ff[._]net[._]2|fc1|fc2|lin|"
                      r"conv\d?|conv_shortcut|mlp[._][02])$")
-# kohya's ss_base_model_version values → our family names
-_KOHYA_VERSIONS = {f.kohya_base_model_version: f.name for f in FAMILIES.values()} | {"sd_v2_768_v": "sd2"}
 
 
 @dataclass
@@ -83,8 +81,9 @@ def _split(key: str, fmt: str) -> tuple[str, str, str | None]:
 def _family(metadata: Mapping[str, str], modules: list[str]) -> tuple[str | None, str]:
     if metadata.get("diffusion_lora.family") in FAMILIES:
         return metadata["diffusion_lora.family"], "metadata (diffusion_lora.family)"
-    if metadata.get("ss_base_model_version") in _KOHYA_VERSIONS:
-        return _KOHYA_VERSIONS[metadata["ss_base_model_version"]], "metadata (ss_base_model_version)"
+    kohya_family = family_of_kohya_version(metadata.get("ss_base_model_version", ""))
+    if kohya_family is not None:
+        return kohya_family.name, "metadata (ss_base_model_version)"
     guess = guess_families([m for m in modules if "." in m and not m.startswith("lora_")], extra_keys=modules)
     if guess:
         return " or ".join(sorted(guess)), "module names"

@@ -1,19 +1,20 @@
 """How each family turns captions and images into denoiser inputs, and calls its denoiser.
 
-One :class:`Conditioner` per denoiser architecture, chosen from the family registry's ``denoiser``
-class — no ``is_flux`` flags. Text encoding goes through the pipeline's own ``encode_prompt`` so it
-matches inference exactly (and lets gradients reach a trained text encoder).
+One :class:`Conditioner` per :class:`~diffusion_lora.families.Conditioning` value, chosen by the
+family registry's ``conditioning`` field — no ``is_flux`` flags. Text encoding goes through the
+pipeline's own ``encode_prompt`` so it matches inference exactly (and lets gradients reach a trained text encoder).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
 
-from ..families import Family
+from ..families import Conditioning, Family
 
 TextCond = dict[str, torch.Tensor]
 
@@ -135,18 +136,17 @@ def _unpack(packed: torch.Tensor, b: int, c: int, h: int, w: int) -> torch.Tenso
     return x.permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
-_BY_DENOISER: Mapping[str, Conditioner] = {
-    "sd1": UNetConditioner(),
-    "sd2": UNetConditioner(),
-    "sdxl": SDXLConditioner(),
-    "sd3": SD3Conditioner(),
-    "flux1": FluxConditioner(),
-}
+_CONDITIONERS: Mapping[Conditioning, Conditioner] = MappingProxyType({
+    Conditioning.UNET: UNetConditioner(),
+    Conditioning.SDXL: SDXLConditioner(),
+    Conditioning.SD3: SD3Conditioner(),
+    Conditioning.FLUX: FluxConditioner(),
+})
 
 
 def conditioner_for(family: Family) -> Conditioner:
-    """The conditioner of ``family`` (every registered family has one)."""
-    return _BY_DENOISER[family.name]
+    """The conditioner of ``family``'s conditioning (one per :class:`Conditioning` value)."""
+    return _CONDITIONERS[family.conditioning]
 
 
 def text_cond_slice(text: TextCond, index: int) -> TextCond:

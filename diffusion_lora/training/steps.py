@@ -121,8 +121,8 @@ def _flow_step(ctx: StepContext, latents, noise, text, sizes, gen):  # noqa: ANN
     b, _, h, w = latents.shape
     common = {"logit_mean": cfg.logit_mean, "logit_std": cfg.logit_std}
     sampling = str(getattr(cfg.timestep_sampling, "value", cfg.timestep_sampling))
-    if sampling == "shift" and cfg.shift is None and ctx.family.name == "flux1":
-        # Flux's resolution-dependent shift, from the packed image sequence length
+    if sampling == "shift" and cfg.shift is None and ctx.family.dynamic_shift:
+        # a resolution-dependent shift (Flux), from the packed image sequence length
         mu = obj.flux_shift((h // 2) * (w // 2))
         sigmas = obj.sample_sigmas(b, gen, sampling="flux_shift", mu=mu, **common)
     elif sampling == "shift":

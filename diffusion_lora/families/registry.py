@@ -1,9 +1,11 @@
 """The registry of model families diffusion_lora supports, as frozen data.
 
-Adding a family means adding one :class:`Family` entry here and one tiny-model builder; no other module
-branches on a family's name. Everything that differs between families — the denoiser component, the
-text encoders, which layers LoRA targets, the training objective, the block layout used by per-block
-weights and the kohya key prefixes — is a field of its entry.
+Adding a family means adding one :class:`Family` entry here and one tiny pipeline in
+:mod:`.tiny`; no other module branches on a family's name or keeps a table keyed by it. Everything
+that differs between families — the denoiser component, the text encoders, which layers LoRA targets,
+the training objective and conditioning, the block layout used by per-block weights, the kohya key
+names, the evidence that tells a file's family from its keys, the single-file checkpoint types and
+the tiny and real-size models — is a field of its entry.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from .errors import UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
+from . import published, tiny
+from .specs import ComponentSpec, PipelineSpec
 
 
 class Objective(str, enum.Enum):
@@ -24,6 +28,23 @@ class Objective(str, enum.Enum):
     EPSILON = "epsilon"
     V_PREDICTION = "v_prediction"
     FLOW_MATCHING = "flow_matching"
+
+
+class Conditioning(str, enum.Enum):
+    """How training encodes captions for the denoiser and calls it (one conditioner per value)."""
+
+    UNET = "unet"  # CLIP hidden states as cross-attention context (SD 1.x / 2.x)
+    SDXL = "sdxl"  # two CLIP encoders, pooled embeddings, size/crop micro-conditioning
+    SD3 = "sd3"  # joint attention over CLIP-L + CLIP-G + T5, timestep = sigma * 1000
+    FLUX = "flux"  # packed 2x2 latent patches, CLIP pooled + T5 context, guidance embedding
+
+
+class KohyaNames(str, enum.Enum):
+    """How kohya/A1111 files spell the denoiser's modules when we write them."""
+
+    DIFFUSERS = "diffusers"  # diffusers module paths with "." -> "_" (SD 1.x/2.x, SD3)
+    SGM = "sgm"  # the original SGM block names, input_blocks/middle_block/output_blocks (SDXL)
+    BFL = "bfl"  # Black Forest Labs names with fused qkv (Flux)
 
 
 @dataclass(frozen=True)
@@ -59,13 +80,23 @@ class Family:
     modelspec_architecture: str  # ModelSpec 1.0 architecture of a LoRA for this family
     original_implementation: str  # ModelSpec implementation of the family's original checkpoints
     default_resolution: int
-    tiny_model: str | None
+    tiny_model: str  # name of the built-in tiny random-weight pipeline
+    tiny: PipelineSpec = field(repr=False)  # that pipeline, as data (built by models.tiny)
+    reference: tuple[ComponentSpec, ...] = field(repr=False)  # the published model's denoiser + text encoders
+    conditioning: Conditioning
+    kohya_names: KohyaNames
+    # diffusers single-file model types (infer_diffusers_model_type) -> the pipeline class that loads them
+    single_file_types: Mapping[str, str]
+    # regexes over "<component>.<module path>" (or kohya / ComfyUI) keys that point to this family; a
+    # pattern listed by several families points to all of them
+    key_evidence: tuple[str, ...] = ()
+    context_width: int | None = None  # the real model's cross-attention context width (attn2.to_k input)
+    kohya_version_aliases: tuple[str, ...] = ()  # other ss_base_model_version values kohya writes for it
+    dynamic_shift: bool = False  # flow-matching shift from the image's sequence length when train.shift is unset
     matches_config: Callable[[Mapping[str, Any]], bool] = field(repr=False, default=lambda c: True)
 
     def targets(self, preset: str) -> tuple[str, ...]:
         """Module-name suffixes of the named target preset; raises ConfigError for an unknown one."""
-        from .errors import ConfigError
-
         try:
             return self.target_presets[preset]
         except KeyError:
@@ -103,6 +134,13 @@ _FLUX_BLOCKS = (
 )
 
 
+# joint-attention context projections: SD3 and Flux both have them
+_JOINT_EVIDENCE = r"^transformer\.transformer_blocks\.\d+\.attn\.add_[qkv]_proj"
+# a CLIP-G second text encoder: SDXL and SD3 both have one (Flux's text_encoder_2 is T5)
+_CLIP_G_EVIDENCE = r"^text_encoder_2\.(text_model\.)?encoder\.layers\."
+_CLIP_G_FILE_EVIDENCE = r"^lora_te2_|^text_encoders\.clip_g\."
+
+
 def _presets(attn: tuple[str, ...], ff: tuple[str, ...]) -> Mapping[str, tuple[str, ...]]:
     return MappingProxyType({"attn": attn, "attn-ff": attn + ff, "all-linear": ALL_LINEAR})
 
@@ -129,6 +167,15 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                 original_implementation=SGM_IMPLEMENTATION,
                 default_resolution=512,
                 tiny_model="tiny-sd15",
+                tiny=tiny.SD15,
+                reference=published.SD15,
+                conditioning=Conditioning.UNET,
+                kohya_names=KohyaNames.DIFFUSERS,
+                single_file_types=MappingProxyType(
+                    {"v1": "StableDiffusionPipeline", "inpainting": "StableDiffusionInpaintPipeline"}
+                ),
+                key_evidence=(r"^unet\.down_blocks\.0\.attentions\.", r"^unet\.up_blocks\.3\.attentions\."),
+                context_width=768,
                 matches_config=lambda c: c.get("addition_embed_type") != "text_time"
                 and not c.get("use_linear_projection", False),
             ),
@@ -149,7 +196,17 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                 modelspec_architecture="stable-diffusion-v2-768-v/lora",
                 original_implementation=SGM_IMPLEMENTATION,
                 default_resolution=768,
-                tiny_model=None,
+                tiny_model="tiny-sd2",
+                tiny=tiny.SD2,
+                reference=published.SD2,
+                conditioning=Conditioning.UNET,
+                kohya_names=KohyaNames.DIFFUSERS,
+                single_file_types=MappingProxyType(
+                    {"v2": "StableDiffusionPipeline", "inpainting_v2": "StableDiffusionInpaintPipeline"}
+                ),
+                key_evidence=(r"^unet\.down_blocks\.0\.attentions\.", r"^unet\.up_blocks\.3\.attentions\."),
+                context_width=1024,
+                kohya_version_aliases=("sd_v2_768_v",),
                 matches_config=lambda c: c.get("addition_embed_type") != "text_time"
                 and bool(c.get("use_linear_projection", False)),
             ),
@@ -173,6 +230,28 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                 original_implementation=SGM_IMPLEMENTATION,
                 default_resolution=1024,
                 tiny_model="tiny-sdxl",
+                tiny=tiny.SDXL,
+                reference=published.SDXL,
+                conditioning=Conditioning.SDXL,
+                kohya_names=KohyaNames.SGM,
+                single_file_types=MappingProxyType(
+                    {
+                        "xl_base": "StableDiffusionXLPipeline",
+                        "playground-v2-5": "StableDiffusionXLPipeline",
+                        "xl_refiner": "StableDiffusionXLImg2ImgPipeline",
+                        "xl_inpaint": "StableDiffusionXLInpaintPipeline",
+                    }
+                ),
+                key_evidence=(
+                    _CLIP_G_EVIDENCE,
+                    _CLIP_G_FILE_EVIDENCE,
+                    # SDXL stacks 2 or 10 transformer blocks per attention; SD1/SD2 have one.
+                    r"^unet\.(down|up)_blocks\.\d+\.attentions\.\d+\.transformer_blocks\.[1-9]",
+                    r"^unet\.add_embedding\.",
+                    r"^(lora_unet_|diffusion_model\.)(input|output)_blocks[._]\d+[._]1[._]transformer_blocks[._][1-9]",
+                    r"^lora_unet_(down|up)_blocks_\d+_attentions_\d+_transformer_blocks_[1-9]",
+                ),
+                context_width=2048,
                 matches_config=lambda c: c.get("addition_embed_type") == "text_time",
             ),
             Family(
@@ -202,6 +281,24 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                 original_implementation=SGM_IMPLEMENTATION,
                 default_resolution=1024,
                 tiny_model="tiny-sd3",
+                tiny=tiny.SD3,
+                reference=published.SD3,
+                conditioning=Conditioning.SD3,
+                kohya_names=KohyaNames.DIFFUSERS,
+                single_file_types=MappingProxyType(
+                    {
+                        "sd3": "StableDiffusion3Pipeline",
+                        "sd35_medium": "StableDiffusion3Pipeline",
+                        "sd35_large": "StableDiffusion3Pipeline",
+                    }
+                ),
+                key_evidence=(
+                    r"^transformer\.transformer_blocks\.\d+\.attn2\.",
+                    _JOINT_EVIDENCE,
+                    _CLIP_G_EVIDENCE,
+                    _CLIP_G_FILE_EVIDENCE,
+                    r"^(lora_unet_|diffusion_model\.)joint_blocks[._]",
+                ),
             ),
             Family(
                 name="flux1",
@@ -224,10 +321,48 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                 original_implementation="https://github.com/black-forest-labs/flux",
                 default_resolution=1024,
                 tiny_model="tiny-flux",
+                tiny=tiny.FLUX,
+                reference=published.FLUX1,
+                conditioning=Conditioning.FLUX,
+                kohya_names=KohyaNames.BFL,
+                single_file_types=MappingProxyType(
+                    {
+                        "flux-dev": "FluxPipeline",
+                        "flux-schnell": "FluxPipeline",
+                        "flux-fill": "FluxFillPipeline",
+                        "flux-depth": "FluxControlPipeline",
+                    }
+                ),
+                key_evidence=(
+                    r"^transformer\.single_transformer_blocks\.",
+                    _JOINT_EVIDENCE,
+                    r"^text_encoder_2\.encoder\.block\.",  # Flux's second text encoder is T5
+                    r"^(lora_unet_|diffusion_model\.)(double|single)_blocks[._]",
+                ),
+                dynamic_shift=True,
             ),
         )
     }
 )
+
+
+def supported_titles() -> str:
+    """The titles of every registered family, for messages ("Stable Diffusion 1.x, ... or Flux.1")."""
+    titles = [f.title for f in FAMILIES.values()]
+    return ", ".join(titles[:-1]) + " or " + titles[-1]
+
+
+def family_of_kohya_version(version: str) -> Family | None:
+    """The family of a kohya ``ss_base_model_version`` value, or None when no family writes it."""
+    for family in FAMILIES.values():
+        if version == family.kohya_base_model_version or version in family.kohya_version_aliases:
+            return family
+    return None
+
+
+def single_file_pipelines() -> dict[str, str]:
+    """Every family's diffusers single-file model types -> the pipeline class that loads them."""
+    return {t: p for f in FAMILIES.values() for t, p in f.single_file_types.items()}
 
 
 def get_family(name: str) -> Family:
@@ -264,5 +399,5 @@ def detect_family(pipe: Any) -> Family:
         )
     raise UnsupportedModelError(
         f"{type(pipe).__name__} has neither a `unet` nor a `transformer` component; "
-        f"pass a Stable Diffusion 1.x/2.x, SDXL, SD3 or Flux.1 pipeline"
+        f"pass a pipeline of one of these families: {supported_titles()}"
     )

@@ -1,0 +1,35 @@
+"""Model families as frozen data: the registry (:mod:`.registry`), the tiny pipelines (:mod:`.tiny`)
+and the published real-size layouts (:mod:`.published`). Importing this package never imports torch."""
+
+from .registry import (
+    ALL_LINEAR,
+    FAMILIES,
+    BlockGroup,
+    Conditioning,
+    Family,
+    KohyaNames,
+    Objective,
+    detect_family,
+    family_of_kohya_version,
+    get_family,
+    single_file_pipelines,
+    supported_titles,
+)
+from .specs import ComponentSpec, PipelineSpec
+
+__all__ = [
+    "ALL_LINEAR",
+    "FAMILIES",
+    "BlockGroup",
+    "ComponentSpec",
+    "Conditioning",
+    "Family",
+    "KohyaNames",
+    "Objective",
+    "PipelineSpec",
+    "detect_family",
+    "family_of_kohya_version",
+    "get_family",
+    "single_file_pipelines",
+    "supported_titles",
+]

@@ -1,0 +1,74 @@
+"""The published real-size models of each family, as data: module layout without weights.
+
+Converting a kohya file to diffusers names (or back) needs the model's real module list, because
+kohya's ``.``→``_`` flattening cannot be reversed by string rules. ``models.reference`` builds these
+on the meta device, which gives that list in a second or two with no download and no weight memory.
+"""
+
+from __future__ import annotations
+
+from .specs import ComponentSpec, frozen
+
+_CROSS_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+_CROSS_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+SD15_UNET = frozen(
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=_CROSS_DOWN, up_block_types=_CROSS_UP, sample_size=64,
+)
+SD2_UNET = frozen(
+    **{**SD15_UNET, "cross_attention_dim": 1024, "attention_head_dim": (5, 10, 20, 20),
+       "use_linear_projection": True, "sample_size": 96}
+)
+SDXL_UNET = frozen(
+    block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+    cross_attention_dim=2048, attention_head_dim=(5, 10, 20), addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, use_linear_projection=True,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), sample_size=128,
+)
+SD3_TRANSFORMER = frozen(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=192,
+)
+FLUX_TRANSFORMER = frozen(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+)
+CLIP_L = frozen(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768
+)
+OPENCLIP_H = frozen(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16, projection_dim=1024
+)
+OPENCLIP_BIGG = frozen(
+    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280
+)
+T5_XXL = frozen(
+    d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, vocab_size=32128, feed_forward_proj="gated-gelu"
+)
+
+SD15 = (
+    ComponentSpec("unet", "UNet2DConditionModel", SD15_UNET),
+    ComponentSpec("text_encoder", "CLIPTextModel", CLIP_L),
+)
+SD2 = (
+    ComponentSpec("unet", "UNet2DConditionModel", SD2_UNET),
+    ComponentSpec("text_encoder", "CLIPTextModel", OPENCLIP_H),
+)
+SDXL = (
+    ComponentSpec("unet", "UNet2DConditionModel", SDXL_UNET),
+    ComponentSpec("text_encoder", "CLIPTextModel", CLIP_L),
+    ComponentSpec("text_encoder_2", "CLIPTextModelWithProjection", OPENCLIP_BIGG),
+)
+SD3 = (
+    ComponentSpec("transformer", "SD3Transformer2DModel", SD3_TRANSFORMER),
+    ComponentSpec("text_encoder", "CLIPTextModelWithProjection", CLIP_L),
+    ComponentSpec("text_encoder_2", "CLIPTextModelWithProjection", OPENCLIP_BIGG),
+    ComponentSpec("text_encoder_3", "T5EncoderModel", T5_XXL),
+)
+FLUX1 = (
+    ComponentSpec("transformer", "FluxTransformer2DModel", FLUX_TRANSFORMER),
+    ComponentSpec("text_encoder", "CLIPTextModel", CLIP_L),
+    ComponentSpec("text_encoder_2", "T5EncoderModel", T5_XXL),
+)

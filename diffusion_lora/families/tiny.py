@@ -1,0 +1,259 @@
+"""The tiny random-weight pipeline of every family, as data (built by ``models.tiny``).
+
+Each tiny model keeps the module layout of its real family — the same component names, block types,
+attention projections (``to_q``/``to_k``/``to_v``/``to_out.0``, joint ``add_q_proj``/... for SD3 and
+Flux, ``q_proj``/... in CLIP, ``q``/``k``/``v``/``o`` in T5), text-encoder stack and latent channels —
+with hidden sizes of 32–96, so it builds in well under a second and a 2-step 32×32 generation runs in
+about a second on a CPU.
+
+The text encoders differ in width on purpose (a "CLIP-L" of 32, an "OpenCLIP-H" of 40 and a "CLIP-G"
+of 48 channels, as 768 / 1024 / 1280 in the real models), so that an adapter put on the wrong text
+encoder fails loudly.
+"""
+
+from __future__ import annotations
+
+from .specs import ComponentSpec, PipelineSpec, frozen
+
+# Text encoders, shaped like the real ones at 1/24 of the width.
+_CLIP_L = frozen(
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    projection_dim=32,
+    hidden_act="quick_gelu",
+)
+_CLIP_G = frozen(
+    hidden_size=48,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    projection_dim=48,
+    hidden_act="gelu",
+)
+# T5 v1.1 (gated GELU, untied head); d_model >= CLIP-L + CLIP-G width, as SD3 pads CLIP into T5 width.
+_T5 = frozen(
+    d_model=96,
+    d_kv=8,
+    d_ff=128,
+    num_heads=4,
+    num_layers=2,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=16,
+    feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False,
+    dropout_rate=0.0,
+)
+
+# latent 16×16 for a 32×32 image (2 VAE blocks: scale factor 2).
+_UNET_COMMON = frozen(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    norm_num_groups=8,
+)
+_VAE_COMMON = frozen(
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(32, 64),
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    layers_per_block=1,
+    norm_num_groups=8,
+)
+_SD_BETAS = frozen(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+)
+
+# SD2's OpenCLIP-H text encoder (GELU, wider than CLIP-L).
+_OPENCLIP_H = frozen(
+    hidden_size=40,
+    intermediate_size=80,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    projection_dim=40,
+    hidden_act="gelu",
+)
+_SD_PIPELINE_KWARGS = frozen(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+SD15 = PipelineSpec(
+    pipeline="StableDiffusionPipeline",
+    components=(
+        ComponentSpec(
+            "unet",
+            "UNet2DConditionModel",
+            frozen(**_UNET_COMMON, cross_attention_dim=32, attention_head_dim=4),
+        ),
+        ComponentSpec(
+            "vae", "AutoencoderKL", frozen(**_VAE_COMMON, latent_channels=4, scaling_factor=0.18215)
+        ),
+        ComponentSpec("text_encoder", "CLIPTextModel", _CLIP_L),
+        ComponentSpec("tokenizer", "CLIPTokenizer"),
+        ComponentSpec(
+            "scheduler",
+            "DDIMScheduler",
+            frozen(**_SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        ),
+    ),
+    pipeline_kwargs=frozen(
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    ),
+)
+
+SD2 = PipelineSpec(
+    pipeline="StableDiffusionPipeline",
+    components=(
+        ComponentSpec(
+            "unet",
+            "UNet2DConditionModel",
+            frozen(**_UNET_COMMON, cross_attention_dim=40, attention_head_dim=(2, 4), use_linear_projection=True),
+        ),
+        ComponentSpec("vae", "AutoencoderKL", frozen(**_VAE_COMMON, latent_channels=4, scaling_factor=0.18215)),
+        ComponentSpec("text_encoder", "CLIPTextModel", _OPENCLIP_H),
+        ComponentSpec("tokenizer", "CLIPTokenizer"),
+        ComponentSpec(
+            "scheduler",
+            "DDIMScheduler",
+            frozen(
+                **_SD_BETAS,
+                clip_sample=False,
+                set_alpha_to_one=False,
+                steps_offset=1,
+                prediction_type="v_prediction",  # SD 2.x 768-v
+            ),
+        ),
+    ),
+    pipeline_kwargs=_SD_PIPELINE_KWARGS,
+)
+
+SDXL = PipelineSpec(
+    pipeline="StableDiffusionXLPipeline",
+    components=(
+        ComponentSpec(
+            "unet",
+            "UNet2DConditionModel",
+            frozen(
+                **_UNET_COMMON,
+                cross_attention_dim=32 + 48,  # CLIP-L and CLIP-G hidden states, concatenated
+                attention_head_dim=(2, 4),
+                transformer_layers_per_block=(1, 2),
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=6 * 8 + 48,  # 6 time ids + pooled CLIP-G
+            ),
+        ),
+        ComponentSpec(
+            "vae", "AutoencoderKL", frozen(**_VAE_COMMON, latent_channels=4, scaling_factor=0.13025)
+        ),
+        ComponentSpec("text_encoder", "CLIPTextModel", _CLIP_L),
+        ComponentSpec("text_encoder_2", "CLIPTextModelWithProjection", _CLIP_G),
+        ComponentSpec("tokenizer", "CLIPTokenizer"),
+        ComponentSpec("tokenizer_2", "CLIPTokenizer"),
+        ComponentSpec(
+            "scheduler",
+            "EulerDiscreteScheduler",
+            frozen(**_SD_BETAS, timestep_spacing="leading", steps_offset=1),
+        ),
+    ),
+)
+
+SD3 = PipelineSpec(
+    pipeline="StableDiffusion3Pipeline",
+    components=(
+        ComponentSpec(
+            "transformer",
+            "SD3Transformer2DModel",
+            frozen(
+                sample_size=16,
+                patch_size=2,
+                in_channels=16,
+                out_channels=16,
+                num_layers=2,  # the last block is context_pre_only (no to_add_out)
+                attention_head_dim=8,
+                num_attention_heads=4,
+                joint_attention_dim=96,  # T5 width
+                caption_projection_dim=32,
+                pooled_projection_dim=32 + 48,  # pooled CLIP-L + CLIP-G
+                pos_embed_max_size=32,  # latents up to 64×64, images up to 128×128
+            ),
+        ),
+        ComponentSpec(
+            "vae",
+            "AutoencoderKL",
+            frozen(
+                **_VAE_COMMON,
+                latent_channels=16,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+                scaling_factor=1.5305,
+                shift_factor=0.0609,
+            ),
+        ),
+        ComponentSpec("text_encoder", "CLIPTextModelWithProjection", _CLIP_L),
+        ComponentSpec("text_encoder_2", "CLIPTextModelWithProjection", _CLIP_G),
+        ComponentSpec("text_encoder_3", "T5EncoderModel", _T5),
+        ComponentSpec("tokenizer", "CLIPTokenizer"),
+        ComponentSpec("tokenizer_2", "CLIPTokenizer"),
+        ComponentSpec("tokenizer_3", "T5TokenizerFast"),
+        ComponentSpec("scheduler", "FlowMatchEulerDiscreteScheduler", frozen(shift=3.0)),
+    ),
+)
+
+FLUX = PipelineSpec(
+    pipeline="FluxPipeline",
+    components=(
+        ComponentSpec(
+            "transformer",
+            "FluxTransformer2DModel",
+            frozen(
+                patch_size=1,
+                in_channels=64,  # 16 latent channels packed 2×2
+                num_layers=2,
+                num_single_layers=2,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=96,  # T5 width
+                pooled_projection_dim=32,  # pooled CLIP-L
+                guidance_embeds=True,  # like FLUX.1-dev
+                axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+            ),
+        ),
+        ComponentSpec(
+            "vae",
+            "AutoencoderKL",
+            frozen(
+                **_VAE_COMMON,
+                latent_channels=16,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+                scaling_factor=0.3611,
+                shift_factor=0.1159,
+            ),
+        ),
+        ComponentSpec("text_encoder", "CLIPTextModel", _CLIP_L),
+        ComponentSpec("text_encoder_2", "T5EncoderModel", _T5),
+        ComponentSpec("tokenizer", "CLIPTokenizer"),
+        ComponentSpec("tokenizer_2", "T5TokenizerFast"),
+        ComponentSpec(
+            "scheduler",
+            "FlowMatchEulerDiscreteScheduler",
+            frozen(
+                shift=3.0,
+                use_dynamic_shifting=True,
+                base_shift=0.5,
+                max_shift=1.15,
+                base_image_seq_len=256,
+                max_image_seq_len=4096,
+            ),
+        ),
+    ),
+)
+
