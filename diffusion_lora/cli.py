@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -146,8 +147,29 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_train)
 
 
+# `train` flag name -> the config's dotted key it sets.
+FLAG_KEYS = types.MappingProxyType({
+    "model": "model.name", "data": "data.path", "out": "output.dir", "steps": "train.steps",
+    "rank": "lora.rank", "lr": "train.learning_rate", "resolution": "data.resolution",
+    "batch_size": "train.batch_size", "seed": "train.seed",
+})
+
+
+def flags_to_overrides(flags: dict[str, Any]) -> list[str]:
+    """Override strings for named `train` flags (:data:`FLAG_KEYS`); flags whose value is None are skipped.
+    A string value is passed as typed on the command line; other values are written as TOML."""
+    from .training.typed_config import did_you_mean, toml_value  # why here: `--help` imports no training code
+
+    out = []
+    for flag, value in flags.items():
+        if flag not in FLAG_KEYS:
+            raise ConfigError(f"--{flag}: unknown flag{did_you_mean(flag, FLAG_KEYS)}")
+        if value is not None:
+            out.append(f"{FLAG_KEYS[flag]}={value if isinstance(value, str) else toml_value(value)}")
+    return out
+
+
 def _run_train(args: argparse.Namespace) -> int:
-    from .training.config import FLAG_KEYS, flags_to_overrides
     from .training.trainer import train
 
     overrides = flags_to_overrides({flag: getattr(args, flag, None) for flag in FLAG_KEYS})

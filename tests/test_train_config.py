@@ -14,18 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from diffusion_lora.cli import FLAG_KEYS, flags_to_overrides
 from diffusion_lora.errors import ConfigError
 from diffusion_lora.training.config import (
-    FLAG_KEYS,
     LatentCache,
     Loss,
     ModelDtype,
     TextCache,
     TimestepSampling,
     TrainConfig,
-    flags_to_overrides,
     load_config,
-    with_overrides,
 )
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
@@ -410,15 +408,6 @@ def test_overrides_apply_before_validation_and_leave_the_source_alone():
     cfg = load_config(raw, ["data.path=imgs", "data.resolution=128", "data.min_bucket=64", "prior.weight=0.5"])
     assert cfg.data.path == "imgs" and cfg.data.resolution == 128 and cfg.prior.weight == 0.5
     assert raw == before
-
-
-def test_with_overrides_returns_a_checked_copy():
-    cfg = load()
-    new = with_overrides(cfg, ["train.steps=3", "lora.rank=4"])
-    assert (new.train.steps, new.lora.rank, cfg.train.steps) == (3, 4, 500)
-    assert dataclasses.replace(new, train=cfg.train, lora=cfg.lora) == cfg
-    with pytest.raises(ConfigError, match=r"^lora\.rank: 0 is out of range"):
-        with_overrides(cfg, ["lora.rank=0"])
 
 
 def test_flag_keys_and_flags_to_overrides():

@@ -16,17 +16,9 @@ from PIL import Image
 from diffusion_lora.errors import ConfigError, DatasetError
 from diffusion_lora.training.buckets import assign_bucket, make_buckets, resize_and_crop
 from diffusion_lora.training.captions import process_caption, tag_frequency
-from diffusion_lora.training.dataset import (
-    BucketedDataset,
-    ImageItem,
-    augmentation_fingerprint,
-    bucket_batches,
-    image_size,
-    item_fingerprint,
-    load_image,
-    scan_images,
-    validate_images,
-)
+from diffusion_lora.training.dataset import BucketedDataset, bucket_batches
+from diffusion_lora.training.images import image_size, load_image, validate_images
+from diffusion_lora.training.scan import ImageItem, scan_images
 
 
 def noise_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
@@ -362,25 +354,8 @@ def test_bucket_batches_cover_each_sample_once_in_single_bucket_batches(small_it
 
     flat = sorted(index for batch in batches for index in batch)
     assert flat == list(range(len(dataset)))
-    assert all(len({dataset.sample_bucket(i) for i in batch}) == 1 for batch in batches)
+    assert all(len({dataset.item_buckets[dataset.item_index(i)] for i in batch}) == 1 for batch in batches)
     counts = [sum(dataset.item_index(i) == item_idx for i in flat) for item_idx in range(len(small_items))]
     assert counts == [item.repeats for item in small_items]
     assert batches == bucket_batches(dataset, 2, seed=1, epoch=0)
     assert any(bucket_batches(dataset, 2, seed=1, epoch=e) != batches for e in range(1, 6))
-    dropped = bucket_batches(dataset, 2, seed=1, epoch=0, drop_last=True)
-    assert all(len(batch) == 2 for batch in dropped)
-
-
-def test_fingerprints_follow_content_not_path_or_repeats(tmp_path: Path, small_items: list[ImageItem]) -> None:
-    item = small_items[0]
-    copy = tmp_path / "copy.png"
-    copy.write_bytes(item.path.read_bytes())
-    settings = augmentation_fingerprint(resolution=128, center_crop=True, flip=False, bucket=(128, 128))
-
-    base = item_fingerprint(item, settings)
-    assert item_fingerprint(ImageItem(copy, item.caption, repeats=9, folder="g"), settings) == base
-    assert item_fingerprint(ImageItem(item.path, "other", 1, "f"), settings) != base
-    assert item_fingerprint(item, augmentation_fingerprint(resolution=256, center_crop=True)) != base
-    assert augmentation_fingerprint(a=1, b=2) == augmentation_fingerprint(b=2, a=1)
-    with pytest.raises(ConfigError, match="repeats"):
-        augmentation_fingerprint(repeats=3)

@@ -25,17 +25,10 @@ from diffusion_lora.errors import ConfigError, DatasetError, DiffusionLoraError
 from diffusion_lora.formats.safetensors_io import read_metadata
 from diffusion_lora.training.checkpoint import STATE, latest_checkpoint
 from diffusion_lora.training.config import load_config
-from diffusion_lora.training.dataset import (
-    MAX_CAPTION_BYTES,
-    BucketedDataset,
-    ImageItem,
-    bucket_batches,
-    image_size,
-    load_image,
-    scan_images,
-    validate_images,
-)
+from diffusion_lora.training.dataset import BucketedDataset, bucket_batches
 from diffusion_lora.training.epochs import Permutation
+from diffusion_lora.training.images import image_size, load_image, validate_images
+from diffusion_lora.training.scan import MAX_CAPTION_BYTES, ImageItem, scan_images
 from diffusion_lora.training.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,7 +156,7 @@ def test_rank_digests_are_written_atomically_past_a_planted_link(tmp_path):
 
     from accelerate import Accelerator
 
-    from diffusion_lora.training.trainer import _check_ranks_agree
+    from diffusion_lora.training.parallel import check_ranks_agree
 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious", encoding="utf-8")
@@ -171,7 +164,7 @@ def test_rank_digests_are_written_atomically_past_a_planted_link(tmp_path):
     (tmp_path / "logs" / "ranks.json").symlink_to(victim)
     run = SimpleNamespace(named=[("a", torch.nn.Parameter(torch.ones(3)))], acc=Accelerator(cpu=True),
                           is_main=True, out=tmp_path)
-    _check_ranks_agree(run)
+    check_ranks_agree(run)
     assert victim.read_text(encoding="utf-8") == "precious"
     assert len(json.loads((tmp_path / "logs" / "ranks.json").read_text())) == 1
 
@@ -249,7 +242,7 @@ def test_decoded_bytes_are_bounded_from_the_header_not_just_pixels(tmp_path):
 
 
 def test_sixteen_bit_gray_converts_in_bands_bit_identically(tmp_path):
-    from diffusion_lora.training.dataset import _gray_to_uint8
+    from diffusion_lora.training.images import _gray_to_uint8
 
     def reference(values: np.ndarray) -> np.ndarray:  # the whole-image float64 formula
         is_float = values.dtype.kind == "f"

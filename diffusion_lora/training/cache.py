@@ -65,8 +65,6 @@ class TensorCache:
         self.mode = mode
         self.directory = directory
         self._memory: dict[str, Entry] = {}
-        self.hits = 0
-        self.misses = 0
         if mode == "disk":
             if directory is None:
                 raise DiffusionLoraError("a disk cache needs a directory (cache.dir)")
@@ -78,9 +76,7 @@ class TensorCache:
             return compute()
         cached = self._memory.get(key) if self.mode == "memory" else self._read(key)
         if cached is not None:
-            self.hits += 1
             return cached
-        self.misses += 1
         value = {k: v.detach().to("cpu").contiguous() for k, v in compute().items()}
         if self.mode == "memory":
             self._memory[key] = value

@@ -202,3 +202,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except Exception as exc:  # a checkpoint we did not write, or a broken disk
         raise DiffusionLoraError(f"{path / STATE}: cannot read this checkpoint ({exc}); delete it to resume "
                                  f"from the one before") from exc
+
+
+def resume_view(cfg: Any) -> dict:
+    """The part of a run's config (a :class:`~.config.TrainConfig`) a checkpoint must match to be
+    resumed: everything but the step count, the non-finite step allowance (a safety limit, not part
+    of the math) and outputs."""
+    view = cfg.to_dict()
+    view["train"] = {k: v for k, v in view["train"].items() if k not in ("steps", "max_nonfinite_steps")}
+    for section in ("sample", "log", "checkpoint", "output"):
+        view.pop(section, None)
+    return view

@@ -11,8 +11,10 @@ import torch
 
 from ..errors import DatasetError
 from .captions import tag_frequency
-from .dataset import BucketedDataset, ImageItem, scan_images, validate_images
+from .dataset import BucketedDataset
 from .files import own_folder, write_output, write_png
+from .images import validate_images
+from .scan import ImageItem, scan_images
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +45,9 @@ def _class_items(cfg: Any, pipe: Any, acc: Any) -> list[ImageItem]:
     return scan_images(folder, instance_prompt=prior.class_prompt, is_class=True)[: prior.num_images]
 
 
-def build_dataset(cfg: Any, pipe: Any, acc: Any) -> tuple[BucketedDataset, list[ImageItem], list[str]]:
-    """Scan, check (every problem reported at once, before training) and bucket the training images."""
+def build_dataset(cfg: Any, pipe: Any, acc: Any) -> tuple[BucketedDataset, list[ImageItem]]:
+    """Scan, check (every problem reported at once, before training; with ``data.skip_bad_images`` the
+    bad ones logged and skipped) and bucket the training images; returns the dataset and its items."""
     d = cfg.data
     if not Path(d.path).is_dir():
         raise DatasetError(f"data.path: {d.path} is not a folder of training images")
@@ -64,7 +67,7 @@ def build_dataset(cfg: Any, pipe: Any, acc: Any) -> tuple[BucketedDataset, list[
         flip=d.flip, trigger_word=d.trigger_word, caption_dropout=d.caption_dropout,
         shuffle_caption=d.shuffle_captions, keep_tokens=d.keep_tokens,
     )
-    return dataset, good, problems
+    return dataset, good
 
 
 def tag_frequency_of(items: Sequence[ImageItem]) -> dict[str, dict[str, int]]:

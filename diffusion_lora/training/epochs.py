@@ -77,17 +77,16 @@ class EpochBatches(Sequence[list[int]]):
     """One epoch's batches (lists of sample indices, each from one bucket), computed on access.
 
     ``keys[b]`` shuffles bucket ``b``'s samples and ``order_key`` the batches; every sample is in
-    exactly one batch, except that ``drop_last`` drops each bucket's incomplete last batch.
+    exactly one batch (a bucket's last batch may be smaller).
     """
 
-    def __init__(self, buckets: Sequence[BucketSamples], keys: Sequence[int], order_key: int, batch_size: int,
-                 drop_last: bool = False) -> None:
+    def __init__(self, buckets: Sequence[BucketSamples], keys: Sequence[int], order_key: int, batch_size: int) -> None:
         self.buckets = list(buckets)
         self.shuffles = [Permutation(b.total, k) for b, k in zip(self.buckets, keys, strict=True)]
         self.batch_size = batch_size
         ends, total = [], 0
         for b in self.buckets:
-            total += b.total // batch_size if drop_last else -(-b.total // batch_size)
+            total += -(-b.total // batch_size)
             ends.append(total)
         self.ends = ends
         self.order = Permutation(total, order_key)

@@ -10,12 +10,13 @@ Two families of objectives live here:
 
 Every random draw takes an explicit ``torch.Generator`` and is made on that generator's device, so a
 seed reproduces a run. Nothing here holds state or touches a model; the training loop composes these.
-Bad settings raise :class:`~diffusion_lora.errors.ConfigError` naming the ``train.*`` key at fault.
+Settings come from the checked :class:`~.config.TrainConfig` (its enums, its ranges) and are not
+checked again here; a model's scheduler config, read by :func:`ddpm_schedule`, is checked, and its
+problems are :class:`~diffusion_lora.errors.ConfigError`\ s naming the ``scheduler.*`` key.
 """
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,15 +26,13 @@ import torch
 from diffusion_lora.errors import ConfigError
 from diffusion_lora.families import Objective
 
+from .config import Loss, TimestepSampling
+
 __all__ = [
     "DiffusionSchedule",
-    "FlowWeighting",
-    "LossKind",
-    "TimestepSampling",
     "add_noise",
     "ddpm_schedule",
     "ddpm_target",
-    "flow_loss_weights",
     "flow_noisy",
     "flow_target",
     "flux_shift",
@@ -41,6 +40,7 @@ __all__ = [
     "min_snr_weights",
     "noise_with_offset",
     "rescale_zero_terminal_snr",
+    "sample_flux_sigmas",
     "sample_sigmas",
     "sample_timesteps_ddpm",
     "shift_sigmas",
@@ -50,53 +50,14 @@ __all__ = [
 ]
 
 
-class TimestepSampling(str, enum.Enum):
-    """How flow-matching σ are drawn (``train.timestep_sampling``); ``"sigmoid"`` is read as LOGIT_NORMAL."""
-
-    UNIFORM = "uniform"
-    LOGIT_NORMAL = "logit_normal"
-    SHIFT = "shift"
-    FLUX_SHIFT = "flux_shift"
-
-
-class LossKind(str, enum.Enum):
-    """Element-wise loss (``train.loss_type``)."""
-
-    L2 = "l2"
-    HUBER = "huber"
-
-
-class FlowWeighting(str, enum.Enum):
-    """Per-sample flow-matching loss weights (``train.loss_weighting``), as diffusers' SD3 scripts."""
-
-    NONE = "none"
-    SIGMA_SQRT = "sigma_sqrt"
-    COSMAP = "cosmap"
-
-
 # σ is kept inside the open interval (0, 1): float32 draws can otherwise hit 0 (rand) or 1 (sigmoid).
 _SIGMA_EPS = 2.0**-24
 
 
-def _enum(cls: type[enum.Enum], value: object, setting: str, aliases: Mapping[str, str] | None = None) -> enum.Enum:
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, enum.Enum):  # another module's enum (e.g. the config's): look up by its value
-        value = value.value
-    aliases = aliases or {}
-    name = aliases.get(value, value) if isinstance(value, str) else value
-    try:
-        return cls(name)
-    except ValueError:
-        choices = ", ".join([m.value for m in cls] + list(aliases))
-        raise ConfigError(f"{setting}: unknown value {value!r}; expected one of {choices}") from None
-
-
-def _positive(value: object, setting: str, *, allow_zero: bool = False) -> float:
+def _positive(value: object, key: str) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        bound = "a finite number >= 0" if allow_zero else "a finite number > 0"
-        raise ConfigError(f"{setting}: got {value!r}; expected {bound}")
+    if not ok or value <= 0:
+        raise ConfigError(f"{key}: got {value!r}; expected a finite number > 0")
     return float(value)
 
 
@@ -105,11 +66,17 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(values.shape[0], *([1] * (like.ndim - 1)))
 
 
-def _ddpm_objective(objective: Objective | str, setting: str = "train.objective") -> Objective:
-    obj = _enum(Objective, objective, setting)
-    if obj is Objective.FLOW_MATCHING:
-        raise ConfigError(f"{setting}: flow_matching is not a DDPM objective; expected epsilon or v_prediction")
-    return obj
+def _prediction_type(value: object) -> Objective:
+    """A scheduler config's ``prediction_type`` (a string, or already an :class:`Objective`) as a DDPM objective."""
+    try:
+        objective = Objective(value)
+    except ValueError:
+        choices = ", ".join(o.value for o in Objective)
+        raise ConfigError(f"scheduler.prediction_type: unknown value {value!r}; expected one of {choices}") from None
+    if objective is Objective.FLOW_MATCHING:
+        raise ConfigError("scheduler.prediction_type: flow_matching is not a DDPM objective; expected epsilon or "
+                          "v_prediction")
+    return objective
 
 
 # ---------------------------------------------------------------------------------------------- DDPM
@@ -130,7 +97,7 @@ class DiffusionSchedule:
             )
         if bool(((ac < 0) | (ac > 1)).any()):
             raise ConfigError("alphas_cumprod: values must lie in [0, 1]")
-        object.__setattr__(self, "prediction_type", _ddpm_objective(self.prediction_type, "scheduler.prediction_type"))
+        object.__setattr__(self, "prediction_type", _prediction_type(self.prediction_type))
 
     @property
     def num_train_timesteps(self) -> int:
@@ -203,7 +170,7 @@ def ddpm_schedule(scheduler_config: Mapping, *, zero_terminal_snr: bool = False)
     if zero_terminal_snr or cfg["rescale_betas_zero_snr"]:
         betas = rescale_zero_terminal_snr(betas)
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
-    return DiffusionSchedule(alphas_cumprod, _ddpm_objective(cfg["prediction_type"], "scheduler.prediction_type"))
+    return DiffusionSchedule(alphas_cumprod, _prediction_type(cfg["prediction_type"]))
 
 
 def sample_timesteps_ddpm(batch: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
@@ -224,10 +191,11 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule: 
 
 
 def ddpm_target(
-    x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule: DiffusionSchedule, objective: Objective | str
+    x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule: DiffusionSchedule, objective: Objective
 ) -> torch.Tensor:
-    """What the denoiser should predict: ``noise`` itself (epsilon) or ``v = sqrt(ᾱ_t)·ε - sqrt(1-ᾱ_t)·x0``."""
-    if _ddpm_objective(objective) is Objective.EPSILON:
+    """What the denoiser should predict: ``noise`` itself (epsilon) or ``v = sqrt(ᾱ_t)·ε - sqrt(1-ᾱ_t)·x0``
+    (v_prediction); ``objective`` is a DDPM one, as :attr:`DiffusionSchedule.prediction_type` is."""
+    if objective is Objective.EPSILON:
         return noise
     sqrt_a, sqrt_1ma = _sqrt_alphas(t, schedule, x0)
     return sqrt_a * noise - sqrt_1ma * x0
@@ -239,16 +207,12 @@ def snr(t: torch.Tensor, schedule: DiffusionSchedule) -> torch.Tensor:
     return (ac / (1.0 - ac)).to(torch.float32)
 
 
-def min_snr_weights(
-    t: torch.Tensor, schedule: DiffusionSchedule, gamma: float, objective: Objective | str
-) -> torch.Tensor:
+def min_snr_weights(t: torch.Tensor, schedule: DiffusionSchedule, gamma: float, objective: Objective) -> torch.Tensor:
     """Min-SNR-γ per-sample loss weights [B] (Hang et al. 2023), the diffusers training-script convention.
 
     epsilon: ``min(snr, γ) / snr`` (1 where snr = 0, its limit, e.g. at a zero-terminal-SNR step);
     v_prediction: ``min(snr, γ) / (snr + 1)``.
     """
-    gamma = _positive(gamma, "train.min_snr_gamma")
-    objective = _ddpm_objective(objective)
     s = snr(t, schedule)
     clipped = torch.clamp(s, max=gamma)
     if objective is Objective.EPSILON:
@@ -256,15 +220,12 @@ def min_snr_weights(
     return clipped / (s + 1)
 
 
-def noise_with_offset(
-    shape: Sequence[int], generator: torch.Generator, offset: float = 0.0, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
+def noise_with_offset(shape: Sequence[int], generator: torch.Generator, offset: float = 0.0) -> torch.Tensor:
     """Gaussian noise of ``shape`` [B, C, ...] plus ``offset·N(0, 1)`` of shape [B, C, 1, ...] (kohya's offset noise).
 
-    Drawn in float32 on the generator's device, then cast to ``dtype``, so a seed gives the same noise
-    in every dtype. With ``offset == 0`` the second draw is skipped: the result is plain ``randn(shape)``.
+    Drawn in float32 on the generator's device, so a seed gives the same noise whatever the model's
+    dtype. With ``offset == 0`` the second draw is skipped: the result is plain ``randn(shape)``.
     """
-    offset = _positive(offset, "train.noise_offset", allow_zero=True)
     shape = tuple(shape)
     if len(shape) < 2:
         raise ConfigError(f"noise shape: got {shape}; expected at least [batch, channels]")
@@ -272,7 +233,7 @@ def noise_with_offset(
     if offset:
         per_channel = shape[:2] + (1,) * (len(shape) - 2)
         noise = noise + offset * torch.randn(per_channel, generator=generator, device=generator.device)
-    return noise.to(dtype)
+    return noise
 
 
 # ------------------------------------------------------------------------------------- flow matching
@@ -283,84 +244,76 @@ def shift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
 
     Equals :func:`time_shift_exponential` with ``mu = ln(shift)``. ``shift > 1`` moves σ toward 1 (noisier).
     """
-    shift = _positive(shift, "train.flow_shift")
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
-def flux_shift(
-    image_seq_len: int,
-    base_seq_len: int = 256,
-    max_seq_len: int = 4096,
-    base_shift: float = 0.5,
-    max_shift: float = 1.15,
-) -> float:
-    """Flux's resolution-dependent ``mu``: linear in ``image_seq_len`` through (base_seq_len, base_shift)
-    and (max_seq_len, max_shift), as diffusers' ``calculate_shift``.
+# Flux's shift line, as diffusers' calculate_shift defaults and Flux's scheduler config.
+_FLUX_BASE_SEQ_LEN, _FLUX_MAX_SEQ_LEN, _FLUX_BASE_SHIFT, _FLUX_MAX_SHIFT = 256, 4096, 0.5, 1.15
+
+
+def flux_shift(image_seq_len: int) -> float:
+    """Flux's resolution-dependent ``mu``: linear in ``image_seq_len`` through (256, 0.5) and (4096, 1.15),
+    as diffusers' ``calculate_shift`` with its defaults.
 
     For Flux, ``image_seq_len = (height // 16) * (width // 16)`` in pixels, i.e. the number of 2×2
     latent patches (1024×1024 → 4096).
     """
-    if max_seq_len == base_seq_len:
-        raise ConfigError("train.flux_shift: max_seq_len must differ from base_seq_len")
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    b = base_shift - m * base_seq_len
+    m = (_FLUX_MAX_SHIFT - _FLUX_BASE_SHIFT) / (_FLUX_MAX_SEQ_LEN - _FLUX_BASE_SEQ_LEN)
+    b = _FLUX_BASE_SHIFT - m * _FLUX_BASE_SEQ_LEN
     return image_seq_len * m + b
 
 
-def time_shift_exponential(mu: float, sigma: torch.Tensor, *, exponent: float = 1.0) -> torch.Tensor:
-    """Flux's shift ``e^mu / (e^mu + (1/σ - 1)^exponent)``; Flux uses ``exponent = 1`` and ``mu`` from
-    :func:`flux_shift`. Same as FlowMatchEulerDiscreteScheduler's exponential ``time_shift(mu, exponent, σ)``.
+def time_shift_exponential(mu: float, sigma: torch.Tensor) -> torch.Tensor:
+    """Flux's shift ``e^mu / (e^mu + (1/σ - 1))``, ``mu`` from :func:`flux_shift`. Same as
+    FlowMatchEulerDiscreteScheduler's exponential ``time_shift(mu, 1.0, σ)``.
     """
-    return math.exp(mu) / (math.exp(mu) + (1 / sigma - 1) ** exponent)
+    return math.exp(mu) / (math.exp(mu) + (1 / sigma - 1))
 
 
 def sample_sigmas(
     batch: int,
     generator: torch.Generator,
     *,
-    sampling: TimestepSampling | str,
+    sampling: TimestepSampling,
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
     shift: float | None = None,
-    mu: float | None = None,
 ) -> torch.Tensor:
     """Draw flow-matching noise levels σ [batch] float32 in the open interval (0, 1).
 
-    * ``uniform``: U(0, 1).
-    * ``logit_normal`` (alias ``sigmoid``): ``sigmoid(N(logit_mean, logit_std))`` — the same draw as
-      diffusers' ``compute_density_for_timestep_sampling("logit_normal", ...)`` for one generator state.
-    * ``shift``: U(0, 1), then :func:`shift_sigmas` with ``shift`` (required).
-    * ``flux_shift``: logit-normal, then :func:`time_shift_exponential` with ``mu`` (required; from
-      :func:`flux_shift`), as kohya's Flux trainer.
+    * ``UNIFORM``: U(0, 1).
+    * ``LOGIT_NORMAL`` (or ``SIGMOID``, its other name): ``sigmoid(N(logit_mean, logit_std))`` — the
+      same draw as diffusers' ``compute_density_for_timestep_sampling("logit_normal", ...)`` for one
+      generator state.
+    * ``SHIFT``: U(0, 1), then :func:`shift_sigmas` with ``shift`` (required: ValueError without it).
 
-    ``shift`` given with ``uniform`` or ``logit_normal`` is applied after the draw (SD3's scheduler
-    shift of 3.0 over logit-normal draws, as diffusers' SD3 script, is ``logit_normal`` + ``shift=3``).
+    ``shift`` given with ``UNIFORM`` or ``LOGIT_NORMAL`` is applied after the draw (SD3's scheduler
+    shift of 3.0 over logit-normal draws, as diffusers' SD3 script, is ``LOGIT_NORMAL`` + ``shift=3``).
     σ is continuous; it is not snapped to the scheduler's 1000 training levels.
     """
-    kind = _enum(TimestepSampling, sampling, "train.timestep_sampling", {"sigmoid": "logit_normal"})
-    logit_std = _positive(logit_std, "train.logit_std")
-    if not (isinstance(logit_mean, (int, float)) and math.isfinite(logit_mean)):
-        raise ConfigError(f"train.logit_mean: got {logit_mean!r}; expected a finite number")
-    if shift is not None:
-        shift = _positive(shift, "train.flow_shift")
-    if kind is TimestepSampling.SHIFT and shift is None:
-        raise ConfigError("train.flow_shift: timestep_sampling 'shift' needs a shift value (> 0)")
-    if kind is TimestepSampling.FLUX_SHIFT and (mu is None or shift is not None):
-        raise ConfigError("train.timestep_sampling: 'flux_shift' needs mu (from flux_shift()) and no flow_shift")
-    if kind is not TimestepSampling.FLUX_SHIFT and mu is not None:
-        raise ConfigError(f"train.timestep_sampling: mu is only used by 'flux_shift', not {kind.value!r}")
-
-    device = generator.device
-    if kind in (TimestepSampling.LOGIT_NORMAL, TimestepSampling.FLUX_SHIFT):
-        u = torch.normal(mean=logit_mean, std=logit_std, size=(batch,), device=device, generator=generator)
-        sigma = torch.sigmoid(u)
+    if sampling is TimestepSampling.SHIFT and shift is None:
+        raise ValueError("sample_sigmas: SHIFT sampling needs a shift value")
+    if sampling in (TimestepSampling.LOGIT_NORMAL, TimestepSampling.SIGMOID):
+        sigma = _logit_normal(batch, generator, logit_mean, logit_std)
     else:
-        sigma = torch.rand((batch,), device=device, generator=generator)
-    if kind is TimestepSampling.FLUX_SHIFT:
-        sigma = time_shift_exponential(mu, sigma)
-    elif shift is not None:
+        sigma = torch.rand((batch,), device=generator.device, generator=generator)
+    if shift is not None:
         sigma = shift_sigmas(sigma, shift)
     return sigma.clamp(_SIGMA_EPS, 1.0 - _SIGMA_EPS)
+
+
+def sample_flux_sigmas(
+    batch: int, generator: torch.Generator, *, mu: float, logit_mean: float = 0.0, logit_std: float = 1.0
+) -> torch.Tensor:
+    """Flux's resolution-dependent draw, as kohya's Flux trainer: logit-normal σ, then
+    :func:`time_shift_exponential` with ``mu`` (from :func:`flux_shift`); [batch] float32 in (0, 1)."""
+    sigma = time_shift_exponential(mu, _logit_normal(batch, generator, logit_mean, logit_std))
+    return sigma.clamp(_SIGMA_EPS, 1.0 - _SIGMA_EPS)
+
+
+def _logit_normal(batch: int, generator: torch.Generator, mean: float, std: float) -> torch.Tensor:
+    u = torch.normal(mean=mean, std=std, size=(batch,), device=generator.device, generator=generator)
+    return torch.sigmoid(u)
 
 
 def flow_noisy(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -383,18 +336,6 @@ def sigmas_to_timesteps(sigma: torch.Tensor, num_train_timesteps: int = 1000) ->
     return sigma * num_train_timesteps
 
 
-def flow_loss_weights(sigma: torch.Tensor, weighting: FlowWeighting | str = FlowWeighting.NONE) -> torch.Tensor:
-    """Per-sample weights [B] for flow matching, as diffusers' ``compute_loss_weighting_for_sd3``:
-    ``none`` → 1, ``sigma_sqrt`` → σ⁻², ``cosmap`` → 2 / (π·(1 - 2σ + 2σ²)).
-    """
-    kind = _enum(FlowWeighting, weighting, "train.loss_weighting")
-    if kind is FlowWeighting.SIGMA_SQRT:
-        return (sigma**-2.0).float()
-    if kind is FlowWeighting.COSMAP:
-        return 2 / (math.pi * (1 - 2 * sigma + 2 * sigma**2))
-    return torch.ones_like(sigma)
-
-
 # ---------------------------------------------------------------------------------------------- loss
 
 
@@ -402,7 +343,7 @@ def lora_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
     *,
-    kind: LossKind | str = LossKind.L2,
+    kind: Loss = Loss.L2,
     huber_delta: float = 0.1,
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -413,13 +354,12 @@ def lora_loss(
     tends to r² (the l2 loss) for |r| ≪ δ and to ``2δ·|r| - 2δ²`` (linear) for |r| ≫ δ. The weighted
     mean is ``mean_b(w_b · loss_b)`` (not normalized by the sum of weights), as diffusers' Min-SNR code.
     """
-    kind = _enum(LossKind, kind, "train.loss_type")
-    delta = _positive(huber_delta, "train.huber_delta")
     if pred.shape != target.shape or pred.ndim == 0:
         raise ValueError(f"lora_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} must match, [B, ...]")
     dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
     r2 = (pred.to(dtype) - target.to(dtype)) ** 2
-    elementwise = r2 if kind is LossKind.L2 else 2 * delta * r2 / (torch.sqrt(r2 + delta**2) + delta)
+    delta = huber_delta
+    elementwise = r2 if kind is Loss.L2 else 2 * delta * r2 / (torch.sqrt(r2 + delta**2) + delta)
     per_sample = elementwise.reshape(pred.shape[0], -1).mean(dim=1)
     if weights is not None:
         if weights.shape != per_sample.shape:

@@ -1,15 +1,61 @@
-"""What a run leaves for people to look at: sample grids and a model card beside the adapter."""
+"""What a run leaves for people to look at: the metrics log, sample grids and a model card beside the adapter."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
 
+from ..formats.atomic import open_append_no_follow
 from .files import own_folder, write_output, write_png
+
+logger = logging.getLogger(__name__)
+
+
+class MetricsLog:
+    """Loss/lr to ``<out>/logs/metrics.jsonl`` always, and to TensorBoard when it is installed; does
+    nothing unless ``enabled`` (the main process)."""
+
+    def __init__(self, out: Path, *, enabled: bool, tensorboard: bool) -> None:
+        self.enabled = enabled
+        self.writer = None
+        self.file = None
+        if not enabled:
+            return
+        logs = own_folder(out / "logs")
+        self.file = os.fdopen(open_append_no_follow(logs / "metrics.jsonl", what="metrics log"), "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                # why here: tensorboard is an optional dependency
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out / "logs"))
+            except ImportError:
+                logger.info("tensorboard is not installed; metrics go to logs/metrics.jsonl only")
+
+    def write(self, step: int, values: Mapping[str, float | int | None]) -> None:
+        if not self.enabled:
+            return
+        assert self.file is not None
+        self.file.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in values.items():
+                if value is not None:
+                    self.writer.add_scalar(f"train/{key}", value, step)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def image_grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[str] = ()) -> Image.Image:
@@ -59,8 +105,8 @@ def write_model_card(
         "",
         f"A LoRA for **{family.title}** (`{cfg.model.name}`), trained with diffusion-lora.",
         "",
-        f"- file: `{adapter.name}` ({str(getattr(cfg.output.save_format, 'value', cfg.output.save_format))} format)",
-        f"- rank {cfg.lora.rank}, alpha {cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.rank}, "
+        f"- file: `{adapter.name}` ({cfg.output.save_format.value} format)",
+        f"- rank {cfg.lora.rank}, alpha {_number(cfg.lora.effective_alpha)}, "
         f"targets `{cfg.lora.targets}`" + (", text encoder" if cfg.lora.text_encoder else ""),
         f"- {cfg.train.steps} steps, batch {cfg.train.batch_size}, learning rate {cfg.train.learning_rate}, "
         f"resolution {cfg.data.resolution}",
@@ -76,3 +122,8 @@ def write_model_card(
         lines += [f"![samples]({sample.relative_to(path.parent).as_posix()})", ""]
     lines += ["## Training config", "", "```toml", cfg.to_toml().rstrip(), "```", ""]
     return write_output(path, "\n".join(lines).encode("utf-8"), "model card")
+
+
+def _number(value: float) -> int | float:
+    """``value`` as written in a config: ``16`` for a whole number, else the float."""
+    return int(value) if value.is_integer() else value

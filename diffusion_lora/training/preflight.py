@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..models.loading import native_size
-from .config import TrainConfig
+from .config import LatentCache, TextCache, TrainConfig
 from .data_setup import tag_frequency_of
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def check_folders(cfg: TrainConfig) -> None:
     """The folders the run writes to must be (or become) folders: checked before the model loads, not at
     the first write. ``data.path`` must be a folder too."""
     folders = {"output.dir": cfg.output.dir}
-    if "disk" in (cfg.cache.latents, cfg.text_cache):
+    if cfg.cache.latents is LatentCache.DISK or cfg.text_cache is TextCache.DISK:
         folders["cache.dir" if cfg.cache.dir else "output.dir"] = cfg.cache_dir
     if cfg.prior.num_images > 0 and cfg.prior.class_dir:
         folders["prior.class_dir"] = cfg.prior.class_dir

@@ -6,6 +6,7 @@ run draws exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from ..families import Family, Objective
 from . import objectives as obj
 from .cache import TensorCache, entry_key, to_device
 from .conditioning import Conditioner, SizeInfo, latent_dist, sample_latents, text_cond_cat, text_cond_slice
+from .config import TimestepSampling
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int, stream: int) -> torch.Generator:
@@ -59,8 +61,6 @@ def _latents(ctx: StepContext, pixels: torch.Tensor, gen: torch.Generator) -> to
 
 
 def _tensor_digest(t: torch.Tensor) -> str:
-    import hashlib
-
     return hashlib.sha256(t.detach().to("cpu").contiguous().numpy().tobytes()).hexdigest()
 
 
@@ -86,9 +86,7 @@ def micro_step_loss(ctx: StepContext, batch: Sequence[dict], step: int, micro: i
     latents = _latents(ctx, pixels, step_generator(cfg.seed, step, micro, rank, 0))
     text = _text(ctx, [b["caption"] for b in batch])
     noise_gen = step_generator(cfg.seed, step, micro, rank, 1)
-    noise = obj.noise_with_offset(latents.shape, noise_gen, cfg.noise_offset, torch.float32).to(
-        ctx.device, latents.dtype
-    )
+    noise = obj.noise_with_offset(latents.shape, noise_gen, cfg.noise_offset).to(ctx.device, latents.dtype)
     sizes = [SizeInfo(tuple(b["original_size"]), tuple(b["crop_top_left"]), tuple(b["target_size"])) for b in batch]
     weights = torch.tensor([ctx.config.prior.weight if b.get("is_class") else 1.0 for b in batch], device=ctx.device)
     time_gen = step_generator(cfg.seed, step, micro, rank, 2)
@@ -105,9 +103,9 @@ def _ddpm_step(ctx: StepContext, latents, noise, text, sizes, gen):  # noqa: ANN
     cfg = ctx.config.train
     schedule = ctx.schedule
     assert schedule is not None
-    t = obj.sample_timesteps_ddpm(latents.shape[0], len(schedule.alphas_cumprod), gen).to(ctx.device)
+    t = obj.sample_timesteps_ddpm(latents.shape[0], schedule.num_train_timesteps, gen).to(ctx.device)
     noisy = obj.add_noise(latents, noise, t, schedule)
-    objective = Objective(schedule.prediction_type) if schedule.prediction_type else ctx.family.objective
+    objective = schedule.prediction_type
     target = obj.ddpm_target(latents, noise, t, schedule, objective)
     pred = ctx.conditioner.predict(ctx.pipe, ctx.denoiser, noisy, t, text, sizes, cfg.guidance)
     weights = None
@@ -120,13 +118,13 @@ def _flow_step(ctx: StepContext, latents, noise, text, sizes, gen):  # noqa: ANN
     cfg = ctx.config.train
     b, _, h, w = latents.shape
     common = {"logit_mean": cfg.logit_mean, "logit_std": cfg.logit_std}
-    sampling = str(getattr(cfg.timestep_sampling, "value", cfg.timestep_sampling))
-    if sampling == "shift" and cfg.shift is None and ctx.family.dynamic_shift:
+    sampling = cfg.timestep_sampling
+    if sampling is TimestepSampling.SHIFT and cfg.shift is None and ctx.family.dynamic_shift:
         # a resolution-dependent shift (Flux), from the packed image sequence length
         mu = obj.flux_shift((h // 2) * (w // 2))
-        sigmas = obj.sample_sigmas(b, gen, sampling="flux_shift", mu=mu, **common)
-    elif sampling == "shift":
-        sigmas = obj.sample_sigmas(b, gen, sampling="shift", shift=cfg.shift or 3.0)
+        sigmas = obj.sample_flux_sigmas(b, gen, mu=mu, **common)
+    elif sampling is TimestepSampling.SHIFT:
+        sigmas = obj.sample_sigmas(b, gen, sampling=sampling, shift=cfg.shift or 3.0)
     else:
         sigmas = obj.sample_sigmas(b, gen, sampling=sampling, shift=cfg.shift, **common)
     sigmas = sigmas.to(ctx.device, latents.dtype)

@@ -9,40 +9,39 @@ continues bit-identically on CPU. Multi-process data parallelism is accelerate's
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from ..adapters import add_lora, save_lora
 from ..adapters.state import state_of
 from ..errors import ConfigError, DiffusionLoraError
 from ..families import Objective, detect_family
-from ..formats.atomic import atomic_write_bytes, open_append_no_follow
+from ..formats.atomic import atomic_write_bytes
 from ..models import load_pipeline
 from . import objectives as obj
 from .cache import TensorCache, model_fingerprint
-from .checkpoint import check_state, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import check_state, latest_checkpoint, load_checkpoint, resume_view, save_checkpoint
 from .conditioning import conditioner_for
-from .config import TrainConfig, load_config, resolve_sizes
+from .config import MixedPrecision, ModelDtype, TextCache, TrainConfig, load_config, resolve_sizes
 from .data_setup import build_dataset
-from .dataset import bucket_batches
-from .files import own_folder, write_output
+from .dataset import micro_batches
 from .interrupts import interrupts_deferred
-from .outputs import write_model_card, write_sample_grid
+from .optimizers import build_lr_scheduler, build_optimizer, param_groups, trainable_parameters
+from .outputs import MetricsLog, write_model_card, write_sample_grid
+from .parallel import average_text_encoder_grads, check_ranks_agree
 from .preflight import check_folders, native_resolution, training_metadata
 from .steps import StepContext, micro_step_loss
 
 logger = logging.getLogger(__name__)
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {ModelDtype.FLOAT32: torch.float32, ModelDtype.FLOAT16: torch.float16, ModelDtype.BFLOAT16: torch.bfloat16}
 
 
 @dataclass
@@ -57,108 +56,51 @@ class TrainResult:
     skipped_steps: list[int] = field(default_factory=list)  # steps whose update was skipped as non-finite
 
 
-def _micro_batches(dataset: Any, batch_size: int, seed: int, skip: int = 0) -> Iterator[list[int]]:
-    """The endless, deterministic stream of micro-batches (epoch after epoch), from micro-batch ``skip`` on."""
-    per_epoch = len(bucket_batches(dataset, batch_size, seed=seed, epoch=0))  # the same every epoch
-    epoch, first = divmod(skip, per_epoch)
-    while True:
-        dataset.set_epoch(epoch)
-        batches = bucket_batches(dataset, batch_size, seed=seed, epoch=epoch)
-        for i in range(first, len(batches)):
-            yield batches[i]
-        epoch, first = epoch + 1, 0
-
-
-def _optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
-    opt = cfg.optimizer
-    name = str(getattr(opt.name, "value", opt.name))
-    kwargs = {"weight_decay": opt.weight_decay}
-    if name == "adamw":
-        return torch.optim.AdamW(groups, betas=tuple(opt.betas), eps=opt.eps, **kwargs)
-    if name == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConfigError("optimizer.name = adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
-        return bnb.optim.AdamW8bit(groups, betas=tuple(opt.betas), eps=opt.eps, **kwargs)
-    try:
-        from prodigyopt import Prodigy
-    except ImportError:
-        raise ConfigError("optimizer.name = prodigy needs prodigyopt: pip install prodigyopt") from None
-    return Prodigy(groups, betas=tuple(opt.betas), eps=opt.eps, **kwargs)
-
-
-def _lr_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> Any:
-    from diffusers.optimization import get_scheduler
-
-    name = str(getattr(cfg.scheduler.name, "value", cfg.scheduler.name))
-    return get_scheduler(name, optimizer, num_warmup_steps=cfg.scheduler.warmup_steps,
-                         num_training_steps=cfg.train.steps)
-
-
-def _trainable(pipe: Any, state: Any, family: Any) -> tuple[list[tuple[str, torch.nn.Parameter]], list]:
-    named = []
-    for component, model in state.components.items():
-        named += [(f"{component}.{n}", p) for n, p in model.named_parameters() if p.requires_grad]
-    return named, [p for n, p in named if n.startswith(family.denoiser + ".")]
-
-
 class _Run:
     """State of one training run; methods are its phases."""
 
     def __init__(self, cfg: TrainConfig, *, progress: bool) -> None:
-        from accelerate import Accelerator
-
         self.cfg = cfg
         self.out = Path(cfg.output.dir)
         self.progress = progress
         from accelerate.state import AcceleratorState
 
-        mp = str(getattr(cfg.train.mixed_precision, "value", cfg.train.mixed_precision))
         # accelerate keeps one process-wide state; each train() is a new run whose precision may differ
         # (a notebook, a test session). The process group (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
-        self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp)
+        self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision.value)
         self.is_main = self.acc.is_main_process
         self.skipped: list[int] = []  # steps whose update was skipped as non-finite, in this process's run
 
     def setup(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
-        dtype = _DTYPES[str(getattr(cfg.model.dtype, "value", cfg.model.dtype))]
+        dtype = _DTYPES[cfg.model.dtype]
         self.pipe = load_pipeline(cfg.model.name, torch_dtype=dtype)
         self.pipe.to(self.acc.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.family = detect_family(self.pipe)
         self.cfg = cfg = resolve_sizes(cfg, native_resolution(self.pipe))
-        self.dataset, self.items, self.problems = build_dataset(cfg, self.pipe, self.acc)
+        self.dataset, self.items = build_dataset(cfg, self.pipe, self.acc)
         self.metadata = training_metadata(cfg, self.items)  # checked now, not at the final save
         name = cfg.output.name
-        add_lora(self.pipe, name, rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=cfg.lora.targets,
+        add_lora(self.pipe, name, rank=cfg.lora.rank, alpha=cfg.lora.effective_alpha, targets=cfg.lora.targets,
                  text_encoder=cfg.lora.text_encoder, use_dora=cfg.lora.use_dora, use_rslora=cfg.lora.use_rslora)
         self.state = state_of(self.pipe)
         denoiser = self.state.components[self.family.denoiser]
         if cfg.train.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
-        self.named, denoiser_params = _trainable(self.pipe, self.state, self.family)
+        self.named = trainable_parameters(self.state)
         for _, p in self.named:  # LoRA weights train in float32 whatever the base dtype
             p.data = p.data.float()
-        te_params = [p for n, p in self.named if not n.startswith(self.family.denoiser + ".")]
-        groups = [{"params": denoiser_params, "lr": cfg.train.learning_rate}]
-        if te_params:
-            groups.append({"params": te_params, "lr": cfg.train.text_encoder_lr or cfg.train.learning_rate})
-        self.optimizer = _optimizer(cfg, groups)
-        self.scheduler = _lr_scheduler(cfg, self.optimizer)
+        self.optimizer = build_optimizer(cfg, param_groups(cfg, self.named, self.family.denoiser))
+        self.scheduler = build_lr_scheduler(cfg, self.optimizer)
         self.denoiser, self.optimizer = self.acc.prepare(denoiser, self.optimizer)
         self.ctx = self._context(dtype)
 
     def _context(self, dtype: torch.dtype) -> StepContext:
         cfg = self.cfg
-        cache_dir = Path(cfg.cache.dir) if cfg.cache.dir else self.out / "cache"
-        text_mode = str(getattr(cfg.cache.text, "value", cfg.cache.text))
-        if text_mode == "auto":
-            text_mode = "off" if cfg.lora.text_encoder else "memory"
-        latent_mode = str(getattr(cfg.cache.latents, "value", cfg.cache.latents))
+        cache_dir = Path(cfg.cache_dir)
         encoders = [self.state.components[c] for c in self.family.text_encoders if c in self.state.components]
         schedule = None
         if self.family.objective is not Objective.FLOW_MATCHING:
@@ -167,10 +109,10 @@ class _Run:
             )
         return StepContext(
             pipe=self.pipe, denoiser=self.denoiser, family=self.family, conditioner=conditioner_for(self.family),
-            config=cfg, latent_cache=TensorCache(latent_mode, cache_dir / "latents"),
-            text_cache=TensorCache(text_mode, cache_dir / "text"),
+            config=cfg, latent_cache=TensorCache(cfg.cache.latents, cache_dir / "latents"),
+            text_cache=TensorCache(cfg.text_cache, cache_dir / "text"),
             vae_fingerprint=model_fingerprint(self.pipe.vae) + str(self.pipe.vae.dtype),
-            text_fingerprint=model_fingerprint(*encoders) if text_mode != "off" else "",
+            text_fingerprint=model_fingerprint(*encoders) if cfg.text_cache is not TextCache.OFF else "",
             schedule=schedule, device=self.acc.device, weight_dtype=dtype,
             train_text_encoder=cfg.lora.text_encoder,
         )
@@ -183,7 +125,7 @@ class _Run:
         saved = load_checkpoint(ckpt)
         params = dict(self.named)
         check_state(saved, ckpt, params, self.optimizer, self.cfg.train.steps)  # before anything changes
-        if saved["config"] != _resume_view(self.cfg):
+        if saved["config"] != resume_view(self.cfg):
             raise ConfigError(
                 f"{ckpt}: the checkpoint was made with a different config; resume needs the same settings "
                 f"(only train.steps may grow)"
@@ -210,7 +152,7 @@ class _Run:
                 "params": {n: p.detach().to("cpu").clone() for n, p in self.named},
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
-                "config": _resume_view(self.cfg),
+                "config": resume_view(self.cfg),
             }
             path = save_checkpoint(self.out / "checkpoints", step, state, keep=self.cfg.checkpoint.keep)
         self.acc.wait_for_everyone()
@@ -229,11 +171,11 @@ class _Run:
         cfg = self.cfg
         world, rank = self.acc.num_processes, self.acc.process_index
         per_step = world * cfg.train.gradient_accumulation
-        stream = _micro_batches(self.dataset, cfg.train.batch_size, cfg.train.seed, skip=start * per_step)
+        stream = micro_batches(self.dataset, cfg.train.batch_size, cfg.train.seed, skip=start * per_step)
         losses: list[float] = []
         bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step",
                    disable=not (self.progress and self.is_main))
-        log = _Logger(self.out, enabled=self.is_main, tensorboard=cfg.log.tensorboard)
+        log = MetricsLog(self.out, enabled=self.is_main, tensorboard=cfg.log.tensorboard)
         self.completed = start  # optimizer steps applied; what an interrupt checkpoints
         try:
             for step in range(start, stop):
@@ -274,7 +216,7 @@ class _Run:
                 self.acc.backward(loss)
             total += float(loss.detach())
         if world > 1 and self.cfg.lora.text_encoder:
-            _average_text_encoder_grads(self.acc, self.named, self.family.denoiser)
+            average_text_encoder_grads(self.acc, self.named, self.family.denoiser)
         if cfg.train.max_grad_norm:
             self.acc.clip_grad_norm_([p for _, p in self.named], cfg.train.max_grad_norm)
         mean = float(self.acc.reduce(torch.tensor(total, device=self.acc.device), "mean"))
@@ -293,7 +235,7 @@ class _Run:
 
     def _finite(self, loss: float) -> bool:
         """Whether this step's loss and gradients are finite (the same answer on every process)."""
-        if str(getattr(self.cfg.train.mixed_precision, "value", self.cfg.train.mixed_precision)) == "fp16":
+        if self.cfg.train.mixed_precision is MixedPrecision.FP16:
             # fp16 gradients overflow routinely; accelerate's GradScaler skips those steps itself
             return math.isfinite(loss)
         ok = math.isfinite(loss) and _all_finite([p.grad for _, p in self.named if p.grad is not None])
@@ -314,13 +256,6 @@ class _Run:
                        step, loss, len(self.skipped), limit)
 
 
-def _average_text_encoder_grads(acc: Any, named: Sequence[tuple[str, torch.nn.Parameter]], denoiser: str) -> None:
-    """Text encoders are called through the pipeline, outside DDP; average their LoRA gradients here."""
-    for name, p in named:
-        if not name.startswith(denoiser + ".") and p.grad is not None:
-            p.grad = acc.reduce(p.grad, "mean")
-
-
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
     """Whether every value of ``tensors`` is finite, with one fused max-abs per device and dtype and one
     synchronisation, not a check and a sync per tensor (hundreds of tiny multi-threaded ops a step wait
@@ -330,53 +265,6 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
         groups.setdefault((t.device, t.dtype), []).append(t.detach())
     peaks = [torch.stack(torch._foreach_norm(group, float("inf"))).float().max() for group in groups.values()]
     return not peaks or bool(torch.isfinite(torch.stack([p.cpu() for p in peaks])).all())
-
-
-def _resume_view(cfg: TrainConfig) -> dict:
-    """The config a checkpoint must match to be resumed: everything but the step count, the non-finite
-    step allowance (a safety limit, not part of the math) and outputs."""
-    view = cfg.to_dict()
-    view["train"] = {k: v for k, v in view["train"].items() if k not in ("steps", "max_nonfinite_steps")}
-    for section in ("sample", "log", "checkpoint", "output"):
-        view.pop(section, None)
-    return view
-
-
-class _Logger:
-    """Loss/lr to ``logs/metrics.jsonl`` always, and to TensorBoard when it is installed."""
-
-    def __init__(self, out: Path, *, enabled: bool, tensorboard: bool) -> None:
-        self.enabled = enabled
-        self.writer = None
-        self.file = None
-        if not enabled:
-            return
-        logs = own_folder(out / "logs")
-        self.file = os.fdopen(open_append_no_follow(logs / "metrics.jsonl", what="metrics log"), "a", encoding="utf-8")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(out / "logs"))
-            except ImportError:
-                logger.info("tensorboard is not installed; metrics go to logs/metrics.jsonl only")
-
-    def write(self, step: int, values: Mapping[str, float | int | None]) -> None:
-        if not self.enabled:
-            return
-        assert self.file is not None
-        self.file.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
-        self.file.flush()
-        if self.writer is not None:
-            for key, value in values.items():
-                if value is not None:
-                    self.writer.add_scalar(f"train/{key}", value, step)
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.writer is not None:
-            self.writer.close()
 
 
 def train(
@@ -404,27 +292,10 @@ def train(
     return _finish(run, losses)
 
 
-def _check_ranks_agree(run: _Run) -> None:
-    """Data-parallel ranks must end with identical adapters; record each rank's digest and compare."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, p in run.named:
-        h.update(name.encode())
-        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    digest = torch.tensor(list(h.digest()[:16]), dtype=torch.int64, device=run.acc.device)
-    gathered = run.acc.gather(digest).reshape(run.acc.num_processes, -1).tolist()
-    if run.is_main:
-        hexes = [bytes(row).hex() for row in gathered]
-        write_output(own_folder(run.out / "logs") / "ranks.json", json.dumps(hexes).encode(), "rank digests")
-        if len(set(hexes)) != 1:
-            raise DiffusionLoraError(f"data-parallel ranks ended with different adapters: {hexes}")
-
-
 def _finish(run: _Run, losses: list[float]) -> TrainResult:
     cfg = run.cfg
     if run.acc.num_processes > 1:
-        _check_ranks_agree(run)
+        check_ranks_agree(run)
     ckpt = run.checkpoint(cfg.train.steps)
     adapter = None
     samples: list[Path] = []
@@ -433,8 +304,8 @@ def _finish(run: _Run, losses: list[float]) -> TrainResult:
         atomic_write_bytes(run.out / "config.toml", cfg.to_toml().encode(), what="resolved config")
         adapter = run.out / f"{cfg.output.name}.safetensors"
         words = [cfg.data.trigger_word] if cfg.data.trigger_word else []
-        save_lora(run.pipe, cfg.output.name, adapter, str(getattr(cfg.output.save_format, "value",
-                  cfg.output.save_format)), trigger_words=words, extra_metadata=run.metadata)
+        save_lora(run.pipe, cfg.output.name, adapter, cfg.output.save_format.value, trigger_words=words,
+                  extra_metadata=run.metadata)
         if cfg.sample.prompts:
             grid = run.out / "samples" / f"step_{cfg.train.steps:06d}.png"
             if not grid.exists():
