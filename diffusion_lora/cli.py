@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import types
@@ -10,10 +11,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+# Only light modules at the top: `--help` and `--version` must not import torch, diffusers, transformers
+# or peft. Each command imports what it runs inside its function (CLI start-up).
 from .errors import ConfigError, DatasetError, DiffusionLoraError
+from .families import FAMILIES
+from .formats.file_format import FileFormat
 from .formats.printable import printable
-from .models.loading import DEFAULT_MODEL  # the embedded trained base (diffusion_lora/assets)
+from .model_names import DEFAULT_MODEL  # the embedded trained base (diffusion_lora/assets)
+from .version import __version__
+
+_FORMATS = [f.value for f in FileFormat]  # --to choices
+_FAMILY_NAMES = list(FAMILIES)  # --family choices
 
 
 def split_weighted(spec: str, default: float = 1.0) -> tuple[str, float]:
@@ -55,8 +63,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    import dataclasses
-
+    # imported here, not at the top: CLI start-up (--help must not import torch)
     from .adapters import fuse, load_lora, set_weights
     from .generate import GenerationSettings, ImageFolder, iter_generate
     from .models import load_pipeline
@@ -102,6 +109,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
+    # imported here, not at the top: CLI start-up (--help must not import torch)
     from .tools.inspect import format_report, inspect_file
 
     report = inspect_file(args.file)
@@ -113,8 +121,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="rewrite an adapter file in another key format")
     p.add_argument("input")
     p.add_argument("output")
-    p.add_argument("--to", required=True, choices=["diffusers", "kohya", "comfyui"])
-    p.add_argument("--family", choices=["sd1", "sd2", "sdxl", "sd3", "flux1"],
+    p.add_argument("--to", required=True, choices=_FORMATS)
+    p.add_argument("--family", choices=_FAMILY_NAMES,
                    help="model family, when the file's metadata and keys do not say")
     p.add_argument("--model", help="resolve keys against this model instead of the family's reference model")
     _add_allow_pickle(p)
@@ -122,6 +130,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
+    # imported here, not at the top: CLI start-up (--help must not import torch)
     from .tools.convert import convert_file
 
     out = convert_file(args.input, args.output, args.to, family=args.family, keys=_model_keys(args.model),
@@ -192,8 +201,8 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
                    help="concat: exact (ranks add up); svd: truncate the summed delta to --rank/--dynamic")
     p.add_argument("--rank", type=int)
     p.add_argument("--dynamic", metavar="RULE:X", help="sv_ratio:X, sv_fro:X or sv_cumulative:X")
-    p.add_argument("--to", default="diffusers", choices=["diffusers", "kohya", "comfyui"])
-    p.add_argument("--family", choices=["sd1", "sd2", "sdxl", "sd3", "flux1"])
+    p.add_argument("--to", default="diffusers", choices=_FORMATS)
+    p.add_argument("--family", choices=_FAMILY_NAMES)
     p.add_argument("--model", help="resolve keys against this model instead of the family's reference model")
     _add_allow_pickle(p)
     p.set_defaults(func=_run_merge)
@@ -211,12 +220,14 @@ def _model_keys(model: str | None) -> Any:
     the tools use the base model the file records, or the family's reference model)."""
     if not model:
         return None
+    # imported here, not at the top: CLI start-up (--help must not import torch)
     from .tools.base_keys import keys_of_model
 
     return keys_of_model(model)
 
 
 def _run_merge(args: argparse.Namespace) -> int:
+    # imported here, not at the top: CLI start-up (--help must not import torch)
     from .tools.merge import merge_files
 
     report = merge_files([split_weighted(spec) for spec in args.inputs], args.out, method=args.method,
@@ -232,14 +243,15 @@ def _add_resize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--out", required=True)
     p.add_argument("--rank", type=int)
     p.add_argument("--dynamic", metavar="RULE:X", help="sv_ratio:X, sv_fro:X or sv_cumulative:X")
-    p.add_argument("--to", choices=["diffusers", "kohya", "comfyui"], help="default: the input's format")
-    p.add_argument("--family", choices=["sd1", "sd2", "sdxl", "sd3", "flux1"])
+    p.add_argument("--to", choices=_FORMATS, help="default: the input's format")
+    p.add_argument("--family", choices=_FAMILY_NAMES)
     p.add_argument("--model", help="resolve keys against this model instead of the family's reference model")
     _add_allow_pickle(p)
     p.set_defaults(func=_run_resize)
 
 
 def _run_resize(args: argparse.Namespace) -> int:
+    # imported here, not at the top: CLI start-up (--help must not import torch)
     from .tools.resize import resize_file
 
     report = resize_file(args.input, args.out, rank=args.rank, dynamic=args.dynamic, to=args.to, family=args.family,
@@ -257,11 +269,12 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--targets", default="attn", help="preset (attn, attn-ff, all-linear) or comma-separated names")
     p.add_argument("--text-encoder", action="store_true", help="also extract the text encoders' attention")
     p.add_argument("--threshold", type=float, default=1e-6, help="skip modules whose ‖ΔW‖/‖W‖ is at most this")
-    p.add_argument("--to", default="diffusers", choices=["diffusers", "kohya", "comfyui"])
+    p.add_argument("--to", default="diffusers", choices=_FORMATS)
     p.set_defaults(func=_run_extract)
 
 
 def _run_extract(args: argparse.Namespace) -> int:
+    # imported here, not at the top: CLI start-up (--help must not import torch)
     from .tools.extract import extract_file
 
     targets = args.targets if "," not in args.targets else [t.strip() for t in args.targets.split(",")]
@@ -284,6 +297,7 @@ def _add_bake(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_bake(args: argparse.Namespace) -> int:
+    # imported here, not at the top: CLI start-up (--help must not import torch)
     from .tools.bake import bake
 
     report = bake(args.model, [split_weighted(spec) for spec in args.lora], args.out, single_file=args.single_file)

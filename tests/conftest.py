@@ -13,13 +13,12 @@ import torch  # noqa: E402
 # Tiny models gain nothing from a second thread, and on a shared 2-core machine it costs a lot.
 torch.set_num_threads(1)
 
-from diffusion_lora.families import FAMILIES  # noqa: E402
-from diffusion_lora.models import build_tiny_pipeline  # noqa: E402
+import diffusion_lora as dl  # noqa: E402
 
 from . import helpers  # noqa: E402
 
 # every family's tiny pipeline, from the registry: a new family is tested everywhere without edits here
-ALL_TINY = tuple(family.tiny_model for family in FAMILIES.values())
+ALL_TINY = tuple(family.tiny_model for family in dl.FAMILIES.values())
 
 
 @pytest.fixture(params=ALL_TINY)
@@ -32,7 +31,7 @@ def make_pipe():
     """Build a fresh tiny pipeline (cheap) so tests never see each other's adapters."""
 
     def make(kind: str):
-        pipe = build_tiny_pipeline(kind)
+        pipe = dl.build_tiny_pipeline(kind)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

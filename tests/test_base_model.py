@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusion_lora.models.loading import embedded_model_path, load_pipeline
+import diffusion_lora as dl
+from diffusion_lora.models.loading import embedded_model_path
 from diffusion_lora.toy.evaluate import prompt_following
 from diffusion_lora.toy.scenes import held_out_combos
 from diffusion_lora.toy.train_base import BasePlan, train_base_model
@@ -41,7 +42,7 @@ def held_out_score():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        pipe = load_pipeline("shapes-sd15")
+        pipe = dl.load_pipeline("shapes-sd15")
         pipe.set_progress_bar_config(disable=True)
         combos = held_out_combos()
         assert len(combos) == 100
@@ -71,5 +72,5 @@ def test_base_model_training_is_reproducible(tmp_path, two_threads):
                        for k, v in getattr(pipe, c).state_dict().items()})
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-    reloaded = load_pipeline(tmp_path / "a" / "model")
+    reloaded = dl.load_pipeline(tmp_path / "a" / "model")
     assert torch.equal(reloaded.unet.conv_in.weight, states[0]["unet.conv_in.weight"])

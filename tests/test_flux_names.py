@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import save_file
 
 import diffusion_lora as dl
-from diffusion_lora.errors import ConfigError, FormatError, KeyMappingError
 from diffusion_lora.formats.adapter_data import AdapterData, ModuleLora
 from diffusion_lora.formats.flux_names import (
     FluxDims,
@@ -30,7 +29,6 @@ from diffusion_lora.formats.flux_names import (
 )
 from diffusion_lora.formats.kohya import flatten
 from diffusion_lora.formats.peft_format import write_peft
-from diffusion_lora.models import build_tiny_pipeline
 
 FIXTURES = Path(__file__).parent / "fixtures"
 DEV_CONFIG = {"num_layers": 19, "num_single_layers": 38, "num_attention_heads": 24, "attention_head_dim": 128}
@@ -142,7 +140,7 @@ def assert_same_deltas(a: AdapterData, b: AdapterData) -> None:
 
 @pytest.fixture(scope="module")
 def flux() -> SimpleNamespace:
-    pipe = build_tiny_pipeline("tiny-flux")
+    pipe = dl.build_tiny_pipeline("tiny-flux")
     layers = {p: m for p, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
     shapes = {p: tuple(m.weight.shape) for p, m in layers.items()}
     dims = FluxDims.from_config(pipe.transformer.config, module_shapes=shapes)
@@ -165,11 +163,11 @@ def test_dims_from_config(flux) -> None:
     assert FluxDims.from_config(DEV_CONFIG) == FluxDims(19, 38, 3072, 12288)
     odd_mlp = {**flux.shapes, "single_transformer_blocks.0.proj_mlp": (96, 32)}
     assert FluxDims.from_config(flux.pipe.transformer.config, module_shapes=odd_mlp).mlp_hidden_dim == 96
-    with pytest.raises(ConfigError, match="num_single_layers"):
+    with pytest.raises(dl.ConfigError, match="num_single_layers"):
         FluxDims.from_config({k: v for k, v in DEV_CONFIG.items() if k != "num_single_layers"})
-    with pytest.raises(ConfigError, match="inner_dim"):
+    with pytest.raises(dl.ConfigError, match="inner_dim"):
         FluxDims.from_config(DEV_CONFIG, module_shapes=flux.shapes)
-    with pytest.raises(ConfigError, match="inner_dim"):
+    with pytest.raises(dl.ConfigError, match="inner_dim"):
         FluxDims(2, 2, 0, 128)
 
 
@@ -242,7 +240,7 @@ def test_unknown_keys_are_returned_not_dropped(flux) -> None:
     data, unresolved = parse_flux({**tensors, **extra}, {}, flux.dims, module_paths=flux.paths)
     assert unresolved == sorted(extra)
     assert_same_deltas(data, baseline)
-    with pytest.raises(KeyMappingError, match="7 kohya keys"):
+    with pytest.raises(dl.KeyMappingError, match="7 kohya keys"):
         parse_flux({**tensors, **extra}, {}, flux.dims, module_paths=flux.paths, strict=True)
     # A model without guidance embeds (Flux.1-schnell) has no guidance_in.
     schnell = [p for p in flux.paths if "guidance_embedder" not in p]
@@ -255,24 +253,24 @@ def test_bad_files_are_refused(flux) -> None:
     tensors, _ = bfl_file(flux.bfl, "kohya")
     rank = tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape[0]
     dev_qkv = {**tensors, "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(9216, rank)}
-    with pytest.raises(FormatError, match="another Flux size"):
+    with pytest.raises(dl.FormatError, match="another Flux size"):
         parse_flux(dev_qkv, {}, flux.dims, module_paths=flux.paths)
     no_up = {k: v for k, v in tensors.items() if k != "lora_unet_img_in.lora_up.weight"}
-    with pytest.raises(FormatError, match="lora_unet_img_in has no up"):
+    with pytest.raises(dl.FormatError, match="lora_unet_img_in has no up"):
         parse_flux(no_up, {}, flux.dims, module_paths=flux.paths)
     twice = {
         **tensors,
         "lora_transformer_x_embedder.lora_down.weight": torch.zeros(2, 64),
         "lora_transformer_x_embedder.lora_up.weight": torch.zeros(32, 2),
     }
-    with pytest.raises(FormatError, match="both adapt transformer.x_embedder"):
+    with pytest.raises(dl.FormatError, match="both adapt transformer.x_embedder"):
         parse_flux(twice, {}, flux.dims, module_paths=flux.paths)
     comfy, _ = bfl_file(flux.bfl, "comfyui")
     both = {**comfy, "diffusion_model.img_in.lora_down.weight": comfy["diffusion_model.img_in.lora_A.weight"]}
-    with pytest.raises(FormatError, match="both the down of diffusion_model.img_in"):
+    with pytest.raises(dl.FormatError, match="both the down of diffusion_model.img_in"):
         parse_flux(both, {}, flux.dims, module_paths=flux.paths)
     bad_alpha = {**tensors, "lora_unet_img_in.alpha": torch.tensor(-1.0)}
-    with pytest.raises(FormatError, match="alpha"):
+    with pytest.raises(dl.FormatError, match="alpha"):
         parse_flux(bad_alpha, {}, flux.dims, module_paths=flux.paths)
 
 
@@ -344,7 +342,8 @@ def test_write_refuses_modules_without_a_bfl_name(flux) -> None:
     data.modules["text_encoder.text_model.encoder.layers.0.self_attn.q_proj"] = ModuleLora(
         down=torch.zeros(2, 32), up=torch.zeros(32, 2), alpha=2.0
     )
-    with pytest.raises(KeyMappingError, match=re.escape("text_encoder.text_model.encoder.layers.0.self_attn.q_proj")):
+    with pytest.raises(dl.KeyMappingError,
+                       match=re.escape("text_encoder.text_model.encoder.layers.0.self_attn.q_proj")):
         write_flux_kohya(data, flux.dims)
 
 
@@ -363,7 +362,7 @@ def test_dora_scale_splits_and_fuses_back(flux) -> None:
     for name in ("lora_unet_single_blocks_1_linear1", "lora_unet_final_layer_adaLN_modulation_1"):
         assert torch.equal(written[f"{name}.dora_scale"], tensors[f"{name}.dora_scale"])
     del data.modules["transformer.single_transformer_blocks.1.attn.to_k"]
-    with pytest.raises(FormatError, match="DoRA on only some"):
+    with pytest.raises(dl.FormatError, match="DoRA on only some"):
         write_flux_kohya(data, flux.dims)
 
 
@@ -403,7 +402,7 @@ def test_end_to_end_forward_matches_diffusers_format_load(flux, tmp_path) -> Non
     peft_tensors, meta = write_peft(data)
     path = tmp_path / "flux_lora.safetensors"
     save_file({k: v.contiguous() for k, v in peft_tensors.items()}, str(path), metadata=meta)
-    pipe = build_tiny_pipeline("tiny-flux")
+    pipe = dl.build_tiny_pipeline("tiny-flux")
     with torch.no_grad():
         base = pipe.transformer(**flux_inputs()).sample
         dl.load_lora(pipe, path)
@@ -425,7 +424,7 @@ def test_diffusers_kohya_loader_agrees_where_it_can(flux) -> None:
     data, _ = parse_flux(tensors, {}, flux.dims, module_paths=flux.paths)
     assert data.modules.keys() == {f"transformer.{p}" for p in expected}
     reference = with_deltas(flux.pipe.transformer, {k.partition(".")[2]: delta(m) for k, m in data.modules.items()})
-    pipe = build_tiny_pipeline("tiny-flux")
+    pipe = dl.build_tiny_pipeline("tiny-flux")
     pipe.load_lora_weights({k: v.clone() for k, v in tensors.items()}, adapter_name="kohya")
     with torch.no_grad():
         assert_rel(pipe.transformer(**flux_inputs()).sample, reference(**flux_inputs()).sample)

@@ -28,9 +28,8 @@ def _setup(tmp_dir):
     """One tiny pipeline, a small valid adapter file for it, and the pipeline's base output."""
     if _STATE:
         return _STATE
-    from diffusion_lora.models import build_tiny_pipeline
 
-    pipe = build_tiny_pipeline("tiny-sd15")
+    pipe = dl.build_tiny_pipeline("tiny-sd15")
     dl.add_lora(pipe, "seed", rank=2, targets=["to_q", "to_v"], text_encoder=True)
     torch.manual_seed(0)
     for module in pipe.unet.modules():

@@ -18,9 +18,8 @@ from .helpers import trained_adapter
 
 @pytest.fixture(scope="module")
 def style_file(tmp_path_factory):
-    from diffusion_lora.models import build_tiny_pipeline
 
-    pipe = build_tiny_pipeline("tiny-sd15")
+    pipe = dl.build_tiny_pipeline("tiny-sd15")
     trained_adapter(pipe, "style", seed=40, rank=4, alpha=2, text_encoder=True)
     return dl.save_lora(pipe, "style", tmp_path_factory.mktemp("loras") / "style.safetensors")
 

@@ -34,11 +34,10 @@ ARGS = ["generate", "--model", "tiny-sd15", "--steps", "2", "--height", "32", "-
 @pytest.fixture(scope="module")
 def loras(tmp_path_factory):
     """Folder L with L/A/style.safetensors and L/B/style.safetensors: two different adapters, one stem."""
-    from diffusion_lora.models import build_tiny_pipeline
 
     root = tmp_path_factory.mktemp("loras")
     for sub, seed in (("A", 40), ("B", 41)):
-        pipe = build_tiny_pipeline("tiny-sd15")
+        pipe = dl.build_tiny_pipeline("tiny-sd15")
         trained_adapter(pipe, "style", seed=seed, rank=4, alpha=2, text_encoder=True)
         (root / sub).mkdir()
         dl.save_lora(pipe, "style", root / sub / "style.safetensors")

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import diffusion_lora as dl
-from diffusion_lora.errors import FormatError, KeyMappingError
 from diffusion_lora.formats.adapter_data import AdapterData, ModuleLora
 from diffusion_lora.formats.kohya import (
     KohyaIndex,
@@ -30,7 +29,6 @@ from diffusion_lora.formats.kohya import (
 )
 from diffusion_lora.formats.peft_format import write_peft
 from diffusion_lora.formats.sgm_blocks import UNetLayout, sgm_path
-from diffusion_lora.models import build_tiny_pipeline
 
 from .helpers import assert_near, run, trained_adapter
 
@@ -87,7 +85,7 @@ def index_of(components: dict[str, torch.nn.Module], family: str) -> KohyaIndex:
 
 
 def fresh(kind: str) -> Any:
-    pipe = build_tiny_pipeline(kind)
+    pipe = dl.build_tiny_pipeline(kind)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -255,7 +253,7 @@ def test_both_clip_spellings_load(trained, kind, tmp_path):
         dl.load_lora(plain, save(tmp_path, *write_peft(short_data), name="peft"))
     assert_near(run(plain), t.expected, rel=REL)
     both = {**tensors, **{k: v for k, v in short.items() if k.startswith("lora_te")}}
-    with pytest.raises(FormatError, match="both adapt"):
+    with pytest.raises(dl.FormatError, match="both adapt"):
         parse_kohya(both, meta, t.index)
 
 
@@ -272,7 +270,7 @@ def test_unresolved_keys_are_reported(trained):
     data, unresolved = parse_kohya({**tensors, **extra}, meta, t.index)
     assert unresolved == sorted(extra)
     assert data.modules.keys() == t.data.modules.keys()
-    with pytest.raises(KeyMappingError, match=r"4 kohya keys match no module") as err:
+    with pytest.raises(dl.KeyMappingError, match=r"4 kohya keys match no module") as err:
         parse_kohya({**tensors, **extra}, meta, t.index, strict=True, source="x.safetensors")
     assert "down_blocks_9" in str(err.value) and str(err.value).startswith("x.safetensors: ")
 
@@ -345,7 +343,7 @@ def test_input_axis_dora_scale_is_refused():
         "lora_unet_x.lora_up.weight": torch.randn(6, 4),
         "lora_unet_x.dora_scale": torch.rand(1, 8),
     }
-    with pytest.raises(FormatError, match="wd_on_output"):
+    with pytest.raises(dl.FormatError, match="wd_on_output"):
         parse_kohya(tensors, {}, tiny_index("x"))
 
 
@@ -384,15 +382,15 @@ def test_bad_files_are_format_errors():
         ({**ok, "lora_unet_x.hada_w1_a": torch.ones(2)}, "not a kohya LoRA key"),
         ({**ok, "lora_unet_x.lora_up.weight": torch.randn(6, 3)}, "does not fit"),
     ]:
-        with pytest.raises(FormatError, match=match):
+        with pytest.raises(dl.FormatError, match=match):
             parse_kohya(broken, {}, index)
 
 
 def test_writing_errors_name_the_module():
     data = AdapterData({"unet.y": ModuleLora(torch.randn(4, 8), torch.randn(6, 4), alpha=4.0)})
-    with pytest.raises(KeyMappingError, match="unet.y"):
+    with pytest.raises(dl.KeyMappingError, match="unet.y"):
         write_kohya(data, tiny_index("x"))
-    with pytest.raises(KeyMappingError, match="unet_layout"):
+    with pytest.raises(dl.KeyMappingError, match="unet_layout"):
         write_kohya(data, tiny_index("y"), sgm=True)
 
 
@@ -406,7 +404,7 @@ def test_is_kohya_looks_at_every_key():
 
 
 def test_names_that_flatten_alike_are_refused():
-    with pytest.raises(KeyMappingError, match="two modules"):
+    with pytest.raises(dl.KeyMappingError, match="two modules"):
         tiny_index("a.b_c", "a_b.c")
 
 

@@ -18,13 +18,12 @@ from .helpers import assert_same_state, model_state, run, trained_adapter
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A valid SD1.5 adapter, an SDXL adapter, and their tensors for building broken variants."""
-    from diffusion_lora.models import build_tiny_pipeline
 
     root = tmp_path_factory.mktemp("adapters")
-    sd15 = build_tiny_pipeline("tiny-sd15")
+    sd15 = dl.build_tiny_pipeline("tiny-sd15")
     trained_adapter(sd15, "good", seed=30, rank=4, text_encoder=True)
     good = dl.save_lora(sd15, "good", root / "good.safetensors")
-    sdxl = build_tiny_pipeline("tiny-sdxl")
+    sdxl = dl.build_tiny_pipeline("tiny-sdxl")
     trained_adapter(sdxl, "xl", seed=31, rank=4, text_encoder=True)
     xl = dl.save_lora(sdxl, "xl", root / "xl.safetensors")
     return root, good, xl

@@ -23,7 +23,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 import diffusion_lora as dl
-from diffusion_lora.errors import FormatError, KeyMappingError
 from diffusion_lora.formats.kohya import is_kohya, kohya_index
 from diffusion_lora.formats.lycoris import (
     DeltaKind,
@@ -33,7 +32,6 @@ from diffusion_lora.formats.lycoris import (
     is_lycoris,
     lycoris_deltas,
 )
-from diffusion_lora.models import build_tiny_pipeline
 
 NAME = "lora_unet_down_blocks_0_attentions_0_proj_in"
 REL = 1e-5
@@ -258,7 +256,7 @@ text_encoder_target_module = ["CLIPAttention", "CLIPMLP"]
     ids=["loha-tucker", "lokr", "full"],
 )
 def test_lycoris_kohya_network_file(tmp_path: Path, network_args: dict) -> None:
-    pipe = build_tiny_pipeline("tiny-sd15")
+    pipe = dl.build_tiny_pipeline("tiny-sd15")
     # LyCORIS 4.1.3's built-in "full" preset names SD's time_embedding twice (as a TimestepEmbedding
     # block and by name) and then refuses its own duplicate; this is that preset without the block.
     preset = tmp_path / "preset.toml"
@@ -344,7 +342,7 @@ def test_fit_shape_refuses_another_layer() -> None:
     delta = lycoris_deltas(_oracle(LohaModule, "conv", lora_dim=2, alpha=1).file)[NAME]
     assert delta.weight.shape == (24, 16 * 9)  # flattened until the model's kernel size is known
     assert fit_shape(delta, (24, 16, 3, 3)).weight.shape == (24, 16, 3, 3)
-    with pytest.raises(KeyMappingError, match=NAME):
+    with pytest.raises(dl.KeyMappingError, match=NAME):
         fit_shape(delta, (24, 16, 1, 1), NAME)
 
 
@@ -433,7 +431,7 @@ BAD = [
 
 @pytest.mark.parametrize(("make", "message"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
 def test_bad_files_name_the_module_and_the_fault(make: Any, message: str) -> None:
-    with pytest.raises(FormatError, match=message) as err:
+    with pytest.raises(dl.FormatError, match=message) as err:
         lycoris_deltas(make())
     assert NAME in str(err.value)
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from diffusion_lora.errors import ConfigError, KeyMappingError
+import diffusion_lora as dl
 from diffusion_lora.formats.adapter_data import AdapterData, ModuleLora
 from diffusion_lora.tools.merge import merge_concat, merge_svd
 from diffusion_lora.tools.resize import DynamicRule, resize
@@ -60,9 +60,9 @@ def test_concat_is_exact_and_keeps_partial_modules():
 def test_dora_is_refused(method):
     a, b = pair()
     a[0].modules[LIN].magnitude = torch.ones(12)
-    with pytest.raises(ConfigError, match="DoRA"):
+    with pytest.raises(dl.ConfigError, match="DoRA"):
         merge_concat([a, b]) if method == "concat" else merge_svd([a, b], rank=4)
-    with pytest.raises(ConfigError, match="DoRA"):
+    with pytest.raises(dl.ConfigError, match="DoRA"):
         resize(a[0], rank=2)
 
 
@@ -154,15 +154,15 @@ def test_dynamic_rules_pick_the_hand_computed_rank(rule, rank):
              "sv_cumulative:-1", "sv_cumulative:nan", "fro:0.9", ""],
 )  # fmt: skip
 def test_bad_dynamic_strings_are_config_errors(text):
-    with pytest.raises(ConfigError):
+    with pytest.raises(dl.ConfigError):
         DynamicRule.parse(text)
-    with pytest.raises(ConfigError):
+    with pytest.raises(dl.ConfigError):
         merge_svd(pair(), dynamic=text)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"rank": 0}, {"rank": 2.5}, {"rank": True}])
 def test_bad_rank_arguments_are_config_errors(kwargs):
-    with pytest.raises(ConfigError):
+    with pytest.raises(dl.ConfigError):
         resize(pair()[0][0], **kwargs)
 
 
@@ -247,11 +247,11 @@ def test_failed_merge_writes_nothing(tmp_path):
     sd1_file(tmp_path / "a.safetensors", 20, "diffusers")
     sd1_file(tmp_path / "x.safetensors", 30, "diffusers", family="sdxl")
     out = tmp_path / "m.safetensors"
-    with pytest.raises(KeyMappingError, match="x.safetensors"):
+    with pytest.raises(dl.KeyMappingError, match="x.safetensors"):
         merge_files([(tmp_path / "a.safetensors", 1.0), (tmp_path / "x.safetensors", 1.0)], out)
-    with pytest.raises(ConfigError):
+    with pytest.raises(dl.ConfigError):
         merge_files([(tmp_path / "a.safetensors", 1.0)], out, method="concat", rank=4)
-    with pytest.raises(ConfigError):
+    with pytest.raises(dl.ConfigError):
         merge_files([(tmp_path / "a.safetensors", 1.0)], out, method="svd", dynamic="sv_fro:2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "x.safetensors"]
 

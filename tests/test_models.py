@@ -15,9 +15,7 @@ from diffusers import DiffusionPipeline
 from safetensors.torch import save_file
 from transformers import CLIPTokenizer, T5TokenizerFast
 
-from diffusion_lora.errors import ConfigError, ModelLoadError
-from diffusion_lora.families import detect_family
-from diffusion_lora.models import TINY_MODELS, build_tiny_pipeline, load_pipeline
+import diffusion_lora as dl
 from diffusion_lora.models.loading import detect_single_file_pipeline
 from diffusion_lora.models.tokenizers import build_clip_tokenizer, build_t5_tokenizer, tiny_words
 
@@ -39,9 +37,9 @@ def one_thread():
 def built() -> dict[str, tuple[DiffusionPipeline, float]]:
     """Each tiny pipeline, built once, with its build time in seconds."""
     out = {}
-    for kind in TINY_MODELS:
+    for kind in dl.TINY_MODELS:
         start = time.perf_counter()
-        pipe = build_tiny_pipeline(kind)
+        pipe = dl.build_tiny_pipeline(kind)
         out[kind] = (pipe, time.perf_counter() - start)
         pipe.set_progress_bar_config(disable=True)
     return out
@@ -63,18 +61,18 @@ def _modules(pipe: DiffusionPipeline) -> dict[str, torch.nn.Module]:
     return {k: v for k, v in pipe.components.items() if isinstance(v, torch.nn.Module)}
 
 
-@pytest.mark.parametrize("kind", TINY_MODELS)
+@pytest.mark.parametrize("kind", dl.TINY_MODELS)
 def test_builds_fast_with_name_and_family(built, kind):
     pipe, seconds = built[kind]
     assert seconds < 15, f"{kind} took {seconds:.1f}s to build (target < 5 s)"
     assert pipe.name_or_path == kind
-    assert detect_family(pipe).tiny_model == kind
+    assert dl.detect_family(pipe).tiny_model == kind
 
 
-@pytest.mark.parametrize("kind", TINY_MODELS)
+@pytest.mark.parametrize("kind", dl.TINY_MODELS)
 def test_same_seed_same_weights_other_seed_other_weights(built, kind):
     rng_before = torch.random.get_rng_state()
-    again, other = build_tiny_pipeline(kind, seed=0), build_tiny_pipeline(kind, seed=1)
+    again, other = dl.build_tiny_pipeline(kind, seed=0), dl.build_tiny_pipeline(kind, seed=1)
     assert torch.equal(rng_before, torch.random.get_rng_state()), "global RNG state was disturbed"
     for name, module in _modules(built[kind][0]).items():
         ref = module.state_dict()
@@ -87,7 +85,7 @@ def _linear_names(module: torch.nn.Module, suffix: str) -> list[str]:
     return [n for n, m in module.named_modules() if n.endswith(suffix) and isinstance(m, torch.nn.Linear)]
 
 
-@pytest.mark.parametrize("kind", TINY_MODELS)
+@pytest.mark.parametrize("kind", dl.TINY_MODELS)
 def test_denoiser_has_the_real_layout(built, kind):
     pipe = built[kind][0]
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
@@ -105,7 +103,7 @@ def test_denoiser_has_the_real_layout(built, kind):
         assert pipe.vae.config.latent_channels * 4 == denoiser.config.in_channels
 
 
-@pytest.mark.parametrize("kind", TINY_MODELS)
+@pytest.mark.parametrize("kind", dl.TINY_MODELS)
 def test_text_encoders_match_their_tokenizers(built, kind):
     pipe = built[kind][0]
     for suffix in ("", "_2", "_3"):
@@ -122,7 +120,7 @@ def test_text_encoders_match_their_tokenizers(built, kind):
             assert _linear_names(encoder, "self_attn.q_proj")
 
 
-@pytest.mark.parametrize("kind", TINY_MODELS)
+@pytest.mark.parametrize("kind", dl.TINY_MODELS)
 def test_generation_is_sized_and_reproducible(built, kind):
     pipe = built[kind][0]
     first, second = _generate(pipe), _generate(pipe)
@@ -131,18 +129,18 @@ def test_generation_is_sized_and_reproducible(built, kind):
     np.testing.assert_array_equal(first, second)
 
 
-@pytest.mark.parametrize("kind", TINY_MODELS)
+@pytest.mark.parametrize("kind", dl.TINY_MODELS)
 def test_save_then_load_pipeline_gives_identical_output(built, kind, tmp_path):
     pipe = built[kind][0]
     pipe.save_pretrained(tmp_path)
-    loaded = load_pipeline(tmp_path, exact=True)
+    loaded = dl.load_pipeline(tmp_path, exact=True)
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded) is type(pipe)
     np.testing.assert_array_equal(_generate(loaded), _generate(pipe))
 
 
 def test_load_pipeline_tiny_name_with_dtype():
-    pipe = load_pipeline("tiny-sd15", torch_dtype=torch.float16)
+    pipe = dl.load_pipeline("tiny-sd15", torch_dtype=torch.float16)
     assert pipe.unet.dtype == pipe.text_encoder.dtype == torch.float16
 
 
@@ -171,26 +169,26 @@ def test_every_listed_word_is_one_clip_token():
 
 def test_load_pipeline_missing_path_names_it(tmp_path):
     missing = tmp_path / "no_such_model"
-    with pytest.raises(ModelLoadError, match="no_such_model: no such file or folder"):
-        load_pipeline(missing)
-    with pytest.raises(ModelLoadError, match="did you mean tiny-sd15"):
-        load_pipeline("tiny-sd16")
+    with pytest.raises(dl.ModelLoadError, match="no_such_model: no such file or folder"):
+        dl.load_pipeline(missing)
+    with pytest.raises(dl.ModelLoadError, match="did you mean tiny-sd15"):
+        dl.load_pipeline("tiny-sd16")
 
 
 def test_load_pipeline_unknown_hub_id_offline():
     repo = "nobody-here/no-such-model"
-    with pytest.raises(ModelLoadError, match=rf"could not download {repo}: offline.*tiny-sd15"):
-        load_pipeline(repo)
+    with pytest.raises(dl.ModelLoadError, match=rf"could not download {repo}: offline.*tiny-sd15"):
+        dl.load_pipeline(repo)
 
 
 def test_load_pipeline_folder_without_model_index(tmp_path):
-    with pytest.raises(ModelLoadError, match="no model_index.json"):
-        load_pipeline(tmp_path)
+    with pytest.raises(dl.ModelLoadError, match="no model_index.json"):
+        dl.load_pipeline(tmp_path)
 
 
 def test_load_pipeline_bad_device():
-    with pytest.raises(ConfigError, match="device"):
-        load_pipeline("tiny-sd15", device="not-a-device")
+    with pytest.raises(dl.ConfigError, match="device"):
+        dl.load_pipeline("tiny-sd15", device="not-a-device")
 
 
 def _sd1_keys() -> dict[str, torch.Tensor]:
@@ -203,26 +201,26 @@ def _sd1_keys() -> dict[str, torch.Tensor]:
 def test_single_file_without_config_asks_for_config(tmp_path):
     path = tmp_path / "model.safetensors"
     save_file(_sd1_keys(), str(path))
-    with pytest.raises(ModelLoadError, match=r"--config DIR"):
-        load_pipeline(path)
+    with pytest.raises(dl.ModelLoadError, match=r"--config DIR"):
+        dl.load_pipeline(path)
 
 
 def test_single_file_config_must_be_a_diffusers_folder(tmp_path):
     path = tmp_path / "model.safetensors"
     save_file(_sd1_keys(), str(path))
-    with pytest.raises(ModelLoadError, match="no model_index.json"):
-        load_pipeline(path, config=tmp_path)
+    with pytest.raises(dl.ModelLoadError, match="no model_index.json"):
+        dl.load_pipeline(path, config=tmp_path)
 
 
 def test_single_file_of_unknown_layout(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file({"encoder.weight": torch.zeros(2, 2)}, str(path))
-    with pytest.raises(ModelLoadError, match="not a Stable Diffusion"):
-        load_pipeline(path)
+    with pytest.raises(dl.ModelLoadError, match="not a Stable Diffusion"):
+        dl.load_pipeline(path)
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a safetensors file")
-    with pytest.raises(ModelLoadError, match="not a readable checkpoint"):
-        load_pipeline(broken)
+    with pytest.raises(dl.ModelLoadError, match="not a readable checkpoint"):
+        dl.load_pipeline(broken)
 
 
 SD1 = {
@@ -260,5 +258,5 @@ def test_single_file_pipeline_detection(shapes, pipeline):
 
 
 def test_build_unknown_tiny_model():
-    with pytest.raises(ModelLoadError, match="tiny-sd15, tiny-sd2, tiny-sdxl"):
-        build_tiny_pipeline("tiny-sd9")
+    with pytest.raises(dl.ModelLoadError, match="tiny-sd15, tiny-sd2, tiny-sdxl"):
+        dl.build_tiny_pipeline("tiny-sd9")

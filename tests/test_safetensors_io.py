@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from diffusion_lora.errors import FormatError, UnsafeFileError
+import diffusion_lora as dl
 from diffusion_lora.formats import safetensors_io as sio
 from diffusion_lora.formats.hashes import (
     addnet_hash,
@@ -113,7 +113,7 @@ def test_write_then_read_is_identity(tmp_path):
 
 def test_zero_size_tensor_is_refused_naming_it(tmp_path):
     path = write(tmp_path, raw_file({"w": entry("F32", [2], 0, 8), "hollow": entry("F32", [0, 3], 8, 8)}, b"\0" * 8))
-    with raises_naming(FormatError, str(path), "'hollow'", "[0, 3]", "no numbers"):
+    with raises_naming(dl.FormatError, str(path), "'hollow'", "[0, 3]", "no numbers"):
         read_adapter_file(path)
 
 
@@ -124,7 +124,7 @@ def test_absurd_tensor_count_is_refused_before_parsing(tmp_path, monkeypatch):
     path = write(tmp_path, raw_file(header, b"\0" * (2 * count)))
     parsed = []
     monkeypatch.setattr(sio, "_parse_tensor_entry", lambda *a: parsed.append(a))
-    with raises_naming(FormatError, str(path), f"{count:,} tensors", f"{sio.MAX_TENSORS:,}"):
+    with raises_naming(dl.FormatError, str(path), f"{count:,} tensors", f"{sio.MAX_TENSORS:,}"):
         read_adapter_file(path)
     assert parsed == []  # refused before a single entry was looked at
 
@@ -179,12 +179,12 @@ def test_find_non_finite_names_only_bad_tensors():
 
 def test_missing_path(tmp_path):
     path = tmp_path / "nope.safetensors"
-    with raises_naming(FormatError, str(path), "no such file"):
+    with raises_naming(dl.FormatError, str(path), "no such file"):
         read_adapter_file(path)
 
 
 def test_directory_path(tmp_path):
-    with raises_naming(FormatError, str(tmp_path), "directory"):
+    with raises_naming(dl.FormatError, str(tmp_path), "directory"):
         read_adapter_file(tmp_path)
 
 
@@ -192,50 +192,50 @@ def test_directory_path(tmp_path):
 def test_fifo_is_refused_without_hanging(tmp_path):
     fifo = tmp_path / "pipe.safetensors"
     os.mkfifo(fifo)
-    with raises_naming(FormatError, str(fifo), "not a regular file"):
+    with raises_naming(dl.FormatError, str(fifo), "not a regular file"):
         read_adapter_file(fifo)
 
 
 def test_empty_file(tmp_path):
     path = write(tmp_path, b"")
-    with raises_naming(FormatError, str(path), "empty"):
+    with raises_naming(dl.FormatError, str(path), "empty"):
         read_adapter_file(path)
 
 
 def test_file_shorter_than_length_prefix(tmp_path):
     path = write(tmp_path, b"\x01\x00\x00")
-    with raises_naming(FormatError, str(path), "too short"):
+    with raises_naming(dl.FormatError, str(path), "too short"):
         read_adapter_file(path)
 
 
 def test_header_length_beyond_file_size(tmp_path):
     path = write(tmp_path, raw_file({"w": entry("F32", [2], 0, 8)}, F32_2, header_len=10_000))
-    with raises_naming(FormatError, str(path), "10000-byte header", "truncated"):
+    with raises_naming(dl.FormatError, str(path), "10000-byte header", "truncated"):
         read_adapter_file(path)
 
 
 def test_header_length_beyond_cap(tmp_path):
     huge = write(tmp_path, raw_file(b"{}", header_len=2**40), "huge.safetensors")
     # The declared length is the file's first 8 bytes: an error never echoes them, as a number either.
-    with raises_naming(FormatError, str(huge), "first 8 bytes", "limit"):
+    with raises_naming(dl.FormatError, str(huge), "first 8 bytes", "limit"):
         read_adapter_file(huge)
     valid = write(tmp_path, raw_file({"w": entry("F32", [2], 0, 8)}, F32_2))
-    with raises_naming(FormatError, str(valid), "16-byte limit"):
+    with raises_naming(dl.FormatError, str(valid), "16-byte limit"):
         read_adapter_file(valid, max_header_bytes=16)
 
 
 def test_non_json_header(tmp_path):
     path = write(tmp_path, raw_file(b'{"w": not json}', b""))
-    with raises_naming(FormatError, str(path), "not valid JSON"):
+    with raises_naming(dl.FormatError, str(path), "not valid JSON"):
         read_adapter_file(path)
     other = write(tmp_path, raw_file(b"hello, world", b""), "other.safetensors")
-    with raises_naming(FormatError, str(other), "does not start with '{'"):
+    with raises_naming(dl.FormatError, str(other), "does not start with '{'"):
         read_adapter_file(other)
 
 
 def test_non_utf8_header(tmp_path):
     path = write(tmp_path, raw_file(b'{"w\xff\xfe": 1}', b""))
-    with raises_naming(FormatError, str(path), "UTF-8"):
+    with raises_naming(dl.FormatError, str(path), "UTF-8"):
         read_adapter_file(path)
 
 
@@ -243,13 +243,13 @@ def test_header_that_is_not_an_object(tmp_path):
     path = write(tmp_path, raw_file(b"{}", b""))  # an empty object is a valid, empty file
     assert read_adapter_file(path) == ({}, {})
     array = write(tmp_path, raw_file(b' ["w"]', b""), "array.safetensors")
-    with raises_naming(FormatError, str(array)):
+    with raises_naming(dl.FormatError, str(array)):
         read_adapter_file(array)
 
 
 def test_deeply_nested_header_is_a_format_error(tmp_path):
     path = write(tmp_path, raw_file(b'{"w": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", b""))
-    with raises_naming(FormatError, str(path), "JSON"):
+    with raises_naming(dl.FormatError, str(path), "JSON"):
         read_adapter_file(path)
 
 
@@ -257,7 +257,7 @@ def test_duplicate_tensor_key(tmp_path):
     header = b'{"w": ' + json.dumps(entry("F32", [2], 0, 8)).encode()
     header += b', "w": ' + json.dumps(entry("F32", [2], 0, 8)).encode() + b"}"
     path = write(tmp_path, raw_file(header, F32_2))
-    with raises_naming(FormatError, str(path), "'w' twice"):
+    with raises_naming(dl.FormatError, str(path), "'w' twice"):
         read_adapter_file(path)
 
 
@@ -265,73 +265,73 @@ def test_duplicate_tensor_key(tmp_path):
 def test_metadata_with_non_string_value(tmp_path, value):
     header = {"__metadata__": {"fine": "ok", "ss_network_dim": value}, "w": entry("F32", [2], 0, 8)}
     path = write(tmp_path, raw_file(header, F32_2))
-    with raises_naming(FormatError, str(path), "'ss_network_dim'"):
+    with raises_naming(dl.FormatError, str(path), "'ss_network_dim'"):
         read_adapter_file(path)
-    with raises_naming(FormatError, str(path), "'ss_network_dim'"):
+    with raises_naming(dl.FormatError, str(path), "'ss_network_dim'"):
         read_metadata(path)
 
 
 def test_metadata_that_is_not_an_object(tmp_path):
     path = write(tmp_path, raw_file({"__metadata__": ["a", "b"]}))
-    with raises_naming(FormatError, str(path), "__metadata__"):
+    with raises_naming(dl.FormatError, str(path), "__metadata__"):
         read_metadata(path)
 
 
 def test_overlapping_offsets(tmp_path):
     header = {"a": entry("F32", [2], 0, 8), "b": entry("F32", [2], 4, 12)}
     path = write(tmp_path, raw_file(header, F32_2 + F32_2[:4]))
-    with raises_naming(FormatError, str(path), "'b'", "overlaps", "'a'"):
+    with raises_naming(dl.FormatError, str(path), "'b'", "overlaps", "'a'"):
         read_adapter_file(path)
 
 
 def test_gap_in_offsets(tmp_path):
     header = {"a": entry("F32", [2], 0, 8), "b": entry("F32", [2], 12, 20)}
     path = write(tmp_path, raw_file(header, F32_2 + b"\0" * 4 + F32_2))
-    with raises_naming(FormatError, str(path), "'b'", "gap"):
+    with raises_naming(dl.FormatError, str(path), "'b'", "gap"):
         read_adapter_file(path)
 
 
 def test_data_not_starting_at_zero_is_a_gap(tmp_path):
     path = write(tmp_path, raw_file({"a": entry("F32", [2], 8, 16)}, F32_2 + F32_2))
-    with raises_naming(FormatError, str(path), "'a'", "gap"):
+    with raises_naming(dl.FormatError, str(path), "'a'", "gap"):
         read_adapter_file(path)
 
 
 def test_trailing_garbage(tmp_path):
     path = write(tmp_path, raw_file({"w": entry("F32", [2], 0, 8)}, F32_2 + b"junk"))
-    with raises_naming(FormatError, str(path), "4 bytes of trailing garbage"):
+    with raises_naming(dl.FormatError, str(path), "4 bytes of trailing garbage"):
         read_adapter_file(path)
 
 
 def test_truncated_data(tmp_path):
     path = write(tmp_path, raw_file({"w": entry("F32", [2], 0, 8)}, F32_2[:5]))
-    with raises_naming(FormatError, str(path), "truncated", "8 bytes", "5"):
+    with raises_naming(dl.FormatError, str(path), "truncated", "8 bytes", "5"):
         read_adapter_file(path)
 
 
 def test_offsets_that_do_not_match_shape(tmp_path):
     path = write(tmp_path, raw_file({"w": entry("F32", [3], 0, 8)}, F32_2))
-    with raises_naming(FormatError, str(path), "'w'", "needs 12"):
+    with raises_naming(dl.FormatError, str(path), "'w'", "needs 12"):
         read_adapter_file(path)
 
 
 @pytest.mark.parametrize("shape", [[-1], [2.0], "2", [True, 2], None])
 def test_bad_shape(tmp_path, shape):
     path = write(tmp_path, raw_file({"w": entry("F32", shape, 0, 8)}, F32_2))
-    with raises_naming(FormatError, str(path), "'w'", "shape"):
+    with raises_naming(dl.FormatError, str(path), "'w'", "shape"):
         read_adapter_file(path)
 
 
 @pytest.mark.parametrize("dtype", ["I32", "I64", "BOOL", "U8", "F8_E4M3", "C64"])
 def test_non_float_dtype_is_refused(tmp_path, dtype):
     path = write(tmp_path, raw_file({"lora.weight": entry(dtype, [8], 0, 8)}, bytes(8)))
-    with raises_naming(FormatError, str(path), "'lora.weight'", dtype, "floating point"):
+    with raises_naming(dl.FormatError, str(path), "'lora.weight'", dtype, "floating point"):
         read_adapter_file(path)
 
 
 def test_unknown_dtype(tmp_path):
     path = write(tmp_path, raw_file({"w": entry("F128", [1], 0, 16)}, bytes(16)))
-    with raises_naming(FormatError, str(path), "'w'", "unknown dtype 'F128'"):
+    with raises_naming(dl.FormatError, str(path), "'w'", "unknown dtype 'F128'"):
         read_adapter_file(path)
 
 
@@ -340,20 +340,20 @@ def test_unknown_dtype(tmp_path):
 )
 def test_html_page_saved_as_safetensors(tmp_path, page):
     path = write(tmp_path, page)
-    with raises_naming(FormatError, str(path), "HTML page", "/resolve/"):
+    with raises_naming(dl.FormatError, str(path), "HTML page", "/resolve/"):
         read_adapter_file(path)
 
 
 def test_git_lfs_pointer(tmp_path):
     pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"a" * 64 + b"\nsize 151108832\n"
     path = write(tmp_path, pointer)
-    with raises_naming(FormatError, str(path), "git-lfs pointer", "git lfs pull"):
+    with raises_naming(dl.FormatError, str(path), "git-lfs pointer", "git lfs pull"):
         read_adapter_file(path, allow_pickle=True)
 
 
 def test_json_document_is_explained(tmp_path):
     path = write(tmp_path, b'{"error": "Repository not found"}')
-    with raises_naming(FormatError, str(path), "JSON document"):
+    with raises_naming(dl.FormatError, str(path), "JSON document"):
         read_adapter_file(path)
 
 
@@ -363,7 +363,7 @@ def test_torch_save_checkpoint_is_refused_then_allowed(tmp_path, zipfile, suffix
     tensors = {"a.lora_down.weight": torch.randn(2, 3), "a.alpha": torch.tensor(1.0, dtype=torch.float16)}
     path = tmp_path / f"adapter{suffix}"
     torch.save(tensors, path, _use_new_zipfile_serialization=zipfile)
-    with raises_naming(UnsafeFileError, str(path), "execute", "allow_pickle=True", "convert"):
+    with raises_naming(dl.UnsafeFileError, str(path), "execute", "allow_pickle=True", "convert"):
         read_adapter_file(path)
     got, meta = read_adapter_file(path, allow_pickle=True)
     assert_same(got, tensors)
@@ -389,7 +389,7 @@ def test_pickle_with_state_dict_key(tmp_path):
 def test_pickle_that_is_not_a_flat_float_tensor_dict(tmp_path, content, needle):
     path = tmp_path / "adapter.pt"
     torch.save(content, path)
-    with raises_naming(FormatError, str(path), needle):
+    with raises_naming(dl.FormatError, str(path), needle):
         read_adapter_file(path, allow_pickle=True)
 
 
@@ -405,16 +405,16 @@ def test_malicious_pickle_is_not_run_even_when_allowed(tmp_path):
     evil = _Evil()
     evil.marker = str(marker)
     path = write(tmp_path, pickle.dumps({"w": evil}, protocol=2), "evil.bin")
-    with raises_naming(UnsafeFileError, str(path)):
+    with raises_naming(dl.UnsafeFileError, str(path)):
         read_adapter_file(path)
-    with raises_naming(FormatError, str(path), "torch checkpoint"):
+    with raises_naming(dl.FormatError, str(path), "torch checkpoint"):
         read_adapter_file(path, allow_pickle=True)
     assert not marker.exists()
 
 
 def test_pickle_suffix_with_garbage_content(tmp_path):
     path = write(tmp_path, b"\x00garbage garbage garbage", "adapter.pth")
-    with raises_naming(FormatError, str(path)):
+    with raises_naming(dl.FormatError, str(path)):
         read_adapter_file(path, allow_pickle=True)
 
 
@@ -439,7 +439,7 @@ def test_failed_replace_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
         raise PermissionError(errno.EACCES, "Permission denied", str(dst))
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with raises_naming(FormatError, str(path), "Permission denied"):
+    with raises_naming(dl.FormatError, str(path), "Permission denied"):
         write_adapter_file(path, {"w": torch.zeros(4)}, {"version": "new"})
     monkeypatch.undo()
     _assert_untouched(tmp_path, path, old)
@@ -452,7 +452,7 @@ def test_disk_full_at_fsync_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full_disk)
-    with raises_naming(FormatError, str(path), "No space left"):
+    with raises_naming(dl.FormatError, str(path), "No space left"):
         write_adapter_file(path, {"w": torch.zeros(4)}, {})
     monkeypatch.undo()
     _assert_untouched(tmp_path, path, old)
@@ -485,27 +485,27 @@ def test_interrupt_midway_is_reraised_and_cleaned_up(tmp_path, monkeypatch):
 )
 def test_bad_tensors_are_refused_before_writing(tmp_path, tensors, needle):
     path, old = _old_file(tmp_path)
-    with raises_naming(FormatError, str(path), needle):
+    with raises_naming(dl.FormatError, str(path), needle):
         write_adapter_file(path, tensors, {})
     _assert_untouched(tmp_path, path, old)
 
 
 def test_non_string_metadata_value_is_refused(tmp_path):
     path, old = _old_file(tmp_path)
-    with raises_naming(FormatError, str(path), "'ss_network_dim'"):
+    with raises_naming(dl.FormatError, str(path), "'ss_network_dim'"):
         write_adapter_file(path, {"w": torch.zeros(4)}, {"ss_network_dim": 4})  # type: ignore[dict-item]
     _assert_untouched(tmp_path, path, old)
 
 
 def test_missing_parent_folder(tmp_path):
     path = tmp_path / "no" / "such" / "adapter.safetensors"
-    with raises_naming(FormatError, str(path)):
+    with raises_naming(dl.FormatError, str(path)):
         write_adapter_file(path, {"w": torch.zeros(4)}, {})
     assert list(tmp_path.iterdir()) == []
 
 
 def test_target_is_a_directory(tmp_path):
-    with raises_naming(FormatError, str(tmp_path), "directory"):
+    with raises_naming(dl.FormatError, str(tmp_path), "directory"):
         write_adapter_file(tmp_path, {"w": torch.zeros(4)}, {})
 
 
@@ -590,10 +590,10 @@ def test_write_with_hashes_stores_kohya_hashes(tmp_path):
 
 def test_hash_errors_name_the_path(tmp_path):
     missing = tmp_path / "missing.safetensors"
-    with raises_naming(FormatError, str(missing)):
+    with raises_naming(dl.FormatError, str(missing)):
         file_sha256(missing)
     short = write(tmp_path, raw_file(b"{}", header_len=999))
-    with raises_naming(FormatError, str(short), "999-byte header"):
+    with raises_naming(dl.FormatError, str(short), "999-byte header"):
         addnet_hash(short)
 
 
@@ -669,7 +669,7 @@ def test_fuzzed_files_load_or_raise_format_error(tmp_path_factory, edits):
     path.write_bytes(data)
     try:
         tensors, meta = read_adapter_file(path)
-    except FormatError:
+    except dl.FormatError:
         return
     assert all(t.dtype in sio.FLOAT_DTYPES.values() for t in tensors.values())
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())

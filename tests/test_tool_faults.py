@@ -21,9 +21,8 @@ from .helpers import trained_adapter
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from diffusion_lora.models import build_tiny_pipeline
 
-    pipe = build_tiny_pipeline("tiny-sd15")
+    pipe = dl.build_tiny_pipeline("tiny-sd15")
     trained_adapter(pipe, "good", seed=90, rank=4)
     root = tmp_path_factory.mktemp("faults")
     good = dl.save_lora(pipe, "good", root / "good.safetensors")
@@ -79,9 +78,8 @@ _PIPE = []
 
 def _pipe():
     if not _PIPE:
-        from diffusion_lora.models import build_tiny_pipeline
 
-        _PIPE.append(build_tiny_pipeline("tiny-sd15"))
+        _PIPE.append(dl.build_tiny_pipeline("tiny-sd15"))
     return _PIPE[0]
 
 

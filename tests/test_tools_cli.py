@@ -22,9 +22,8 @@ from .helpers import run, trained_adapter
 
 @pytest.fixture(scope="module")
 def sdxl_file(tmp_path_factory):
-    from diffusion_lora.models import build_tiny_pipeline
 
-    pipe = build_tiny_pipeline("tiny-sdxl")
+    pipe = dl.build_tiny_pipeline("tiny-sdxl")
     trained_adapter(pipe, "s", seed=70, rank=4, alpha=2, text_encoder=True)
     root = tmp_path_factory.mktemp("tools")
     return dl.save_lora(pipe, "s", root / "s.safetensors", format="kohya", trigger_words=["zxq"]), run(pipe)

@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 
 import diffusion_lora as dl
 from diffusion_lora.formats.safetensors_io import read_metadata
-from diffusion_lora.training.trainer import train
 
 COLOURS = ("red", "blue", "green", "orange")
 
@@ -55,11 +54,11 @@ def adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_is_bit_identical(dataset, tmp_path):
-    straight = train(config(dataset, tmp_path / "a", checkpoint={"every": 5}), progress=False)
+    straight = dl.train(config(dataset, tmp_path / "a", checkpoint={"every": 5}), progress=False)
     cfg_b = config(dataset, tmp_path / "b", checkpoint={"every": 5})
-    first = train(cfg_b, progress=False, max_steps_this_run=10)
+    first = dl.train(cfg_b, progress=False, max_steps_this_run=10)
     assert first.adapter is None and first.checkpoint.name == "checkpoint-00000010"
-    resumed = train(cfg_b, progress=False, resume=True)
+    resumed = dl.train(cfg_b, progress=False, resume=True)
     a, b = adapter_tensors(straight.adapter), adapter_tensors(resumed.adapter)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -68,11 +67,11 @@ def test_resume_is_bit_identical(dataset, tmp_path):
 
 def test_cache_on_off_same_loss_and_stale_cache_rebuilt(tmp_path):
     data = make_dataset(tmp_path / "data", n=4)
-    memory = train(config(data, tmp_path / "m", train={"steps": 6}), progress=False)
-    off = train(config(data, tmp_path / "o", train={"steps": 6}, cache={"latents": "off", "text": "off"}),
+    memory = dl.train(config(data, tmp_path / "m", train={"steps": 6}), progress=False)
+    off = dl.train(config(data, tmp_path / "o", train={"steps": 6}, cache={"latents": "off", "text": "off"}),
                 progress=False)
     disk_cfg = config(data, tmp_path / "d", train={"steps": 6}, cache={"latents": "disk", "text": "disk"})
-    disk = train(disk_cfg, progress=False)
+    disk = dl.train(disk_cfg, progress=False)
     assert memory.losses == off.losses == disk.losses
     entries = sorted((tmp_path / "d" / "cache" / "latents").glob("*.safetensors"))
     assert entries
@@ -80,7 +79,7 @@ def test_cache_on_off_same_loss_and_stale_cache_rebuilt(tmp_path):
     image = Image.open(data / "img0.png").convert("RGB")
     ImageDraw.Draw(image).rectangle((0, 0, 20, 20), fill="black")
     image.save(data / "img0.png")
-    changed = train(disk_cfg, progress=False)
+    changed = dl.train(disk_cfg, progress=False)
     assert len(list((tmp_path / "d" / "cache" / "latents").glob("*.safetensors"))) > len(entries)
     assert changed.losses != disk.losses
 
@@ -96,7 +95,7 @@ def test_loss_falls_when_overfitting_one_image(tmp_path):
 @pytest.mark.parametrize("kind", ["tiny-sdxl", "tiny-sd3", "tiny-flux"])
 def test_every_family_trains_and_loads(dataset, tmp_path, kind):
     size = 64
-    result = train(config(dataset, tmp_path / "out", model=kind, train={"steps": 3, "batch_size": 1},
+    result = dl.train(config(dataset, tmp_path / "out", model=kind, train={"steps": 3, "batch_size": 1},
                           data={"resolution": size}), progress=False)
     pipe = dl.load_pipeline(kind)
     pipe.set_progress_bar_config(disable=True)
@@ -114,7 +113,7 @@ def test_outputs_metadata_card_samples_and_generate(dataset, tmp_path):
                  train={"steps": 4}, sample={"every": 2, "prompts": ["zxq a red circle", "zxq a blue circle"],
                                               "seeds": [0, 1], "steps": 2},
                  output={"save_format": "kohya"})
-    result = train(cfg, progress=False)
+    result = dl.train(cfg, progress=False)
     meta = read_metadata(result.adapter)
     assert meta["ss_steps"] == "4" and meta["ss_num_train_images"] == "6"
     assert json.loads(meta["ss_tag_frequency"]) == {dataset.name: {"white background": 6, "a red circle": 2,
@@ -140,10 +139,10 @@ def test_bad_images_reported_before_training(tmp_path):
     Image.new("RGB", (1, 1)).save(data / "dot.png")
     out = tmp_path / "out"
     with pytest.raises(dl.DatasetError) as err:
-        train(config(data, out), progress=False)
+        dl.train(config(data, out), progress=False)
     assert "broken.png" in str(err.value) and "dot.png" in str(err.value)
     assert not (out / "style.safetensors").exists()
-    result = train(config(data, out, data={"skip_bad_images": True}, train={"steps": 2}), progress=False)
+    result = dl.train(config(data, out, data={"skip_bad_images": True}, train={"steps": 2}), progress=False)
     assert result.adapter.is_file()
 
 
@@ -161,7 +160,7 @@ def test_two_process_accelerate_launch(dataset, tmp_path):
     digests = json.loads((out / "logs" / "ranks.json").read_text())
     assert len(digests) == 2 and digests[0] == digests[1]
     assert (out / "lora.safetensors").is_file()
-    single = train(config(dataset, tmp_path / "single", train={"steps": 6, "batch_size": 1},
+    single = dl.train(config(dataset, tmp_path / "single", train={"steps": 6, "batch_size": 1},
                           output={"name": "lora"}), progress=False)
     assert not torch.equal(load_file(str(single.adapter))["unet.down_blocks.0.attentions.0.transformer_blocks.0"
                                                           ".attn1.to_q.lora_B.weight"],
@@ -172,28 +171,28 @@ def test_two_process_accelerate_launch(dataset, tmp_path):
 def test_prior_preservation_generates_class_images(dataset, tmp_path):
     cfg = config(dataset, tmp_path / "out", train={"steps": 3},
                  prior={"num_images": 2, "class_prompt": "a circle", "class_dir": str(tmp_path / "class")})
-    result = train(cfg, progress=False)
+    result = dl.train(cfg, progress=False)
     assert sorted(p.name for p in (tmp_path / "class").glob("*.png")) == ["class_00000.png", "class_00001.png"]
     assert (tmp_path / "class" / "class_00000.txt").read_text() == "a circle"
     assert read_metadata(result.adapter)["ss_num_train_images"] == "8"
-    again = train(cfg, progress=False)  # class images exist now: none generated, same result
+    again = dl.train(cfg, progress=False)  # class images exist now: none generated, same result
     assert len(list((tmp_path / "class").glob("*.png"))) == 2
     assert again.losses == result.losses
 
 
 def test_accumulation_and_checkpointing_match_plain_steps(dataset, tmp_path):
     """Batch 2 ≡ batch 1 × 2 accumulation in expectation; gradient checkpointing changes no numbers."""
-    plain = train(config(dataset, tmp_path / "p", train={"steps": 4}), progress=False)
-    ckpt = train(config(dataset, tmp_path / "c", train={"steps": 4, "gradient_checkpointing": True}),
+    plain = dl.train(config(dataset, tmp_path / "p", train={"steps": 4}), progress=False)
+    ckpt = dl.train(config(dataset, tmp_path / "c", train={"steps": 4, "gradient_checkpointing": True}),
                  progress=False)
     a, b = adapter_tensors(plain.adapter), adapter_tensors(ckpt.adapter)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    accumulated = train(config(dataset, tmp_path / "g", train={"steps": 4, "batch_size": 1,
+    accumulated = dl.train(config(dataset, tmp_path / "g", train={"steps": 4, "batch_size": 1,
                                                                   "gradient_accumulation": 2}), progress=False)
     assert len(accumulated.losses) == 4 and all(torch.isfinite(torch.tensor(accumulated.losses)))
 
 
 def test_bf16_mixed_precision_on_cpu(dataset, tmp_path):
-    result = train(config(dataset, tmp_path / "out", train={"steps": 2, "mixed_precision": "bf16"}), progress=False)
+    result = dl.train(config(dataset, tmp_path / "out", train={"steps": 2, "mixed_precision": "bf16"}), progress=False)
     assert all(torch.isfinite(torch.tensor(result.losses)))
     assert all(t.dtype == torch.float32 for t in adapter_tensors(result.adapter).values())

@@ -14,16 +14,14 @@ from pathlib import Path
 
 import pytest
 
+import diffusion_lora as dl
 from diffusion_lora.cli import FLAG_KEYS, flags_to_overrides
-from diffusion_lora.errors import ConfigError
 from diffusion_lora.training.config import (
     LatentCache,
     Loss,
     ModelDtype,
     TextCache,
     TimestepSampling,
-    TrainConfig,
-    load_config,
 )
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
@@ -34,15 +32,15 @@ def minimal() -> dict:
     return {"model": {"name": "tiny-sd15"}, "data": {"path": "data/x"}, "output": {"dir": "out/x"}}
 
 
-def load(overrides=(), **sections) -> TrainConfig:
+def load(overrides=(), **sections) -> dl.TrainConfig:
     raw = minimal()
     for name, body in sections.items():
         raw.setdefault(name, {}).update(body)
-    return load_config(raw, overrides)
+    return dl.load_config(raw, overrides)
 
 
 def error_of(overrides=(), **sections) -> str:
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(dl.ConfigError) as info:
         load(overrides, **sections)
     return str(info.value)
 
@@ -132,8 +130,8 @@ def test_unknown_key_without_a_close_match_lists_the_valid_keys():
 
 def test_unknown_section_suggests():
     raw = minimal() | {"trian": {"steps": 3}}
-    with pytest.raises(ConfigError, match=r"^trian: unknown section; did you mean train\?"):
-        load_config(raw)
+    with pytest.raises(dl.ConfigError, match=r"^trian: unknown section; did you mean train\?"):
+        dl.load_config(raw)
 
 
 @pytest.mark.parametrize("dotted", ["data.path", "output.dir"])
@@ -141,11 +139,11 @@ def test_missing_required_key_is_named(dotted):
     section, key = dotted.split(".")
     raw = minimal()
     del raw[section][key]
-    with pytest.raises(ConfigError, match=rf"^{re.escape(dotted)}: required key is missing"):
-        load_config(raw)
+    with pytest.raises(dl.ConfigError, match=rf"^{re.escape(dotted)}: required key is missing"):
+        dl.load_config(raw)
     del raw[section]  # a missing section names its required key too
-    with pytest.raises(ConfigError, match=rf"^{re.escape(dotted)}: required key is missing"):
-        load_config(raw)
+    with pytest.raises(dl.ConfigError, match=rf"^{re.escape(dotted)}: required key is missing"):
+        dl.load_config(raw)
 
 
 def test_model_name_defaults_to_the_embedded_model_as_in_generate():
@@ -154,17 +152,17 @@ def test_model_name_defaults_to_the_embedded_model_as_in_generate():
 
     raw = minimal()
     del raw["model"]
-    cfg = load_config(raw)
+    cfg = dl.load_config(raw)
     assert cfg.model.name == "shapes-sd15" and cfg.model.name in EMBEDDED_MODELS
     generate = build_parser().parse_args(["generate", "--prompt", "x"])
     assert cfg.model.name == generate.model
-    assert load_config(tomllib.loads(cfg.to_toml())).model.name == "shapes-sd15"
+    assert dl.load_config(tomllib.loads(cfg.to_toml())).model.name == "shapes-sd15"
 
 
 @pytest.mark.parametrize("dotted", ["model.name", "data.path", "output.dir"])
 def test_required_strings_must_not_be_empty(dotted):
     section, key = dotted.split(".")
-    with pytest.raises(ConfigError, match=rf"^{re.escape(dotted)}: must not be empty"):
+    with pytest.raises(dl.ConfigError, match=rf"^{re.escape(dotted)}: must not be empty"):
         load(**{section: {key: "  "}})
 
 
@@ -207,8 +205,8 @@ def test_non_finite_numbers_are_rejected():
 
 def test_section_that_is_not_a_table():
     raw = minimal() | {"train": 5}
-    with pytest.raises(ConfigError, match=r"^train: expected a table \(\[train\]\), got 5 \(int\)"):
-        load_config(raw)
+    with pytest.raises(dl.ConfigError, match=r"^train: expected a table \(\[train\]\), got 5 \(int\)"):
+        dl.load_config(raw)
 
 
 # ---------------------------------------------------------------- ranges
@@ -306,19 +304,19 @@ def test_cross_field_rules_accept_valid_combinations():
 def test_direct_construction_is_checked_too():
     from diffusion_lora.training.config import DataSection, ModelSection, OutputSection
 
-    with pytest.raises(ConfigError, match=r"^data\.resolution: 100 is not a multiple of 8"):
+    with pytest.raises(dl.ConfigError, match=r"^data\.resolution: 100 is not a multiple of 8"):
         DataSection(path="x", resolution=100)
-    with pytest.raises(ConfigError, match=r"^data\.min_bucket: "):
-        TrainConfig(model=ModelSection(name="m"), data=DataSection(path="x", resolution=64, min_bucket=128),
+    with pytest.raises(dl.ConfigError, match=r"^data\.min_bucket: "):
+        dl.TrainConfig(model=ModelSection(name="m"), data=DataSection(path="x", resolution=64, min_bucket=128),
                     output=OutputSection(dir="o"))
-    with pytest.raises(ConfigError, match=r"^model: expected a ModelSection"):
-        TrainConfig(model={"name": "m"}, data=DataSection(path="x"), output=OutputSection(dir="o"))
+    with pytest.raises(dl.ConfigError, match=r"^model: expected a ModelSection"):
+        dl.TrainConfig(model={"name": "m"}, data=DataSection(path="x"), output=OutputSection(dir="o"))
 
 
 # ---------------------------------------------------------------- sizes resolved from the model
 
 
-def sizes(cfg: TrainConfig) -> tuple:
+def sizes(cfg: dl.TrainConfig) -> tuple:
     d = cfg.data
     return d.resolution, d.bucket_step, d.min_bucket, d.max_bucket
 
@@ -339,7 +337,7 @@ def test_unset_sizes_follow_the_resolution(resolution, native, expected):
     cfg = load(data={"resolution": resolution} if resolution else {})
     resolved = resolve_sizes(cfg, native)
     assert sizes(resolved) == expected
-    assert load_config(tomllib.loads(resolved.to_toml())) == resolved  # the saved config is concrete
+    assert dl.load_config(tomllib.loads(resolved.to_toml())) == resolved  # the saved config is concrete
 
 
 def test_set_sizes_are_kept_and_a_contradiction_with_the_native_size_is_named():
@@ -347,12 +345,12 @@ def test_set_sizes_are_kept_and_a_contradiction_with_the_native_size_is_named():
 
     kept = resolve_sizes(load(data={"min_bucket": 128, "max_bucket": 1024, "bucket_step": 32}), 512)
     assert sizes(kept) == (512, 32, 128, 1024)
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(dl.ConfigError) as info:
         resolve_sizes(load(data={"min_bucket": 256}), 64)
     msg = str(info.value)
     assert msg.startswith("data.min_bucket: 256 is larger than data.resolution (64)")
     assert "native size" in msg
-    with pytest.raises(ConfigError, match=r"^data.max_bucket: 768 is smaller than data.resolution \(1024\)"):
+    with pytest.raises(dl.ConfigError, match=r"^data.max_bucket: 768 is smaller than data.resolution \(1024\)"):
         resolve_sizes(load(data={"max_bucket": 768}), 1024)
 
 
@@ -405,7 +403,7 @@ def test_overrides_apply_before_validation_and_leave_the_source_alone():
     del raw["data"]["path"]
     raw["data"]["resolution"] = 100
     before = copy.deepcopy(raw)
-    cfg = load_config(raw, ["data.path=imgs", "data.resolution=128", "data.min_bucket=64", "prior.weight=0.5"])
+    cfg = dl.load_config(raw, ["data.path=imgs", "data.resolution=128", "data.min_bucket=64", "prior.weight=0.5"])
     assert cfg.data.path == "imgs" and cfg.data.resolution == 128 and cfg.prior.weight == 0.5
     assert raw == before
 
@@ -416,10 +414,10 @@ def test_flag_keys_and_flags_to_overrides():
                          "batch_size": "train.batch_size", "seed": "train.seed"}
     overrides = flags_to_overrides({"steps": "20", "lr": 3e-4, "data": "my imgs", "out": "o", "model": "m",
                                     "seed": None, "rank": 4})
-    cfg = load_config({}, overrides)
+    cfg = dl.load_config({}, overrides)
     assert (cfg.train.steps, cfg.train.learning_rate, cfg.data.path, cfg.lora.rank) == (20, 3e-4, "my imgs", 4)
     assert cfg.train.seed == 0
-    with pytest.raises(ConfigError, match=r"^--stpes: unknown flag; did you mean steps\?"):
+    with pytest.raises(dl.ConfigError, match=r"^--stpes: unknown flag; did you mean steps\?"):
         flags_to_overrides({"stpes": 3})
 
 
@@ -429,36 +427,36 @@ def test_flag_keys_and_flags_to_overrides():
 def test_toml_file_and_pathlike(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[model]\nname = "tiny-sd15"\n[data]\npath = "d"\n[output]\ndir = "o"\n[train]\nsteps = 7\n')
-    assert load_config(path).train.steps == 7
-    assert load_config(str(path), ["train.steps=8"]).train.steps == 8
+    assert dl.load_config(path).train.steps == 7
+    assert dl.load_config(str(path), ["train.steps=8"]).train.steps == 8
 
 
 def test_malformed_toml_names_file_line_and_column(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('[model]\nname = "tiny-sd15"\n[data]\npath = \n')
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
+    with pytest.raises(dl.ConfigError) as info:
+        dl.load_config(path)
     msg = str(info.value)
     assert msg.startswith(f"{path}: invalid TOML") and re.search(r"line 4, column \d+", msg), msg
 
 
 def test_missing_file_directory_and_non_utf8(tmp_path):
-    with pytest.raises(ConfigError, match=r"nope\.toml: config file not found"):
-        load_config(tmp_path / "nope.toml")
-    with pytest.raises(ConfigError, match=re.escape(str(tmp_path))):
-        load_config(tmp_path)
+    with pytest.raises(dl.ConfigError, match=r"nope\.toml: config file not found"):
+        dl.load_config(tmp_path / "nope.toml")
+    with pytest.raises(dl.ConfigError, match=re.escape(str(tmp_path))):
+        dl.load_config(tmp_path)
     path = tmp_path / "latin1.toml"
     path.write_bytes(b'[model]\nname = "caf\xe9"\n')
-    with pytest.raises(ConfigError, match=r"latin1\.toml: invalid TOML"):
-        load_config(path)
-    with pytest.raises(ConfigError, match=r"^config: expected a TOML file path or a mapping"):
-        load_config(42)  # type: ignore[arg-type]
+    with pytest.raises(dl.ConfigError, match=r"latin1\.toml: invalid TOML"):
+        dl.load_config(path)
+    with pytest.raises(dl.ConfigError, match=r"^config: expected a TOML file path or a mapping"):
+        dl.load_config(42)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- round trip
 
 
-def everything_changed() -> TrainConfig:
+def everything_changed() -> dl.TrainConfig:
     tricky = 'q"uo\\te\tTab\nnl \x01 ünï 🎨 \'single\' #hash'
     sections = {
         "model": {"name": "C:\\models\\sd.safetensors", "dtype": "bfloat16"},
@@ -490,8 +488,8 @@ def everything_changed() -> TrainConfig:
 @pytest.mark.parametrize("make", [load, everything_changed], ids=["defaults", "everything"])
 def test_to_toml_round_trip(make):
     cfg = make()
-    assert load_config(tomllib.loads(cfg.to_toml())) == cfg
-    assert load_config(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert dl.load_config(tomllib.loads(cfg.to_toml())) == cfg
+    assert dl.load_config(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
 def test_to_dict_is_plain_data_and_omits_unset_optionals():
@@ -500,8 +498,8 @@ def test_to_dict_is_plain_data_and_omits_unset_optionals():
     assert "alpha" not in d["lora"] and "shift" not in d["train"] and "width" not in d["sample"]
     assert list(d) == list(DEFAULTS)
     # leaving None out is lossless only because every field that accepts None defaults to None
-    for section in dataclasses.fields(TrainConfig):
-        cls = typing.get_type_hints(TrainConfig)[section.name]
+    for section in dataclasses.fields(dl.TrainConfig):
+        cls = typing.get_type_hints(dl.TrainConfig)[section.name]
         for f in dataclasses.fields(cls):
             if type(None) in typing.get_args(typing.get_type_hints(cls)[f.name]):
                 assert f.default is None, f"{section.name}.{f.name}"
@@ -511,7 +509,7 @@ def test_round_trip_through_a_file(tmp_path):
     cfg = everything_changed()
     path = tmp_path / "resolved.toml"
     path.write_text(cfg.to_toml(), encoding="utf-8")
-    assert load_config(path) == cfg
+    assert dl.load_config(path) == cfg
 
 
 # ---------------------------------------------------------------- samples
@@ -519,18 +517,18 @@ def test_round_trip_through_a_file(tmp_path):
 
 @pytest.mark.parametrize("name", SAMPLE_FILES)
 def test_sample_files_load_and_round_trip(name):
-    cfg = load_config(SAMPLES / name)
-    assert load_config(tomllib.loads(cfg.to_toml())) == cfg
+    cfg = dl.load_config(SAMPLES / name)
+    assert dl.load_config(tomllib.loads(cfg.to_toml())) == cfg
 
 
 def test_samples_say_what_they_promise():
-    style = load_config(SAMPLES / "train_style_sd15.toml")
+    style = dl.load_config(SAMPLES / "train_style_sd15.toml")
     assert style.model.name == "tiny-sd15" and style.lora.rank == 8 and style.data.buckets
     assert style.cache.latents is not LatentCache.OFF
-    char = load_config(SAMPLES / "train_character_sdxl.toml")
+    char = dl.load_config(SAMPLES / "train_character_sdxl.toml")
     assert char.data.trigger_word and char.lora.text_encoder and char.prior.num_images == 0
     assert "# [prior]" in (SAMPLES / "train_character_sdxl.toml").read_text()
-    flux = load_config(SAMPLES / "train_flux.toml")
+    flux = dl.load_config(SAMPLES / "train_flux.toml")
     assert flux.train.timestep_sampling is TimestepSampling.SHIFT and flux.sample.guidance is not None
 
 
@@ -556,5 +554,5 @@ def test_commands_in_sample_headers_give_valid_configs(name):
     for command in commands:
         args = build_parser().parse_args(command.split())
         overrides = flags_to_overrides({flag: getattr(args, flag, None) for flag in FLAG_KEYS})
-        cfg = load_config(SAMPLES / Path(args.config).name, [*overrides, *args.set])
+        cfg = dl.load_config(SAMPLES / Path(args.config).name, [*overrides, *args.set])
         assert cfg.model.name

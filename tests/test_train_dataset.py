@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_lora.errors import ConfigError, DatasetError
+import diffusion_lora as dl
 from diffusion_lora.training.buckets import assign_bucket, make_buckets, resize_and_crop
 from diffusion_lora.training.captions import process_caption, tag_frequency
 from diffusion_lora.training.dataset import BucketedDataset, bucket_batches
@@ -85,7 +85,7 @@ def test_bomb_guard_is_a_parameter_not_a_global(tmp_path: Path) -> None:
     path = save(tmp_path / "big.png", noise_image(64, 64))
     limit_before = Image.MAX_IMAGE_PIXELS
 
-    with pytest.raises(DatasetError, match="over the limit of 1000") as info:
+    with pytest.raises(dl.DatasetError, match="over the limit of 1000") as info:
         load_image(path, max_pixels=1000)
 
     assert str(path) in str(info.value)
@@ -122,7 +122,7 @@ def test_validate_reports_every_problem_in_one_error(tmp_path: Path) -> None:
     paths = build_messy_dataset(tmp_path / "data")
     items = scan_images(tmp_path / "data")
 
-    with pytest.raises(DatasetError) as info:
+    with pytest.raises(dl.DatasetError) as info:
         validate_images(items, min_side=256, skip_bad=False, max_pixels=200 * 200)
 
     message = str(info.value)
@@ -203,7 +203,7 @@ def test_make_buckets_invariants(resolution: int, step: int) -> None:
 
 
 def test_make_buckets_rejects_misaligned_resolution() -> None:
-    with pytest.raises(ConfigError, match="resolution"):
+    with pytest.raises(dl.ConfigError, match="resolution"):
         make_buckets(1000, 64)
 
 
@@ -242,7 +242,7 @@ def test_resize_and_crop_geometry() -> None:
     assert center.original_size == (200, 300) and center.resized_size == (128, 192)
     assert center.crop_top_left == (0, 32)
     assert first.crop_top_left == again.crop_top_left and first.image.tobytes() == again.image.tobytes()
-    with pytest.raises(ConfigError, match="rng"):
+    with pytest.raises(dl.ConfigError, match="rng"):
         resize_and_crop(img, (128, 128), center=False, rng=None)
 
 
@@ -268,7 +268,7 @@ def test_caption_trigger_word_is_first_once_and_kept() -> None:
         got = process_caption("a, b, c, d", trigger_word="sks", shuffle=True, keep_tokens=2, rng=random.Random(seed))
         tags = got.split(", ")
         assert tags[:2] == ["sks", "a"] and tags.count("sks") == 1 and sorted(tags[2:]) == ["b", "c", "d"]
-    with pytest.raises(ConfigError, match="trigger_word"):
+    with pytest.raises(dl.ConfigError, match="trigger_word"):
         process_caption("a", trigger_word="x, y", rng=rng)
 
 

@@ -20,16 +20,14 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
+import diffusion_lora as dl
 from diffusion_lora.cli import main
-from diffusion_lora.errors import ConfigError, DatasetError, DiffusionLoraError
 from diffusion_lora.formats.safetensors_io import read_metadata
 from diffusion_lora.training.checkpoint import STATE, latest_checkpoint
-from diffusion_lora.training.config import load_config
 from diffusion_lora.training.dataset import BucketedDataset, bucket_batches
 from diffusion_lora.training.epochs import Permutation
 from diffusion_lora.training.images import image_size, load_image, validate_images
 from diffusion_lora.training.scan import MAX_CAPTION_BYTES, ImageItem, scan_images
-from diffusion_lora.training.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,7 +69,7 @@ def test_train_without_model_uses_the_embedded_model_at_its_native_size(tmp_path
     data = make_images(tmp_path / "data", size=64)
     out = tmp_path / "out"
     assert main(["train", "--data", str(data), "--out", str(out), "--steps", "1", "--rank", "4"]) == 0
-    saved = load_config(out / "config.toml")
+    saved = dl.load_config(out / "config.toml")
     assert saved.model.name == "shapes-sd15"
     assert saved.data.resolution == 64  # shapes-sd15: sample size 16 × VAE factor 4, not a fixed 512
     meta = read_metadata(out / "lora.safetensors")
@@ -84,11 +82,11 @@ def test_python_api_and_a_toml_without_model_name_behave_like_the_cli(tmp_path):
     data = make_images(tmp_path / "data")
     toml = tmp_path / "run.toml"
     toml.write_text(f'[data]\npath = "{data}"\n[output]\ndir = "{tmp_path / "out"}"\n', encoding="utf-8")
-    assert load_config(toml).model.name == "shapes-sd15"
-    result = train({"model": {"name": "tiny-sd15"}, "data": {"path": str(data)},
+    assert dl.load_config(toml).model.name == "shapes-sd15"
+    result = dl.train({"model": {"name": "tiny-sd15"}, "data": {"path": str(data)},
                     "output": {"dir": str(tmp_path / "api")}, "train": {"steps": 1}, "lora": {"rank": 4},
                     "log": {"tensorboard": False}}, progress=False)
-    assert load_config(tmp_path / "api" / "config.toml").data.resolution == 32  # tiny-sd15's native size
+    assert dl.load_config(tmp_path / "api" / "config.toml").data.resolution == 32  # tiny-sd15's native size
     assert read_metadata(result.adapter)["ss_resolution"] == "(32, 32)"
 
 
@@ -98,7 +96,7 @@ def test_small_resolutions_train_with_the_bucket_limits_following(tmp_path, reso
     out = tmp_path / "out"
     assert main(["train", "--model", "tiny-sd15", "--data", str(data), "--out", str(out), "--steps", "1",
                  "--rank", "4", "--resolution", str(resolution), "--set", "log.tensorboard=false"]) == 0
-    saved = load_config(out / "config.toml").data
+    saved = dl.load_config(out / "config.toml").data
     assert (saved.resolution, saved.min_bucket) == (resolution, resolution)
 
 
@@ -115,7 +113,7 @@ def test_outputs_replace_planted_symlinks_and_never_write_through_them(tmp_path)
         victim.write_text("precious", encoding="utf-8")
         (out / name).symlink_to(victim)
         victims[name] = victim
-    train(tiny(data, out, sample={"every": 2, "prompts": ["a circle"], "steps": 1}), progress=False)
+    dl.train(tiny(data, out, sample={"every": 2, "prompts": ["a circle"], "steps": 1}), progress=False)
     for name, victim in victims.items():
         assert victim.read_text(encoding="utf-8") == "precious", name
         assert not (out / name).is_symlink() and (out / name).stat().st_size > 8, name
@@ -129,14 +127,14 @@ def test_a_symlinked_metrics_log_or_logs_folder_is_refused_before_training(tmp_p
     out = tmp_path / "out"
     (out / "logs").mkdir(parents=True)
     (out / "logs" / "metrics.jsonl").symlink_to(victim)
-    with pytest.raises(DiffusionLoraError, match=r"metrics\.jsonl: is a symlink"):
-        train(tiny(data, out), progress=False)
+    with pytest.raises(dl.DiffusionLoraError, match=r"metrics\.jsonl: is a symlink"):
+        dl.train(tiny(data, out), progress=False)
     out2 = tmp_path / "out2"
     out2.mkdir()
     (tmp_path / "elsewhere").mkdir()
     (out2 / "logs").symlink_to(tmp_path / "elsewhere")
-    with pytest.raises(DiffusionLoraError, match=r"logs: is a symlink"):
-        train(tiny(data, out2), progress=False)
+    with pytest.raises(dl.DiffusionLoraError, match=r"logs: is a symlink"):
+        dl.train(tiny(data, out2), progress=False)
     assert victim.read_text(encoding="utf-8") == "precious"
     assert list((tmp_path / "elsewhere").iterdir()) == []
 
@@ -146,7 +144,7 @@ def test_a_symlinked_checkpoints_folder_is_refused(tmp_path):
 
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "checkpoints").symlink_to(tmp_path / "elsewhere")
-    with pytest.raises(DiffusionLoraError, match=r"checkpoints: is a symlink"):
+    with pytest.raises(dl.DiffusionLoraError, match=r"checkpoints: is a symlink"):
         save_checkpoint(tmp_path / "checkpoints", 1, {"step": 1}, keep=2)
     assert list((tmp_path / "elsewhere").iterdir()) == []
 
@@ -186,7 +184,7 @@ def test_a_fifo_named_like_an_image_or_caption_is_reported_not_waited_on(tmp_pat
     assert f"caption file {data / 'img1.txt'}: not a regular file" in done.stderr
     good, problems = validate_images(scan_images(data), min_side=8, skip_bad=True)
     assert [i.path.name for i in good] == ["img0.png"] and len(problems) == 2
-    with pytest.raises(DatasetError, match="not a regular file"):
+    with pytest.raises(dl.DatasetError, match="not a regular file"):
         load_image(data / "x.png")  # opened directly (a file swapped for a FIFO after the scan)
 
 
@@ -195,7 +193,7 @@ def test_a_fifo_named_like_an_image_or_caption_is_reported_not_waited_on(tmp_pat
 
 def test_a_huge_kohya_repeat_count_is_refused_and_large_ones_cost_no_memory(tmp_path):
     make_images(tmp_path / "data" / "50000000_x", n=1)
-    with pytest.raises(DatasetError, match=r"50000000_x: folder repeat count 50000000 is over the limit of 10000"):
+    with pytest.raises(dl.DatasetError, match=r"50000000_x: folder repeat count 50000000 is over the limit of 10000"):
         validate_images(scan_images(tmp_path / "data"), min_side=8, skip_bad=False)
     image = make_images(tmp_path / "many", n=1) / "img0.png"
     items = [ImageItem(image, "c", 10_000, "f") for _ in range(50)]  # 500,000 samples an epoch
@@ -232,7 +230,7 @@ def test_decoded_bytes_are_bounded_from_the_header_not_just_pixels(tmp_path):
     bomb = tmp_path / "gray16.png"
     bomb.write_bytes(_png_header_only(13000, 13000, 16, 0))  # under the pixel limit; 338 MB decoded
     for call in (lambda: image_size(bomb), lambda: load_image(bomb)):
-        with pytest.raises(DatasetError, match=r"decodes to 338,000,000 bytes, over the limit"):
+        with pytest.raises(dl.DatasetError, match=r"decodes to 338,000,000 bytes, over the limit"):
             call()
     [problem] = validate_images([ImageItem(bomb, "", 1, "f")], min_side=8, skip_bad=True)[1]
     assert "decodes to" in problem
@@ -271,13 +269,13 @@ def test_sixteen_bit_gray_converts_in_bands_bit_identically(tmp_path):
 def test_an_oversized_caption_is_a_dataset_error_before_training(tmp_path):
     data = make_images(tmp_path / "data")
     (data / "img1.txt").write_bytes(b"tag, " * (MAX_CAPTION_BYTES // 5 + 1))
-    with pytest.raises(DatasetError, match=rf"caption file {(data / 'img1.txt')}: caption file is over the limit"):
-        train(tiny(data, tmp_path / "out"), progress=False)
+    with pytest.raises(dl.DatasetError, match=rf"caption file {(data / 'img1.txt')}: caption file is over the limit"):
+        dl.train(tiny(data, tmp_path / "out"), progress=False)
     assert not (tmp_path / "out" / "style.safetensors").exists()
     (data / "metadata.jsonl").write_text(json.dumps({"file_name": "img0.png", "text": "x" * (MAX_CAPTION_BYTES + 1)}))
     (data / "img1.txt").write_text("ok", encoding="utf-8")
     os.unlink(data / "img0.txt")
-    with pytest.raises(DatasetError, match=r"metadata.jsonl: line 1: the text is over the limit"):
+    with pytest.raises(dl.DatasetError, match=r"metadata.jsonl: line 1: the text is over the limit"):
         validate_images(scan_images(data), min_side=8, skip_bad=False)
 
 
@@ -285,15 +283,15 @@ def test_training_metadata_is_sized_up_front(tmp_path):
     from diffusion_lora.training.preflight import training_metadata as _training_metadata
 
     image = make_images(tmp_path / "data", n=1) / "img0.png"
-    cfg = load_config(tiny(tmp_path / "data", tmp_path / "out"))
+    cfg = dl.load_config(tiny(tmp_path / "data", tmp_path / "out"))
     from diffusion_lora.training.config import resolve_sizes
 
     cfg = resolve_sizes(cfg, 32)
     items = [ImageItem(image, ", ".join(f"t{i}_{j}" for j in range(6000)), 1, "f") for i in range(100)]
     meta = _training_metadata(cfg, items)  # 600,000 distinct tags: trimmed to the most frequent
     assert len(meta["ss_tag_frequency"]) <= 4 * 2**20 and json.loads(meta["ss_tag_frequency"])["f"]
-    huge = load_config(tiny(tmp_path / "data", tmp_path / "out", data={"instance_prompt": "x" * 40_000_000}))
-    with pytest.raises(ConfigError, match=r"training metadata would be .* bytes \(diffusion_lora.train_config"):
+    huge = dl.load_config(tiny(tmp_path / "data", tmp_path / "out", data={"instance_prompt": "x" * 40_000_000}))
+    with pytest.raises(dl.ConfigError, match=r"training metadata would be .* bytes \(diffusion_lora.train_config"):
         _training_metadata(resolve_sizes(huge, 32), items[:1])
 
 
@@ -305,8 +303,8 @@ def test_a_diverging_run_stops_with_an_error_and_saves_nothing_non_finite(tmp_pa
     out = tmp_path / "out"
     cfg = tiny(data, out, train={"steps": 6, "learning_rate": 1e6}, checkpoint={"every": 1, "keep": 10})
     message = r"step 2 has a non-finite loss or gradient.*lower train.learning_rate"
-    with pytest.raises(DiffusionLoraError, match=message):
-        train(cfg, progress=False)
+    with pytest.raises(dl.DiffusionLoraError, match=message):
+        dl.train(cfg, progress=False)
     assert not (out / "style.safetensors").exists()
     checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))
     assert [c.name for c in checkpoints] == ["checkpoint-00000001"]  # the step before the divergence
@@ -321,8 +319,8 @@ def test_a_diverging_run_stops_with_an_error_and_saves_nothing_non_finite(tmp_pa
 def test_non_finite_steps_can_be_skipped_and_counted_up_to_a_limit(tmp_path):
     data = make_images(tmp_path / "data")
     cfg = tiny(data, tmp_path / "out", train={"steps": 6, "learning_rate": 1e6, "max_nonfinite_steps": 2})
-    with pytest.raises(DiffusionLoraError, match=r"3 such step\(s\), more than train.max_nonfinite_steps = 2"):
-        train(cfg, progress=False)
+    with pytest.raises(dl.DiffusionLoraError, match=r"3 such step\(s\), more than train.max_nonfinite_steps = 2"):
+        dl.train(cfg, progress=False)
     log = [json.loads(line) for line in (tmp_path / "out" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert log == [] or all(r["loss"] is None or np.isfinite(r["loss"]) for r in log)
 
@@ -359,7 +357,7 @@ def checkpointed(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     data = make_images(root / "data")
     cfg = tiny(data, root / "out", train={"steps": 4}, checkpoint={"every": 2})
-    train(cfg, progress=False, max_steps_this_run=2)
+    dl.train(cfg, progress=False, max_steps_this_run=2)
     return cfg, root / "out" / "checkpoints" / "checkpoint-00000002"
 
 
@@ -394,8 +392,8 @@ def test_resume_validates_the_checkpoint_first_and_changes_nothing(checkpointed,
     edit, message = DAMAGES[damage]
     torch.save(edit(torch.load(state_path, weights_only=True)), state_path)
     before = {p: digest(p) for p in out.rglob("*") if p.is_file()}
-    with pytest.raises(DiffusionLoraError, match=re.escape(message)) as info:
-        train({**cfg, "output": {**cfg["output"], "dir": str(out)}}, progress=False, resume=True)
+    with pytest.raises(dl.DiffusionLoraError, match=re.escape(message)) as info:
+        dl.train({**cfg, "output": {**cfg["output"], "dir": str(out)}}, progress=False, resume=True)
     assert str(state_path) in str(info.value) and "\n" not in str(info.value)
     assert {p: digest(p) for p in out.rglob("*") if p.is_file()} == before
 
@@ -406,19 +404,19 @@ def test_a_latest_pointer_may_not_lead_outside_the_run(tmp_path, pointer):
     (root / "checkpoint-00000002").mkdir(parents=True)
     torch.save({"step": 2}, root / "checkpoint-00000002" / STATE)
     (root / "latest").write_text(pointer, encoding="utf-8")
-    with pytest.raises(DiffusionLoraError, match=r"latest: does not name a checkpoint folder of this run"):
+    with pytest.raises(dl.DiffusionLoraError, match=r"latest: does not name a checkpoint folder of this run"):
         latest_checkpoint(root)
 
 
 def test_a_latest_pointer_that_is_a_folder_or_a_link_is_refused(tmp_path):
     root = tmp_path / "checkpoints"
     (root / "latest").mkdir(parents=True)
-    with pytest.raises(DiffusionLoraError, match=r"latest: is not a regular file"):
+    with pytest.raises(dl.DiffusionLoraError, match=r"latest: is not a regular file"):
         latest_checkpoint(root)
     (root / "latest").rmdir()
     (tmp_path / "target").write_text("checkpoint-00000002", encoding="utf-8")
     (root / "latest").symlink_to(tmp_path / "target")
-    with pytest.raises(DiffusionLoraError, match=r"latest: cannot be read as a checkpoint pointer"):
+    with pytest.raises(dl.DiffusionLoraError, match=r"latest: cannot be read as a checkpoint pointer"):
         latest_checkpoint(root)
 
 
@@ -431,7 +429,7 @@ def test_a_symlinked_checkpoint_folder_is_never_used(tmp_path):
     (root / "checkpoint-00000009").symlink_to(elsewhere)
     assert latest_checkpoint(root) is None
     (root / "latest").write_text("checkpoint-00000009", encoding="utf-8")
-    with pytest.raises(DiffusionLoraError, match="is a symlink"):
+    with pytest.raises(dl.DiffusionLoraError, match="is a symlink"):
         latest_checkpoint(root)
 
 
@@ -441,5 +439,5 @@ def test_resumed_adapter_is_finite_and_loads(checkpointed, tmp_path):
     cfg, _ = checkpointed
     out = tmp_path / "out"
     shutil.copytree(Path(cfg["output"]["dir"]), out)
-    result = train({**cfg, "output": {**cfg["output"], "dir": str(out)}}, progress=False, resume=True)
+    result = dl.train({**cfg, "output": {**cfg["output"], "dir": str(out)}}, progress=False, resume=True)
     assert all(bool(torch.isfinite(t).all()) for t in load_file(str(result.adapter)).values())

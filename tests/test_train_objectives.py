@@ -14,8 +14,7 @@ from diffusers.training_utils import (
     compute_snr,
 )
 
-from diffusion_lora.errors import ConfigError
-from diffusion_lora.families import Objective
+import diffusion_lora as dl
 from diffusion_lora.training import objectives as obj
 from diffusion_lora.training.config import Loss, TimestepSampling, load_config
 
@@ -52,7 +51,8 @@ def test_schedule_matches_ddpm_scheduler(overrides):
 
 
 def test_schedule_reads_prediction_type_and_defaults():
-    assert obj.ddpm_schedule({**SD_CONFIG, "prediction_type": "v_prediction"}).prediction_type is Objective.V_PREDICTION
+    assert (obj.ddpm_schedule({**SD_CONFIG, "prediction_type": "v_prediction"}).prediction_type
+            is dl.Objective.V_PREDICTION)
     torch.testing.assert_close(
         obj.ddpm_schedule({}).alphas_cumprod, DDPMScheduler().alphas_cumprod, rtol=2e-5, atol=1e-7
     )
@@ -60,14 +60,14 @@ def test_schedule_reads_prediction_type_and_defaults():
 
 def test_add_noise_and_velocity_bit_equal_diffusers():
     scheduler = DDPMScheduler(**SD_CONFIG)
-    schedule = obj.DiffusionSchedule(scheduler.alphas_cumprod.clone(), Objective.EPSILON)
+    schedule = obj.DiffusionSchedule(scheduler.alphas_cumprod.clone(), dl.Objective.EPSILON)
     g = gen(1)
     x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
     t = torch.tensor([0, 17, 500, 999])
     assert torch.equal(obj.add_noise(x0, noise, t, schedule), scheduler.add_noise(x0, noise, t))
-    v = obj.ddpm_target(x0, noise, t, schedule, Objective.V_PREDICTION)
+    v = obj.ddpm_target(x0, noise, t, schedule, dl.Objective.V_PREDICTION)
     assert torch.equal(v, scheduler.get_velocity(x0, noise, t))
-    assert obj.ddpm_target(x0, noise, t, schedule, Objective.EPSILON) is noise
+    assert obj.ddpm_target(x0, noise, t, schedule, dl.Objective.EPSILON) is noise
     # And from our own float64-built schedule, equal to float32 rounding.
     ours = obj.ddpm_schedule(SD_CONFIG)
     torch.testing.assert_close(obj.add_noise(x0, noise, t, ours), scheduler.add_noise(x0, noise, t))
@@ -101,9 +101,9 @@ def test_min_snr_weights_formula():
     schedule = obj.DiffusionSchedule(torch.tensor([0.9, 0.5, 0.1, 0.0]))
     t = torch.arange(4)
     torch.testing.assert_close(obj.snr(t, schedule), torch.tensor([9.0, 1.0, 1 / 9, 0.0]))
-    eps = obj.min_snr_weights(t, schedule, 5.0, Objective.EPSILON)
+    eps = obj.min_snr_weights(t, schedule, 5.0, dl.Objective.EPSILON)
     torch.testing.assert_close(eps, torch.tensor([5 / 9, 1.0, 1.0, 1.0]))  # 1 at snr = 0: the limit, no NaN
-    v = obj.min_snr_weights(t, schedule, 5.0, Objective.V_PREDICTION)
+    v = obj.min_snr_weights(t, schedule, 5.0, dl.Objective.V_PREDICTION)
     torch.testing.assert_close(v, torch.tensor([5 / 10, 1 / 2, 0.1, 0.0]))
 
 
@@ -260,7 +260,7 @@ def test_huber_loss_hand_computed_and_limits():
     ],
 )
 def test_a_bad_scheduler_config_raises_config_error_naming_its_key(config, setting):
-    with pytest.raises(ConfigError, match=f"^{setting.replace('.', '[.]')}: "):
+    with pytest.raises(dl.ConfigError, match=f"^{setting.replace('.', '[.]')}: "):
         obj.ddpm_schedule(config)
 
 
@@ -278,7 +278,7 @@ def test_a_bad_scheduler_config_raises_config_error_naming_its_key(config, setti
 )
 def test_the_config_refuses_bad_objective_settings_naming_the_real_key(train, message):
     """The objectives trust the checked config; the config is where a bad setting is named."""
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(dl.ConfigError) as info:
         load_config({"data": {"path": "d"}, "output": {"dir": "o"}, "train": train})
     assert str(info.value).startswith(message), str(info.value)
 

@@ -85,10 +85,9 @@ def test_two_processes_writing_one_path_never_leave_a_torn_file(tmp_path):
 _FULL_DISK = textwrap.dedent("""
     import resource, signal, sys, torch
     import diffusion_lora as dl
-    from diffusion_lora.models import build_tiny_pipeline
     from diffusion_lora.training.checkpoint import save_checkpoint
     out = sys.argv[1]
-    pipe = build_tiny_pipeline("tiny-sd15")
+    pipe = dl.build_tiny_pipeline("tiny-sd15")
     dl.add_lora(pipe, "big", rank=64, text_encoder=True)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit fails with EFBIG instead
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))   # like a disk with 200 KB left

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable
 
 from ..errors import FormatError
 from .comfyui import is_comfyui
+from .file_format import FileFormat
 from .kohya import is_kohya
 from .peft_format import PEFT_MODEL_PREFIX, split_peft_key
-
-
-class FileFormat(str, enum.Enum):
-    """Key layouts diffusion_lora reads; the value is the name the CLI and metadata use."""
-
-    DIFFUSERS = "diffusers"  # also bare PEFT and older diffusers keys
-    KOHYA = "kohya"  # kohya / A1111 (lora_unet_…, lora_te_…)
-    COMFYUI = "comfyui"  # diffusion_model. / text_encoders. prefixes
 
 
 def detect_format(keys: Iterable[str], source: str = "") -> FileFormat:

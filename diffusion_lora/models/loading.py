@@ -26,9 +26,11 @@ from diffusers.loaders.single_file_utils import (
 
 from ..errors import ConfigError, ModelLoadError
 from ..families import single_file_pipelines, supported_titles
+from ..model_names import DEFAULT_MODEL, EMBEDDED_MODELS
 from .tiny import TINY_MODELS, build_tiny_pipeline
 
 __all__ = [
+    "DEFAULT_MODEL",
     "EMBEDDED_MODELS",
     "SINGLE_FILE_SUFFIXES",
     "detect_single_file_pipeline",
@@ -41,9 +43,6 @@ logger = logging.getLogger(__name__)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-# Trained pipelines shipped inside the package (diffusers folders under diffusion_lora/assets/).
-EMBEDDED_MODELS: tuple[str, ...] = ("shapes-sd15",)
-DEFAULT_MODEL = "shapes-sd15"  # the base model of every command (generate, train) when none is named
 
 
 def native_size(pipe: object) -> int | None:
