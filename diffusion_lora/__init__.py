@@ -7,8 +7,6 @@ The public API lives here::
     dl.load_lora(pipe, "style.safetensors", weight=0.8)
 """
 
-__version__ = "0.1.0"
-
 from .adapters import (  # noqa: E402
     LoadReport,
     LoraInfo,
@@ -41,6 +39,7 @@ from .errors import (  # noqa: E402
 from .families import FAMILIES, Family, Objective, detect_family, get_family  # noqa: E402
 from .models import TINY_MODELS, build_tiny_pipeline, load_pipeline  # noqa: E402
 from .training import TrainConfig, TrainResult, load_config, train  # noqa: E402
+from .version import __version__  # noqa: E402
 
 __all__ = [
     "__version__",

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .errors import ConfigError, DatasetError, DiffusionLoraError
 from .formats.printable import printable
 from .models.loading import DEFAULT_MODEL  # the embedded trained base (diffusion_lora/assets)
+from .version import __version__
 
 
 def split_weighted(spec: str, default: float = 1.0) -> tuple[str, float]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..adapters.layers import layer_shapes
 from ..families import get_family
 from ..formats.model_keys import ModelKeys
 from ..formats.sgm_blocks import UNetLayout
@@ -93,13 +94,6 @@ _BUILDERS: Mapping[str, Mapping[str, Callable[[], torch.nn.Module]]] = {
     },
     "flux1": {"transformer": _flux, "text_encoder": lambda: _clip(CLIP_L), "text_encoder_2": lambda: _t5(T5_XXL)},
 }
-
-
-def layer_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Weight shape of every Linear/Conv2d layer (seeing through PEFT wrappers), by module path."""
-    from ..adapters.inject import plain_modules
-
-    return {p: tuple(m.weight.shape) for p, m in plain_modules(model)}
 
 
 @functools.lru_cache(maxsize=None)
