@@ -214,8 +214,8 @@ def _file(path, names: list[str], diffusers: bool = False, metadata: dict | None
         (_names("flux_keys_dev.txt", "kohya"), False, None, ("flux1",)),
         (_names("flux_keys_dev.txt", "ComfyUI"), False, None, ("flux1",)),
     ],
-    ids=["sd15-kohya", "sd15-diffusers", "sdxl-kohya", "sdxl-diffusers", "sdxl-ss-metadata", "sd15-our-metadata", "flux-kohya",
-         "flux-comfyui"],
+    ids=["sd15-kohya", "sd15-diffusers", "sdxl-kohya", "sdxl-diffusers", "sdxl-ss-metadata", "sd15-our-metadata",
+         "flux-kohya", "flux-comfyui"],
 )
 def test_inspect_shows_the_family_convert_uses(tmp_path, names, diffusers, metadata, expected):
     from diffusion_lora.errors import ConfigError
