@@ -94,7 +94,7 @@ def _read_config(cfg_file: Path) -> dict:
 
 @dataclass
 class ReadAdapter:
-    """An adapter file read for one pipeline: its data, its format and the keys that fit no module."""
+    """An adapter file read for one model's keys: its data, its format and the keys that fit no module."""
 
     path: Path
     data: AdapterData
