@@ -29,12 +29,25 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from diffusion_lora.toy.analysis import foreground_pixels
-
-__all__ = ["ImageStats", "StyleDistance", "image_stats", "style_distance"]
+__all__ = ["ImageStats", "StyleDistance", "foreground_pixels", "image_stats", "pixel_array", "style_distance"]
 
 _LEVELS = 4
 _EDGE_THRESHOLD = 48
+FOREGROUND_THRESHOLD = 60  # 0–255 per channel
+
+
+def pixel_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    """``image`` as an int16 ``[H, W, 3]`` array of 0–255 RGB values."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    return np.asarray(image, dtype=np.int16)
+
+
+def foreground_pixels(image: Image.Image | np.ndarray, threshold: int = FOREGROUND_THRESHOLD) -> np.ndarray:
+    """Boolean ``[H, W]``: pixels that differ from the border's median colour by > ``threshold``."""
+    pixels = pixel_array(image)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    return np.abs(pixels - np.median(border, axis=0)).max(axis=-1) > threshold
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from .adapters import list_loras, load_lora
-from .adapters.files import default_adapter_name
 from .errors import ConfigError
 from .families import detect_family
+from .formats.adapter_files import default_adapter_name
 
 _EXTRA_NETWORK = re.compile(r"<(\w+):([^>]*)>")  # A1111's re_extra_net, allowing an empty body to refuse it
 _LORA_TYPES = ("lora", "lyco")

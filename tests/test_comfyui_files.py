@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import diffusion_lora as dl
-from diffusion_lora.adapters.files import model_keys_of
-from diffusion_lora.adapters.inject import base_module
+from diffusion_lora.adapters.keys import model_keys_of
+from diffusion_lora.adapters.layers import base_module
 from diffusion_lora.adapters.state import state_of
 from diffusion_lora.tools.convert import convert_file
 from diffusion_lora.tools.inspect import format_report, inspect_file

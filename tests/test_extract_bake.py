@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import diffusion_lora as dl
-from diffusion_lora.adapters.inject import plain_modules
+from diffusion_lora.adapters.layers import plain_modules
 from diffusion_lora.formats.safetensors_io import read_metadata
 from diffusion_lora.tools.extract import extract_file, extract_lora
 

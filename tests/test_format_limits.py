@@ -10,8 +10,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import diffusion_lora as dl
-from diffusion_lora.adapters.files import MAX_CONFIG_BYTES, resolve_adapter_path
 from diffusion_lora.adapters.state import state_of
+from diffusion_lora.formats.adapter_files import MAX_CONFIG_BYTES, resolve_adapter_path
 from diffusion_lora.formats.peft_format import LORA_ADAPTER_METADATA_KEY, MAX_PATTERN_ENTRIES
 from diffusion_lora.formats.safetensors_io import read_metadata
 

@@ -10,7 +10,8 @@ import torch
 import diffusion_lora as dl
 from diffusion_lora.formats.adapter_data import AdapterData, ModuleLora
 from diffusion_lora.tools.merge import merge_concat, merge_svd
-from diffusion_lora.tools.resize import DynamicRule, resize
+from diffusion_lora.tools.resize import resize
+from diffusion_lora.tools.svd import DynamicRule
 
 LIN, CONV, ONLY_A = "unet.lin", "unet.conv", "unet.only_a"
 
@@ -191,7 +192,7 @@ def sd1_file(path, seed: int, fmt: str, family: str = "sd1", only: tuple[str, ..
 
 
 def read_back(path):
-    from diffusion_lora.adapters.files import read_adapter
+    from diffusion_lora.formats.adapter_files import read_adapter
     from diffusion_lora.models.reference import reference_keys
 
     read = read_adapter(path, reference_keys("sd1"))
@@ -275,7 +276,7 @@ def test_resize_file_keeps_the_format_and_reports_energy(tmp_path):
 
 def test_concat_merge_equals_stacked_loading_in_a_pipeline(make_pipe, tmp_path):
     import diffusion_lora as dl
-    from diffusion_lora.adapters.files import model_keys_of
+    from diffusion_lora.adapters.keys import model_keys_of
     from diffusion_lora.adapters.state import state_of
     from diffusion_lora.tools.merge import merge_files
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import diffusion_lora as dl
-from diffusion_lora.adapters.files import model_keys_of
+from diffusion_lora.adapters.keys import model_keys_of
 from diffusion_lora.adapters.state import state_of
 from diffusion_lora.cli import main
 from diffusion_lora.formats.adapter_data import MAX_DELTA_ELEMENTS

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import diffusion_lora as dl
+from diffusion_lora.adapters.layers import plain_state_dict
 from diffusion_lora.cli import main
 from diffusion_lora.formats import hashes
-from diffusion_lora.tools.bake import bake, plain_state_dict
+from diffusion_lora.tools.bake import bake
 
 from .helpers import peft_folder
 
@@ -190,7 +191,7 @@ def test_recorded_bases_reads_ours_the_train_config_and_kohyas():
 
 
 def test_an_extracted_file_records_its_base_so_the_tools_resolve_it(tmp_path):
-    from diffusion_lora.adapters.inject import plain_modules
+    from diffusion_lora.adapters.layers import plain_modules
 
     tuned = dl.build_tiny_pipeline("tiny-sd15")
     g = torch.Generator().manual_seed(4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,3 +171,61 @@ def test_merge_and_resize_commands(tmp_path, make_pipe, capsys):
     dl.load_lora(again, resized)
     torch.testing.assert_close(run(again), expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
     assert inspect_file(resized).ranks == {5: inspect_file(merged).modules}
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _names(fixture: str, section: str | None = None, column: int = 0) -> list[str]:
+    """Module names of a golden key list (one column; only the rows under ``# <section>`` when given)."""
+    names, inside = [], section is None
+    for line in (FIXTURES / fixture).read_text().splitlines():
+        if line.startswith("#"):
+            inside = section is None or line.startswith(f"# {section}")
+            continue
+        if inside and line.strip():
+            names.append(line.split()[column])
+    return names
+
+
+def _file(path, names: list[str], diffusers: bool = False, metadata: dict | None = None):
+    """A small adapter file with real module ``names`` (rank-1 factors: the names are what matter)."""
+    suffixes = ("lora_A.weight", "lora_B.weight") if diffusers else ("lora_down.weight", "lora_up.weight")
+    tensors = {}
+    for name in names:
+        tensors[f"{name}.{suffixes[0]}"] = torch.ones(1, 2)
+        tensors[f"{name}.{suffixes[1]}"] = torch.ones(2, 1)
+        if not diffusers:
+            tensors[f"{name}.alpha"] = torch.tensor(1.0)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize(
+    "names, diffusers, metadata, expected",
+    [
+        (_names("kohya_keys_sd15.txt"), False, None, ()),  # kohya's flattened SD1 names say nothing
+        (_names("kohya_keys_sd15.txt", column=1), True, None, ("sd1", "sd2")),  # SD1 and SD2 share every name
+        (_names("kohya_keys_sdxl.txt"), False, None, ("sdxl",)),
+        (_names("kohya_keys_sdxl.txt", column=1), True, None, ("sdxl",)),
+        (_names("kohya_keys_sdxl.txt"), False, {"ss_base_model_version": "sdxl_base_v1-0"}, ("sdxl",)),
+        (_names("kohya_keys_sd15.txt"), False, {"diffusion_lora.family": "sd2"}, ("sd2",)),
+        (_names("flux_keys_dev.txt", "kohya"), False, None, ("flux1",)),
+        (_names("flux_keys_dev.txt", "ComfyUI"), False, None, ("flux1",)),
+    ],
+    ids=["sd15-kohya", "sd15-diffusers", "sdxl-kohya", "sdxl-diffusers", "sdxl-ss-metadata", "sd15-our-metadata",
+         "flux-kohya", "flux-comfyui"],
+)
+def test_inspect_shows_the_family_convert_uses(tmp_path, names, diffusers, metadata, expected):
+    from diffusion_lora.errors import ConfigError
+    from diffusion_lora.formats.adapter_files import header_of
+    from diffusion_lora.tools.files import file_family
+
+    path = _file(tmp_path / "real_names.safetensors", names, diffusers, metadata)
+    report = inspect_file(path)
+    assert report.family == (" or ".join(expected) or None)
+    if len(expected) == 1:  # convert, merge and resize act on that family
+        assert file_family(path, *header_of(path)) == expected[0]
+    else:  # and refuse to guess between the same candidates inspect shows
+        with pytest.raises(ConfigError, match=f"candidates: {', '.join(expected) or 'none'}"):
+            file_family(path, *header_of(path))

@@ -1,4 +1,8 @@
-"""The adapter engine: injection, loading, weights, fuse/unfuse and hot-swap, on top of PEFT."""
+"""The adapter engine: injection, loading, weights, fuse/unfuse and hot-swap, on top of PEFT.
+
+Besides the user-facing functions, this is the surface the file tools (``tools/``) use: a pipeline's
+module keys, its plain (unwrapped) layers and state dict, target resolution and the weight check.
+"""
 
 from .api import (
     LoadReport,
@@ -13,20 +17,30 @@ from .api import (
     set_weights,
     unfuse,
 )
+from .inject import resolve_targets
+from .keys import keys_of_components, pipeline_keys
+from .layers import plain_modules, plain_state_dict
 from .transfer import adapter_data, hotswap, save_lora
+from .weights import check_weight_value
 
 __all__ = [
     "LoadReport",
     "LoraInfo",
     "adapter_data",
     "add_lora",
+    "check_weight_value",
     "disable",
     "enable",
     "fuse",
     "hotswap",
+    "keys_of_components",
     "list_loras",
     "load_lora",
+    "pipeline_keys",
+    "plain_modules",
+    "plain_state_dict",
     "remove_lora",
+    "resolve_targets",
     "save_lora",
     "set_weights",
     "unfuse",

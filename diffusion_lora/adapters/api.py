@@ -13,13 +13,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from peft import LoraConfig
+
 from ..errors import ConfigError, DiffusionLoraError, FormatError
+from ..formats.adapter_files import default_adapter_name, read_adapter
 from ..formats.metadata import trigger_words_of
 from ..formats.printable import printable
-from .files import default_adapter_name, model_keys_of, read_adapter
 from .fuse import fuse_state, unfuse_state
 from .guards import check_name, refused, require, require_new
 from .inject import assign_weights, config_for, inject, remove_from_model, target_paths
+from .keys import model_keys_of
 from .state import AdapterRecord, AdapterState, Weight, state_of
 from .validate import LoadPlan, plan_load
 from .weights import apply_weights, block_layout, validate_weight
@@ -65,8 +68,6 @@ def add_lora(
     names/suffixes; ``alpha`` defaults to ``rank`` (scale 1). With ``text_encoder=True`` the CLIP text
     encoders get LoRA on their attention projections too. Afterwards only LoRA parameters require grad.
     """
-    from peft import LoraConfig
-
     state = state_of(pipe)
     check_name(name)
     require_new(state, name)

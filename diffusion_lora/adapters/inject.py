@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import logging
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -17,28 +17,9 @@ from ..errors import ConfigError
 from ..families import ALL_LINEAR, Family
 from ..formats.adapter_data import ModuleLora
 from ..formats.peft_format import lora_config_fields
+from .layers import ADAPTABLE, plain_modules
 
 logger = logging.getLogger(__name__)
-_ADAPTABLE = (torch.nn.Linear, torch.nn.Conv2d)
-
-
-def base_module(module: torch.nn.Module) -> torch.nn.Module:
-    """The plain layer under a PEFT wrapper (or the module itself)."""
-    return module.get_base_layer() if isinstance(module, LoraLayer) else module
-
-
-def plain_modules(model: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Module]]:
-    """(path, module) of every adaptable layer, seeing through existing LoRA wrappers."""
-    for path, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            yield path, module.get_base_layer()
-        elif isinstance(module, _ADAPTABLE) and not _inside_lora_layer(path):
-            yield path, module
-
-
-def _inside_lora_layer(path: str) -> bool:
-    parts = path.split(".")
-    return any(p in {"base_layer", "lora_A", "lora_B", "lora_magnitude_vector"} for p in parts)
 
 
 def resolve_targets(
@@ -50,7 +31,7 @@ def resolve_targets(
     """
     wanted = tuple(suffixes)
     everything = wanted == ALL_LINEAR
-    kinds = (torch.nn.Linear,) if linear_only else _ADAPTABLE
+    kinds = (torch.nn.Linear,) if linear_only else ADAPTABLE
     paths = [
         path
         for path, module in plain_modules(model)

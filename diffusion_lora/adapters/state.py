@@ -61,7 +61,7 @@ class AdapterState:
         self._pipe_components = self._components(pipe, family)
         self._sites: dict[tuple[str, str], LoraSite] | None = None
         self.layout: dict[str, int | None] | None = None  # block group -> count, see weights.block_layout
-        self.model_keys: Any = None  # formats.model_keys.ModelKeys, see adapters.files.model_keys_of
+        self.model_keys: Any = None  # formats.model_keys.ModelKeys, see adapters.keys.model_keys_of
 
     @staticmethod
     def _components(pipe: Any, family: Family) -> dict[str, torch.nn.Module]:

@@ -10,14 +10,15 @@ from typing import Any
 
 import torch
 
-from .. import __version__
-from ..errors import AdapterStateError, ConfigError
+from ..errors import AdapterStateError
 from ..formats.adapter_data import AdapterData, ModuleLora
+from ..formats.adapter_files import read_adapter, safetensors_path
 from ..formats.codec import encode
 from ..formats.metadata import ModelFacts, sharing_metadata, trigger_words_of
 from ..formats.safetensors_io import write_adapter_file_with_hashes
-from .files import model_keys_of, read_adapter
+from ..version import __version__
 from .guards import refused, require
+from .keys import model_keys_of
 from .state import AdapterRecord, AdapterState, state_of
 from .validate import plan_load
 from .weights import apply_weights
@@ -160,9 +161,7 @@ def save_lora(
     ``load_lora_weights`` gets the same alpha.
     """
     state = state_of(pipe)
-    out = Path(path)
-    if out.suffix != ".safetensors":
-        raise ConfigError(f"{out}: adapter files must end in .safetensors")
+    out = safetensors_path(path)
     data = adapter_data(pipe, name)
     rec = state.record(name)
     words = tuple(trigger_words) if trigger_words is not None else rec.trigger_words

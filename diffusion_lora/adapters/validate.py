@@ -10,12 +10,10 @@ import torch
 
 from ..errors import FamilyMismatchError, FormatError, KeyMappingError
 from ..formats.adapter_data import AdapterData, ModuleLora
+from ..formats.checks import check_finite, fit_problem
 from ..formats.family_guess import guess_families
-from ..formats.model_keys import ModelKeys
-from .inject import base_module
+from .layers import base_module, inside_lora_layer
 from .state import AdapterState
-
-_LORA_PARTS = frozenset({"base_layer", "lora_A", "lora_B", "lora_magnitude_vector", "lora_dropout"})
 
 
 @dataclass
@@ -32,7 +30,7 @@ class LoadPlan:
 
 def _layer_at(model: torch.nn.Module | None, path: str) -> torch.nn.Module | None:
     """The plain layer at ``path`` (seeing through a LoRA wrapper), or None when there is none."""
-    if model is None or not path or any(p in _LORA_PARTS for p in path.split(".")):
+    if model is None or not path or inside_lora_layer(path):
         return None
     try:
         return base_module(model.get_submodule(path))
@@ -49,49 +47,6 @@ def _fit_error(where: str, module: torch.nn.Module, m: ModuleLora, source: str) 
     else:
         return f"{where} is a {type(module).__name__}, which LoRA cannot adapt"
     return fit_problem(where, in_f, out_f, kernel, m, getattr(module, "bias", None) is not None)
-
-
-def fit_problem(
-    where: str, in_f: int, out_f: int, kernel: tuple[int, ...], m: ModuleLora, has_bias: bool | None
-) -> str | None:
-    """Why ``m`` cannot be a LoRA of a layer ``in_f`` → ``out_f`` (conv: ``kernel`` (kh, kw)), or None.
-
-    ``has_bias`` None means the layer's bias is unknown (a reference model's weight shapes only).
-    """
-    down, up, rank = m.down, m.up, m.rank
-    if rank < 1 or rank > min(in_f * max(1, _numel(kernel)), out_f):
-        return f"{where}: rank {rank} is impossible for a layer of {in_f}→{out_f} features"
-    if down.shape[1:2] != (in_f,) or (kernel and tuple(down.shape[2:]) not in (kernel,)):
-        return f"{where}: down/lora_A has shape {list(down.shape)}, the layer needs [{rank}, {in_f}, …]"
-    if up.shape[0] != out_f or up.shape[1] != rank or up[0].numel() != rank:
-        return f"{where}: up/lora_B has shape {list(up.shape)}, the layer needs [{out_f}, {rank}]"
-    if kernel and down.dim() != 4:
-        return f"{where}: a conv layer needs 4-d LoRA weights, got {list(down.shape)}"
-    if not kernel and (down.dim() != 2 or up.dim() != 2):
-        return f"{where}: a linear layer needs 2-d LoRA weights, got {list(down.shape)} and {list(up.shape)}"
-    if m.magnitude is not None and tuple(m.magnitude.shape) != (out_f,):
-        return f"{where}: DoRA magnitude has shape {list(m.magnitude.shape)}, the layer needs [{out_f}]"
-    if m.bias is not None and (tuple(m.bias.shape) != (out_f,) or has_bias is False):
-        return f"{where}: a bias delta of shape {list(m.bias.shape)} needs a layer with a [{out_f}] bias"
-    return None
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _check_finite(key: str, m: ModuleLora, source: str) -> None:
-    for role, t in (("down", m.down), ("up", m.up), ("magnitude", m.magnitude), ("bias", m.bias)):
-        if t is not None and not torch.isfinite(t).all():
-            raise FormatError(
-                f"{source}: the {role} weight of {key} contains NaN or Inf values; the file is broken "
-                f"(re-download or re-export it) and was not used"
-            )
-    if not m.alpha > 0 or m.alpha != m.alpha or m.alpha == float("inf"):
-        raise FormatError(f"{source}: alpha of {key} is {m.alpha}, it must be a positive finite number")
 
 
 # A delta this many times the layer's own weight (Frobenius norms, the weight's at least 1) is a
@@ -149,7 +104,7 @@ def _check_values(key: str, module: torch.nn.Module, m: ModuleLora, use_rslora: 
     finite = all(math.isfinite(x) for x in (base, down, up, magnitude, bias))  # max() would drop a NaN
     if finite and 0 < m.alpha < math.inf and size <= _ROOM * MAX_DELTA_RATIO * base and largest <= _ROOM * limit:
         return
-    _check_finite(key, m, source)
+    check_finite(key, m, source)
     _check_magnitude(key, module, m, use_rslora, source)
     _check_dtype(key, m, use_rslora, _layer_dtype(module), source)
 
@@ -209,29 +164,6 @@ def _max_abs_product(up: torch.Tensor, down: torch.Tensor) -> float:
     """max |up @ down| in float64, a block of rows at a time (only modules the norms cannot clear get here)."""
     d = down.detach().flatten(1).double()
     return max(float((u.double() @ d).abs().max()) for u in up.detach().flatten(1).split(256))
-
-
-def check_against_keys(data: AdapterData, keys: ModelKeys, source: str) -> None:
-    """The file-only check of the tools (convert, merge, resize): every module fits the model's layer
-    shapes and holds finite numbers. Raises KeyMappingError / FormatError naming ``source``."""
-    misfits = []
-    for key, m in data.modules.items():
-        component, _, path = key.partition(".")
-        shape = keys.shape(component, path)
-        if shape is None:  # a diffusers-format module path the model does not have
-            misfits.append(f"{key}: the model has no Linear/Conv2d layer of that name")
-            continue
-        out_f, in_f, kernel = shape[0], shape[1], tuple(shape[2:])
-        problem = fit_problem(key, in_f, out_f, kernel, m, None)
-        if problem:
-            misfits.append(problem)
-            continue
-        _check_finite(key, m, source)
-    if misfits:
-        raise KeyMappingError(
-            f"{source}: {len(misfits)} module(s) do not fit the {keys.family.title} model: "
-            + "; ".join(misfits[:5]) + (" …" if len(misfits) > 5 else "") + "; nothing was written"
-        )
 
 
 def plan_load(

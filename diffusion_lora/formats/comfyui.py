@@ -20,6 +20,7 @@ import torch
 
 from ..errors import FormatError
 from .adapter_data import AdapterData
+from .kohya import kohya_alpha, magnitude_to_dora_scale
 from .sgm_blocks import UNetLayout, sgm_path
 
 DENOISER_PREFIX = "diffusion_model."
@@ -110,8 +111,6 @@ def comfyui_names(
 def write_comfyui(data: AdapterData, names: Mapping[str, str]) -> dict[str, torch.Tensor]:
     """Tensors of a ComfyUI-style file: ``<name>.lora_down.weight``/``.lora_up.weight``/``.alpha``
     (and ``.dora_scale`` in the kohya/LyCORIS convention for DoRA, ``.diff_b`` for a bias change)."""
-    from .kohya import kohya_alpha, magnitude_to_dora_scale
-
     tensors: dict[str, torch.Tensor] = {}
     for key, m in data.modules.items():
         name = names[key]

@@ -20,18 +20,18 @@ from pathlib import Path
 from typing import BinaryIO
 
 from diffusion_lora.errors import FormatError
-from diffusion_lora.formats.regular_file import open_regular
+from diffusion_lora.formats.regular_file import reading
 
 CHUNK_BYTES = 1 << 20
+_HASHING = " the file to hash it"
 _LEGACY_OFFSET = 0x100000
 _LEGACY_LENGTH = 0x10000
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """SHA-256 hex digest (64 lowercase hex digits) of the whole file."""
-    path = Path(path)
-    with open_regular(path) as f:
-        return _sha256_of_chunks(_chunks(f, path))
+    with reading(path, doing=_HASHING) as f:
+        return _sha256_of_chunks(_chunks(f))
 
 
 def autov2_hash(path: str | os.PathLike[str]) -> str:
@@ -45,8 +45,8 @@ def addnet_hash(path: str | os.PathLike[str]) -> str:
     Raises FormatError naming the path when the file is too short to hold the header it declares.
     """
     path = Path(path)
-    with open_regular(path) as f:
-        size = _size(f, path)
+    with reading(path, doing=_HASHING) as f:
+        size = os.fstat(f.fileno()).st_size
         header_len = int.from_bytes(_read_prefix(f, path), "little")
         if 8 + header_len > size:
             raise FormatError(
@@ -54,7 +54,7 @@ def addnet_hash(path: str | os.PathLike[str]) -> str:
                 "it is truncated or not a safetensors file, so it has no data section to hash"
             )
         f.seek(8 + header_len)
-        return _sha256_of_chunks(_chunks(f, path))
+        return _sha256_of_chunks(_chunks(f))
 
 
 def legacy_hash(path: str | os.PathLike[str]) -> str:
@@ -62,13 +62,9 @@ def legacy_hash(path: str | os.PathLike[str]) -> str:
 
     A file shorter than 1 MiB hashes to SHA-256 of no bytes, as in kohya and the old webui.
     """
-    path = Path(path)
-    with open_regular(path) as f:
-        try:
-            f.seek(_LEGACY_OFFSET)
-            return hashlib.sha256(f.read(_LEGACY_LENGTH)).hexdigest()[:8]
-        except OSError as e:
-            raise FormatError(f"{path}: could not read the file to hash it: {e}") from e
+    with reading(path, doing=_HASHING) as f:
+        f.seek(_LEGACY_OFFSET)
+        return hashlib.sha256(f.read(_LEGACY_LENGTH)).hexdigest()[:8]
 
 
 def addnet_hash_of_bytes(data: bytes) -> str:
@@ -86,13 +82,6 @@ def legacy_hash_of_bytes(data: bytes) -> str:
     return hashlib.sha256(memoryview(data)[_LEGACY_OFFSET : _LEGACY_OFFSET + _LEGACY_LENGTH]).hexdigest()[:8]
 
 
-def _size(f: BinaryIO, path: Path) -> int:
-    try:
-        return os.fstat(f.fileno()).st_size
-    except OSError as e:
-        raise FormatError(f"{path}: could not stat the file: {e}") from e
-
-
 def _read_prefix(f: BinaryIO, path: Path) -> bytes:
     prefix = f.read(8)
     if len(prefix) < 8:
@@ -102,12 +91,9 @@ def _read_prefix(f: BinaryIO, path: Path) -> bytes:
     return prefix
 
 
-def _chunks(f: BinaryIO, path: Path) -> Iterator[bytes]:
-    try:
-        while chunk := f.read(CHUNK_BYTES):
-            yield chunk
-    except OSError as e:
-        raise FormatError(f"{path}: could not read the file to hash it: {e}") from e
+def _chunks(f: BinaryIO) -> Iterator[bytes]:
+    while chunk := f.read(CHUNK_BYTES):
+        yield chunk
 
 
 def _sha256_of_chunks(chunks: Iterator[bytes]) -> str:

@@ -20,7 +20,7 @@ _CLIP_WRAPPER = "text_model."
 class ModelKeys:
     """A model family plus the weight shape of every Linear/Conv2d layer, per pipeline component.
 
-    Built from a loaded pipeline (``adapters.files.model_keys_of``) or from a real-size reference
+    Built from a loaded pipeline (``adapters.keys.model_keys_of``) or from a real-size reference
     model on the meta device (``models.reference``), so converting files never needs the weights.
     ``denoiser_config`` is the denoiser's config dict (Flux split sizes, UNet block layout).
     """

@@ -6,8 +6,10 @@ not a regular file: a FIFO, a socket or a device such as ``/dev/zero`` would nev
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -42,3 +44,14 @@ def open_regular(
             raise error(f"{where}: is a directory; pass the file inside it")
         raise error(f"{where}: not a regular file (a FIFO, socket or device); remove it or put the file itself there")
     return os.fdopen(fd, "rb")
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike, *, doing: str = "") -> Iterator[BinaryIO]:
+    """``path`` opened by :func:`open_regular`; an OSError while it is read (EIO and the like) becomes a
+    FormatError naming the path (``doing``, e.g. ``" the file to hash it"``, goes after "could not read")."""
+    with open_regular(path) as f:
+        try:
+            yield f
+        except OSError as e:
+            raise FormatError(f"{Path(path)}: could not read{doing}: {e.strerror or e}") from e

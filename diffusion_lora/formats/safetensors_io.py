@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from diffusion_lora.errors import FormatError, UnsafeFileError
 from diffusion_lora.formats.atomic import atomic_write_bytes
 from diffusion_lora.formats.hashes import addnet_hash_of_bytes, legacy_hash_of_bytes
-from diffusion_lora.formats.regular_file import open_regular
+from diffusion_lora.formats.regular_file import reading
 
 logger = logging.getLogger(__name__)
 
@@ -88,14 +88,11 @@ def read_adapter_file(
     path = Path(path)
     # One open file for the header and the data: a writer that renames a new file into place
     # meanwhile (atomic saves do) cannot hand us one file's header and another's tensors.
-    try:
-        with open_regular(path) as f:
-            header = _inspect_open_file(f, path, max_header_bytes, allow_pickle=allow_pickle)
-            if header is None:
-                return _load_pickle(f, path), {}
-            return _load_safetensors(f, path, header), dict(header.metadata)
-    except OSError as e:  # EIO and the like while reading
-        raise FormatError(f"{path}: could not read: {e.strerror or e}") from e
+    with reading(path) as f:
+        header = _inspect_open_file(f, path, max_header_bytes, allow_pickle=allow_pickle)
+        if header is None:
+            return _load_pickle(f, path), {}
+        return _load_safetensors(f, path, header), dict(header.metadata)
 
 
 def read_header(
@@ -177,11 +174,8 @@ def data_section_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
 
 def _inspect(path: Path, max_header_bytes: int, *, allow_pickle: bool) -> AdapterHeader | None:
     """Validated header of a safetensors file, or None for a pickle checkpoint that may be loaded."""
-    try:
-        with open_regular(path) as f:
-            return _inspect_open_file(f, path, max_header_bytes, allow_pickle=allow_pickle)
-    except OSError as e:  # EIO and the like while reading
-        raise FormatError(f"{path}: could not read: {e.strerror or e}") from e
+    with reading(path) as f:
+        return _inspect_open_file(f, path, max_header_bytes, allow_pickle=allow_pickle)
 
 
 def _inspect_open_file(

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import diffusers
+import huggingface_hub.constants
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.loaders.single_file_utils import (
@@ -23,6 +24,7 @@ from diffusers.loaders.single_file_utils import (
     SingleFileComponentError,
     infer_diffusers_model_type,
 )
+from safetensors import safe_open
 
 from ..errors import ConfigError, ModelLoadError
 from ..families import single_file_pipelines, supported_titles
@@ -167,8 +169,6 @@ def _load_folder(path: Path, torch_dtype: torch.dtype | None) -> DiffusionPipeli
 
 def _hub_offline() -> bool:
     """Whether hub access is switched off, read now (huggingface_hub reads it only at import)."""
-    import huggingface_hub.constants
-
     flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
     return flag in {"1", "true", "yes", "on"} or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
 
@@ -202,8 +202,6 @@ def read_checkpoint_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int,
     path = Path(path)
     try:
         if path.suffix.lower() == ".safetensors":
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as f:
                 return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))

@@ -14,6 +14,7 @@ import diffusers
 import torch
 import transformers
 
+from ..adapters.layers import layer_shapes
 from ..families import ComponentSpec, get_family
 from ..formats.model_keys import ModelKeys
 from ..formats.sgm_blocks import UNetLayout
@@ -32,13 +33,6 @@ def build_component(spec: ComponentSpec) -> torch.nn.Module:
         config = getattr(transformers, _TEXT_CONFIG_CLASSES[spec.cls])(**spec.config)
         return getattr(transformers, spec.cls)(config)
     return getattr(diffusers, spec.cls)(**spec.config)
-
-
-def layer_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Weight shape of every Linear/Conv2d layer (seeing through PEFT wrappers), by module path."""
-    from ..adapters.inject import plain_modules
-
-    return {p: tuple(m.weight.shape) for p, m in plain_modules(model)}
 
 
 @functools.lru_cache(maxsize=None)

@@ -27,13 +27,18 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from .. import adapters  # adapters.fuse(): `import fuse` would name the module adapters/fuse.py too
+from ..adapters import check_weight_value, load_lora, plain_state_dict
 from ..errors import AdapterStateError, ConfigError
+from ..formats.adapter_files import resolve_adapter_path, safetensors_path
+from ..formats.atomic import atomic_write_bytes
+from ..formats.hashes import file_sha256
+from ..formats.safetensors_io import read_header
+from ..models import load_pipeline
 
 logger = logging.getLogger(__name__)
 
 BAKE_INFO = "bake_info.json"
-# Parts of a PEFT-wrapped layer's state-dict keys that are adapter state, not model weights.
-_ADAPTER_PARTS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
 
 
 @dataclass
@@ -46,36 +51,19 @@ class BakeReport:
     single_file: Path | None = None
 
 
-def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``model``'s state dict with PEFT wrappers seen through: ``….base_layer.weight`` → ``….weight``,
-    adapter tensors (``lora_A``, ``lora_B``, …) dropped. Tensors are the model's own (not copies)."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
-        parts = key.split(".")
-        if any(p in _ADAPTER_PARTS for p in parts):
-            continue
-        out[".".join(p for p in parts if p != "base_layer")] = value
-    return out
-
-
 def _torch_components(pipe: Any) -> dict[str, torch.nn.Module]:
     return {n: c for n, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
 
 
 def _fused_pipeline(model: str, loras: Sequence[tuple[str, float]]) -> tuple[Any, int]:
-    from ..adapters import fuse, load_lora
-    from ..models import load_pipeline
-
     pipe = load_pipeline(model)
     for i, (path, weight) in enumerate(loras):
         load_lora(pipe, path, name=f"bake_{i}", weight=weight)
-    return pipe, (fuse(pipe) if loras else 0)
+    return pipe, (adapters.fuse(pipe) if loras else 0)
 
 
 def _plain_copy(model: str, fused: Any) -> Any:
     """A freshly loaded ``model`` holding ``fused``'s weights, without any adapter wrapper."""
-    from ..models import load_pipeline
-
     plain = load_pipeline(model)
     fused_parts = _torch_components(fused)
     for name, component in _torch_components(plain).items():
@@ -88,8 +76,6 @@ def _plain_copy(model: str, fused: Any) -> Any:
 
 
 def _write_single_file(pipe: Any, path: Path) -> None:
-    from ..formats.atomic import atomic_write_bytes
-
     tensors = {
         f"{name}.{key}": value.detach().to("cpu").contiguous().clone()
         for name, component in _torch_components(pipe).items()
@@ -106,15 +92,10 @@ def _check_inputs(loras: Sequence[tuple[str, float]], out: Path, single_file: Pa
     resolved by the same reader; its weight file's header is validated (a FIFO, a device or a pickle
     is refused without being read) before the file is hashed.
     """
-    from ..adapters.files import resolve_adapter_path
-    from ..adapters.weights import check_weight_value
-    from ..formats.hashes import file_sha256
-    from ..formats.safetensors_io import read_header
-
     if out.exists():
         raise ConfigError(f"{out}: already exists; choose a new output folder or remove it first")
-    if single_file is not None and single_file.suffix != ".safetensors":
-        raise ConfigError(f"{single_file}: single_file must end in .safetensors")
+    if single_file is not None:
+        safetensors_path(single_file, "single_file")
     entries = []
     for path, weight in loras:
         check_weight_value(f"weight of LoRA {path}", weight)

@@ -33,10 +33,16 @@ from typing import Any
 
 import torch
 
+from ..adapters import keys_of_components, pipeline_keys
 from ..errors import DiffusionLoraError, ModelLoadError, UnsupportedModelError
+from ..families import detect_family
 from ..formats.json_text import parse_json
 from ..formats.model_keys import ModelKeys
 from ..formats.regular_file import open_regular
+from ..models import load_pipeline
+from ..models.loading import EMBEDDED_MODELS, embedded_model_path
+from ..models.reference import reference_keys
+from ..models.tiny import TINY_MODELS
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +75,6 @@ def recorded_bases(metadata: Mapping[str, str]) -> list[tuple[str, str]]:
 def resolve_base(value: str) -> str | None:
     """``value`` as a source :func:`keys_of_model` reads cheaply (a built-in name or a local diffusers
     folder), or None. The embedded model's recorded folder resolves to its name wherever it is now."""
-    from ..models.loading import EMBEDDED_MODELS
-    from ..models.tiny import TINY_MODELS
-
     if value in EMBEDDED_MODELS or value in TINY_MODELS:
         return value
     if len(value) > 4096 or "\0" in value:
@@ -94,26 +97,16 @@ def keys_of_model(source: str | os.PathLike) -> ModelKeys:
     are built on the meta device from their configs; other sources (single files, hub ids) are
     loaded. Raises ModelLoadError / UnsupportedModelError when the model cannot be read.
     """
-    from ..models.loading import EMBEDDED_MODELS, embedded_model_path
-    from ..models.tiny import TINY_MODELS
-
     name = os.fspath(source)
     if name in EMBEDDED_MODELS:
         return folder_keys(embedded_model_path(name))
     if name not in TINY_MODELS and (Path(name) / "model_index.json").is_file():
         return folder_keys(Path(name))
-    from ..adapters.files import model_keys_of
-    from ..adapters.state import state_of
-    from ..models import load_pipeline
-
-    return model_keys_of(state_of(load_pipeline(name)))
+    return pipeline_keys(load_pipeline(name))
 
 
 def folder_keys(folder: Path) -> ModelKeys:
     """Layer shapes of a diffusers folder's denoiser and text encoders, built on the meta device."""
-    from ..families import detect_family
-    from ..formats.sgm_blocks import UNetLayout
-
     index = _read_json(folder / "model_index.json")
     denoiser_name = next((c for c in ("unet", "transformer") if c in index), None)
     if denoiser_name is None:
@@ -124,16 +117,7 @@ def folder_keys(folder: Path) -> ModelKeys:
     for component in family.text_encoders:
         if component in index and index[component] is not None:
             models[component] = _meta_component(folder, component, index[component])
-    config = dict(denoiser.config)
-    layout = None
-    if denoiser_name == "unet":
-        try:
-            layout = UNetLayout.from_config(config)
-        except UnsupportedModelError:  # no SGM names for this UNet; diffusers names still work
-            layout = None
-    from ..models.reference import layer_shapes
-
-    return ModelKeys(family, {c: layer_shapes(m) for c, m in models.items()}, layout, config)
+    return keys_of_components(family, models)
 
 
 def _meta_component(folder: Path, component: str, spec: Any) -> torch.nn.Module:
@@ -175,8 +159,6 @@ def _read_json(path: Path) -> dict:
 def keys_for_files(metadatas: Sequence[Mapping[str, str]], family: str) -> tuple[ModelKeys, str | None]:
     """The keys to check files of ``family`` against, and the recorded base they come from (None: the
     family's reference model). The first recorded base that resolves and is of ``family`` is used."""
-    from ..models.reference import reference_keys
-
     tried: set[str] = set()
     for metadata in metadatas:
         for key, value in recorded_bases(metadata):

@@ -17,9 +17,15 @@ from typing import Any
 
 import torch
 
+from ..adapters import pipeline_keys, plain_modules, resolve_targets
 from ..errors import ConfigError, FamilyMismatchError
 from ..families import Family, detect_family
 from ..formats.adapter_data import AdapterData, ModuleLora
+from ..formats.adapter_files import safetensors_path
+from ..formats.codec import encode
+from ..formats.safetensors_io import write_adapter_file_with_hashes
+from ..models import load_pipeline
+from .svd import factor
 
 
 @dataclass
@@ -33,25 +39,11 @@ class ExtractReport:
     energy: dict[str, float] = field(default_factory=dict)
 
 
-def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(up [out, r], down [r, in], energy retained) of a 2-D ``delta``, r = min(rank, out, in)."""
-    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
-    r = min(rank, s.numel())
-    root = s[:r].sqrt()
-    total = float((s**2).sum())
-    energy = float((s[:r] ** 2).sum()) / total if total > 0 else 1.0
-    return (u[:, :r] * root).contiguous(), (root[:, None] * vh[:r]).contiguous(), energy
-
-
 def module_lora(delta: torch.Tensor, rank: int) -> tuple[ModuleLora, float]:
     """The rank-``rank`` ModuleLora (scale 1) of a Linear [out, in] or Conv2d [out, in, kh, kw] delta."""
-    flat = delta.reshape(delta.shape[0], -1)
-    up, down, energy = svd_factors(flat, rank)
-    r = down.shape[0]
-    if delta.dim() == 4:
-        down = down.reshape(r, *delta.shape[1:])
-        up = up.reshape(delta.shape[0], r, 1, 1)
-    return ModuleLora(down=down, up=up, alpha=float(r)), energy
+    factors = factor(delta.reshape(delta.shape[0], -1).float(), tuple(delta.shape[1:]), rank)
+    up, down = factors.cast(torch.float32)
+    return ModuleLora(down=down, up=up, alpha=float(down.shape[0])), factors.fraction
 
 
 def _component_targets(family: Family, targets: str | Sequence[str], text_encoder: bool) -> dict[str, Any]:
@@ -71,8 +63,6 @@ def _component_targets(family: Family, targets: str | Sequence[str], text_encode
 def _extract(
     base_pipe: Any, tuned_pipe: Any, rank: int, targets: str | Sequence[str], text_encoder: bool, threshold: float
 ) -> tuple[AdapterData, list[str], dict[str, float]]:
-    from ..adapters.inject import plain_modules, resolve_targets
-
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ConfigError(f"rank: must be a positive integer, got {rank!r}")
     if threshold < 0:
@@ -138,22 +128,14 @@ def extract_file(
     to: str = "diffusers",
 ) -> ExtractReport:
     """Load ``base`` and ``tuned`` (see ``load_pipeline``), extract, and write ``out`` atomically in ``to``."""
-    from ..adapters.files import model_keys_of
-    from ..adapters.state import state_of
-    from ..formats.codec import encode
-    from ..formats.safetensors_io import write_adapter_file_with_hashes
-    from ..models import load_pipeline
-
-    path = Path(out)
-    if path.suffix != ".safetensors":
-        raise ConfigError(f"{path}: adapter files must end in .safetensors")
+    path = safetensors_path(out)
     base_pipe, tuned_pipe = load_pipeline(base), load_pipeline(tuned)
     data, skipped, energy = _extract(base_pipe, tuned_pipe, rank, targets, text_encoder, threshold)
     if not data.modules:
         raise ConfigError(
             f"{tuned}: no targeted layer differs from {base} by more than threshold={threshold}; nothing to extract"
         )
-    keys = model_keys_of(state_of(base_pipe))
+    keys = pipeline_keys(base_pipe)
     tensors, metadata = encode(keys, data, to)
     provenance = {"base": os.fspath(base), "tuned": os.fspath(tuned), "rank": rank,
                   "targets": targets, "threshold": threshold}  # fmt: skip

@@ -6,16 +6,14 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import FormatError
-from ..families import FAMILIES, family_of_kohya_version
 from ..formats.detect import detect_format
-from ..formats.family_guess import guess_families
+from ..formats.file_family import TENSOR_SUFFIXES, family_of
 from ..formats.hashes import addnet_hash, autov2_hash, file_sha256
 from ..formats.kohya import is_kohya
 from ..formats.lycoris import is_lycoris
@@ -24,16 +22,6 @@ from ..formats.peft_format import PEFT_MODEL_PREFIX, split_peft_key
 from ..formats.printable import printable
 from ..formats.safetensors_io import read_adapter_file
 
-# kohya/ComfyUI/LyCORIS tensor suffixes → (role, algorithm)
-_SUFFIXES = {
-    "lora_down.weight": ("down", "lora"), "lora_A.weight": ("down", "lora"), "lora_up.weight": ("up", "lora"),
-    "lora_B.weight": ("up", "lora"), "lora_mid.weight": ("mid", "lora"), "alpha": ("alpha", None),
-    "dora_scale": ("magnitude", "dora"), "hada_w1_a": ("up", "loha"), "hada_w1_b": ("down", "loha"),
-    "hada_w2_a": ("up2", "loha"), "hada_w2_b": ("down2", "loha"), "hada_t1": ("t1", "loha"),
-    "hada_t2": ("t2", "loha"), "lokr_w1": ("w1", "lokr"), "lokr_w1_a": ("w1a", "lokr"),
-    "lokr_w1_b": ("down", "lokr"), "lokr_w2": ("w2", "lokr"), "lokr_w2_a": ("w2a", "lokr"),
-    "lokr_w2_b": ("down2", "lokr"), "lokr_t2": ("t2", "lokr"), "diff": ("diff", "full"), "diff_b": ("diff_b", None),
-}  # fmt: skip
 _TARGET = re.compile(r"(to_q|to_k|to_v|to_out[._]0|add_[qkv]_proj|to_add_out|q_proj|k_proj|v_proj|out_proj|qkv|proj|"
                      r"linear1|linear2|proj_in|proj_out|ff[._]net[._]0[._]proj|ff[._]net[._]2|fc1|fc2|lin|"
                      r"conv\d?|conv_shortcut|mlp[._][02])$")
@@ -72,22 +60,10 @@ def _split(key: str, fmt: str) -> tuple[str, str, str | None]:
             raise FormatError(f"key {key!r} is not a diffusers LoRA key")
         module, role = split
         return module, role, "dora" if role == "magnitude" else ("lora" if role != "alpha" else None)
-    for suffix, (role, algo) in _SUFFIXES.items():
+    for suffix, (role, algo) in TENSOR_SUFFIXES.items():
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], role, algo
     raise FormatError(f"key {key!r} has no known LoRA/LyCORIS suffix")
-
-
-def _family(metadata: Mapping[str, str], modules: list[str]) -> tuple[str | None, str]:
-    if metadata.get("diffusion_lora.family") in FAMILIES:
-        return metadata["diffusion_lora.family"], "metadata (diffusion_lora.family)"
-    kohya_family = family_of_kohya_version(metadata.get("ss_base_model_version", ""))
-    if kohya_family is not None:
-        return kohya_family.name, "metadata (ss_base_model_version)"
-    guess = guess_families([m for m in modules if "." in m and not m.startswith("lora_")], extra_keys=modules)
-    if guess:
-        return " or ".join(sorted(guess)), "module names"
-    return None, "unknown"
 
 
 def inspect_file(path: str | os.PathLike) -> FileReport:
@@ -114,13 +90,14 @@ def inspect_file(path: str | os.PathLike) -> FileReport:
             alphas[round(float(roles["alpha"].reshape(())), 6)] += 1
         targets[_target_of(module)] += 1
         components[module.split(".")[0] if "." in module else "_".join(module.split("_")[:2])] += 1
-    family, source = _family(metadata, list(parts))
+    found = family_of(metadata, tensors)
     stored = metadata.get("sshs_model_hash")
     computed = addnet_hash(p)
     algorithm = "dora" if algos.get("dora") else ", ".join(sorted(a for a in algos if a != "dora")) or "lora"
     return FileReport(
-        file=str(p), size_bytes=p.stat().st_size, format=fmt, algorithm=algorithm, family=family,
-        family_source=source, modules=len(parts), ranks=dict(sorted(ranks.items())),
+        file=str(p), size_bytes=p.stat().st_size, format=fmt, algorithm=algorithm,
+        family=" or ".join(found.names) or None, family_source=found.source, modules=len(parts),
+        ranks=dict(sorted(ranks.items())),
         alphas=dict(sorted(alphas.items())), targets=dict(targets.most_common()), components=dict(components),
         trigger_words=list(trigger_words_of(metadata)),
         base_model=metadata.get("diffusion_lora.base_model") or metadata.get("ss_sd_model_name"),

@@ -22,11 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from diffusion_lora.metrics import FOREGROUND_THRESHOLD, foreground_pixels, pixel_array
 from diffusion_lora.toy import scenes, styles
 
-__all__ = ["Reading", "foreground_mask", "foreground_pixels", "read_image"]
+__all__ = ["Reading", "foreground_mask", "read_image"]
 
-_THRESHOLD = 60  # 0–255 per channel
+_THRESHOLD = FOREGROUND_THRESHOLD
 _MIN_PIXELS = 12  # a smaller region is noise, not a shape
 _TEMPLATE_SUPERSAMPLE = 4
 
@@ -40,12 +41,6 @@ class Reading:
     iou: float  # of the best-fitting shape, 0–1
     area: int  # pixels of the filled foreground region
     box: tuple[int, int, int, int] | None  # left, top, right, bottom (exclusive) of the region
-
-
-def _as_array(image: Image.Image | np.ndarray) -> np.ndarray:
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    return np.asarray(image, dtype=np.int16)
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -80,13 +75,6 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return ~outside[1:-1, 1:-1]
 
 
-def foreground_pixels(image: Image.Image | np.ndarray, threshold: int = _THRESHOLD) -> np.ndarray:
-    """Boolean ``[H, W]``: pixels that differ from the border's median colour by > ``threshold``."""
-    pixels = _as_array(image)
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    return np.abs(pixels - np.median(border, axis=0)).max(axis=-1) > threshold
-
-
 def foreground_mask(image: Image.Image | np.ndarray, threshold: int = _THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
     """(largest foreground region, the same with holes filled) as boolean ``[H, W]`` arrays."""
     region = _largest_component(foreground_pixels(image, threshold))
@@ -109,7 +97,7 @@ def read_image(
     colours: dict[str, tuple[int, int, int]] = scenes.COLOURS,
 ) -> Reading:
     """The foreground's best-fitting shape among ``shapes`` and nearest colour among ``colours``."""
-    pixels = _as_array(image)
+    pixels = pixel_array(image)
     region, filled = foreground_mask(pixels)
     area = int(filled.sum())
     if area < _MIN_PIXELS:

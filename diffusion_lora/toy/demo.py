@@ -27,6 +27,7 @@ from diffusion_lora.toy import analysis, scenes, styles
 from diffusion_lora.toy.datasets import character_scenes
 from diffusion_lora.toy.evaluate import caption_of, generate
 from diffusion_lora.training.outputs import image_grid
+from diffusion_lora.training.trainer import train
 
 __all__ = ["CELL", "DemoResult", "run_demo"]
 
@@ -62,8 +63,6 @@ class DemoResult:
 
 
 def _train(samples: Path, config: str, out_dir: Path, data: str, progress: bool) -> Path:
-    from diffusion_lora.training.trainer import train  # the trainer imports accelerate: only when used
-
     overrides = [f'data.path="{(samples / "datasets" / data).as_posix()}"', f'output.dir="{out_dir.as_posix()}"']
     result = train(samples / config, overrides=overrides, progress=progress)
     assert result.adapter is not None  # a run without max_steps_this_run always finishes

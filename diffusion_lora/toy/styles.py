@@ -9,10 +9,11 @@ The mascot, called by the made-up trigger word ``zorbo``, is an orange ghost wit
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 from PIL import Image, ImageDraw
 
-from diffusion_lora.toy import scenes
+from diffusion_lora.toy.shapes import COLOURS, shape_polygon
 
 __all__ = ["MASCOT", "MASCOT_COLOUR", "STYLES", "draw_styled", "mascot_polygon"]
 
@@ -22,6 +23,14 @@ MASCOT_COLOUR = "orange"
 _OUTLINE_WIDTH = 3.0  # pixels of the 64×64 image
 _STRIPE_PERIOD = 8.0  # pixels of the 64×64 image, along x + y
 _PASTEL_GROUND = (250, 236, 214)
+
+
+class Drawn(Protocol):
+    """What :func:`draw_styled` needs of a scene (``scenes.Scene`` has it)."""
+
+    shape: str
+    colour: str
+    style: str
 
 
 def mascot_polygon(box: tuple[float, float, float, float]) -> list[tuple[float, float]]:
@@ -40,7 +49,7 @@ def mascot_polygon(box: tuple[float, float, float, float]) -> list[tuple[float, 
 
 
 def _polygon(shape: str, box: tuple[float, float, float, float]) -> list[tuple[float, float]]:
-    return mascot_polygon(box) if shape == MASCOT else scenes.shape_polygon(shape, box)
+    return mascot_polygon(box) if shape == MASCOT else shape_polygon(shape, box)
 
 
 def _pastel(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -50,12 +59,12 @@ def _pastel(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
 def draw_styled(
     image: Image.Image,
     draw: ImageDraw.ImageDraw,
-    scene: scenes.Scene,
+    scene: Drawn,
     box: tuple[float, float, float, float],
     k: float,
 ) -> None:
     """Draw ``scene``'s shape into ``image`` (drawn at ``k`` pixels per 64×64 pixel) in its style."""
-    colour = scenes.COLOURS[MASCOT_COLOUR if scene.shape == MASCOT else scene.colour]
+    colour = COLOURS[MASCOT_COLOUR if scene.shape == MASCOT else scene.colour]
     points = _polygon(scene.shape, box)
     if scene.style == "plain":
         draw.polygon(points, fill=colour)

@@ -1,4 +1,5 @@
-"""Reading adapter files and folders for a pipeline (formats are decoded in ``formats.codec``)."""
+"""Adapter files and folders on disk: finding the weight file, reading it for a model's keys, naming it,
+and the rule for output names. Pure file work: no pipeline (formats are decoded in ``formats.codec``)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,28 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import FormatError, UnsupportedModelError
-from ..formats.adapter_data import AdapterData
-from ..formats.codec import decode
-from ..formats.json_text import parse_json
-from ..formats.model_keys import ModelKeys
-from ..formats.peft_format import LORA_ADAPTER_METADATA_KEY, PEFT_MODEL_PREFIX
-from ..formats.safetensors_io import read_adapter_file
-from ..formats.sgm_blocks import UNetLayout
-from .state import AdapterState
+from ..errors import ConfigError, FormatError, UnsafeFileError
+from .adapter_data import AdapterData
+from .codec import decode
+from .json_text import parse_json
+from .model_keys import ModelKeys
+from .peft_format import LORA_ADAPTER_METADATA_KEY, PEFT_MODEL_PREFIX
+from .safetensors_io import read_adapter_file, read_header
 
 logger = logging.getLogger(__name__)
 
 # Weight files diffusers and PEFT put in a folder, in the order we look for them.
 FOLDER_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 PEFT_WEIGHT_NAME, PEFT_CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"
+SUFFIX = ".safetensors"
+
+
+def safetensors_path(path: str | os.PathLike, what: str = "adapter files") -> Path:
+    """``path`` as a Path when it ends in ``.safetensors``; ConfigError naming it and ``what`` otherwise."""
+    out = Path(path)
+    if out.suffix != SUFFIX:
+        raise ConfigError(f"{out}: {what} must end in {SUFFIX}")
+    return out
 
 
 def resolve_adapter_path(path: str | os.PathLike) -> tuple[Path, dict | None]:
@@ -86,30 +94,12 @@ def _read_config(cfg_file: Path) -> dict:
 
 @dataclass
 class ReadAdapter:
-    """An adapter file read for one pipeline: its data, its format and the keys that fit no module."""
+    """An adapter file read for one model's keys: its data, its format and the keys that fit no module."""
 
     path: Path
     data: AdapterData
     format: str
     unresolved: list[str] = field(default_factory=list)
-
-
-def model_keys_of(state: AdapterState) -> ModelKeys:
-    """The module names and shapes of the pipeline's components (collected once)."""
-    if state.model_keys is None:
-        from ..models.reference import layer_shapes
-
-        family = state.family
-        config = dict(state.components[family.denoiser].config)
-        layout = None
-        if family.denoiser == "unet":
-            try:
-                layout = UNetLayout.from_config(config)
-            except UnsupportedModelError:  # no SGM names for this UNet; diffusers names still work
-                layout = None
-        shapes = {c: layer_shapes(m) for c, m in state.components.items()}
-        state.model_keys = ModelKeys(family, shapes, layout, config)
-    return state.model_keys
 
 
 def read_adapter(path: str | os.PathLike, keys: ModelKeys, *, allow_pickle: bool = False) -> ReadAdapter:
@@ -145,3 +135,14 @@ def default_adapter_name(path: Path) -> str:
     name = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")
     return name or "lora"
 
+
+def header_of(path: str | os.PathLike, *, allow_pickle: bool = False) -> tuple[dict[str, str], list[str]]:
+    """(metadata, tensor names) from the file's header alone (a pickle, when allowed, is read whole)."""
+    try:
+        header = read_header(path)
+        return dict(header.metadata), list(header.tensors)
+    except UnsafeFileError:
+        if not allow_pickle:
+            raise
+        tensors, metadata = read_adapter_file(path, allow_pickle=True)
+        return metadata, list(tensors)
