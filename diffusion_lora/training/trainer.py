@@ -112,12 +112,12 @@ class _Run:
         self.cfg = cfg
         self.out = Path(cfg.output.dir)
         self.progress = progress
-        from accelerate.state import AcceleratorState
+        from ..compat.accelerate import reset_accelerator_state
 
         mp = str(getattr(cfg.train.mixed_precision, "value", cfg.train.mixed_precision))
         # accelerate keeps one process-wide state; each train() is a new run whose precision may differ
         # (a notebook, a test session). The process group (PartialState) is kept.
-        AcceleratorState._reset_state(reset_partial_state=False)
+        reset_accelerator_state()
         self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp)
         self.is_main = self.acc.is_main_process
         self.skipped: list[int] = []  # steps whose update was skipped as non-finite, in this process's run
