@@ -4,6 +4,10 @@ PEFT has no public API to place one LoRA layer at one module path, to activate a
 without touching ``requires_grad``, or to forget a merge whose weights were restored by hand; these
 functions do it through PEFT's internals and say which PEFT versions spell them how. Everything here
 is checked against the installed PEFT by ``tests/test_compat.py``.
+
+pyproject requires PEFT >= 0.19 (transformers' own PEFT integration needs it); the per-field spelling of
+0.17/0.18 is kept because it is one branch and was measured: with PEFT 0.18.0 the adapter and format tests
+pass except those that load through diffusers' or transformers' own LoRA loaders.
 """
 
 from __future__ import annotations
