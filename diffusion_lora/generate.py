@@ -260,7 +260,7 @@ def _model_hash(model_file: str | None) -> str | None:
 def _model_name(pipe: Any, model_file: str | None) -> str | None:
     if model_file:
         return Path(model_file).stem  # A1111 names a checkpoint by its file's stem
-    model = getattr(pipe.config, "_name_or_path", None)
+    model = pipe.name_or_path
     return Path(str(model)).name if model else None
 
 

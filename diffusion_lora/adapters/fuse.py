@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..compat import peft as compat_peft
 from ..errors import AdapterStateError
 from .state import AdapterState, FusedWeights
 from .weights import apply_weights
@@ -53,7 +54,7 @@ def _restore(fused: FusedWeights) -> None:
             base.weight.data.copy_(weight)
             if bias is not None:
                 base.bias.data.copy_(bias)
-        layer.merged_adapters.clear()
+        compat_peft.forget_merges(layer)
 
 
 def unfuse_state(state: AdapterState) -> int:

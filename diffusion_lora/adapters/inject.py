@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from torch.overrides import TorchFunctionMode
 
+from ..compat import peft as compat_peft
 from ..errors import ConfigError
 from ..families import ALL_LINEAR, Family
 from ..formats.adapter_data import ModuleLora
@@ -69,19 +69,10 @@ def inject(
     are assigned right after. Other adapters' configs are kept.
     """
     previous = dict(getattr(model, "peft_config", {}) or {})
-    try:
-        placed = _create_layers(model, name, config, layers, empty=empty)
-    except TypeError:
-        # An older or newer PEFT whose layer constructors take other arguments: use its public API.
-        logger.debug("PEFT layer constructors differ from the ones expected; using inject_adapter_in_model")
-        remove_from_model(model, name)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
-            inject_adapter_in_model(config, model, adapter_name=name, low_cpu_mem_usage=empty)
-        placed = {path: model.get_submodule(path) for path in layers}
+    placed = _create_layers(model, name, config, layers, empty=empty)
     previous[name] = config
     model.peft_config = previous
-    model._hf_peft_config_loaded = True
+    compat_peft.mark_peft_loaded(model, True)
     return placed
 
 
@@ -93,8 +84,6 @@ def _create_layers(
     *,
     empty: bool,
 ) -> dict[str, LoraLayer]:
-    from peft.tuners.lora.model import LoraModel
-
     context = _empty_tensors if empty else contextlib.nullcontext
     if empty:  # the weights are assigned next: skip PEFT's second random init of every LoRA matrix
         config = dataclasses.replace(config, init_lora_weights=False)
@@ -110,10 +99,10 @@ def _create_layers(
             target = getattr(parent, child)
             cfg = configs[bias]
             if isinstance(target, LoraLayer):
-                target.update_layer(name, rank, lora_alpha=alpha, config=cfg, target_name=path)
+                compat_peft.add_to_layer(target, cfg, name, rank=rank, alpha=alpha, path=path)
                 placed[path] = target
                 continue
-            new = LoraModel._create_new_module(cfg, name, target, r=rank, lora_alpha=alpha, target_name=path)
+            new = compat_peft.new_layer(cfg, name, target, rank=rank, alpha=alpha, path=path)
             setattr(parent, child, new)
             placed[path] = new
     return placed
@@ -181,7 +170,7 @@ def remove_from_model(model: torch.nn.Module, name: str) -> int:
         if not isinstance(layer, LoraLayer) or name not in layer.lora_A:
             continue
         count += 1
-        layer._active_adapter = [a for a in layer.active_adapters if a != name]
+        compat_peft.set_active_adapters(layer, [a for a in layer.active_adapters if a != name])
         layer.delete_adapter(name)
         if not layer.lora_A:
             parent_path, _, child = path.rpartition(".")
@@ -192,5 +181,5 @@ def remove_from_model(model: torch.nn.Module, name: str) -> int:
         configs.pop(name, None)
         if not configs:
             del model.peft_config
-            model._hf_peft_config_loaded = False
+            compat_peft.mark_peft_loaded(model, False)
     return count

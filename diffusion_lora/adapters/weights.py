@@ -17,6 +17,7 @@ import math
 import re
 from collections.abc import Mapping
 
+from ..compat import peft as compat_peft
 from ..errors import ConfigError
 from .state import AdapterState, LoraSite, Weight
 
@@ -172,4 +173,4 @@ def _apply_site(site: LoraSite, enabled: list[tuple[str, Weight]], cache: dict) 
     if layer.disable_adapters:
         layer.enable_adapters(True)
     # Assigned directly: PEFT's set_adapter would also flip requires_grad on every adapter parameter.
-    layer._active_adapter = active
+    compat_peft.set_active_adapters(layer, active)

@@ -142,6 +142,6 @@ def extract_file(
     metadata["diffusion_lora.extract"] = json.dumps(provenance)
     metadata["diffusion_lora.family"] = keys.family.name
     # The base the delta was taken from: what the file tools resolve the file's layer shapes against.
-    metadata["diffusion_lora.base_model"] = str(getattr(base_pipe.config, "_name_or_path", "") or os.fspath(base))
+    metadata["diffusion_lora.base_model"] = str(base_pipe.name_or_path or os.fspath(base))
     write_adapter_file_with_hashes(path, tensors, metadata)
     return ExtractReport(out=path, modules=list(data.modules), skipped=skipped, energy=energy)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..compat.diffusers import flux_latent_ids, pack_flux_latents
 from ..families import Conditioning, Family
 
 TextCond = dict[str, torch.Tensor]
@@ -117,8 +118,8 @@ class FluxConditioner(Conditioner):
 
     def predict(self, pipe, denoiser, noisy, timesteps, text, sizes, guidance):  # noqa: ANN001
         b, c, h, w = noisy.shape
-        packed = pipe._pack_latents(noisy, b, c, h, w)
-        image_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+        packed = pack_flux_latents(pipe, noisy)
+        image_ids = flux_latent_ids(pipe, b, h // 2, w // 2, noisy.device, noisy.dtype)
         guidance_tensor = None
         if pipe.transformer.config.guidance_embeds:
             guidance_tensor = torch.full((b,), float(guidance), device=noisy.device, dtype=noisy.dtype)

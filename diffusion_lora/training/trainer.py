@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import add_lora, save_lora
 from ..adapters.state import state_of
+from ..compat.accelerate import reset_accelerator_state
 from ..errors import ConfigError, DiffusionLoraError
 from ..families import Objective, detect_family
 from ..formats.atomic import atomic_write_bytes
@@ -63,11 +64,9 @@ class _Run:
         self.cfg = cfg
         self.out = Path(cfg.output.dir)
         self.progress = progress
-        from accelerate.state import AcceleratorState
-
         # accelerate keeps one process-wide state; each train() is a new run whose precision may differ
         # (a notebook, a test session). The process group (PartialState) is kept.
-        AcceleratorState._reset_state(reset_partial_state=False)
+        reset_accelerator_state()
         self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision.value)
         self.is_main = self.acc.is_main_process
         self.skipped: list[int] = []  # steps whose update was skipped as non-finite, in this process's run

@@ -1,0 +1,1 @@
+"""Third-party internals, one module per library (``compat.peft``, ``compat.diffusers``, ``compat.accelerate``)."""

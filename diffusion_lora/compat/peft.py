@@ -1,0 +1,106 @@
+"""The PEFT internals diffusion_lora relies on, in one place, each chosen by feature detection.
+
+PEFT has no public API to place one LoRA layer at one module path, to activate adapters on one layer
+without touching ``requires_grad``, or to forget a merge whose weights were restored by hand; these
+functions do it through PEFT's internals and say which PEFT versions spell them how. Everything here
+is checked against the installed PEFT by ``tests/test_compat.py``.
+
+pyproject requires PEFT >= 0.19 (transformers' own PEFT integration needs it); the per-field spelling of
+0.17/0.18 is kept because it is one branch and was measured: with PEFT 0.18.0 the adapter and format tests
+pass except those that load through diffusers' or transformers' own LoRA loaders.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.model import LoraModel
+
+__all__ = [
+    "add_to_layer",
+    "forget_merges",
+    "layers_take_config",
+    "mark_peft_loaded",
+    "new_layer",
+    "set_active_adapters",
+]
+
+
+@functools.cache
+def layers_take_config() -> bool:
+    """Whether PEFT's LoRA layers take the whole ``LoraConfig`` (``config=``; PEFT >= 0.19) rather than
+    its fields one by one (``lora_dropout=``, ``use_dora=``, …; PEFT 0.17 and 0.18).
+
+    Read once from the signature of ``LoraLayer.update_layer``.
+    """
+    return "config" in inspect.signature(LoraLayer.update_layer).parameters
+
+
+def _fields(config: LoraConfig) -> dict[str, object]:
+    # The per-field spelling PEFT 0.17/0.18 use in LoraModel._create_and_replace.
+    return {
+        "lora_dropout": config.lora_dropout,
+        "init_lora_weights": config.init_lora_weights,
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "lora_bias": config.lora_bias,
+    }
+
+
+def new_layer(config: LoraConfig, name: str, target: torch.nn.Module, *, rank: int, alpha: float,
+              path: str) -> LoraLayer:
+    """A PEFT LoRA layer wrapping ``target`` (a plain Linear/Conv2d at module path ``path``) with adapter
+    ``name`` of ``rank`` and ``alpha``; the caller puts it in the model.
+
+    Uses ``LoraModel._create_new_module`` (a staticmethod in PEFT 0.17-0.21), which picks PEFT's layer
+    class for the module type, quantized layers included. PEFT >= 0.19 takes ``config`` and reads the
+    fields itself; 0.17/0.18 need each field as a keyword and raise ``KeyError: 'fan_in_fan_out'``
+    without them.
+    """
+    if layers_take_config():
+        return LoraModel._create_new_module(config, name, target, r=rank, lora_alpha=alpha, target_name=path)
+    return LoraModel._create_new_module(
+        config, name, target, r=rank, lora_alpha=alpha, fan_in_fan_out=config.fan_in_fan_out, **_fields(config)
+    )
+
+
+def add_to_layer(layer: LoraLayer, config: LoraConfig, name: str, *, rank: int, alpha: float, path: str) -> None:
+    """Add adapter ``name`` (``rank``, ``alpha``) to an existing PEFT LoRA ``layer`` at ``path``.
+
+    ``update_layer`` is public but its signature changed: ``(name, r, lora_alpha, config, **kwargs)`` in
+    PEFT >= 0.19, ``(name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora, …)`` in
+    0.17/0.18.
+    """
+    if layers_take_config():
+        layer.update_layer(name, rank, lora_alpha=alpha, config=config, target_name=path)
+    else:
+        layer.update_layer(name, rank, lora_alpha=alpha, **_fields(config))
+
+
+def set_active_adapters(layer: LoraLayer, names: list[str]) -> None:
+    """Make exactly ``names`` the active adapters of one LoRA ``layer``, leaving ``requires_grad`` alone.
+
+    Assigns ``BaseTunerLayer._active_adapter`` (the attribute behind ``active_adapters`` in PEFT
+    0.17-0.21): PEFT's ``set_adapter`` would also flip ``requires_grad`` on every adapter parameter.
+    """
+    layer._active_adapter = names
+
+
+def mark_peft_loaded(model: torch.nn.Module, loaded: bool) -> None:
+    """Record on a diffusers or transformers model whether it carries PEFT adapters.
+
+    Sets ``_hf_peft_config_loaded``, the flag diffusers' and transformers' ``PeftAdapterMixin`` read
+    (diffusers 0.35-0.42, transformers 5.x) before ``disable_adapters``/``set_adapters``/
+    ``active_adapters``; a plain ``nn.Module`` just gains the attribute.
+    """
+    model._hf_peft_config_loaded = loaded
+
+
+def forget_merges(layer: LoraLayer) -> None:
+    """Tell a LoRA ``layer`` that no adapter is merged into its base weights any more (after the caller
+    restored them exactly): empties ``merged_adapters`` (PEFT 0.17-0.21), which ``merged`` reads."""
+    layer.merged_adapters.clear()
