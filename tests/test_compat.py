@@ -15,6 +15,7 @@ from packaging.version import Version
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
+import diffusion_lora as dl
 from diffusion_lora.compat import accelerate as compat_accelerate
 from diffusion_lora.compat import diffusers as compat_diffusers
 from diffusion_lora.compat import peft as compat_peft
@@ -37,6 +38,13 @@ def _delta(layer: LoraLayer, name: str, x: torch.Tensor) -> torch.Tensor:
 def test_layer_spelling_is_detected_by_the_peft_version_it_changed_in():
     # PEFT 0.19 moved LoRA layers from one keyword per config field to ``config=``.
     assert compat_peft.layers_take_config() == (Version(peft.__version__) >= Version("0.19"))
+
+
+def test_a_peft_older_than_the_floor_is_refused_with_what_to_do(monkeypatch):
+    # The old spelling is detected, not run: no CI job installs a PEFT below pyproject's floor.
+    monkeypatch.setattr(compat_peft, "layers_take_config", lambda: False)
+    with pytest.raises(dl.DiffusionLoraError, match=r"older than the 0\.19 .*pip install -U 'peft>=0\.19'"):
+        compat_peft.new_layer(LoraConfig(r=2, lora_alpha=2), "x", torch.nn.Linear(3, 3), rank=2, alpha=2, path="m")
 
 
 @pytest.mark.parametrize("module", [torch.nn.Linear(6, 5), torch.nn.Conv2d(3, 4, 3)], ids=["linear", "conv"])

@@ -5,9 +5,9 @@ without touching ``requires_grad``, or to forget a merge whose weights were rest
 functions do it through PEFT's internals and say which PEFT versions spell them how. Everything here
 is checked against the installed PEFT by ``tests/test_compat.py``.
 
-pyproject requires PEFT >= 0.19 (transformers' own PEFT integration needs it); the per-field spelling of
-0.17/0.18 is kept because it is one branch and was measured: with PEFT 0.18.0 the adapter and format tests
-pass except those that load through diffusers' or transformers' own LoRA loaders.
+pyproject requires PEFT >= 0.19 (transformers' own PEFT integration needs it), the floor CI tests; an
+older PEFT (whose layers take each config field as its own keyword) gets a clear error instead of code
+no CI run exercises.
 """
 
 from __future__ import annotations
@@ -15,10 +15,13 @@ from __future__ import annotations
 import functools
 import inspect
 
+import peft
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.model import LoraModel
+
+from ..errors import DiffusionLoraError
 
 __all__ = [
     "add_to_layer",
@@ -40,15 +43,12 @@ def layers_take_config() -> bool:
     return "config" in inspect.signature(LoraLayer.update_layer).parameters
 
 
-def _fields(config: LoraConfig) -> dict[str, object]:
-    # The per-field spelling PEFT 0.17/0.18 use in LoraModel._create_and_replace.
-    return {
-        "lora_dropout": config.lora_dropout,
-        "init_lora_weights": config.init_lora_weights,
-        "use_rslora": config.use_rslora,
-        "use_dora": config.use_dora,
-        "lora_bias": config.lora_bias,
-    }
+def _require_config_layers() -> None:
+    if not layers_take_config():
+        raise DiffusionLoraError(
+            f"PEFT {peft.__version__} is older than the 0.19 diffusion-lora needs (its LoRA layers take each "
+            "config field as its own keyword); upgrade it: pip install -U 'peft>=0.19'"
+        )
 
 
 def new_layer(config: LoraConfig, name: str, target: torch.nn.Module, *, rank: int, alpha: float,
@@ -58,14 +58,11 @@ def new_layer(config: LoraConfig, name: str, target: torch.nn.Module, *, rank: i
 
     Uses ``LoraModel._create_new_module`` (a staticmethod in PEFT 0.17-0.21), which picks PEFT's layer
     class for the module type, quantized layers included. PEFT >= 0.19 takes ``config`` and reads the
-    fields itself; 0.17/0.18 need each field as a keyword and raise ``KeyError: 'fan_in_fan_out'``
-    without them.
+    fields itself; 0.17/0.18 needed each field as a keyword (and raised ``KeyError: 'fan_in_fan_out'``
+    when given the config): refused with a clear error.
     """
-    if layers_take_config():
-        return LoraModel._create_new_module(config, name, target, r=rank, lora_alpha=alpha, target_name=path)
-    return LoraModel._create_new_module(
-        config, name, target, r=rank, lora_alpha=alpha, fan_in_fan_out=config.fan_in_fan_out, **_fields(config)
-    )
+    _require_config_layers()
+    return LoraModel._create_new_module(config, name, target, r=rank, lora_alpha=alpha, target_name=path)
 
 
 def add_to_layer(layer: LoraLayer, config: LoraConfig, name: str, *, rank: int, alpha: float, path: str) -> None:
@@ -73,12 +70,10 @@ def add_to_layer(layer: LoraLayer, config: LoraConfig, name: str, *, rank: int, 
 
     ``update_layer`` is public but its signature changed: ``(name, r, lora_alpha, config, **kwargs)`` in
     PEFT >= 0.19, ``(name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora, …)`` in
-    0.17/0.18.
+    0.17/0.18 (refused, as in :func:`new_layer`).
     """
-    if layers_take_config():
-        layer.update_layer(name, rank, lora_alpha=alpha, config=config, target_name=path)
-    else:
-        layer.update_layer(name, rank, lora_alpha=alpha, **_fields(config))
+    _require_config_layers()
+    layer.update_layer(name, rank, lora_alpha=alpha, config=config, target_name=path)
 
 
 def set_active_adapters(layer: LoraLayer, names: list[str]) -> None:
