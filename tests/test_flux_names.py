@@ -24,9 +24,8 @@ from diffusion_lora.formats.flux_names import (
     bfl_table,
     bfl_targets,
     flux_index,
-    parse_flux,
-    write_flux_kohya,
 )
+from diffusion_lora.formats.flux_tensors import parse_flux, write_flux_kohya
 from diffusion_lora.formats.kohya import flatten
 from diffusion_lora.formats.peft_format import write_peft
 

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import diffusion_lora as dl
-from diffusion_lora.formats import safetensors_io as sio
+from diffusion_lora.formats import safetensors_header
 from diffusion_lora.formats.hashes import (
     addnet_hash,
     addnet_hash_of_bytes,
@@ -119,12 +119,12 @@ def test_zero_size_tensor_is_refused_naming_it(tmp_path):
 
 def test_absurd_tensor_count_is_refused_before_parsing(tmp_path, monkeypatch):
     """1.5 M one-element entries fit a 100 MB header; they are refused by counting, not by parsing."""
-    count = sio.MAX_TENSORS + 1
+    count = safetensors_header.MAX_TENSORS + 1
     header = {f"t{i}": entry("F16", [1], 2 * i, 2 * i + 2) for i in range(count)}
     path = write(tmp_path, raw_file(header, b"\0" * (2 * count)))
     parsed = []
-    monkeypatch.setattr(sio, "_parse_tensor_entry", lambda *a: parsed.append(a))
-    with raises_naming(dl.FormatError, str(path), f"{count:,} tensors", f"{sio.MAX_TENSORS:,}"):
+    monkeypatch.setattr(safetensors_header, "_parse_tensor_entry", lambda *a: parsed.append(a))
+    with raises_naming(dl.FormatError, str(path), f"{count:,} tensors", f"{safetensors_header.MAX_TENSORS:,}"):
         read_adapter_file(path)
     assert parsed == []  # refused before a single entry was looked at
 
@@ -671,6 +671,6 @@ def test_fuzzed_files_load_or_raise_format_error(tmp_path_factory, edits):
         tensors, meta = read_adapter_file(path)
     except dl.FormatError:
         return
-    assert all(t.dtype in sio.FLOAT_DTYPES.values() for t in tensors.values())
+    assert all(t.dtype in safetensors_header.FLOAT_DTYPES.values() for t in tensors.values())
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
     assert read_metadata(path) == meta

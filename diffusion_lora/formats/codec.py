@@ -18,7 +18,8 @@ from ..families import FAMILIES, KohyaNames
 from .adapter_data import AdapterData, ModuleLora
 from .comfyui import TEXT_PREFIX, comfyui_names, comfyui_to_kohya, write_comfyui
 from .detect import FileFormat, detect_format
-from .flux_names import COMFYUI_PREFIX, KOHYA_PREFIX, bfl_table, parse_flux, write_flux_kohya
+from .flux_names import COMFYUI_PREFIX, KOHYA_PREFIX, bfl_table
+from .flux_tensors import parse_flux, write_flux_kohya
 from .kohya import flatten, is_kohya, kohya_metadata, parse_kohya, write_kohya
 from .lycoris import delta_as_lora, fit_shape, is_lycoris, lycoris_deltas
 from .model_keys import ModelKeys
