@@ -101,7 +101,7 @@ def test_forget_merges_lets_the_layer_run_unmerged_again():
     layer.merge(adapter_names=["x"])
     assert layer.merged
     with torch.no_grad():
-        base.weight.copy_(original)  # restored by hand, as adapters/fuse.py does
+        base.weight.copy_(original)  # restored by hand, as adapters/fusing.py does
     compat_peft.forget_merges(layer)
     assert not layer.merged
     x = torch.randn(3, 6)

@@ -19,7 +19,7 @@ from ..errors import ConfigError, DiffusionLoraError, FormatError
 from ..formats.adapter_files import default_adapter_name, read_adapter
 from ..formats.metadata import trigger_words_of
 from ..formats.printable import printable
-from .fuse import fuse_state, unfuse_state
+from .fusing import fuse_state, unfuse_state
 from .guards import check_name, refused, require, require_new
 from .inject import assign_weights, config_for, inject, remove_from_model, target_paths
 from .keys import model_keys_of

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 from ..errors import AdapterNotFoundError, AdapterStateError, ConfigError
-from .fuse import fuse_state, unfuse_state
+from .fusing import fuse_state, unfuse_state
 from .state import AdapterState
 
 

@@ -27,8 +27,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from .. import adapters  # adapters.fuse(): `import fuse` would name the module adapters/fuse.py too
-from ..adapters import check_weight_value, load_lora, plain_state_dict
+from ..adapters import check_weight_value, fuse, load_lora, plain_state_dict
 from ..errors import AdapterStateError, ConfigError
 from ..formats.adapter_files import resolve_adapter_path, safetensors_path
 from ..formats.atomic import atomic_write_bytes
@@ -59,7 +58,7 @@ def _fused_pipeline(model: str, loras: Sequence[tuple[str, float]]) -> tuple[Any
     pipe = load_pipeline(model)
     for i, (path, weight) in enumerate(loras):
         load_lora(pipe, path, name=f"bake_{i}", weight=weight)
-    return pipe, (adapters.fuse(pipe) if loras else 0)
+    return pipe, (fuse(pipe) if loras else 0)
 
 
 def _plain_copy(model: str, fused: Any) -> Any:
