@@ -179,6 +179,7 @@ def flags_to_overrides(flags: dict[str, Any]) -> list[str]:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    # imported here, not at the top: CLI start-up (--help must not import torch)
     from .training.trainer import train
 
     overrides = flags_to_overrides({flag: getattr(args, flag, None) for flag in FLAG_KEYS})
