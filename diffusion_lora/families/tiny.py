@@ -82,6 +82,8 @@ _OPENCLIP_H = frozen(
     hidden_act="gelu",
 )
 _SD_PIPELINE_KWARGS = frozen(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+_SD_VAE = ComponentSpec("vae", "AutoencoderKL", frozen(**_VAE_COMMON, latent_channels=4, scaling_factor=0.18215))
+_SD_DDIM = frozen(**_SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 SD15 = PipelineSpec(
     pipeline="StableDiffusionPipeline",
@@ -91,20 +93,12 @@ SD15 = PipelineSpec(
             "UNet2DConditionModel",
             frozen(**_UNET_COMMON, cross_attention_dim=32, attention_head_dim=4),
         ),
-        ComponentSpec(
-            "vae", "AutoencoderKL", frozen(**_VAE_COMMON, latent_channels=4, scaling_factor=0.18215)
-        ),
+        _SD_VAE,
         ComponentSpec("text_encoder", "CLIPTextModel", _CLIP_L),
         ComponentSpec("tokenizer", "CLIPTokenizer"),
-        ComponentSpec(
-            "scheduler",
-            "DDIMScheduler",
-            frozen(**_SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
-        ),
+        ComponentSpec("scheduler", "DDIMScheduler", _SD_DDIM),
     ),
-    pipeline_kwargs=frozen(
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    ),
+    pipeline_kwargs=_SD_PIPELINE_KWARGS,
 )
 
 SD2 = PipelineSpec(
@@ -115,20 +109,10 @@ SD2 = PipelineSpec(
             "UNet2DConditionModel",
             frozen(**_UNET_COMMON, cross_attention_dim=40, attention_head_dim=(2, 4), use_linear_projection=True),
         ),
-        ComponentSpec("vae", "AutoencoderKL", frozen(**_VAE_COMMON, latent_channels=4, scaling_factor=0.18215)),
+        _SD_VAE,
         ComponentSpec("text_encoder", "CLIPTextModel", _OPENCLIP_H),
         ComponentSpec("tokenizer", "CLIPTokenizer"),
-        ComponentSpec(
-            "scheduler",
-            "DDIMScheduler",
-            frozen(
-                **_SD_BETAS,
-                clip_sample=False,
-                set_alpha_to_one=False,
-                steps_offset=1,
-                prediction_type="v_prediction",  # SD 2.x 768-v
-            ),
-        ),
+        ComponentSpec("scheduler", "DDIMScheduler", frozen(**_SD_DDIM, prediction_type="v_prediction")),  # 768-v
     ),
     pipeline_kwargs=_SD_PIPELINE_KWARGS,
 )
