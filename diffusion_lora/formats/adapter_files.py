@@ -12,7 +12,7 @@ from pathlib import Path
 from ..errors import ConfigError, FormatError, UnsafeFileError
 from .adapter_data import AdapterData
 from .codec import decode
-from .json_text import parse_json
+from .json_text import read_json_object
 from .model_keys import ModelKeys
 from .peft_format import LORA_ADAPTER_METADATA_KEY, PEFT_MODEL_PREFIX
 from .safetensors_io import read_adapter_file, read_header
@@ -72,24 +72,10 @@ MAX_CONFIG_BYTES = 4 * 2**20
 
 def _read_config(cfg_file: Path) -> dict:
     """The JSON object in a PEFT ``adapter_config.json``, read with a size bound; FormatError otherwise."""
-    try:
-        size = cfg_file.stat().st_size
-        with cfg_file.open("rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1) if size <= MAX_CONFIG_BYTES else b""
-    except OSError as exc:
-        raise FormatError(f"{cfg_file}: not a readable adapter_config.json ({exc})") from None
-    if size > MAX_CONFIG_BYTES or len(raw) > MAX_CONFIG_BYTES:  # stat first; the file may also grow
-        raise FormatError(
-            f"{cfg_file}: {max(size, len(raw)):,} bytes, more than the {MAX_CONFIG_BYTES:,} an adapter_config.json "
-            f"may have; it is not a PEFT config (remove it, or pass the .safetensors file itself)"
-        )
-    try:
-        config = parse_json(raw.decode("utf-8"))
-    except ValueError as exc:  # UnicodeDecodeError is a ValueError
-        raise FormatError(f"{cfg_file}: not a readable adapter_config.json ({exc})") from None
-    if not isinstance(config, dict):
-        raise FormatError(f"{cfg_file}: adapter_config.json must hold a JSON object")
-    return config
+    return read_json_object(
+        cfg_file, max_bytes=MAX_CONFIG_BYTES, what="adapter_config.json",
+        too_big="it is not a PEFT config (remove it, or pass the .safetensors file itself)",
+    )
 
 
 @dataclass

@@ -36,9 +36,8 @@ import torch
 from ..adapters import keys_of_components, pipeline_keys
 from ..errors import DiffusionLoraError, ModelLoadError, UnsupportedModelError
 from ..families import detect_family
-from ..formats.json_text import parse_json
+from ..formats.json_text import parse_json, read_json_object
 from ..formats.model_keys import ModelKeys
-from ..formats.regular_file import open_regular
 from ..models import load_pipeline
 from ..models.loading import EMBEDDED_MODELS, embedded_model_path
 from ..models.reference import reference_keys
@@ -140,20 +139,7 @@ def _meta_component(folder: Path, component: str, spec: Any) -> torch.nn.Module:
 
 def _read_json(path: Path) -> dict:
     """A JSON object from a small regular file; ModelLoadError otherwise (a FIFO cannot hang it)."""
-    try:
-        with open_regular(path, error=ModelLoadError) as f:
-            raw = f.read(_MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ModelLoadError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    if len(raw) > _MAX_CONFIG_BYTES:
-        raise ModelLoadError(f"{path}: larger than {_MAX_CONFIG_BYTES:,} bytes; not a model config")
-    try:
-        value = parse_json(raw.decode("utf-8"))
-    except ValueError as exc:
-        raise ModelLoadError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(value, dict):
-        raise ModelLoadError(f"{path}: must hold a JSON object")
-    return value
+    return read_json_object(path, max_bytes=_MAX_CONFIG_BYTES, error=ModelLoadError, what="model config")
 
 
 def keys_for_files(metadatas: Sequence[Mapping[str, str]], family: str) -> tuple[ModelKeys, str | None]:
