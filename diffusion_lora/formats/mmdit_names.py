@@ -7,7 +7,7 @@ SD3 LoRA files in the wild name the transformer's layers four ways:
 * ComfyUI: ``diffusion_model.<dotted MMDiT name>`` with ``.lora_A.weight`` / ``.lora_B.weight`` (or
   ``.lora_down`` / ``.lora_up``) and ``.alpha`` — :mod:`.comfyui` renames these to the kohya spelling first;
 * OneTrainer: ``lora_transformer_<flat diffusers path>`` (ComfyUI reads it too);
-* diffusion_lora before 0.x: ``lora_unet_<flat diffusers path>``, resolved by the plain kohya index.
+* diffusion_lora's own earlier kohya files: ``lora_unet_<flat diffusers path>``, resolved by the plain kohya index.
 
 MMDiT fuses layers diffusers keeps apart: ``x_block.attn.qkv`` is ``attn.to_q``/``to_k``/``to_v`` stacked
 along the output rows, ``context_block.attn.qkv`` is ``add_q_proj``/``add_k_proj``/``add_v_proj`` and, in
@@ -25,7 +25,7 @@ the kohya reader then loads like any other; writing fuses them back (:func:`writ
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 
@@ -243,7 +243,3 @@ def write_mmdit(
     metadata["ss_network_module"] = NETWORK_MODULE
     return tensors, metadata
 
-
-def module_names(shapes: Mapping[str, Shape]) -> Sequence[str]:
-    """The MMDiT names of a transformer with ``shapes``, sorted (for listings and golden-name tests)."""
-    return sorted(mmdit_table(shapes))
