@@ -359,3 +359,27 @@ def test_metadata_names_the_variant(make_pipe, tmp_path, kind, version, architec
     for fmt in ("kohya", "diffusers"):
         meta = read_metadata(dl.save_lora(pipe, "s", tmp_path / f"{fmt}.safetensors", format=fmt))
         assert meta["ss_base_model_version"] == version and meta["modelspec.architecture"] == architecture
+
+
+# --- bad input ------------------------------------------------------------------------------------------------
+
+
+def test_fused_layer_of_another_size_is_refused_by_name(tiny_file):
+    pipe, tensors, _ = tiny_file
+    bad = dict(tensors)
+    key = "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight"
+    bad[key] = torch.zeros(3 * 2432, bad[key].shape[1])  # SD3.5 Large's rows on the tiny model
+    with pytest.raises(dl.FormatError, match=r"joint_blocks_0_x_block_attn_qkv.*96 output rows.*another SD3 size"):
+        decode(bad, {}, pipeline_keys(pipe))
+
+
+def test_layers_the_model_lacks_are_refused_and_the_pipeline_is_untouched(tiny_file, make_pipe, tmp_path):
+    """An SD3.5 Medium file (attn2) on SD3 (no attn2): the attn2 keys are named, nothing is loaded."""
+    _, tensors, _ = tiny_file
+    path = tmp_path / "medium.safetensors"
+    save_file({k: v for k, v in tensors.items() if "_joint_blocks_0_x_block_attn" in k}, str(path))  # attn, attn2
+    sd3 = make_pipe("tiny-sd3")
+    before = run(sd3)
+    with pytest.raises(dl.KeyMappingError, match="attn2"):
+        dl.load_lora(sd3, path)
+    assert dl.list_loras(sd3) == [] and torch.equal(run(sd3), before)
