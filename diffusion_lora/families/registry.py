@@ -389,6 +389,41 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                 ),
                 dynamic_shift=True,
             ),
+            # --- chroma ---
+            Family(
+                name="chroma",
+                title="Chroma",
+                denoiser="transformer",
+                denoiser_class="ChromaTransformer2DModel",  # ChromaPipeline, ChromaImg2ImgPipeline, ChromaInpaintPipeline
+                text_encoders=("text_encoder",),  # T5 only
+                # diffusers' Flux mixin would load text_encoder.* into T5, but no Chroma trainer writes T5 LoRAs
+                lora_text_encoders=(),
+                objective=Objective.FLOW_MATCHING,
+                # Flux.1's layout without modulation layers: the same presets reach the same projections
+                target_presets=_presets(_JOINT_ATTN, _JOINT_FF + ("proj_mlp", "proj_out")),
+                text_encoder_targets=(),
+                block_groups=_FLUX_BLOCKS,
+                kohya_prefixes=MappingProxyType({"transformer": "lora_unet"}),
+                comfyui_text_encoders=MappingProxyType({}),
+                kohya_base_model_version="chroma",  # sd-scripts' flux_utils.MODEL_VERSION_CHROMA
+                modelspec_architecture="chroma/lora",  # sd-scripts' sai_model_spec.ARCH_FLUX_1_CHROMA
+                original_implementation="https://huggingface.co/lodestones/Chroma",
+                default_resolution=1024,
+                tiny_model="tiny-chroma",
+                tiny=tiny.CHROMA,
+                reference=published.CHROMA,
+                conditioning=Conditioning.CHROMA,
+                kohya_names=KohyaNames.BFL,  # Flux.1's names without modulation, plus the approximator's
+                single_file_types=MappingProxyType({"chroma": "ChromaPipeline"}),
+                key_evidence=(
+                    r"^transformer\.distilled_guidance_layer\.",
+                    r"^(lora_unet_|lora_transformer_|diffusion_model\.)distilled_guidance_layer[._]",
+                    # the same pattern as flux1's: diffusers' single-block names are Flux.1's and Chroma's
+                    r"^transformer\.single_transformer_blocks\.",
+                ),
+                context_width=4096,  # T5-XXL
+                dynamic_shift=True,
+            ),
         )
     }
 )

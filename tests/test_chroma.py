@@ -1,0 +1,93 @@
+"""Chroma (ChromaTransformer2DModel): detection of every pipeline that uses it, and training's denoiser call
+checked bit for bit against what ChromaPipeline itself feeds its transformer (captured with a forward hook)."""
+
+from __future__ import annotations
+
+import diffusers
+import pytest
+import torch
+
+import diffusion_lora as dl
+from diffusion_lora.families import FAMILIES, detect_family
+from diffusion_lora.training.conditioning import SizeInfo, conditioner_for, text_cond_cat, text_cond_slice
+
+# captions of different lengths: each sample has its own text mask
+CAPTIONS = ["a red circle on a white background", "a cat"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return dl.build_tiny_pipeline("tiny-chroma")
+
+
+def captured_call(transformer: torch.nn.Module, call) -> tuple[dict, torch.Tensor]:
+    """The tensor kwargs and output of ``transformer``'s first forward during ``call()``."""
+    seen: dict = {}
+
+    def hook(module, args, kwargs, out):  # noqa: ANN001
+        if "kwargs" not in seen:
+            seen["kwargs"] = {k: v.clone() for k, v in kwargs.items() if torch.is_tensor(v)}
+            seen["out"] = (out[0] if isinstance(out, tuple) else out.sample).clone()
+
+    handle = transformer.register_forward_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            call()
+    finally:
+        handle.remove()
+    return seen["kwargs"], seen["out"]
+
+
+@pytest.mark.parametrize("pipeline", ["ChromaPipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline"])
+def test_every_chroma_pipeline_is_detected(pipe, pipeline):
+    other = getattr(diffusers, pipeline)(**pipe.components)
+    assert detect_family(other) is FAMILIES["chroma"]
+
+
+def test_conditioner_calls_the_transformer_exactly_as_the_pipeline(pipe):
+    """Same latents and prompts through ChromaPipeline (1 step, no CFG) and through the trainer's
+    conditioner: every tensor the transformer gets — packed latents, T5 states, extended text mask, ids,
+    timestep — and its output are bit-identical."""
+    conditioner = conditioner_for(FAMILIES["chroma"])
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 16, 16, 16, generator=g)  # 32×32 images, tiny VAE ×2
+    packed = pipe._pack_latents(latents, 2, 16, 16, 16)  # the pipeline takes packed latents
+    expected, expected_out = captured_call(pipe.transformer, lambda: pipe(
+        prompt=CAPTIONS, height=32, width=32, num_inference_steps=1, latents=packed, guidance_scale=1.0,
+        output_type="latent",
+    ))
+    t = pipe.scheduler.timesteps[0].expand(2)  # σ·1000, what the trainer passes
+    with torch.no_grad():
+        text = conditioner.encode_text(pipe, CAPTIONS, torch.device("cpu"))
+        sizes = [SizeInfo((32, 32), (0, 0), (32, 32))] * 2
+        got, got_out = captured_call(pipe.transformer, lambda: conditioner.predict(
+            pipe, pipe.transformer, latents, t, text, sizes, 5.0))
+        pred = conditioner.predict(pipe, pipe.transformer, latents, t, text, sizes, 5.0)
+    assert got.keys() == expected.keys() == {
+        "hidden_states", "timestep", "encoder_hidden_states", "txt_ids", "img_ids", "attention_mask"
+    }
+    for key in expected:
+        assert got[key].dtype == expected[key].dtype, key
+        assert torch.equal(got[key], expected[key]), key
+    assert torch.equal(got_out, expected_out)
+    # the mask keeps each caption's tokens plus one padding token, then every image token
+    mask = expected["attention_mask"]
+    assert mask.shape == (2, 512 + 64)
+    lengths = [int(n) for n in mask[:, :512].sum(dim=1)]
+    assert lengths[0] > lengths[1] > 1 and mask[:, 512:].all()
+    # unpacked back to the latents' layout: sample 0's prediction is the pipeline's, unpacked
+    assert pred.shape == latents.shape
+    assert torch.equal(pipe._pack_latents(pred, 2, 16, 16, 16), expected_out)
+
+
+def test_text_condition_slices_per_sample(pipe):
+    """Cached text conditions are stored per sample and batched again: the mask travels with its sample."""
+    conditioner = conditioner_for(FAMILIES["chroma"])
+    with torch.no_grad():
+        text = conditioner.encode_text(pipe, CAPTIONS, torch.device("cpu"))
+    parts = [text_cond_slice(text, i) for i in range(2)]
+    assert parts[0]["attention_mask"].shape == (1, 512)
+    again = text_cond_cat(parts[::-1])
+    assert torch.equal(again["attention_mask"], text["attention_mask"].flip(0))
+    assert torch.equal(again["encoder_hidden_states"], text["encoder_hidden_states"].flip(0))
+    assert torch.equal(again["txt_ids"], text["txt_ids"])
