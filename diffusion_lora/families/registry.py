@@ -187,6 +187,14 @@ _JOINT_EVIDENCE = r"^transformer\.transformer_blocks\.\d+\.attn\.add_[qkv]_proj"
 # a CLIP-G second text encoder: SDXL and SD3 both have one (Flux's text_encoder_2 is T5)
 _CLIP_G_EVIDENCE = r"^text_encoder_2\.(text_model\.)?encoder\.layers\."
 _CLIP_G_FILE_EVIDENCE = r"^lora_te2_|^text_encoders\.clip_g\."
+# layers Flux.1 has and Chroma (Flux.1's blocks; its approximator computes the modulation) has not: the
+# modulation Linears and the time/text/guidance embedders (diffusers' double-block norm1.linear, norm_out and
+# time_text_embed.timestep/text_embedder are SD3's too, so only single-block and guidance names count there)
+_FLUX1_ONLY_EVIDENCE = (
+    r"^transformer\.(single_transformer_blocks\.\d+\.norm\.linear|time_text_embed\.guidance_embedder\.)"
+    r"|^(lora_unet_|diffusion_model\.)(double_blocks[._]\d+[._](img|txt)_mod|single_blocks[._]\d+[._]modulation"
+    r"|final_layer[._]adaLN_modulation|(time|vector|guidance)_in[._])"
+)
 
 
 def _presets(attn: tuple[str, ...], ff: tuple[str, ...]) -> Mapping[str, tuple[str, ...]]:
@@ -385,6 +393,7 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                     r"^transformer\.single_transformer_blocks\.",
                     _JOINT_EVIDENCE,
                     r"^text_encoder_2\.encoder\.block\.",  # Flux's second text encoder is T5
+                    _FLUX1_ONLY_EVIDENCE,
                     r"^(lora_unet_|diffusion_model\.)(double|single)_blocks[._]",
                 ),
                 dynamic_shift=True,
@@ -394,7 +403,8 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                 name="chroma",
                 title="Chroma",
                 denoiser="transformer",
-                denoiser_class="ChromaTransformer2DModel",  # ChromaPipeline, ChromaImg2ImgPipeline, ChromaInpaintPipeline
+                # used by ChromaPipeline, ChromaImg2ImgPipeline and ChromaInpaintPipeline
+                denoiser_class="ChromaTransformer2DModel",
                 text_encoders=("text_encoder",),  # T5 only
                 # diffusers' Flux mixin would load text_encoder.* into T5, but no Chroma trainer writes T5 LoRAs
                 lora_text_encoders=(),
@@ -418,8 +428,9 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                 key_evidence=(
                     r"^transformer\.distilled_guidance_layer\.",
                     r"^(lora_unet_|lora_transformer_|diffusion_model\.)distilled_guidance_layer[._]",
-                    # the same pattern as flux1's: diffusers' single-block names are Flux.1's and Chroma's
+                    # the same patterns as flux1's: Chroma keeps Flux.1's block names, diffusers' and BFL's
                     r"^transformer\.single_transformer_blocks\.",
+                    r"^(lora_unet_|diffusion_model\.)(double|single)_blocks[._]",
                 ),
                 context_width=4096,  # T5-XXL
                 dynamic_shift=True,
