@@ -92,7 +92,7 @@ def test_loss_falls_when_overfitting_one_image(tmp_path):
     assert last < 0.8 * first, (first, last)
 
 
-@pytest.mark.parametrize("kind", ["tiny-sdxl", "tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("kind", ["tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-chroma"])
 def test_every_family_trains_and_loads(dataset, tmp_path, kind):
     size = 64
     result = dl.train(config(dataset, tmp_path / "out", model=kind, train={"steps": 3, "batch_size": 1},
