@@ -360,3 +360,45 @@ def test_convert_real_size_chroma_file_without_a_model(hd, tmp_path) -> None:
     for path, d in expected.items():
         torch.testing.assert_close(got[path], d, rtol=1e-5, atol=1e-5)
 
+
+
+def test_flux1_and_chroma_files_in_the_other_pipeline_say_which_family(tmp_path) -> None:
+    """A Flux.1 LoRA with modulation layers, and a Chroma LoRA with approximator layers, name their family when
+    loaded into the other one; the pipeline is left as it was."""
+    flux = dl.build_tiny_pipeline("tiny-flux")
+    trained_adapter(flux, "f", seed=92, rank=2, targets="all-linear")
+    chroma = dl.build_tiny_pipeline("tiny-chroma")
+    trained_adapter(chroma, "c", seed=93, rank=2, targets="all-linear")
+    for fmt in ("kohya", "comfyui", "diffusers"):
+        flux_file = dl.save_lora(flux, "f", tmp_path / f"f-{fmt}.safetensors", format=fmt)
+        chroma_file = dl.save_lora(chroma, "c", tmp_path / f"c-{fmt}.safetensors", format=fmt)
+        for src, dst, family in ((flux_file, "tiny-chroma", "flux1"), (chroma_file, "tiny-flux", "chroma")):
+            pipe = dl.build_tiny_pipeline(dst)
+            before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+            with pytest.raises(dl.FamilyMismatchError, match=f"look like a {family} adapter"):
+                dl.load_lora(pipe, src)
+            after = pipe.transformer.state_dict()
+            assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_which_family_a_chroma_file_is_for(tmp_path) -> None:
+    """Block names alone are Flux.1's as much as Chroma's: tools ask, unless the metadata or the approximator say."""
+    from diffusion_lora.errors import ConfigError
+    from diffusion_lora.formats.adapter_files import header_of
+    from diffusion_lora.tools.files import file_family
+
+    blocks = {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1"}
+    cases = [(blocks, {}, None), (blocks, {"ss_base_model_version": "chroma"}, "chroma"),
+             (blocks | {"lora_unet_distilled_guidance_layer_in_proj"}, {}, "chroma"),
+             (blocks | {"lora_unet_double_blocks_0_img_mod_lin"}, {}, "flux1")]
+    for i, (names, metadata, expected) in enumerate(cases):
+        tensors = {}
+        for name in names:
+            tensors |= {f"{name}.lora_down.weight": torch.ones(1, 2), f"{name}.lora_up.weight": torch.ones(2, 1)}
+        path = tmp_path / f"{i}.safetensors"
+        save_file(tensors, str(path), metadata=metadata)
+        if expected is None:
+            with pytest.raises(ConfigError, match="candidates: chroma, flux1"):
+                file_family(path, *header_of(path))
+        else:
+            assert file_family(path, *header_of(path)) == expected
