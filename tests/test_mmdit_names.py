@@ -383,3 +383,23 @@ def test_layers_the_model_lacks_are_refused_and_the_pipeline_is_untouched(tiny_f
     with pytest.raises(dl.KeyMappingError, match="attn2"):
         dl.load_lora(sd3, path)
     assert dl.list_loras(sd3) == [] and torch.equal(run(sd3), before)
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "comfyui"])
+@pytest.mark.parametrize("variant", [{"use_dora": True}, {"use_rslora": True}], ids=["dora", "rslora"])
+def test_dora_and_rslora_round_trip_through_mmdit_names(make_pipe, tmp_path, fmt, variant):
+    pipe = make_pipe(TINY)
+    trained_adapter(pipe, "s", seed=7, rank=2, alpha=3, targets="attn-ff", text_encoder=True, **variant)
+    expected = run(pipe)
+    path = dl.save_lora(pipe, "s", tmp_path / "s.safetensors", format=fmt)
+    tensors = load_file(str(path))
+    assert any("joint_blocks" in k and "attn2" in k and "qkv" in k for k in tensors)
+    if "use_dora" in variant:  # one magnitude per output row of the fused layer
+        assert tensors[_name(fmt, "joint_blocks.0.x_block.attn.qkv") + ".dora_scale"].shape == (96, 1)
+    fresh = make_pipe(TINY)
+    dl.load_lora(fresh, path)
+    assert_near(run(fresh), expected, rel=1e-5)
+
+
+def _name(fmt: str, mmdit: str) -> str:
+    return "diffusion_model." + mmdit if fmt == "comfyui" else "lora_unet_" + mmdit.replace(".", "_")
