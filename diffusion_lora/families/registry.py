@@ -198,8 +198,9 @@ _SD35_LARGE_EVIDENCE = r"(joint_blocks|transformer_blocks)[._](2[4-9]|3[0-7])[._
 # time_text_embed.timestep/text_embedder are SD3's too, so only single-block and guidance names count there)
 _FLUX1_ONLY_EVIDENCE = (
     r"^transformer\.(single_transformer_blocks\.\d+\.norm\.linear|time_text_embed\.guidance_embedder\.)"
+    # (SD3's MMDiT and Flux.2 have final_layer.adaLN_modulation, Flux.2 time_in/guidance_in: not evidence)
     r"|^(lora_unet_|diffusion_model\.)(double_blocks[._]\d+[._](img|txt)_mod|single_blocks[._]\d+[._]modulation"
-    r"|final_layer[._]adaLN_modulation|(time|vector|guidance)_in[._])"
+    r"|vector_in[._])"
 )
 
 
