@@ -80,6 +80,7 @@ class _Run:
         self.pipe.set_progress_bar_config(disable=True)
         self.family = detect_family(self.pipe)
         self.variant = detect_variant(self.pipe)
+        conditioner_for(self.family, self.variant).check_trainable(self.pipe)
         self.cfg = cfg = resolve_sizes(cfg, native_resolution(self.pipe))
         self.dataset, self.items = build_dataset(cfg, self.pipe, self.acc)
         self.metadata = training_metadata(cfg, self.items)  # checked now, not at the final save

@@ -1,0 +1,119 @@
+"""Flux.3 (modular Flux3ModularPipeline): the training conditioner against what the real pipeline feeds its
+transformer, the refusal of the step-distilled model for training, and the modular call path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffusion_lora as dl
+from diffusion_lora.errors import ConfigError
+from diffusion_lora.families import Conditioning, get_family
+from diffusion_lora.models.invoke import run_pipeline
+from diffusion_lora.training.conditioning import conditioner_for, latent_dist, text_cond_cat, text_cond_slice
+
+PROMPT = "a small red circle on a white background"
+LONG = " ".join(["a small red circle on a white background"] * 12)  # > 80 tokens: a 160-token window
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = dl.build_tiny_pipeline("tiny-flux3")
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _capture(pipe, call):
+    """The kwargs and output of the transformer's first call while ``call`` runs."""
+    seen = {}
+
+    def hook(module, args, kwargs, out):
+        if "kwargs" not in seen:
+            seen["kwargs"] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+            seen["out"] = out[0].clone()
+
+    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
+    try:
+        call()
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("prompt", [PROMPT, LONG])
+def test_conditioner_feeds_the_transformer_exactly_what_the_pipeline_does(pipe, prompt):
+    family = dl.detect_family(pipe)
+    assert family.conditioning is Conditioning.FLUX3
+    conditioner = conditioner_for(family)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
+    with torch.no_grad():
+        mean, std = latent_dist(pipe.vae, pixels)
+        latents = conditioner.latents(pipe.vae, mean, std, torch.Generator().manual_seed(1))
+        assert latents.shape == (1, 128, 8, 8)  # 32 VAE channels patchified 2×2, BatchNorm-normalised
+        # the pipeline's CFG guider runs the conditional pass first: that is the call compared
+        seen = _capture(pipe, lambda: pipe(prompt=prompt, height=32, width=32, num_inference_steps=1,
+                                            latents=latents, output="latents"))
+        t = pipe.scheduler.timesteps[:1]
+        text = conditioner.encode_text(pipe, [prompt], torch.device("cpu"))
+        calls = _capture(pipe, lambda: conditioner.predict(pipe, pipe.transformer, latents, t, text, [None], 1.0))
+    ours, theirs = calls["kwargs"], seen["kwargs"]
+    assert sorted(ours) == sorted(k for k, v in theirs.items() if v is not None)
+    for key, value in theirs.items():
+        if torch.is_tensor(value):
+            assert value.dtype == ours[key].dtype and torch.equal(value, ours[key]), key
+    assert torch.equal(calls["out"], seen["out"])
+    assert text["prompt_embeds"].shape[1] % 80 == 0 and int(text["text_length"][0]) == text["prompt_embeds"].shape[1]
+
+
+def test_a_batch_of_captions_of_different_windows_predicts_each_as_alone(pipe):
+    conditioner = conditioner_for(get_family("flux3"))
+    noisy = torch.randn(2, 128, 4, 4, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([700.0, 300.0])
+    with torch.no_grad():
+        text = conditioner.encode_text(pipe, [PROMPT, LONG], torch.device("cpu"))
+        assert text["prompt_embeds"].shape[1] == 160 and text["text_length"].tolist() == [80, 160]
+        # cached per caption, then batched: the same as encoding the batch
+        cached = text_cond_cat([text_cond_slice(conditioner.encode_text(pipe, [c], torch.device("cpu")), 0)
+                                for c in (PROMPT, LONG)])
+        assert all(torch.equal(cached[k], text[k]) for k in text)
+        both = conditioner.predict(pipe, pipe.transformer, noisy, t, text, [None, None], 1.0)
+        for i in range(2):
+            alone = conditioner.predict(pipe, pipe.transformer, noisy[i : i + 1], t[i : i + 1],
+                                        text_cond_slice(text, i), [None], 1.0)
+            torch.testing.assert_close(both[i : i + 1], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_the_step_distilled_transformer_is_refused_for_training(pipe):
+    distilled = diffusers_distilled(pipe)
+    conditioner = conditioner_for(get_family("flux3"), dl.families.detect_variant(distilled))
+    with pytest.raises(ConfigError, match="flow_map"):
+        conditioner.check_trainable(distilled)
+    with pytest.raises(ConfigError, match="step-distilled"):
+        conditioner.encode_text(distilled, [PROMPT], torch.device("cpu"))
+
+
+def diffusers_distilled(pipe):
+    """The tiny pipeline's components in a Flux3DistilledModularPipeline with a flow-map transformer."""
+    import diffusers
+
+    blocks = diffusers.Flux3DistilledAutoBlocks()
+    blocks.sub_blocks.pop("prompt_upsampler")
+    distilled = blocks.init_pipeline()
+    config = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    transformer = diffusers.Flux3Transformer2DModel(**{**config, "flow_map": True}).eval()
+    distilled.update_components(transformer=transformer, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    return distilled
+
+
+def test_run_pipeline_runs_a_list_of_prompts_one_by_one(pipe):
+    kwargs = dict(num_inference_steps=2, height=32, width=32, output_type="latent")
+    both = run_pipeline(pipe, [PROMPT, "a blue square"], generator=torch.Generator().manual_seed(0), **kwargs).images
+    g = torch.Generator().manual_seed(0)
+    first = run_pipeline(pipe, PROMPT, generator=g, **kwargs).images
+    second = run_pipeline(pipe, "a blue square", generator=g, **kwargs).images
+    assert both.shape == (2, 128, 8, 8)
+    assert torch.equal(both, torch.cat([first, second]))
+    assert not torch.equal(first, second)
