@@ -16,14 +16,19 @@ from .helpers import assert_near, assert_same_state, model_state, run, trained_a
 
 
 def test_add_lora_trains_only_lora(pipe):
-    dl.add_lora(pipe, "style", rank=4, text_encoder=True)
+    family = state_of(pipe).family
+    if not family.lora_text_encoders:  # nothing to adapt there: refused, not ignored
+        with pytest.raises(dl.ConfigError, match="text_encoder"):
+            dl.add_lora(pipe, "style", rank=4, text_encoder=True)
+        assert state_of(pipe).peft_adapter_names() == []
+    dl.add_lora(pipe, "style", rank=4, text_encoder=bool(family.lora_text_encoders))
     trainable = [
         (c, n) for c, comp in pipe.components.items() if isinstance(comp, torch.nn.Module)
         for n, p in comp.named_parameters() if p.requires_grad
     ]
     assert trainable
     assert all("lora_" in n for _, n in trainable)
-    assert {c for c, _ in trainable} >= {state_of(pipe).family.denoiser, "text_encoder"}
+    assert {c for c, _ in trainable} == {family.denoiser, *family.lora_text_encoders}
 
 
 def test_fresh_adapter_is_identity(pipe):

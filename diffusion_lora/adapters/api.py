@@ -77,6 +77,11 @@ def add_lora(
     if not alpha > 0:
         raise ConfigError(f"alpha must be positive, got {alpha!r}")
     family = state.family
+    if text_encoder and not family.lora_text_encoders:
+        raise ConfigError(
+            f"text_encoder=True: {family.title} LoRAs adapt the {family.denoiser} only (no trainer or loader "
+            f"puts LoRA on its text encoder); leave text_encoder off"
+        )
     plan = {family.denoiser: target_paths(state.components[family.denoiser], family, targets, family.denoiser)}
     if text_encoder:
         for component in family.lora_text_encoders:
