@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["flux3_prompt_embeds", "flux3_step_setting", "flux_latent_ids", "pack_flux_latents"]
+__all__ = ["flux3_prompt_embeds", "flux_latent_ids", "modular_setting", "pack_flux_latents"]
 
 
 def pack_flux_latents(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
@@ -55,10 +55,10 @@ def _modular_steps(blocks: Any) -> list[Any]:
     return found
 
 
-def flux3_step_setting(pipe: Any, name: str, default: Any) -> Any:
-    """The value of setting ``name`` of the first of a Flux.3 modular pipeline's blocks that has one
-    (``image_rope_scale`` of Flux3PrepareLatentsStep, ``pad_multiple`` of Flux3TextEncoderStep in
-    diffusers 0.42), so that training uses the pipeline's own recipe; ``default`` when none has it."""
+def modular_setting(pipe: Any, name: str, default: Any) -> Any:
+    """The value of setting ``name`` of the first of a modular pipeline's blocks that has one (Flux.3 in
+    diffusers 0.42: ``image_rope_scale`` and ``default_height`` of Flux3PrepareLatentsStep), so that
+    training uses the pipeline's own recipe; ``default`` when none has it (or ``pipe`` is not modular)."""
     for step in _modular_steps(getattr(pipe, "blocks", None)):
         if name in vars(step):
             return vars(step)[name]

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..compat.diffusers import flux3_prompt_embeds, flux3_step_setting, flux_latent_ids, pack_flux_latents
+from ..compat.diffusers import flux3_prompt_embeds, flux_latent_ids, modular_setting, pack_flux_latents
 from ..errors import ConfigError
 from ..families import Conditioning, Family, Variant
 
@@ -193,7 +193,7 @@ class Flux3Conditioner(Conditioner):
         self.check_trainable(pipe)
         b, c, h, w = noisy.shape
         tokens = noisy.flatten(2).transpose(1, 2)  # [B, h·w, C], as Flux3PrepareLatentsStep packs them
-        scale = flux3_step_setting(pipe, "image_rope_scale", 0.5)
+        scale = modular_setting(pipe, "image_rope_scale", 0.5)
         grid = (torch.arange(1), torch.arange(h), torch.arange(w), torch.tensor([0]))
         img_ids = torch.cartesian_prod(*grid).to(dtype=torch.float32)
         img_ids[:, 1:3] = img_ids[:, 1:3] * scale
