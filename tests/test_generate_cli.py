@@ -109,7 +109,7 @@ def test_sample_script_runs(tmp_path):
     assert "name='char'" in result.stdout
 
 
-@pytest.mark.parametrize("kind", ["tiny-sdxl", "tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("kind", ["tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux3"])
 def test_generate_every_family(tmp_path, kind):
     size = "64" if kind == "tiny-sdxl" else "32"
     args = ["generate", "--model", kind, "--prompt", "a blue star", "--steps", "2", "--height", size,

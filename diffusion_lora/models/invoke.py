@@ -67,7 +67,17 @@ def _run_modular(pipe: Any, prompt: str | Sequence[str], images: Mapping[str, An
     if latent:  # the modular decoder has no latent output type; its state holds the final latents
         kwargs = {k: v for k, v in kwargs.items() if k != "output_type"}
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    outs = [pipe(prompt=p, **images, **kwargs, output="latents" if latent else "images") for p in prompts]
+    guider = getattr(pipe, "guider", None)
+    guidance = kwargs.pop("guidance_scale", None)
+    if guidance is not None and guider is None:
+        raise ConfigError(f"{type(pipe).__name__} has no guider: it takes no guidance_scale; leave it out")
+    if guidance is not None:  # the CFG scale is a setting of the guider component: swapped for this call
+        pipe.update_components(guider=guider.new(guidance_scale=float(guidance)))
+    try:
+        outs = [pipe(prompt=p, **images, **kwargs, output="latents" if latent else "images") for p in prompts]
+    finally:
+        if guidance is not None:
+            pipe.update_components(guider=guider)
     if len(outs) == 1:
         return ImagePipelineOutput(images=outs[0])
     if isinstance(outs[0], torch.Tensor):
@@ -81,7 +91,11 @@ def call_parameters(pipe: Any) -> Mapping[str, Any]:
     """The inputs a pipeline's call takes -> their defaults (None where there is none): the call's
     signature, or a modular pipeline's block inputs (its ``__call__`` takes ``**kwargs``)."""
     if isinstance(pipe, ModularPipeline):
-        return {p.name: p.default for p in pipe.blocks.inputs if p.name is not None}
+        params = {p.name: p.default for p in pipe.blocks.inputs if p.name is not None}
+        guider = getattr(pipe, "guider", None)
+        if guider is not None and "guidance_scale" in guider.config:  # run_pipeline sets it on the guider
+            params["guidance_scale"] = guider.config["guidance_scale"]
+        return params
     params = inspect.signature(pipe.__call__).parameters
     return {k: (None if p.default is inspect.Parameter.empty else p.default) for k, p in params.items()}
 
