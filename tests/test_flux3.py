@@ -117,3 +117,27 @@ def test_run_pipeline_runs_a_list_of_prompts_one_by_one(pipe):
     assert both.shape == (2, 128, 8, 8)
     assert torch.equal(both, torch.cat([first, second]))
     assert not torch.equal(first, second)
+
+
+def test_image_cond_blocks_act_only_with_reference_images(make_pipe):
+    """LoRA on mode_blocks.image_cond.* changes nothing in text-to-image (the branch does not run) and
+    changes the prediction once reference-image tokens are given: the honest limit of 'every target
+    influences the output'."""
+    from .helpers import run, trained_adapter
+
+    pipe = make_pipe("tiny-flux3")
+    base = run(pipe)
+    trained_adapter(pipe, "s", seed=13, rank=4)
+    dl.set_weights(pipe, {"s": {"default": 0.0, "image_cond": 1.0}})
+    assert torch.equal(run(pipe), base)
+    g = torch.Generator().manual_seed(3)
+    tokens, cond = torch.randn(1, 16, 128, generator=g), torch.randn(1, 16, 128, generator=g)
+    ids = torch.cartesian_prod(torch.arange(1), torch.arange(4), torch.arange(4), torch.arange(1)).float()
+    kwargs = dict(hidden_states=tokens, encoder_hidden_states=torch.randn(1, 80, 64, generator=g),
+                  timestep=torch.tensor([0.5]), img_ids=ids, txt_ids=torch.zeros(80, 4),
+                  image_cond_hidden_states=cond, image_cond_ids=ids - torch.tensor([0.0, 0.0, 0.0, 1.0]))
+    with torch.no_grad():
+        on = pipe.transformer(**kwargs).sample
+        dl.set_weights(pipe, {"s": 0.0})
+        off = pipe.transformer(**kwargs).sample
+    assert not torch.equal(on, off)
