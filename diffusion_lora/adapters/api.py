@@ -67,7 +67,8 @@ def add_lora(
     ``targets`` is a preset of the family (``attn``, ``attn-ff``, ``all-linear``) or a list of module
     names/suffixes; ``alpha`` defaults to ``rank`` (scale 1). With ``text_encoder=True`` the family's
     LoRA-able (CLIP) text encoders get LoRA on their attention projections too (a family with none,
-    such as Flux.3, adapts its denoiser only; training refuses ``lora.text_encoder`` there). Afterwards only LoRA parameters require grad.
+    such as Flux.3, adapts its denoiser only; training refuses ``lora.text_encoder`` there).
+    Afterwards only LoRA parameters require grad.
     """
     state = state_of(pipe)
     check_name(name)
