@@ -165,7 +165,7 @@ class Flux3Conditioner(Conditioner):
 
     Each caption's context keeps its own length, as at inference (its chat-templated tokens right-padded
     to a multiple of 80; the transformer attends to that padding, so padding further would change the
-    prediction). A batch holds the contexts zero-padded to the longest with each one's ``text_length``;
+    prediction). A batch holds the contexts zero-padded to the longest, with a ``text_mask`` of each one's window;
     :meth:`predict` runs the denoiser once per distinct length, on exactly the pipeline's inputs.
     """
 
@@ -186,8 +186,8 @@ class Flux3Conditioner(Conditioner):
     def encode_text(self, pipe: Any, captions: Sequence[str], device: torch.device) -> TextCond:
         self.check_trainable(pipe)
         embeds = [flux3_prompt_embeds(pipe, caption, device) for caption in captions]
-        lengths = torch.tensor([e.shape[1] for e in embeds], device=device)
-        return text_cond_cat([{"prompt_embeds": e, "text_length": n[None]} for e, n in zip(embeds, lengths)])
+        # text_mask: 1 over the caption's own window; batching pads it with 0 (a float, so caches store it)
+        return text_cond_cat([{"prompt_embeds": e, "text_mask": e.new_ones(e.shape[:2])} for e in embeds])
 
     def predict(self, pipe, denoiser, noisy, timesteps, text, sizes, guidance):  # noqa: ANN001
         self.check_trainable(pipe)
@@ -199,7 +199,7 @@ class Flux3Conditioner(Conditioner):
         img_ids[:, 1:3] = img_ids[:, 1:3] * scale
         img_ids = img_ids.to(noisy.device)
         sigma = (timesteps / 1000.0).to(noisy.dtype)
-        lengths = text["text_length"].tolist()
+        lengths = (text["text_mask"] > 0).sum(dim=1).tolist()
         pred = torch.empty_like(tokens)
         for length in sorted(set(lengths)):
             rows = [i for i, n in enumerate(lengths) if n == length]
