@@ -86,7 +86,9 @@ def test_a_batch_of_captions_of_different_windows_predicts_each_as_alone(pipe):
 
 def test_the_step_distilled_transformer_is_refused_for_training(pipe):
     distilled = diffusers_distilled(pipe)
-    conditioner = conditioner_for(get_family("flux3"), dl.families.detect_variant(distilled))
+    variant = dl.families.detect_variant(distilled)
+    assert (dl.detect_family(distilled).name, variant.name) == ("flux3", "flux3-distilled")
+    conditioner = conditioner_for(get_family("flux3"), variant)
     with pytest.raises(ConfigError, match="flow_map"):
         conditioner.check_trainable(distilled)
     with pytest.raises(ConfigError, match="step-distilled"):
@@ -141,3 +143,14 @@ def test_image_cond_blocks_act_only_with_reference_images(make_pipe):
         dl.set_weights(pipe, {"s": 0.0})
         off = pipe.transformer(**kwargs).sample
     assert not torch.equal(on, off)
+
+
+def test_compat_reads_the_modular_pipelines_own_settings(pipe):
+    from diffusion_lora.compat.diffusers import modular_setting
+    from diffusion_lora.models.loading import native_size
+
+    assert modular_setting(pipe, "image_rope_scale", None) == 0.5
+    assert modular_setting(pipe, "pad_multiple", None) == 80
+    assert modular_setting(pipe, "default_height", None) == native_size(pipe) == 1024
+    assert modular_setting(pipe, "no_such_setting", "default") == "default"
+    assert modular_setting(object(), "image_rope_scale", 0.25) == 0.25

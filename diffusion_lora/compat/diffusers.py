@@ -48,7 +48,9 @@ def flux_latent_ids(pipe: Any, batch: int, height: int, width: int, device: torc
 
 
 def _modular_steps(blocks: Any) -> list[Any]:
-    """Every block of a modular pipeline's block tree, depth first."""
+    """Every block of a modular pipeline's block tree, depth first (none for ``None``)."""
+    if blocks is None:
+        return []
     found = [blocks]
     for sub in (getattr(blocks, "sub_blocks", None) or {}).values():
         found += _modular_steps(sub)
@@ -60,8 +62,8 @@ def modular_setting(pipe: Any, name: str, default: Any) -> Any:
     diffusers 0.42: ``image_rope_scale`` and ``default_height`` of Flux3PrepareLatentsStep), so that
     training uses the pipeline's own recipe; ``default`` when none has it (or ``pipe`` is not modular)."""
     for step in _modular_steps(getattr(pipe, "blocks", None)):
-        if name in vars(step):
-            return vars(step)[name]
+        if name in getattr(step, "__dict__", {}):
+            return step.__dict__[name]
     return default
 
 
