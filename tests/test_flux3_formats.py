@@ -164,3 +164,31 @@ def test_convert_resolves_real_size_files_against_the_reference(tmp_path):
     for key, value in tensors.items():
         spelled = key.replace(".lora_A.", ".lora_down.").replace(".lora_B.", ".lora_up.")
         assert torch.equal(back[spelled], value), key  # the adaLN halves swapped and back
+
+
+def _loha(name: str, out_f: int, in_f: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    t = {f"{name}.hada_w1_a": torch.randn(out_f, 2, generator=g) * 0.3,
+         f"{name}.hada_w1_b": torch.randn(2, in_f, generator=g),
+         f"{name}.hada_w2_a": torch.randn(out_f, 2, generator=g) * 0.3,
+         f"{name}.hada_w2_b": torch.randn(2, in_f, generator=g)}
+    t[f"{name}.alpha"] = torch.tensor(2.0)
+    return t
+
+
+def test_lycoris_on_bfl_names_equals_it_on_diffusers_names(make_pipe, tmp_path):
+    g = torch.Generator().manual_seed(9)
+    bfl = _loha("lora_unet_txt_mode_blocks_1_mlp_out", 32, 96, g)
+    flat = {k.replace("txt_mode_blocks_1_mlp_out", "txt_mode_blocks_1_ff_linear_out"): v for k, v in bfl.items()}
+    outputs = []
+    for name, tensors in (("bfl", bfl), ("flat", flat)):
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        pipe = make_pipe("tiny-flux3")
+        dl.load_lora(pipe, tmp_path / f"{name}.safetensors")
+        outputs.append(run(pipe))
+    assert not torch.equal(outputs[0], run(make_pipe("tiny-flux3")))
+    assert torch.equal(outputs[0], outputs[1])
+    adaln = _loha("lora_unet_final_layer_image_adaLN_modulation_1", 64, 32, g)
+    save_file(adaln, str(tmp_path / "adaln.safetensors"))
+    pipe = make_pipe("tiny-flux3")
+    with pytest.raises(dl.FormatError, match="adaLN"):
+        dl.load_lora(pipe, tmp_path / "adaln.safetensors")

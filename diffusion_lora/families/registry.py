@@ -419,7 +419,7 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                 default_resolution=1024,
                 tiny_model="tiny-flux3",
                 tiny=tiny.FLUX3,
-                reference=published.FLUX3,
+                reference=published.FLUX3,  # the transformer's class defaults: no published config to read
                 conditioning=Conditioning.FLUX3,
                 kohya_names=KohyaNames.BFL3,
                 # diffusers single-file loading of "flux-3-image" goes through the transformer alone;
