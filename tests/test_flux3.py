@@ -154,3 +154,23 @@ def test_compat_reads_the_modular_pipelines_own_settings(pipe):
     assert modular_setting(pipe, "default_height", None) == native_size(pipe) == 1024
     assert modular_setting(pipe, "no_such_setting", "default") == "default"
     assert modular_setting(object(), "image_rope_scale", 0.25) == 0.25
+
+
+def test_hotswap_of_comfyui_files_in_place(make_pipe, tmp_path):
+    from diffusion_lora.adapters.state import state_of
+
+    from .helpers import run, trained_adapter
+
+    src = make_pipe("tiny-flux3")
+    trained_adapter(src, "x", seed=14, rank=4, alpha=2, targets="attn-ff")
+    a = dl.save_lora(src, "x", tmp_path / "a.safetensors", format="comfyui")
+    dl.remove_lora(src, "x")
+    trained_adapter(src, "x", seed=15, rank=4, alpha=6, targets="attn-ff")
+    b = dl.save_lora(src, "x", tmp_path / "b.safetensors", format="comfyui")
+    expected = run(src)
+    pipe = make_pipe("tiny-flux3")
+    dl.load_lora(pipe, a, name="x")
+    layers = {id(s.layer) for s in state_of(pipe).sites()}
+    dl.hotswap(pipe, "x", b)
+    assert {id(s.layer) for s in state_of(pipe).sites()} == layers
+    torch.testing.assert_close(run(pipe), expected, rtol=0, atol=1e-6)
