@@ -174,3 +174,16 @@ def test_hotswap_of_comfyui_files_in_place(make_pipe, tmp_path):
     dl.hotswap(pipe, "x", b)
     assert {id(s.layer) for s in state_of(pipe).sites()} == layers
     torch.testing.assert_close(run(pipe), expected, rtol=0, atol=1e-6)
+
+
+def test_guidance_is_set_on_the_guider_for_one_call_and_refused_without_one(pipe):
+    kwargs = dict(num_inference_steps=2, height=32, width=32, output_type="latent")
+    guider = pipe.guider
+    default = run_pipeline(pipe, PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
+    same = run_pipeline(pipe, PROMPT, generator=torch.Generator().manual_seed(0), guidance_scale=3.5, **kwargs).images
+    other = run_pipeline(pipe, PROMPT, generator=torch.Generator().manual_seed(0), guidance_scale=7.0, **kwargs).images
+    assert guider.config["guidance_scale"] == 3.5 and torch.equal(default, same) and not torch.equal(default, other)
+    assert pipe.guider is guider
+    distilled = diffusers_distilled(pipe)
+    with pytest.raises(ConfigError, match="guidance_scale"):
+        run_pipeline(distilled, PROMPT, guidance_scale=2.0, **kwargs)

@@ -192,3 +192,16 @@ def test_lycoris_on_bfl_names_equals_it_on_diffusers_names(make_pipe, tmp_path):
     pipe = make_pipe("tiny-flux3")
     with pytest.raises(dl.FormatError, match="adaLN"):
         dl.load_lora(pipe, tmp_path / "adaln.safetensors")
+
+
+def test_a_module_spelled_both_ways_is_refused_by_name(make_pipe, tmp_path):
+    pipe = make_pipe("tiny-flux3")
+    tensors = _bfl_file(pipe, torch.Generator().manual_seed(10), blocks_only=True)
+    for role in ("lora_A", "lora_B"):
+        tensors[f"diffusion_model.single_transformer_blocks.0.attn.to_q.{role}.weight"] = tensors[
+            f"diffusion_model.single_blocks.0.q_proj.{role}.weight"].clone()
+    save_file(tensors, str(tmp_path / "both.safetensors"))
+    base = run(pipe)
+    with pytest.raises(dl.FormatError, match="single_blocks.0.q_proj"):
+        dl.load_lora(pipe, tmp_path / "both.safetensors")
+    assert torch.equal(run(pipe), base)
