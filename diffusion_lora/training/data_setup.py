@@ -14,6 +14,7 @@ from .captions import tag_frequency
 from .dataset import BucketedDataset
 from .files import own_folder, write_output, write_png
 from .images import validate_images
+from .pairs import pair_images
 from .scan import ImageItem, scan_images
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,12 @@ def build_dataset(cfg: Any, pipe: Any, acc: Any) -> tuple[BucketedDataset, list[
         raise DatasetError(f"data.path: {d.path} is not a folder of training images")
     items = scan_images(d.path, caption_extension=d.caption_extension, instance_prompt=d.instance_prompt,
                         default_repeats=d.repeats)
+    if d.control_folder:
+        setting = "data.control_path" if d.control_path else "data.control_dir"
+        items = pair_images(items, d.path, d.control_folder, role="control", setting=setting,
+                            allow_unpaired=d.allow_unpaired)
+    if d.mask_path:
+        items = pair_images(items, d.path, d.mask_path, role="mask", setting="data.mask_path")
     items += _class_items(cfg, pipe, acc)
     good, problems = validate_images(items, min_side=d.min_bucket, skip_bad=d.skip_bad_images)
     for line in problems:
