@@ -27,6 +27,7 @@ from .errors import ConfigError, FormatError
 from .families import detect_family
 from .formats.atomic import atomic_write_bytes, write_new_file
 from .formats.hashes import addnet_hash, legacy_hash
+from .models.invoke import run_pipeline
 from .models.loading import native_size
 from .prompt_tags import LoraTag, parse_lora_tags, resolve_tag, tag_weight
 
@@ -289,7 +290,7 @@ def _tag_text(pipe: Any, name: str, weight: Any) -> str:
 def _pixels_or_oom(pipe: Any, prompt: str, generator: torch.Generator, kwargs: dict[str, Any],
                    size: tuple[int, int]) -> Image.Image:
     try:
-        return pipe(prompt, generator=generator, **kwargs).images[0]
+        return run_pipeline(pipe, prompt, generator=generator, **kwargs).images[0]
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         text = str(exc)
         oom = isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError)))

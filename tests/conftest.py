@@ -17,8 +17,8 @@ import diffusion_lora as dl  # noqa: E402
 
 from . import helpers  # noqa: E402
 
-# every family's tiny pipeline, from the registry: a new family is tested everywhere without edits here
-ALL_TINY = tuple(family.tiny_model for family in dl.FAMILIES.values())
+# every tiny pipeline of every family and variant, from the registry: a new one is tested everywhere
+ALL_TINY = tuple(dl.families.tiny_models())
 
 
 @pytest.fixture(params=ALL_TINY)

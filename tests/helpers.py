@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 
 import diffusion_lora as dl
 from diffusion_lora.adapters.state import state_of
+from diffusion_lora.models.invoke import run_pipeline
 
 SIZE = {"StableDiffusionXLPipeline": 64}
 
@@ -20,7 +21,8 @@ def run(pipe: Any, prompt: str = "a small red circle on a white background", see
     size = SIZE.get(type(pipe).__name__, 32)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        out = pipe(prompt, num_inference_steps=2, height=size, width=size, generator=g, output_type="latent")
+        out = run_pipeline(pipe, prompt, num_inference_steps=2, height=size, width=size, generator=g,
+                           output_type="latent")
     return out.images
 
 

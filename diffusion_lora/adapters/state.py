@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from peft.tuners.lora import LoraLayer
 
-from ..families import Family, detect_family
+from ..families import Family, Variant, detect_family, detect_variant
 
 STATE_ATTR = "_diffusion_lora_state"
 
@@ -54,8 +54,9 @@ class FusedWeights:
 class AdapterState:
     """The adapter bookkeeping of one pipeline; get it with :func:`state_of`."""
 
-    def __init__(self, pipe: Any, family: Family) -> None:
+    def __init__(self, pipe: Any, family: Family, variant: Variant | None = None) -> None:
         self.family = family
+        self.variant = variant or family.main_variant
         self.records: dict[str, AdapterRecord] = {}
         self.fused: FusedWeights | None = None
         self._pipe_components = self._components(pipe, family)
@@ -119,6 +120,6 @@ def state_of(pipe: Any) -> AdapterState:
     """The AdapterState of ``pipe``, created on first use (detecting the family)."""
     state = pipe.__dict__.get(STATE_ATTR)
     if state is None:
-        state = AdapterState(pipe, detect_family(pipe))
+        state = AdapterState(pipe, detect_family(pipe), detect_variant(pipe))
         object.__setattr__(pipe, STATE_ATTR, state)
     return state

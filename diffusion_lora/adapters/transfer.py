@@ -175,8 +175,8 @@ def save_lora(
 
 def describe(pipe: Any, state: AdapterState, name: str, data: AdapterData, words: Sequence[str], fmt: str) -> dict:
     """Sharing metadata (``ss_*``, ``modelspec.*``) plus diffusion_lora's own keys for a saved file."""
-    family = state.family
-    meta = sharing_metadata(data, ModelFacts.of(family, fmt), name=name, trigger_words=words, inherited=data.metadata)
+    facts = ModelFacts.of(state.family, fmt, state.variant)
+    meta = sharing_metadata(data, facts, name=name, trigger_words=words, inherited=data.metadata)
     meta.update(_our_metadata(pipe, state, name, data, words))
     return meta
 

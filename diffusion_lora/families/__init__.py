@@ -9,11 +9,15 @@ from .registry import (
     Family,
     KohyaNames,
     Objective,
+    Variant,
     detect_family,
+    detect_variant,
     family_of_kohya_version,
+    family_of_tiny,
     get_family,
     single_file_pipelines,
     supported_titles,
+    tiny_models,
 )
 from .specs import ComponentSpec, PipelineSpec
 
@@ -27,9 +31,13 @@ __all__ = [
     "KohyaNames",
     "Objective",
     "PipelineSpec",
+    "Variant",
     "detect_family",
+    "detect_variant",
     "family_of_kohya_version",
+    "family_of_tiny",
     "get_family",
     "single_file_pipelines",
     "supported_titles",
+    "tiny_models",
 ]

@@ -10,6 +10,7 @@ the tiny and real-size models — is a field of its entry.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +34,36 @@ class BlockGroup:
     name: str
     pattern: str
     indexed: bool = True
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One published model of a family that needs its own pipeline inputs, reference layout, tiny model
+    or metadata (Flux.1 Kontext/Fill, SD3.5 Medium, Flux.2 Klein), while sharing the family's module
+    names, LoRA targets and file formats.
+
+    A variant is recognised by its pipeline class (``pipelines``) or by its denoiser config
+    (``matches_config``); ``None``/empty fields take the family's value (:meth:`Family.all_variants`
+    returns them filled in).
+    """
+
+    name: str
+    title: str
+    pipelines: tuple[str, ...] = ()  # pipeline classes that always mean this variant
+    matches_config: Callable[[Mapping[str, Any]], bool] | None = field(repr=False, default=None)
+    tiny_model: str | None = None  # a built-in tiny pipeline of this variant
+    tiny: PipelineSpec | None = field(repr=False, default=None)
+    reference: tuple[ComponentSpec, ...] = field(repr=False, default=())  # real-size layout; () = the family's
+    conditioning: Conditioning | None = None
+    modelspec_architecture: str | None = None
+    kohya_base_model_version: str | None = None
+    inputs: tuple[str, ...] = ()  # image inputs a generation call needs: "image", "mask_image", "control_image"
+
+    def matches(self, pipeline_class: str, config: Mapping[str, Any]) -> bool:
+        """True when a pipeline of class ``pipeline_class`` whose denoiser has ``config`` is this variant."""
+        if pipeline_class in self.pipelines:
+            return True
+        return self.matches_config is not None and self.matches_config(config)
 
 
 @dataclass(frozen=True)
@@ -69,6 +100,48 @@ class Family:
     kohya_version_aliases: tuple[str, ...] = ()  # other ss_base_model_version values kohya writes for it
     dynamic_shift: bool = False  # flow-matching shift from the image's sequence length when train.shift is unset
     matches_config: Callable[[Mapping[str, Any]], bool] = field(repr=False, default=lambda c: True)
+    # published models of the family beyond the one the fields above describe (tried first, in order)
+    variants: tuple[Variant, ...] = ()
+
+    @property
+    def main_variant(self) -> Variant:
+        """The variant the family's own fields describe (Flux.1-dev, SD3 medium, ...)."""
+        return Variant(
+            name=self.name, title=self.title, tiny_model=self.tiny_model, tiny=self.tiny, reference=self.reference,
+            conditioning=self.conditioning, modelspec_architecture=self.modelspec_architecture,
+            kohya_base_model_version=self.kohya_base_model_version,
+        )
+
+    @property
+    def all_variants(self) -> tuple[Variant, ...]:
+        """The main variant, then every extra one with its unset fields taken from the family."""
+        main = self.main_variant
+        return (main,) + tuple(
+            dataclasses.replace(
+                v, reference=v.reference or main.reference, conditioning=v.conditioning or main.conditioning,
+                modelspec_architecture=v.modelspec_architecture or main.modelspec_architecture,
+                kohya_base_model_version=v.kohya_base_model_version or main.kohya_base_model_version,
+            )
+            for v in self.variants
+        )
+
+    def variant(self, name: str) -> Variant:
+        """The variant called ``name`` (the family's own name is its main variant)."""
+        for v in self.all_variants:
+            if v.name == name:
+                return v
+        raise UnsupportedModelError(
+            f"family {self.name} has no variant {name!r}; its variants are "
+            f"{', '.join(v.name for v in self.all_variants)}"
+        )
+
+    def variant_of(self, pipeline_class: str, config: Mapping[str, Any]) -> Variant:
+        """The variant of a pipeline of class ``pipeline_class`` with denoiser ``config`` (main if none)."""
+        variants = self.all_variants
+        for v in variants[1:]:
+            if v.matches(pipeline_class, config):
+                return v
+        return variants[0]
 
     def targets(self, preset: str) -> tuple[str, ...]:
         """Module-name suffixes of the named target preset; raises ConfigError for an unknown one."""
@@ -330,9 +403,27 @@ def supported_titles() -> str:
 def family_of_kohya_version(version: str) -> Family | None:
     """The family of a kohya ``ss_base_model_version`` value, or None when no family writes it."""
     for family in FAMILIES.values():
-        if version == family.kohya_base_model_version or version in family.kohya_version_aliases:
+        versions = {v.kohya_base_model_version for v in family.all_variants} | set(family.kohya_version_aliases)
+        if version in versions:
             return family
     return None
+
+
+def tiny_models() -> Mapping[str, tuple[Family, Variant]]:
+    """Every built-in tiny model -> the family and variant it belongs to (registry order)."""
+    return MappingProxyType({
+        v.tiny_model: (f, v) for f in FAMILIES.values() for v in f.all_variants if v.tiny_model and v.tiny
+    })
+
+
+def family_of_tiny(name: str) -> Family:
+    """The family of the built-in tiny model ``name``."""
+    try:
+        return tiny_models()[name][0]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"unknown tiny model {name!r}; the built-in tiny models are {', '.join(tiny_models())}"
+        ) from None
 
 
 def single_file_pipelines() -> dict[str, str]:
@@ -348,6 +439,14 @@ def get_family(name: str) -> Family:
         raise UnsupportedModelError(
             f"unknown model family {name!r}; known families: {', '.join(FAMILIES)}"
         ) from None
+
+
+def detect_variant(pipe: Any) -> Variant:
+    """The variant of a diffusers pipeline (its family's main variant when no other one matches)."""
+    family = detect_family(pipe)
+    denoiser = getattr(pipe, family.denoiser)
+    config = dict(getattr(denoiser, "config", {}) or {})
+    return family.variant_of(type(pipe).__name__, config)
 
 
 def detect_family(pipe: Any) -> Family:

@@ -12,7 +12,7 @@ import datetime as _dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ..families import Family
+from ..families import Family, Variant
 from .adapter_data import AdapterData
 from .json_text import parse_json
 from .kohya import kohya_metadata
@@ -35,13 +35,14 @@ class ModelFacts:
     resolution: int
 
     @classmethod
-    def of(cls, family: Family, file_format: str) -> ModelFacts:
-        """The facts of ``family`` for a file in ``file_format`` (diffusers files name diffusers as the
-        implementation; kohya/ComfyUI files name the family's original one)."""
+    def of(cls, family: Family, file_format: str, variant: Variant | None = None) -> ModelFacts:
+        """The facts of ``family`` (and of its ``variant``, e.g. SD3.5 Medium) for a file in ``file_format``
+        (diffusers files name diffusers as the implementation; kohya/ComfyUI files the family's original one)."""
+        variant = variant or family.main_variant
         return cls(
             family=family.name,
-            kohya_base_model_version=family.kohya_base_model_version,
-            modelspec_architecture=family.modelspec_architecture,
+            kohya_base_model_version=variant.kohya_base_model_version or family.kohya_base_model_version,
+            modelspec_architecture=variant.modelspec_architecture or family.modelspec_architecture,
             implementation=IMPLEMENTATION_DIFFUSERS if file_format == "diffusers" else family.original_implementation,
             resolution=family.default_resolution,
         )

@@ -28,9 +28,11 @@ def build_component(spec: ComponentSpec) -> torch.nn.Module:
 
 
 @functools.lru_cache(maxsize=None)
-def reference_keys(family_name: str) -> ModelKeys:
-    """Module names of the family's published base model (SD1.5, SD2, SDXL base, SD3 medium, Flux.1-dev)."""
+def reference_keys(family_name: str, variant: str | None = None) -> ModelKeys:
+    """Module names of the family's published base model (SD1.5, SD2, SDXL base, SD3 medium, Flux.1-dev),
+    or of its published ``variant`` (``"sd35-large"``, ``"flux1-fill"``, ...)."""
     family = get_family(family_name)
+    reference = family.variant(variant).reference if variant else family.reference
     with torch.device("meta"):  # module names and shapes only: no weights are allocated
-        components = {spec.name: build_component(spec) for spec in family.reference}
+        components = {spec.name: build_component(spec) for spec in reference}
     return keys_of_components(family, components)

@@ -28,7 +28,8 @@ import transformers
 from diffusers import DiffusionPipeline
 
 from ..errors import ModelLoadError
-from ..families import FAMILIES, ComponentSpec, PipelineSpec
+from ..families import ComponentSpec, PipelineSpec, tiny_models
+from .llm_tokenizers import build_mistral_tokenizer, build_qwen_tokenizer
 from .tokenizers import (
     CLIP_MAX_LENGTH,
     build_clip_tokenizer,
@@ -45,11 +46,21 @@ logger = logging.getLogger(__name__)
 # The tiny pipelines are registry data (families/tiny.py); the names of the old spec classes stay.
 TinyComponent = ComponentSpec
 TinySpec = PipelineSpec
-TINY_SPECS: Mapping[str, PipelineSpec] = MappingProxyType({f.tiny_model: f.tiny for f in FAMILIES.values()})
+TINY_SPECS: Mapping[str, PipelineSpec] = MappingProxyType(
+    {name: variant.tiny for name, (_, variant) in tiny_models().items()}
+)
 TINY_MODELS: tuple[str, ...] = tuple(TINY_SPECS)
 
-_TOKENIZERS = {"CLIPTokenizer": build_clip_tokenizer, "T5TokenizerFast": build_t5_tokenizer}
-_TEXT_ENCODERS = frozenset({"CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel"})
+_TOKENIZERS = {
+    "CLIPTokenizer": build_clip_tokenizer,
+    "T5TokenizerFast": build_t5_tokenizer,
+    "Qwen2Tokenizer": build_qwen_tokenizer,
+    "LlamaTokenizer": build_mistral_tokenizer,
+}
+_SIZED_TEXT_ENCODERS = frozenset({"CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel"})
+# A text-encoder config value "tokenizer:<what>" is filled from the pipeline's tokenizer: "tokenizer:len"
+# (vocabulary size), "tokenizer:<attribute>" (e.g. pad_token_id) or "tokenizer:id:<token>".
+_FROM_TOKENIZER = "tokenizer:"
 
 
 def _text_config(component: ComponentSpec) -> transformers.PretrainedConfig:
@@ -76,23 +87,57 @@ def _text_config(component: ComponentSpec) -> transformers.PretrainedConfig:
     )
 
 
+def _filled(value: Any, tokenizer: Any) -> Any:
+    """``value`` with every "tokenizer:…" string (at any depth) replaced by what the tokenizer says."""
+    if isinstance(value, Mapping):
+        return {k: _filled(v, tokenizer) for k, v in value.items()}
+    if not (isinstance(value, str) and value.startswith(_FROM_TOKENIZER)):
+        return value
+    what = value[len(_FROM_TOKENIZER) :]
+    if what == "len":
+        return len(tokenizer)
+    if what.startswith("id:"):
+        return tokenizer.convert_tokens_to_ids(what[3:])
+    return getattr(tokenizer, what)
+
+
 def _component_seed(seed: int, name: str) -> int:
     """A seed per component, so that each one's weights depend only on (seed, component name)."""
     return (seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (2**63)
 
 
-def _build_component(component: ComponentSpec, seed: int) -> Any:
-    """Instantiate one component; modules are initialised from ``torch.manual_seed`` of its seed."""
+def _build_component(component: ComponentSpec, seed: int, tokenizer: Any = None) -> Any:
+    """Instantiate one component; modules are initialised from ``torch.manual_seed`` of its seed.
+
+    ``tokenizer`` is the pipeline's ``tokenizer`` component, for text-encoder configs that refer to it.
+    """
     if component.cls in _TOKENIZERS:
         return _TOKENIZERS[component.cls]()
-    if component.cls in _TEXT_ENCODERS:
-        model_cls = getattr(transformers, component.cls)
-        torch.manual_seed(_component_seed(seed, component.name))
-        return model_cls(_text_config(component)).eval()
-    obj_cls = getattr(diffusers, component.cls)
     torch.manual_seed(_component_seed(seed, component.name))
-    obj = obj_cls(**component.config)
-    return obj.eval() if isinstance(obj, torch.nn.Module) else obj
+    if component.cls in _SIZED_TEXT_ENCODERS:
+        return getattr(transformers, component.cls)(_text_config(component)).eval()
+    if hasattr(transformers, component.cls):  # any other text encoder: its own config class
+        model_cls = getattr(transformers, component.cls)
+        return model_cls(model_cls.config_class(**_filled(component.config, tokenizer))).eval()
+    obj = getattr(diffusers, component.cls)(**component.config)
+    if isinstance(obj, torch.nn.Module):
+        _vary_batch_norm_stats(obj, _component_seed(seed, component.name + ".batch_norm"))
+        obj.eval()
+    return obj
+
+
+def _vary_batch_norm_stats(module: torch.nn.Module, seed: int) -> None:
+    """Give BatchNorm running statistics (Flux.2's latent normalisation) non-trivial values.
+
+    A fresh BatchNorm has mean 0 and variance 1, which would let a missing (de)normalisation pass
+    every test unnoticed.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            with torch.no_grad():
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(1.0 + 0.5 * torch.rand(m.running_var.shape, generator=g))
 
 
 def build_tiny_pipeline(kind: str, seed: int = 0) -> DiffusionPipeline:
@@ -110,7 +155,13 @@ def build_tiny_pipeline(kind: str, seed: int = 0) -> DiffusionPipeline:
             f"unknown tiny model {kind!r}; the built-in tiny models are {', '.join(TINY_MODELS)}"
         ) from None
     with torch.random.fork_rng(devices=[]):
-        components = {c.name: _build_component(c, seed) for c in spec.components}
+        # tokenizers first: a text encoder's vocabulary size and token ids come from its tokenizer
+        components = {c.name: _build_component(c, seed) for c in spec.components if c.cls in _TOKENIZERS}
+        tokenizer = components.get("tokenizer")
+        components.update(
+            {c.name: _build_component(c, seed, tokenizer) for c in spec.components if c.cls not in _TOKENIZERS}
+        )
+        components = {c.name: components[c.name] for c in spec.components}
     pipeline_cls = getattr(diffusers, spec.pipeline)
     pipe = pipeline_cls(**components, **spec.pipeline_kwargs)
     pipe.register_to_config(_name_or_path=kind)

@@ -94,7 +94,7 @@ def tiny_words() -> tuple[str, ...]:
     return tuple(sorted(words))
 
 
-def _bytes_to_unicode() -> list[str]:
+def bytes_to_unicode() -> list[str]:
     """GPT-2's reversible map of the 256 byte values to printable unicode characters, in byte order."""
     printable = (
         list(range(ord("!"), ord("~") + 1))
@@ -113,7 +113,7 @@ def _bytes_to_unicode() -> list[str]:
 @functools.lru_cache(maxsize=1)
 def _clip_tables() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     """(tokens in id order, merges as (left, right) pairs in rank order) of the tiny CLIP BPE."""
-    chars = _bytes_to_unicode()
+    chars = bytes_to_unicode()
     tokens: list[str] = chars + [c + _END_OF_WORD for c in chars]
     known = set(tokens)
     merges: list[tuple[str, str]] = []

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..compat.diffusers import flux_latent_ids, pack_flux_latents
-from ..families import Conditioning, Family
+from ..families import Conditioning, Family, Variant
 
 TextCond = dict[str, torch.Tensor]
 
@@ -47,8 +47,32 @@ def sample_latents(vae: Any, mean: torch.Tensor, std: torch.Tensor, generator: t
     return (latents - shift) * vae.config.scaling_factor
 
 
+def patchified_latents(vae: Any, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A latent sample in the space of Flux.2 / Flux.3 denoisers: [B, C, h, w] → [B, 4C, h/2, w/2].
+
+    Their VAE has no scaling factor: the pipelines patchify 2×2 (channel-major) and normalise with the
+    VAE's BatchNorm running statistics (``vae.bn``), as ``Flux2Pipeline._encode_vae_image`` does.
+    """
+    noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+    latents = mean + std * noise
+    b, c, h, w = latents.shape
+    latents = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
+    bn_mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents)
+    bn_std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents)
+    return (latents - bn_mean) / bn_std
+
+
 class Conditioner:
-    """Family-specific text encoding and denoiser call."""
+    """Family-specific latent space, text encoding and denoiser call."""
+
+    def latents(self, vae: Any, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A sample of the VAE latent distribution (mean, std), in the space the denoiser works in."""
+        return sample_latents(vae, mean, std, generator)
+
+    def image_seq_len(self, height: int, width: int) -> int:
+        """Image tokens the denoiser sees for latents of ``height`` × ``width`` (Flux's 2×2 packing;
+        a conditioner whose latents are already patchified counts every position)."""
+        return (height // 2) * (width // 2)
 
     def encode_text(self, pipe: Any, captions: Sequence[str], device: torch.device) -> TextCond:
         raise NotImplementedError
@@ -145,9 +169,10 @@ _CONDITIONERS: Mapping[Conditioning, Conditioner] = MappingProxyType({
 })
 
 
-def conditioner_for(family: Family) -> Conditioner:
-    """The conditioner of ``family``'s conditioning (one per :class:`Conditioning` value)."""
-    return _CONDITIONERS[family.conditioning]
+def conditioner_for(family: Family, variant: Variant | None = None) -> Conditioner:
+    """The conditioner of ``variant``'s conditioning (the family's when no variant is given)."""
+    conditioning = (variant.conditioning if variant is not None else None) or family.conditioning
+    return _CONDITIONERS[conditioning]
 
 
 def text_cond_slice(text: TextCond, index: int) -> TextCond:

@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..formats.atomic import open_append_no_follow
+from ..models.invoke import run_pipeline
 from .files import own_folder, write_output, write_png
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def write_sample_grid(pipe: Any, cfg: Any, path: Path) -> Path:
         for seed in s.seeds:
             generator = torch.Generator().manual_seed(seed)
             with torch.no_grad():
-                row.append(pipe(prompt, generator=generator, **kwargs).images[0])
+                row.append(run_pipeline(pipe, prompt, generator=generator, **kwargs).images[0])
         rows.append(row)
     own_folder(path.parent)
     return write_png(image_grid(rows, list(s.prompts)), path, "sample grid")

@@ -16,7 +16,7 @@ import torch
 from ..families import Family, Objective
 from . import objectives as obj
 from .cache import TensorCache, entry_key, to_device
-from .conditioning import Conditioner, SizeInfo, latent_dist, sample_latents, text_cond_cat, text_cond_slice
+from .conditioning import Conditioner, SizeInfo, latent_dist, text_cond_cat, text_cond_slice
 from .config import TimestepSampling
 
 
@@ -57,7 +57,7 @@ def _latents(ctx: StepContext, pixels: torch.Tensor, gen: torch.Generator) -> to
         entry = to_device(ctx.latent_cache.get(key, compute), ctx.device, torch.float32)
         means.append(entry["mean"])
         stds.append(entry["std"])
-    return sample_latents(ctx.pipe.vae, torch.stack(means), torch.stack(stds), gen).to(ctx.weight_dtype)
+    return ctx.conditioner.latents(ctx.pipe.vae, torch.stack(means), torch.stack(stds), gen).to(ctx.weight_dtype)
 
 
 def _tensor_digest(t: torch.Tensor) -> str:
@@ -120,8 +120,8 @@ def _flow_step(ctx: StepContext, latents, noise, text, sizes, gen):  # noqa: ANN
     common = {"logit_mean": cfg.logit_mean, "logit_std": cfg.logit_std}
     sampling = cfg.timestep_sampling
     if sampling is TimestepSampling.SHIFT and cfg.shift is None and ctx.family.dynamic_shift:
-        # a resolution-dependent shift (Flux), from the packed image sequence length
-        mu = obj.flux_shift((h // 2) * (w // 2))
+        # a resolution-dependent shift (Flux), from the image sequence length
+        mu = obj.flux_shift(ctx.conditioner.image_seq_len(h, w))
         sigmas = obj.sample_flux_sigmas(b, gen, mu=mu, **common)
     elif sampling is TimestepSampling.SHIFT:
         sigmas = obj.sample_sigmas(b, gen, sampling=sampling, shift=cfg.shift or 3.0)

@@ -24,7 +24,7 @@ from ..adapters import add_lora, save_lora
 from ..adapters.state import state_of
 from ..compat.accelerate import reset_accelerator_state
 from ..errors import ConfigError, DiffusionLoraError
-from ..families import Objective, detect_family
+from ..families import Objective, detect_family, detect_variant
 from ..formats.atomic import atomic_write_bytes
 from ..models import load_pipeline
 from . import objectives as obj
@@ -79,6 +79,7 @@ class _Run:
         self.pipe.to(self.acc.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.family = detect_family(self.pipe)
+        self.variant = detect_variant(self.pipe)
         self.cfg = cfg = resolve_sizes(cfg, native_resolution(self.pipe))
         self.dataset, self.items = build_dataset(cfg, self.pipe, self.acc)
         self.metadata = training_metadata(cfg, self.items)  # checked now, not at the final save
@@ -107,7 +108,8 @@ class _Run:
                 dict(self.pipe.scheduler.config), zero_terminal_snr=cfg.train.zero_terminal_snr
             )
         return StepContext(
-            pipe=self.pipe, denoiser=self.denoiser, family=self.family, conditioner=conditioner_for(self.family),
+            pipe=self.pipe, denoiser=self.denoiser, family=self.family,
+            conditioner=conditioner_for(self.family, self.variant),
             config=cfg, latent_cache=TensorCache(cfg.cache.latents, cache_dir / "latents"),
             text_cache=TensorCache(cfg.text_cache, cache_dir / "text"),
             vae_fingerprint=model_fingerprint(self.pipe.vae) + str(self.pipe.vae.dtype),
