@@ -386,8 +386,47 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                     _JOINT_EVIDENCE,
                     r"^text_encoder_2\.encoder\.block\.",  # Flux's second text encoder is T5
                     r"^(lora_unet_|diffusion_model\.)(double|single)_blocks[._]",
+                    r"^base_model\.model\.(double|single)_blocks\.",  # fal's Kontext trainer
                 ),
                 dynamic_shift=True,
+                variants=(
+                    Variant(
+                        name="flux1-kontext",
+                        title="Flux.1 Kontext",
+                        # its transformer config is Flux.1-dev's: only the pipeline class tells them apart
+                        pipelines=("FluxKontextPipeline", "FluxKontextInpaintPipeline"),
+                        tiny_model="tiny-flux-kontext",
+                        tiny=tiny.FLUX_KONTEXT,
+                        conditioning=Conditioning.FLUX_KONTEXT,
+                        modelspec_architecture="flux-1-kontext-dev/lora",
+                        inputs=("image",),
+                    ),
+                    Variant(
+                        name="flux1-fill",
+                        title="Flux.1 Fill",
+                        pipelines=("FluxFillPipeline",),
+                        # noisy + masked-image + mask channels: more than twice the output
+                        matches_config=lambda c: bool(c.get("out_channels"))
+                        and c.get("in_channels", 0) > 2 * c["out_channels"],
+                        tiny_model="tiny-flux-fill",
+                        tiny=tiny.FLUX_FILL,
+                        reference=published.FLUX1_FILL,
+                        conditioning=Conditioning.FLUX_FILL,
+                        modelspec_architecture="flux-1-fill-dev/lora",
+                        inputs=("image", "mask_image"),
+                    ),
+                    Variant(
+                        name="flux1-control",
+                        title="Flux.1 Control (Depth/Canny)",
+                        pipelines=("FluxControlPipeline", "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline"),
+                        # noisy + control-image channels: twice the output
+                        matches_config=lambda c: bool(c.get("out_channels"))
+                        and c.get("in_channels", 0) == 2 * c["out_channels"],
+                        reference=published.FLUX1_CONTROL,
+                        conditioning=Conditioning.FLUX_CONTROL,
+                        inputs=("control_image",),
+                    ),
+                ),
             ),
         )
     }

@@ -1,17 +1,17 @@
 """Image inputs of a pipeline variant (a Kontext reference, a Fill image and mask, a Control image), read safely.
 
 A variant's ``inputs`` (``families.Variant.inputs``) name the call arguments its pipeline needs
-beside the prompt: ``image``, ``mask_image``, ``control_image``. :func:`check_image_inputs` says
-which are missing or not taken; :func:`read_input_image` opens a user's path as a regular file (a
-FIFO cannot hang it), refuses files and pixel counts over a bound before decoding, and decodes it to
-RGB (or grayscale for a mask).
+beside the prompt: ``image``, ``mask_image``, ``control_image`` (``models.invoke.run_pipeline``
+checks them). :func:`read_input_image` opens a user's path as a regular file (a FIFO cannot hang
+it), refuses files and pixel counts over a bound before decoding, and decodes it to RGB (or
+grayscale for a mask).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from PIL import Image, ImageOps
@@ -25,22 +25,6 @@ MAX_INPUT_PIXELS = 8192 * 8192  # before decoding: more is a decompression bomb,
 OPTION = {"image": "image", "mask_image": "mask", "control_image": "control_image"}
 
 
-def check_image_inputs(given: Collection[str], wanted: Collection[str], pipeline: str) -> None:
-    """ConfigError when an input in ``wanted`` (the variant's) is not ``given`` or one given is not wanted."""
-    missing = [k for k in wanted if k not in given]
-    extra = [k for k in given if k not in wanted]
-    if missing:
-        raise ConfigError(
-            f"{pipeline} needs {', '.join(OPTION.get(k, k) for k in missing)}: give "
-            + " and ".join(f"--{OPTION.get(k, k).replace('_', '-')} PATH" for k in missing)
-            + " (the image to edit or follow)"
-        )
-    if extra:
-        takes = ", ".join(OPTION.get(k, k) for k in wanted) or "no input image"
-        raise ConfigError(f"{pipeline} does not take {', '.join(OPTION.get(k, k) for k in extra)} (it takes {takes}); "
-                          "leave it out or load the variant that uses it")
-
-
 def read_input_image(path: str | os.PathLike[str], what: str, *, gray: bool = False,
                      max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
     """The image at ``path`` as RGB (``gray``: 8-bit grayscale), upright per its EXIF orientation.
@@ -51,7 +35,8 @@ def read_input_image(path: str | os.PathLike[str], what: str, *, gray: bool = Fa
     with open_regular(path, error=ConfigError, what=f"{what} ") as fh:
         size = os.fstat(fh.fileno()).st_size
         if size > MAX_INPUT_BYTES:
-            raise ConfigError(f"{what} {path}: {size:,} bytes is over the limit of {MAX_INPUT_BYTES:,}; use a smaller file")
+            raise ConfigError(f"{what} {path}: {size:,} bytes is over the limit of {MAX_INPUT_BYTES:,}; "
+                              "use a smaller file")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)

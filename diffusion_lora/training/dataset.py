@@ -40,9 +40,10 @@ class BucketedDataset(torch.utils.data.Dataset):
     their own augmentation. ``__getitem__`` returns ``pixel_values`` (float ``[3, H, W]`` in [-1, 1],
     ``(W, H)`` = ``bucket``), ``caption``, SDXL's ``original_size`` / ``crop_top_left`` /
     ``target_size``, ``is_class``, ``path`` and ``bucket``; for a paired item also ``control_values``
-    (like ``pixel_values``) and ``mask_values`` (``[1, H, W]``, 1 = repaint), on the target's pixel grid. Its randomness (crop, flip, caption) comes
-    only from ``random.Random(sample_seed(seed, epoch, i))``. DataLoader workers copy the dataset:
-    call :meth:`set_epoch` before creating each epoch's iterator (not with persistent workers).
+    (like ``pixel_values``) and ``mask_values`` (``[1, H, W]``, 1 = repaint), on the target's pixel grid.
+    Its randomness (crop, flip, caption) comes only from ``random.Random(sample_seed(seed, epoch, i))``.
+    DataLoader workers copy the dataset: call :meth:`set_epoch` before creating each epoch's iterator
+    (not with persistent workers).
     Class (regularization) images never get the trigger word.
     """
 
