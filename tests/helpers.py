@@ -6,11 +6,14 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
+from PIL import Image
 
 import diffusion_lora as dl
 from diffusion_lora.adapters.state import state_of
+from diffusion_lora.families import detect_variant
 from diffusion_lora.models.invoke import run_pipeline
 
 SIZE = {"StableDiffusionXLPipeline": 64}
@@ -22,8 +25,23 @@ def run(pipe: Any, prompt: str = "a small red circle on a white background", see
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         out = run_pipeline(pipe, prompt, num_inference_steps=2, height=size, width=size, generator=g,
-                           output_type="latent")
+                           output_type="latent", images=input_images(pipe, size))
     return out.images
+
+
+def input_images(pipe: Any, size: int = 32) -> dict[str, Image.Image]:
+    """Fixed images for the image inputs the pipeline's variant needs (Kontext reference, Fill image and
+    mask, Control image): a noise picture per input, and a mask whose centre square is to be repainted."""
+    out = {}
+    for i, name in enumerate(detect_variant(pipe).inputs):
+        if name == "mask_image":
+            mask = np.zeros((size, size), dtype=np.uint8)
+            mask[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 255
+            out[name] = Image.fromarray(mask, "L")
+        else:
+            rng = np.random.default_rng(100 + i)
+            out[name] = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
+    return out
 
 
 def randomize(pipe: Any, name: str, seed: int, std: float = 0.3) -> None:

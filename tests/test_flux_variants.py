@@ -1,0 +1,149 @@
+"""Flux.1 Kontext, Fill and Control: what training feeds the transformer equals what the real pipeline feeds it.
+
+Each test runs the variant's diffusers pipeline on its tiny model, captures the keyword arguments of its
+transformer's first call (a forward pre-hook), and builds the same inputs the way training does: the
+variant's conditioner on the pipeline's own noisy tokens, with latents from ``latent_dist`` and
+``Conditioner.latents`` (drawing from a generator in the order the pipeline draws from its own).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxControlPipeline, FluxTransformer2DModel
+
+import diffusion_lora as dl
+from diffusion_lora.families import FAMILIES, detect_variant, tiny
+from diffusion_lora.models.invoke import run_pipeline
+from diffusion_lora.training.conditioning import _unpack, conditioner_for, latent_dist
+
+from .helpers import input_images
+
+SIZE = 32
+
+
+def control_pipeline():
+    """A tiny FluxControlPipeline: tiny-flux with the Control transformer config (128 input channels)."""
+    base = dl.build_tiny_pipeline("tiny-flux")
+    config = dict(next(c for c in tiny.FLUX_CONTROL.components if c.name == "transformer").config)
+    torch.manual_seed(7)
+    components = {**base.components, "transformer": FluxTransformer2DModel(**config).eval()}
+    accepted = inspect.signature(FluxControlPipeline.__init__).parameters
+    return FluxControlPipeline(**{k: v for k, v in components.items() if k in accepted})
+
+
+def captured(pipe, images, seed=0):
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen.setdefault("kw", {k: (v.clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()})
+
+    handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            run_pipeline(pipe, "a red square", images=images, num_inference_steps=1, height=SIZE, width=SIZE,
+                         generator=torch.Generator().manual_seed(seed), output_type="latent")
+    finally:
+        handle.remove()
+    return seen["kw"]
+
+
+def pixels(img):
+    values = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
+    return values.permute(2, 0, 1)[None] if values.dim() == 3 else values[None, None]
+
+
+def noisy_of(pipe, hidden):
+    """The pipeline's noisy latents [1, C, h, w] from its first tokens and channels."""
+    h = w = SIZE // pipe.vae_scale_factor
+    c = pipe.vae.config.latent_channels
+    return _unpack(hidden[:, : (h // 2) * (w // 2), : 4 * c], 1, c, h, w)
+
+
+def conditioner_of(pipe):
+    family = FAMILIES["flux1"]
+    return conditioner_for(family, detect_variant(pipe))
+
+
+def scaled(pipe, z):
+    return (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+
+
+def test_kontext_reference_tokens_follow_the_noisy_ones_as_in_the_pipeline():
+    pipe = dl.build_tiny_pipeline("tiny-flux-kontext")
+    images = input_images(pipe, SIZE)
+    kw = captured(pipe, images)
+    with torch.no_grad():
+        mean, _ = latent_dist(pipe.vae, pixels(images["image"]))
+        cond = {"reference": scaled(pipe, mean)}  # Kontext encodes its reference with the mean (argmax)
+        hidden, ids = conditioner_of(pipe).transformer_inputs(pipe, noisy_of(pipe, kw["hidden_states"]), cond)
+    assert hidden.shape == kw["hidden_states"].shape == (1, 128, 64)  # 64 noisy + 64 reference tokens
+    torch.testing.assert_close(hidden, kw["hidden_states"], rtol=0, atol=1e-5)
+    assert torch.equal(ids, kw["img_ids"])
+    assert (ids[64:, 0] == 1).all() and (ids[:64, 0] == 0).all()
+
+
+def test_fill_masked_image_and_mask_channels_as_in_the_pipeline():
+    pipe = dl.build_tiny_pipeline("tiny-flux-fill")
+    images = input_images(pipe, SIZE)
+    kw = captured(pipe, images)
+    conditioner = conditioner_of(pipe)
+    g = torch.Generator().manual_seed(0)
+    noise_shape = (1, pipe.vae.config.latent_channels, SIZE // 2, SIZE // 2)
+    for _ in ("image latents", "initial noise"):  # the pipeline's first draws (it encodes the image with a sample)
+        torch.randn(noise_shape, generator=g)
+    mask = (pixels(images["mask_image"]) >= 0).float()  # white (1.0) = repaint, binarized
+    with torch.no_grad():
+        mean, std = latent_dist(pipe.vae, pixels(images["image"]) * (1 - mask))
+        masked = conditioner.latents(pipe.vae, mean, std, g)  # ... then samples the masked image's latents
+        hidden, ids = conditioner.transformer_inputs(
+            pipe, noisy_of(pipe, kw["hidden_states"]), {"masked": masked, "mask": mask})
+    assert hidden.shape == kw["hidden_states"].shape == (1, 64, 144)  # 64 + 64 + 4·2² channels
+    torch.testing.assert_close(hidden, kw["hidden_states"], rtol=0, atol=1e-5)
+    assert torch.equal(ids, kw["img_ids"])
+
+
+def test_control_image_channels_as_in_the_pipeline():
+    pipe = control_pipeline()
+    assert detect_variant(pipe).name == "flux1-control"
+    images = input_images(pipe, SIZE)
+    kw = captured(pipe, images)
+    conditioner = conditioner_of(pipe)
+    g = torch.Generator().manual_seed(0)  # the pipeline samples the control latents before its noise
+    with torch.no_grad():
+        mean, std = latent_dist(pipe.vae, pixels(images["control_image"]))
+        control = conditioner.latents(pipe.vae, mean, std, g)
+        hidden, ids = conditioner.transformer_inputs(pipe, noisy_of(pipe, kw["hidden_states"]), {"control": control})
+    assert hidden.shape == kw["hidden_states"].shape == (1, 64, 128)
+    torch.testing.assert_close(hidden, kw["hidden_states"], rtol=0, atol=1e-5)
+    assert torch.equal(ids, kw["img_ids"])
+
+
+@pytest.mark.parametrize("kind", ["tiny-flux-kontext", "tiny-flux-fill"])
+def test_missing_or_foreign_image_input_is_a_config_error(kind):
+    pipe = dl.build_tiny_pipeline(kind)
+    with pytest.raises(dl.ConfigError, match="needs"):
+        run_pipeline(pipe, "x", num_inference_steps=1, height=SIZE, width=SIZE)
+    images = {**input_images(pipe, SIZE), "control_image": input_images(pipe, SIZE)["image"]}
+    with pytest.raises(dl.ConfigError, match="takes no"):
+        run_pipeline(pipe, "x", images=images, num_inference_steps=1, height=SIZE, width=SIZE)
+
+
+def test_kontext_prediction_is_read_from_the_noisy_tokens_and_depends_on_the_reference():
+    pipe = dl.build_tiny_pipeline("tiny-flux-kontext")
+    conditioner = conditioner_of(pipe)
+    text = conditioner.encode_text(pipe, ["a red square"], torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    noisy = torch.randn(1, 16, 16, 16, generator=g)
+    reference = torch.randn(1, 16, 8, 12, generator=g)  # another size than the target: its own ids
+    with torch.no_grad():
+        args = (pipe, pipe.transformer, noisy, torch.tensor([500.0]), text, [None], 2.5)
+        plain = conditioner.predict(*args)
+        edited = conditioner.predict(*args, cond={"reference": reference})
+        mixed = conditioner.predict(*args, cond={"references": [reference]})
+    assert edited.shape == noisy.shape
+    assert not torch.allclose(plain, edited)
+    torch.testing.assert_close(mixed, edited, rtol=0, atol=0)
