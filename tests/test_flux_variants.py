@@ -147,3 +147,90 @@ def test_kontext_prediction_is_read_from_the_noisy_tokens_and_depends_on_the_ref
     assert edited.shape == noisy.shape
     assert not torch.allclose(plain, edited)
     torch.testing.assert_close(mixed, edited, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- generate: --image / --mask / --control-image
+
+
+@pytest.fixture(scope="module")
+def input_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inputs")
+    pipe = dl.build_tiny_pipeline("tiny-flux-fill")
+    paths = {}
+    for name, img in input_images(pipe, SIZE).items():
+        paths[name] = folder / f"{name}.png"
+        img.save(paths[name])
+    return paths
+
+
+def _cli(kind, out, *extra):
+    from diffusion_lora.cli import main
+
+    return main(["generate", "--model", kind, "--prompt", "make it blue", "--steps", "2", "--height", "32",
+                 "--width", "32", "--guidance", "2.5", "--out", str(out), *extra])
+
+
+def test_generate_cli_edits_with_kontext_and_fills_with_a_mask(tmp_path, input_files):
+    from PIL import Image
+
+    assert _cli("tiny-flux-kontext", tmp_path / "k", "--image", str(input_files["image"])) == 0
+    (png,) = (tmp_path / "k").glob("*.png")
+    assert Image.open(png).size == (32, 32)  # the requested size, not Kontext's one-megapixel default
+    assert _cli("tiny-flux-fill", tmp_path / "f", "--image", str(input_files["image"]),
+                "--mask", str(input_files["mask_image"])) == 0
+    assert len(list((tmp_path / "f").glob("*.png"))) == 1
+    # the reference image matters: another one gives other pixels
+    other = tmp_path / "other.png"
+    Image.fromarray(np.full((32, 32, 3), 200, dtype=np.uint8)).save(other)
+    assert _cli("tiny-flux-kontext", tmp_path / "k2", "--image", str(other)) == 0
+    (png2,) = (tmp_path / "k2").glob("*.png")
+    assert not np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(png2)))
+
+
+def test_generate_api_takes_pil_images_and_matches_the_cli(tmp_path, input_files):
+    from PIL import Image
+
+    from diffusion_lora.generate import GenerationSettings, generate
+
+    pipe = dl.build_tiny_pipeline("tiny-flux-kontext")
+    settings = GenerationSettings(prompts=["make it blue"], steps=2, height=32, width=32, guidance=2.5,
+                                  image=Image.open(input_files["image"]))
+    (result,) = generate(pipe, settings, progress=False)
+    assert _cli("tiny-flux-kontext", tmp_path, "--image", str(input_files["image"])) == 0
+    (png,) = tmp_path.glob("*.png")
+    assert np.array_equal(np.asarray(result.image), np.asarray(Image.open(png).convert("RGB")))
+
+
+@pytest.mark.parametrize(("kind", "extra", "message"), [
+    ("tiny-flux-kontext", (), "needs --image"),
+    ("tiny-flux-fill", ("--image", "{image}"), "needs --mask"),
+    ("tiny-flux", ("--image", "{image}"), "takes no --image"),
+    ("tiny-flux-kontext", ("--image", "{image}", "--control-image", "{image}"), "takes no --control-image"),
+    ("tiny-flux-kontext", ("--image", "{missing}"), "no such file"),
+    ("tiny-flux-kontext", ("--image", "{text}"), "not a readable image"),
+    ("tiny-flux-kontext", ("--image", "{folder}"), "is a directory"),
+])
+def test_generate_cli_refuses_bad_image_inputs_in_one_line(tmp_path, capsys, input_files, kind, extra, message):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    names = {"image": input_files["image"], "missing": tmp_path / "nope.png", "text": text, "folder": tmp_path}
+    args = [a.format(**names) for a in extra]
+    from diffusion_lora.cli import main
+
+    code = main(["generate", "--model", kind, "--prompt", "x", "--steps", "1", "--height", "32", "--width", "32",
+                 "--out", str(tmp_path / "out"), *args])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_generate_refuses_an_oversized_input_before_decoding(tmp_path):
+    from PIL import Image
+
+    from diffusion_lora.models import image_inputs
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (64, 64)).save(path)
+    with pytest.raises(dl.ConfigError, match="over the limit"):
+        image_inputs.read_input_image(path, "image", max_pixels=32 * 32)

@@ -16,8 +16,11 @@ from safetensors.torch import save_file
 from transformers import CLIPTokenizer, T5TokenizerFast
 
 import diffusion_lora as dl
+from diffusion_lora.models.invoke import run_pipeline
 from diffusion_lora.models.loading import detect_single_file_pipeline
 from diffusion_lora.models.tokenizers import build_clip_tokenizer, build_t5_tokenizer, tiny_words
+
+from .helpers import input_images
 
 CAPTION = "a small red circle on a white background"
 SIZE = 32  # pixels; every tiny model generates at 32×32
@@ -46,13 +49,15 @@ def built() -> dict[str, tuple[DiffusionPipeline, float]]:
 
 
 def _generate(pipe: DiffusionPipeline) -> np.ndarray:
-    result = pipe(
+    result = run_pipeline(
+        pipe,
         CAPTION,
         num_inference_steps=2,
         height=SIZE,
         width=SIZE,
         generator=torch.Generator().manual_seed(0),
         output_type="np",
+        images=input_images(pipe, SIZE),  # a variant's image inputs (Kontext, Fill)
     )
     return result.images
 
@@ -66,7 +71,8 @@ def test_builds_fast_with_name_and_family(built, kind):
     pipe, seconds = built[kind]
     assert seconds < 15, f"{kind} took {seconds:.1f}s to build (target < 5 s)"
     assert pipe.name_or_path == kind
-    assert dl.detect_family(pipe).tiny_model == kind
+    assert dl.families.detect_variant(pipe).tiny_model == kind  # a variant's tiny model (Kontext) is its own
+    assert dl.detect_family(pipe) is dl.families.tiny_models()[kind][0]
 
 
 @pytest.mark.parametrize("kind", dl.TINY_MODELS)

@@ -58,6 +58,9 @@ class Variant:
     modelspec_architecture: str | None = None
     kohya_base_model_version: str | None = None
     inputs: tuple[str, ...] = ()  # image inputs a generation call needs: "image", "mask_image", "control_image"
+    # denoiser Linear layers whose input is wider than in the family's main variant (Flux.1 Fill/Control's
+    # x_embedder): a LoRA trained on the main variant loads with zero input columns added, as diffusers does
+    widened_inputs: tuple[str, ...] = ()
 
     def matches(self, pipeline_class: str, config: Mapping[str, Any]) -> bool:
         """True when a pipeline of class ``pipeline_class`` whose denoiser has ``config`` is this variant."""
@@ -414,6 +417,7 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                         conditioning=Conditioning.FLUX_FILL,
                         modelspec_architecture="flux-1-fill-dev/lora",
                         inputs=("image", "mask_image"),
+                        widened_inputs=("x_embedder",),
                     ),
                     Variant(
                         name="flux1-control",
@@ -425,6 +429,7 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                         reference=published.FLUX1_CONTROL,
                         conditioning=Conditioning.FLUX_CONTROL,
                         inputs=("control_image",),
+                        widened_inputs=("x_embedder",),
                     ),
                 ),
             ),
