@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 from ..formats.atomic import open_append_no_follow
 from ..models.invoke import run_pipeline
 from .files import own_folder, write_output, write_png
+from .sample_inputs import sample_plans
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +86,12 @@ def write_sample_grid(pipe: Any, cfg: Any, path: Path) -> Path:
     kwargs["height"] = s.height or side
     kwargs["width"] = s.width or side
     rows = []
-    for prompt in s.prompts:
+    for prompt, images in sample_plans(pipe, list(s.prompts)):
         row = []
         for seed in s.seeds:
             generator = torch.Generator().manual_seed(seed)
             with torch.no_grad():
-                row.append(run_pipeline(pipe, prompt, generator=generator, **kwargs).images[0])
+                row.append(run_pipeline(pipe, prompt, generator=generator, images=images, **kwargs).images[0])
         rows.append(row)
     own_folder(path.parent)
     return write_png(image_grid(rows, list(s.prompts)), path, "sample grid")

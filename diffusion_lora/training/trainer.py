@@ -39,6 +39,7 @@ from .optimizers import build_lr_scheduler, build_optimizer, param_groups, train
 from .outputs import MetricsLog, write_model_card, write_sample_grid
 from .parallel import average_text_encoder_grads, check_ranks_agree
 from .preflight import check_folders, native_resolution, training_metadata
+from .sample_inputs import sample_plans
 from .steps import StepContext, micro_step_loss
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class _Run:
         self.family = detect_family(self.pipe)
         self.variant = detect_variant(self.pipe)
         self.cfg = cfg = resolve_sizes(cfg, native_resolution(self.pipe))
+        sample_plans(self.pipe, list(cfg.sample.prompts))  # their image inputs are checked before training
         self.dataset, self.items = build_dataset(cfg, self.pipe, self.acc)
         self.metadata = training_metadata(cfg, self.items)  # checked now, not at the final save
         name = cfg.output.name
