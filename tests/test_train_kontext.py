@@ -179,3 +179,27 @@ def test_fill_trains_with_random_or_given_masks(pairs, tmp_path, with_masks):
     dl.train(cfg2, progress=False, max_steps_this_run=2)
     resumed = dl.train(cfg2, progress=False, resume=True)
     assert straight.losses[2:] == resumed.losses
+
+
+def test_sample_config_smoke_test_runs_on_the_tiny_model(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from diffusion_lora.cli import main
+
+    samples = Path(__file__).resolve().parents[1] / "samples"
+    monkeypatch.chdir(tmp_path)
+    subprocess.run([sys.executable, str(samples / "make_paired_dataset.py"), "--size", "64", "--count", "3"],
+                   check=True, capture_output=True, timeout=120)
+    code = main(["train", str(samples / "train_flux_kontext.toml"), "--model", "tiny-flux-kontext", "--steps", "2",
+                 "--resolution", "64", "--set", "model.dtype=float32", "--set", "train.mixed_precision=no",
+                 "--set", "optimizer.name=adamw", "--set", "data.min_bucket=32", "--set", "data.max_bucket=128",
+                 "--set", "data.bucket_step=16", "--set", "scheduler.warmup_steps=1", "--set", "sample.every=0",
+                 "--set", "sample.width=64", "--set", "sample.height=64", "--set", "sample.steps=2",
+                 "--set", "checkpoint.every=0", "--set", "log.tensorboard=false"])
+    assert code == 0
+    adapter = tmp_path / "out" / "flux_kontext" / "recolour.safetensors"
+    from diffusion_lora.formats.safetensors_io import read_metadata
+
+    meta = read_metadata(adapter)
+    assert meta["modelspec.architecture"] == "flux-1-kontext-dev/lora"
