@@ -153,3 +153,10 @@ def test_dev_lora_of_x_embedder_loads_on_fill_as_diffusers_pads_it(tmp_path):
     assert not torch.allclose(out, base)
     torch.testing.assert_close(out, run(theirs), rtol=0, atol=1e-5)
     assert set(input_images(ours)) == {"image", "mask_image"}
+
+
+def test_fal_and_musubi_files_point_to_flux1():
+    from diffusion_lora.formats.file_family import family_of
+
+    for fixture in ("flux_kontext_keys_fal.txt", "flux_kontext_keys_musubi.txt"):
+        assert "flux1" in family_of({}, golden(fixture)).names, fixture

@@ -25,7 +25,7 @@ from diffusion_lora.training.config import (
 )
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
-SAMPLE_FILES = ("train_style_sd15.toml", "train_character_sdxl.toml", "train_flux.toml")
+SAMPLE_FILES = ("train_style_sd15.toml", "train_character_sdxl.toml", "train_flux.toml", "train_flux_kontext.toml")
 
 
 def minimal() -> dict:
@@ -52,7 +52,8 @@ DEFAULTS = {
     "data": {"path": "data/x", "instance_prompt": "", "trigger_word": "", "caption_extension": ".txt",
              "resolution": None, "buckets": True, "bucket_step": None, "min_bucket": None, "max_bucket": None,
              "no_upscale": False, "center_crop": True, "flip": False, "caption_dropout": 0.0,
-             "shuffle_captions": False, "keep_tokens": 0, "repeats": 1, "skip_bad_images": False},
+             "shuffle_captions": False, "keep_tokens": 0, "repeats": 1, "skip_bad_images": False,
+             "control_path": "", "control_dir": "", "allow_unpaired": False, "mask_path": ""},
     "prior": {"class_dir": "", "class_prompt": "", "weight": 1.0, "num_images": 0},
     "lora": {"rank": 16, "alpha": None, "targets": "attn", "text_encoder": False, "use_dora": False,
              "use_rslora": False},

@@ -389,7 +389,8 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                     _JOINT_EVIDENCE,
                     r"^text_encoder_2\.encoder\.block\.",  # Flux's second text encoder is T5
                     r"^(lora_unet_|diffusion_model\.)(double|single)_blocks[._]",
-                    r"^base_model\.model\.(double|single)_blocks\.",  # fal's Kontext trainer
+                    # BFL names with fal's Kontext trainer's PEFT prefix, or bare (the prefix removed)
+                    r"^(base_model\.model\.)?(double|single)_blocks\.\d+\.",
                 ),
                 dynamic_shift=True,
                 variants=(
