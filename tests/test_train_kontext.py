@@ -203,3 +203,24 @@ def test_sample_config_smoke_test_runs_on_the_tiny_model(tmp_path, monkeypatch):
 
     meta = read_metadata(adapter)
     assert meta["modelspec.architecture"] == "flux-1-kontext-dev/lora"
+
+
+def test_control_trains_from_pairs_and_needs_every_pair(pairs, tmp_path):
+    targets, controls = pairs
+    result = dl.train(config(targets, controls, tmp_path / "out", model="tiny-flux-control", train={"steps": 3}),
+                      progress=False)
+    pipe = dl.load_pipeline("tiny-flux-control")
+    pipe.set_progress_bar_config(disable=True)
+    control = {"control_image": Image.open(controls / "img1.png").convert("RGB")}
+
+    def generate():
+        with torch.no_grad():
+            return run_pipeline(pipe, "make the circle red", images=control, num_inference_steps=2, height=64,
+                                width=64, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+
+    base = generate()
+    dl.load_lora(pipe, result.adapter)
+    assert not torch.allclose(generate(), base)
+    with pytest.raises(dl.ConfigError, match="data.allow_unpaired: Flux.1 Control"):
+        dl.train(config(targets, controls, tmp_path / "x", model="tiny-flux-control",
+                        data={"allow_unpaired": True}), progress=False)

@@ -427,6 +427,8 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                         # noisy + control-image channels: twice the output
                         matches_config=lambda c: bool(c.get("out_channels"))
                         and c.get("in_channels", 0) == 2 * c["out_channels"],
+                        tiny_model="tiny-flux-control",
+                        tiny=tiny.FLUX_CONTROL,
                         reference=published.FLUX1_CONTROL,
                         conditioning=Conditioning.FLUX_CONTROL,
                         inputs=("control_image",),

@@ -59,6 +59,9 @@ def _check_paired_settings(d: Any, pipe: Any) -> None:
                           "control images (same file stems as the targets)"
                           + (", or set data.allow_unpaired = true to train text-to-image" if condition == "reference"
                              else ""))
+    if d.allow_unpaired and condition == "control":
+        raise ConfigError(f"data.allow_unpaired: {variant.title} needs a control image for every target (its input "
+                          "layer takes one); set it to false and pair every image")
     if d.control_folder and condition not in ("reference", "control"):
         raise ConfigError(f"data.control_path: {variant.title} ({type(pipe).__name__}) takes no control images; "
                           "remove the setting or train a Kontext or Control model")
