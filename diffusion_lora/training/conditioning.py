@@ -66,6 +66,10 @@ def patchified_latents(vae: Any, mean: torch.Tensor, std: torch.Tensor, generato
 class Conditioner:
     """Family-specific latent space, text encoding and denoiser call."""
 
+    # which image condition micro-steps build for ``predict``'s ``cond`` (see training.steps): None,
+    # "reference" (Flux.1 Kontext), "control" (Control) or "fill" (Fill: masks and masked-image latents)
+    image_condition: str | None = None
+
     def latents(self, vae: Any, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """A sample of the VAE latent distribution (mean, std), in the space the denoiser works in."""
         return sample_latents(vae, mean, std, generator)
@@ -140,10 +144,6 @@ class FluxConditioner(Conditioner):
     def encode_text(self, pipe: Any, captions: Sequence[str], device: torch.device) -> TextCond:
         embeds, pooled, text_ids = pipe.encode_prompt(list(captions), None, device=device, num_images_per_prompt=1)
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids}
-
-    # which image condition micro-steps build for ``predict``'s ``cond`` (see training.steps): None,
-    # "reference" (Kontext), "control" (Control) or "fill" (Fill: masks and masked-image latents)
-    image_condition: str | None = None
 
     def transformer_inputs(self, pipe: Any, noisy: torch.Tensor,
                            cond: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -72,7 +72,7 @@ def _latent_dists(ctx: StepContext, pixels: torch.Tensor, cache: bool = True) ->
 def _image_cond(ctx: StepContext, batch: Sequence[dict], pixels: torch.Tensor, gen: torch.Generator) -> dict:
     """The image condition the conditioner asks for (``Conditioner.image_condition``), built like its pipeline:
     a Kontext reference from the latent mean, Control and Fill image latents sampled with ``gen``."""
-    kind = getattr(ctx.conditioner, "image_condition", None)
+    kind = ctx.conditioner.image_condition
     vae, dtype = ctx.pipe.vae, ctx.weight_dtype
     if kind in ("reference", "control"):
         controls = [b.get("control_values") for b in batch]
