@@ -222,3 +222,22 @@ def test_generate_refuses_an_oversized_input_before_decoding(tmp_path):
     Image.new("RGB", (64, 64)).save(path)
     with pytest.raises(dl.ConfigError, match="over the limit"):
         image_inputs.read_input_image(path, "image", max_pixels=32 * 32)
+
+
+def test_kontext_inpainting_pipeline_takes_an_image_and_a_mask():
+    from diffusers import FluxKontextInpaintPipeline
+
+    kontext = dl.build_tiny_pipeline("tiny-flux-kontext")
+    pipe = FluxKontextInpaintPipeline(**{k: v for k, v in kontext.components.items()
+                                         if k in FluxKontextInpaintPipeline._optional_components
+                                         or k in ("transformer", "vae", "text_encoder", "text_encoder_2",
+                                                  "tokenizer", "tokenizer_2", "scheduler")})
+    pipe.set_progress_bar_config(disable=True)
+    assert detect_variant(pipe).name == "flux1-kontext-inpaint"
+    images = input_images(dl.build_tiny_pipeline("tiny-flux-fill"), SIZE)  # an image and a mask
+    with torch.no_grad():
+        out = run_pipeline(pipe, "make it blue", images=images, num_inference_steps=2, height=SIZE, width=SIZE,
+                           output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    assert torch.isfinite(out).all()
+    with pytest.raises(dl.ConfigError, match="needs --mask"):
+        run_pipeline(pipe, "x", images={"image": images["image"]}, num_inference_steps=1, height=SIZE, width=SIZE)

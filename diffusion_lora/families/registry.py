@@ -398,12 +398,21 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                         name="flux1-kontext",
                         title="Flux.1 Kontext",
                         # its transformer config is Flux.1-dev's: only the pipeline class tells them apart
-                        pipelines=("FluxKontextPipeline", "FluxKontextInpaintPipeline"),
+                        pipelines=("FluxKontextPipeline",),
                         tiny_model="tiny-flux-kontext",
                         tiny=tiny.FLUX_KONTEXT,
                         conditioning=Conditioning.FLUX_KONTEXT,
                         modelspec_architecture="flux-1-kontext-dev/lora",
                         inputs=("image",),
+                    ),
+                    Variant(
+                        name="flux1-kontext-inpaint",
+                        title="Flux.1 Kontext inpainting",
+                        # Kontext's model; the pipeline repaints the mask's white part of `image`
+                        pipelines=("FluxKontextInpaintPipeline",),
+                        conditioning=Conditioning.FLUX_KONTEXT,
+                        modelspec_architecture="flux-1-kontext-dev/lora",
+                        inputs=("image", "mask_image"),
                     ),
                     Variant(
                         name="flux1-fill",
