@@ -23,7 +23,8 @@ def test_add_lora_trains_only_lora(pipe):
     ]
     assert trainable
     assert all("lora_" in n for _, n in trainable)
-    assert {c for c, _ in trainable} >= {state_of(pipe).family.denoiser, "text_encoder"}
+    family = state_of(pipe).family  # text_encoder=True: the family's LoRA-able text encoders (none for Chroma)
+    assert {c for c, _ in trainable} == {family.denoiser, *family.lora_text_encoders}
 
 
 def test_fresh_adapter_is_identity(pipe):
@@ -178,6 +179,9 @@ def _restricted_file(src, dst, keep):
         ("tiny-sd3", {"default": 0.0, "blocks.1-1": 1.0}, "transformer.transformer_blocks.1."),
         ("tiny-flux", {"default": 0.0, "single.0-1": 1.0}, "transformer.single_transformer_blocks."),
         ("tiny-flux", {"default": 0.0, "blocks.0": 1.0}, "transformer.transformer_blocks.0."),
+        ("tiny-flux3", {"default": 0.0, "image.1": 1.0}, "transformer.mode_blocks.image.1."),
+        ("tiny-flux3", {"default": 0.0, "txt.0-1": 1.0}, "transformer.txt_mode_blocks."),
+        ("tiny-flux3", {"default": 0.0, "single.1": 1.0}, "transformer.single_transformer_blocks.1."),
     ],
 )
 def test_per_block_weights_affect_only_named_blocks(make_pipe, tmp_path, kind, blocks, prefix):
@@ -277,6 +281,24 @@ def test_names_are_checked(make_pipe):
         dl.add_lora(pipe, "bad.name")
     with pytest.raises(dl.ConfigError, match="preset"):
         dl.add_lora(pipe, "c", targets="attn-typo")
+    for clash in ("double", "float", "cuda", "keys"):  # torch module methods: PEFT cannot key adapters by them
+        with pytest.raises(dl.ConfigError, match=f"'{clash}'.*another name"):
+            dl.add_lora(pipe, clash, rank=2)
+    assert dl.list_loras(pipe)[0].name == "a" and len(dl.list_loras(pipe)) == 1
+
+
+def test_a_file_named_like_a_module_method_needs_another_name(make_pipe, tmp_path):
+    src = make_pipe("tiny-sd15")
+    trained_adapter(src, "s", seed=3, rank=2)
+    path = dl.save_lora(src, "s", tmp_path / "double.safetensors")
+    pipe = make_pipe("tiny-sd15")
+    before = run(pipe)
+    with pytest.raises(dl.ConfigError, match="'double'.*another name"):
+        dl.load_lora(pipe, path)
+    assert dl.list_loras(pipe) == [] and torch.equal(run(pipe), before)
+    dl.load_lora(pipe, path, name="double_lora")
+    assert torch.equal(run(pipe), run(src))
+
 
 
 def test_detect_family_rejects_other_pipelines():

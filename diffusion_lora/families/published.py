@@ -31,6 +31,15 @@ SD3_TRANSFORMER = frozen(
     joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
     pos_embed_max_size=192,
 )
+# SD3.5 Large (and Large Turbo, a distilled checkpoint of the same layout): 38 blocks of 38 heads, qk-norm
+SD35_LARGE_TRANSFORMER = frozen(
+    **{**SD3_TRANSFORMER, "num_layers": 38, "num_attention_heads": 38, "caption_projection_dim": 2432,
+       "qk_norm": "rms_norm"}
+)
+# SD3.5 Medium (MMDiT-X): SD3 medium's sizes, qk-norm, a second image self-attention (attn2) in blocks 0-12
+SD35_MEDIUM_TRANSFORMER = frozen(
+    **{**SD3_TRANSFORMER, "pos_embed_max_size": 384, "qk_norm": "rms_norm", "dual_attention_layers": tuple(range(13))}
+)
 FLUX_TRANSFORMER = frozen(
     patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
@@ -67,6 +76,8 @@ SD3 = (
     ComponentSpec("text_encoder_2", "CLIPTextModelWithProjection", OPENCLIP_BIGG),
     ComponentSpec("text_encoder_3", "T5EncoderModel", T5_XXL),
 )
+SD35_LARGE = (ComponentSpec("transformer", "SD3Transformer2DModel", SD35_LARGE_TRANSFORMER), *SD3[1:])
+SD35_MEDIUM = (ComponentSpec("transformer", "SD3Transformer2DModel", SD35_MEDIUM_TRANSFORMER), *SD3[1:])
 FLUX1 = (
     ComponentSpec("transformer", "FluxTransformer2DModel", FLUX_TRANSFORMER),
     ComponentSpec("text_encoder", "CLIPTextModel", CLIP_L),
@@ -84,4 +95,53 @@ FLUX1_CONTROL = (
     ComponentSpec("transformer", "FluxTransformer2DModel", frozen(**{**FLUX_TRANSFORMER, "in_channels": 128,
                                                                        "out_channels": 64})),
     *FLUX1[1:],
+)
+
+
+# --- chroma ---
+# Chroma1-HD (lodestones/Chroma1-HD): ChromaTransformer2DModel's defaults, which diffusers documents as that
+# model's and which its single-file converter assumes (inner 3072, mlp ratio 4); T5-XXL as for Flux.1.
+CHROMA_TRANSFORMER = frozen(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, axes_dims_rope=(16, 56, 56), approximator_num_channels=64,
+    approximator_hidden_dim=5120, approximator_layers=5,
+)
+CHROMA = (
+    ComponentSpec("transformer", "ChromaTransformer2DModel", CHROMA_TRANSFORMER),
+    ComponentSpec("text_encoder", "T5EncoderModel", T5_XXL),
+)
+
+
+# --- flux3 ---
+# No conversion script or hub config of a published Flux.3 is available to us: the transformer layout
+# is Flux3Transformer2DModel's class defaults (its docstring describes the released model, whose default
+# repositories are black-forest-labs/flux-3-image-klein(-base)); joint_attention_dim 20480 = 8 stacked
+# hidden states of a 2560-wide Qwen3-VL, i.e. Qwen3-VL-4B, whose commonly published text config is below
+# (nested configs are plain dicts: transformers' config classes type-check them).
+FLUX3_TRANSFORMER = frozen(
+    in_channels=128, cond_in_channels=128, num_layers=5, num_single_layers=28, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=20480, timestep_channels=256, mlp_ratio=3.0,
+    axes_dims_rope=(32, 32, 32, 32), rope_theta=10000, eps=1e-6, flow_map=False,
+)
+QWEN3_VL_4B = frozen(
+    text_config=dict(
+        vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+        rope_parameters=dict(rope_type="default", rope_theta=5000000.0, mrope_section=[24, 20, 20],
+                               mrope_interleaved=True),
+    ),
+    vision_config=dict(
+        depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16, spatial_merge_size=2,
+        temporal_patch_size=2, out_hidden_size=2560, num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17],
+    ),
+    tie_word_embeddings=True,
+)
+FLUX3 = (
+    ComponentSpec("transformer", "Flux3Transformer2DModel", FLUX3_TRANSFORMER),
+    ComponentSpec("text_encoder", "Qwen3VLForConditionalGeneration", QWEN3_VL_4B),
+)
+# the step-distilled checkpoint: the same layout plus the flow-map target-timestep embedder
+FLUX3_DISTILLED = (
+    ComponentSpec("transformer", "Flux3Transformer2DModel", frozen(**{**FLUX3_TRANSFORMER, "flow_map": True})),
+    ComponentSpec("text_encoder", "Qwen3VLForConditionalGeneration", QWEN3_VL_4B),
 )

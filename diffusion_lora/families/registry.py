@@ -61,6 +61,9 @@ class Variant:
     # denoiser Linear layers whose input is wider than in the family's main variant (Flux.1 Fill/Control's
     # x_embedder): a LoRA trained on the main variant loads with zero input columns added, as diffusers does
     widened_inputs: tuple[str, ...] = ()
+    # regexes over a file's module names that only this variant's layout has (SD3.5 Medium's attn2); used to
+    # pick the reference layout a file's names resolve against when nothing else says which variant it is for
+    key_evidence: tuple[str, ...] = ()
 
     def matches(self, pipeline_class: str, config: Mapping[str, Any]) -> bool:
         """True when a pipeline of class ``pipeline_class`` whose denoiser has ``config`` is this variant."""
@@ -190,6 +193,18 @@ _JOINT_EVIDENCE = r"^transformer\.transformer_blocks\.\d+\.attn\.add_[qkv]_proj"
 # a CLIP-G second text encoder: SDXL and SD3 both have one (Flux's text_encoder_2 is T5)
 _CLIP_G_EVIDENCE = r"^text_encoder_2\.(text_model\.)?encoder\.layers\."
 _CLIP_G_FILE_EVIDENCE = r"^lora_te2_|^text_encoders\.clip_g\."
+# SD3.5 Medium's MMDiT-X blocks have a second image self-attention; SD3.5 Large has 38 blocks (SD3's 24)
+_SD35_MEDIUM_EVIDENCE = r"(joint_blocks[._]\d+[._]x_block|transformer_blocks[._]\d+)[._]attn2[._]"
+_SD35_LARGE_EVIDENCE = r"(joint_blocks|transformer_blocks)[._](2[4-9]|3[0-7])[._]"
+# layers Flux.1 has and Chroma (Flux.1's blocks; its approximator computes the modulation) has not: the
+# modulation Linears and the time/text/guidance embedders (diffusers' double-block norm1.linear, norm_out and
+# time_text_embed.timestep/text_embedder are SD3's too, so only single-block and guidance names count there)
+_FLUX1_ONLY_EVIDENCE = (
+    r"^transformer\.(single_transformer_blocks\.\d+\.norm\.linear|time_text_embed\.guidance_embedder\.)"
+    # (SD3's MMDiT and Flux.2 have final_layer.adaLN_modulation, Flux.2 time_in/guidance_in: not evidence)
+    r"|^(lora_unet_|diffusion_model\.)(double_blocks[._]\d+[._](img|txt)_mod|single_blocks[._]\d+[._]modulation"
+    r"|vector_in[._])"
+)
 
 
 def _presets(attn: tuple[str, ...], ff: tuple[str, ...]) -> Mapping[str, tuple[str, ...]]:
@@ -335,7 +350,7 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                 tiny=tiny.SD3,
                 reference=published.SD3,
                 conditioning=Conditioning.SD3,
-                kohya_names=KohyaNames.DIFFUSERS,
+                kohya_names=KohyaNames.MMDIT,
                 single_file_types=MappingProxyType(
                     {
                         "sd3": "StableDiffusion3Pipeline",
@@ -349,6 +364,30 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                     _CLIP_G_EVIDENCE,
                     _CLIP_G_FILE_EVIDENCE,
                     r"^(lora_unet_|diffusion_model\.)joint_blocks[._]",
+                ),
+                kohya_version_aliases=("medium",),  # sd-scripts' SD3 trainer writes its model type
+                # the main variant (SD3 medium) has no qk-norm; the SD3.5 variants are told apart by their config
+                variants=(
+                    Variant(
+                        name="sd35-large",
+                        title="Stable Diffusion 3.5 Large",
+                        matches_config=lambda c: bool(c.get("qk_norm")) and not c.get("dual_attention_layers"),
+                        reference=published.SD35_LARGE,
+                        modelspec_architecture="stable-diffusion-3-5-large/lora",
+                        kohya_base_model_version="5-large",
+                        key_evidence=(_SD35_LARGE_EVIDENCE,),
+                    ),
+                    Variant(
+                        name="sd35-medium",
+                        title="Stable Diffusion 3.5 Medium",
+                        matches_config=lambda c: bool(c.get("qk_norm")) and bool(c.get("dual_attention_layers")),
+                        tiny_model="tiny-sd35",
+                        tiny=tiny.SD35,
+                        reference=published.SD35_MEDIUM,
+                        modelspec_architecture="stable-diffusion-3-5-medium/lora",
+                        kohya_base_model_version="5-medium",
+                        key_evidence=(_SD35_MEDIUM_EVIDENCE,),
+                    ),
                 ),
             ),
             Family(
@@ -388,6 +427,7 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                     r"^transformer\.single_transformer_blocks\.",
                     _JOINT_EVIDENCE,
                     r"^text_encoder_2\.encoder\.block\.",  # Flux's second text encoder is T5
+                    _FLUX1_ONLY_EVIDENCE,
                     r"^(lora_unet_|diffusion_model\.)(double|single)_blocks[._]",
                     # BFL names with fal's Kontext trainer's PEFT prefix, or bare (the prefix removed)
                     r"^(base_model\.model\.)?(double|single)_blocks\.\d+\.",
@@ -442,6 +482,101 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                         conditioning=Conditioning.FLUX_CONTROL,
                         inputs=("control_image",),
                         widened_inputs=("x_embedder",),
+                    ),
+                ),
+            ),
+            # --- chroma ---
+            Family(
+                name="chroma",
+                title="Chroma",
+                denoiser="transformer",
+                # used by ChromaPipeline, ChromaImg2ImgPipeline and ChromaInpaintPipeline
+                denoiser_class="ChromaTransformer2DModel",
+                text_encoders=("text_encoder",),  # T5 only
+                # diffusers' Flux mixin would load text_encoder.* into T5, but no Chroma trainer writes T5 LoRAs
+                lora_text_encoders=(),
+                objective=Objective.FLOW_MATCHING,
+                # Flux.1's layout without modulation layers: the same presets reach the same projections
+                target_presets=_presets(_JOINT_ATTN, _JOINT_FF + ("proj_mlp", "proj_out")),
+                text_encoder_targets=(),
+                block_groups=_FLUX_BLOCKS,
+                kohya_prefixes=MappingProxyType({"transformer": "lora_unet"}),
+                comfyui_text_encoders=MappingProxyType({}),
+                kohya_base_model_version="chroma",  # sd-scripts' flux_utils.MODEL_VERSION_CHROMA
+                modelspec_architecture="chroma/lora",  # sd-scripts' sai_model_spec.ARCH_FLUX_1_CHROMA
+                original_implementation="https://huggingface.co/lodestones/Chroma",
+                default_resolution=1024,
+                tiny_model="tiny-chroma",
+                tiny=tiny.CHROMA,
+                reference=published.CHROMA,
+                conditioning=Conditioning.CHROMA,
+                kohya_names=KohyaNames.BFL,  # Flux.1's names without modulation, plus the approximator's
+                single_file_types=MappingProxyType({"chroma": "ChromaPipeline"}),
+                key_evidence=(
+                    r"^transformer\.distilled_guidance_layer\.",
+                    r"^(lora_unet_|lora_transformer_|diffusion_model\.)distilled_guidance_layer[._]",
+                    # the same patterns as flux1's: Chroma keeps Flux.1's block names, diffusers' and BFL's
+                    r"^transformer\.single_transformer_blocks\.",
+                    r"^(lora_unet_|diffusion_model\.)(double|single)_blocks[._]",
+                ),
+                context_width=4096,  # T5-XXL
+                dynamic_shift=True,
+            ),
+            # --- flux3 ---
+            Family(
+                name="flux3",
+                title="Flux.3",
+                denoiser="transformer",
+                denoiser_class="Flux3Transformer2DModel",
+                text_encoders=("text_encoder",),  # Qwen3-VL; its LoRA loader adapts the transformer only
+                lora_text_encoders=(),
+                objective=Objective.FLOW_MATCHING,
+                # no fused layers and no add_*_proj: text is its own mode (txt_mode_blocks); every block is
+                # attn + SwiGLU ff (linear_in holds gate and up).
+                target_presets=_presets(_UNET_ATTN, ("linear_in", "linear_out")),
+                text_encoder_targets=(),
+                # mode_blocks.image_cond.* runs only with reference images (image-to-image); in
+                # text-to-image a LoRA there changes nothing.
+                block_groups=(
+                    BlockGroup("image", r"mode_blocks\.image\.(\d+)\."),
+                    BlockGroup("image_cond", r"mode_blocks\.image_cond\.(\d+)\."),
+                    BlockGroup("txt", r"txt_mode_blocks\.(\d+)\."),
+                    BlockGroup("single", r"single_transformer_blocks\.(\d+)\."),
+                ),
+                kohya_prefixes=MappingProxyType({"transformer": "lora_unet"}),
+                comfyui_text_encoders=MappingProxyType({}),
+                # no kohya/musubi Flux.3 trainer exists yet: our own value, as ModelSpec's below
+                kohya_base_model_version="flux3",
+                modelspec_architecture="flux-3-image/lora",
+                original_implementation="https://github.com/black-forest-labs/flux-3-image-klein",
+                default_resolution=1024,
+                tiny_model="tiny-flux3",
+                tiny=tiny.FLUX3,
+                reference=published.FLUX3,  # the transformer's class defaults: no published config to read
+                conditioning=Conditioning.FLUX3,
+                kohya_names=KohyaNames.BFL3,
+                # diffusers single-file loading of "flux-3-image" goes through the transformer alone;
+                # there is no pipeline-level from_single_file for a modular pipeline
+                single_file_types=MappingProxyType({}),
+                key_evidence=(
+                    r"^transformer\.(txt_)?mode_blocks\.",
+                    r"^transformer\.single_transformer_blocks\.\d+\.ff\.linear_(in|out)",
+                    r"^(lora_unet_|diffusion_model\.)(content_mode_blocks|txt_mode_blocks)[._]",
+                    r"^(lora_unet_|diffusion_model\.)single_blocks[._]\d+[._](q_proj|k_proj|v_proj|attn_out|mlp_in|mlp_out)",
+                    # shared with Flux.1 (same spelling): with the patterns above, a Flux.3 file points to flux3
+                    r"^transformer\.single_transformer_blocks\.",
+                    r"^(lora_unet_|diffusion_model\.)(double|single)_blocks[._]",
+                ),
+                context_width=20480,  # 8 stacked Qwen3-VL (2560-wide) hidden states
+                # constant shift from the scheduler's config (6.93, Flux3SetTimestepsStep), no dynamic shift
+                dynamic_shift=False,
+                variants=(
+                    Variant(
+                        name="flux3-distilled",
+                        title="Flux.3 (step-distilled)",
+                        pipelines=("Flux3DistilledModularPipeline",),
+                        matches_config=lambda c: bool(c.get("flow_map", False)),
+                        reference=published.FLUX3_DISTILLED,
                     ),
                 ),
             ),

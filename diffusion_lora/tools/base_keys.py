@@ -142,9 +142,12 @@ def _read_json(path: Path) -> dict:
     return read_json_object(path, max_bytes=_MAX_CONFIG_BYTES, error=ModelLoadError, what="model config")
 
 
-def keys_for_files(metadatas: Sequence[Mapping[str, str]], family: str) -> tuple[ModelKeys, str | None]:
+def keys_for_files(
+    metadatas: Sequence[Mapping[str, str]], family: str, variant: str | None = None
+) -> tuple[ModelKeys, str | None]:
     """The keys to check files of ``family`` against, and the recorded base they come from (None: the
-    family's reference model). The first recorded base that resolves and is of ``family`` is used."""
+    reference model of the family's ``variant``, e.g. ``"sd35-large"``; of its main model without one).
+    The first recorded base that resolves and is of ``family`` is used."""
     tried: set[str] = set()
     for metadata in metadatas:
         for key, value in recorded_bases(metadata):
@@ -160,7 +163,7 @@ def keys_for_files(metadatas: Sequence[Mapping[str, str]], family: str) -> tuple
             if keys.family.name == family:
                 logger.info("checking against %s, the base model the file records (%s)", source, key)
                 return keys, source
-    return reference_keys(family), None
+    return reference_keys(family, variant), None
 
 
 def misfit_hint(metadata: Mapping[str, str], base: str | None) -> str:

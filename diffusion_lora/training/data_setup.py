@@ -11,6 +11,7 @@ import torch
 
 from ..errors import ConfigError, DatasetError
 from ..families import detect_family, detect_variant
+from ..models.invoke import run_pipeline
 from .captions import tag_frequency
 from .conditioning import conditioner_for
 from .dataset import BucketedDataset
@@ -40,8 +41,8 @@ def _class_items(cfg: Any, pipe: Any, acc: Any) -> list[ImageItem]:
             generator = torch.Generator().manual_seed(cfg.train.seed * 7919 + i)
             side = cfg.data.resolution
             with torch.no_grad():
-                image = pipe(prior.class_prompt, generator=generator, height=side, width=side,
-                             num_inference_steps=cfg.sample.steps).images[0]
+                image = run_pipeline(pipe, prior.class_prompt, generator=generator, height=side, width=side,
+                                     num_inference_steps=cfg.sample.steps).images[0]
             write_output(folder / f"class_{i:05d}.txt", prior.class_prompt.encode("utf-8"), "class caption")
             write_png(image, folder / f"class_{i:05d}.png", "class image")
     acc.wait_for_everyone()

@@ -109,7 +109,8 @@ def _tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().to("cpu").contiguous().numpy().tobytes()).hexdigest()
 
 
-def _text(ctx: StepContext, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+def text_condition(ctx: StepContext, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The text conditions of ``captions``, from the text cache (computed on a miss) unless the encoder trains."""
     if ctx.train_text_encoder:  # gradients must flow: never cached
         return ctx.conditioner.encode_text(ctx.pipe, captions, ctx.device)
     parts = []
@@ -129,7 +130,7 @@ def micro_step_loss(ctx: StepContext, batch: Sequence[dict], step: int, micro: i
     cfg = ctx.config.train
     pixels = torch.stack([b["pixel_values"] for b in batch])
     latents = _latents(ctx, pixels, step_generator(cfg.seed, step, micro, rank, 0))
-    text = _text(ctx, [b["caption"] for b in batch])
+    text = text_condition(ctx, [b["caption"] for b in batch])
     noise_gen = step_generator(cfg.seed, step, micro, rank, 1)
     noise = obj.noise_with_offset(latents.shape, noise_gen, cfg.noise_offset).to(ctx.device, latents.dtype)
     sizes = [SizeInfo(tuple(b["original_size"]), tuple(b["crop_top_left"]), tuple(b["target_size"])) for b in batch]
@@ -170,7 +171,9 @@ def _flow_step(ctx: StepContext, latents, noise, text, sizes, gen, cond=None):  
         mu = obj.flux_shift(ctx.conditioner.image_seq_len(h, w))
         sigmas = obj.sample_flux_sigmas(b, gen, mu=mu, **common)
     elif sampling is TimestepSampling.SHIFT:
-        sigmas = obj.sample_sigmas(b, gen, sampling=sampling, shift=cfg.shift or 3.0)
+        # unset: the pipeline scheduler's own constant shift (SD3 3.0, Flux.3 6.93), 3.0 if it has none
+        shift = cfg.shift or float(ctx.pipe.scheduler.config.get("shift", 3.0))
+        sigmas = obj.sample_sigmas(b, gen, sampling=sampling, shift=shift)
     else:
         sigmas = obj.sample_sigmas(b, gen, sampling=sampling, shift=cfg.shift, **common)
     sigmas = sigmas.to(ctx.device, latents.dtype)
