@@ -59,6 +59,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="largest height x width allowed (default: 16x the model's native pixel count, "
                    "at least 2048x2048)")
     p.add_argument("--fuse", action="store_true", help="fuse adapters into the weights for speed")
+    p.add_argument("--image", metavar="PATH", help="Flux.1 Kontext: the image to edit; Fill: the image to paint in")
+    p.add_argument("--mask", metavar="PATH", help="Flux.1 Fill: the mask, white = repaint")
+    p.add_argument("--control-image", metavar="PATH", help="Flux.1 Control: the depth or edge image to follow")
     p.set_defaults(func=_run_generate)
 
 
@@ -67,6 +70,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from .adapters import fuse, load_lora, set_weights
     from .generate import GenerationSettings, ImageFolder, iter_generate
     from .models import load_pipeline
+    from .models.image_inputs import image_inputs
     from .prompt_tags import parse_lora_tags
 
     # Everything the arguments alone can refuse is refused before the model loads.
@@ -74,6 +78,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         prompts=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
         seed=args.seed, height=args.height, width=args.width, num_images=args.num_images,
         lora_dirs=args.lora_dir, max_pixels=args.max_pixels,
+        # read now: a bad image file is refused before the model loads
+        **image_inputs({"image": args.image, "mask_image": args.mask, "control_image": args.control_image}),
     )
     for prompt in args.prompt:
         parse_lora_tags(prompt)

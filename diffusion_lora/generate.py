@@ -26,7 +26,8 @@ from .errors import ConfigError, FormatError
 from .families import detect_family
 from .formats.atomic import atomic_write_bytes, write_new_file
 from .formats.hashes import addnet_hash, legacy_hash
-from .models.invoke import call_parameters, pipeline_name, run_pipeline
+from .models.image_inputs import image_inputs
+from .models.invoke import call_parameters, check_image_inputs, pipeline_name, run_pipeline
 from .models.loading import native_size
 from .prompt_tags import LoraTag, parse_lora_tags, resolve_tag, tag_weight
 
@@ -60,6 +61,16 @@ class GenerationSettings:
     loras: Mapping[str, float] = field(default_factory=dict)  # name -> weight, always applied
     lora_dirs: Sequence[str] = ()
     max_pixels: int | None = None
+    # the variant's image inputs (Flux.1 Kontext: image; Fill: image and mask_image; Control:
+    # control_image), each a path or a PIL image
+    image: Any = None
+    mask_image: Any = None
+    control_image: Any = None
+
+    def image_inputs(self) -> dict[str, Any]:
+        """The image inputs that are given, by pipeline argument name."""
+        given = {"image": self.image, "mask_image": self.mask_image, "control_image": self.control_image}
+        return {k: v for k, v in given.items() if v is not None}
 
     def __post_init__(self) -> None:
         if isinstance(self.prompts, str) or not self.prompts:
@@ -286,9 +297,9 @@ def _tag_text(pipe: Any, name: str, weight: Any) -> str:
 
 
 def _pixels_or_oom(pipe: Any, prompt: str, generator: torch.Generator, kwargs: dict[str, Any],
-                   size: tuple[int, int]) -> Image.Image:
+                   size: tuple[int, int], images: Mapping[str, Image.Image]) -> Image.Image:
     try:
-        return run_pipeline(pipe, prompt, generator=generator, **kwargs).images[0]
+        return run_pipeline(pipe, prompt, generator=generator, images=images, **kwargs).images[0]
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         text = str(exc)
         oom = isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError)))
@@ -310,6 +321,11 @@ def iter_generate(pipe: Any, settings: GenerationSettings, *, progress: bool = T
     """
     kwargs = _call_kwargs(pipe, settings)
     size = _check_size(pipe, settings)
+    images = image_inputs(settings.image_inputs())  # read (and refused) before any image is made
+    check_image_inputs(pipe, images)
+    if images and "max_area" in call_parameters(pipe):
+        kwargs.setdefault("height", size[0])  # Kontext: the checked size, not its one-megapixel default
+        kwargs.setdefault("width", size[1])
     # Every prompt's tags are parsed and resolved (their files loaded) before the first image, so a
     # bad tag in the last prompt fails the run before it has spent any time.
     plans = []
@@ -331,7 +347,7 @@ def iter_generate(pipe: Any, settings: GenerationSettings, *, progress: bool = T
             for index in range(settings.num_images):
                 seed = settings.seed + index
                 generator = torch.Generator(device="cpu").manual_seed(seed)
-                image = _pixels_or_oom(pipe, prompt, generator, kwargs, size)
+                image = _pixels_or_oom(pipe, prompt, generator, kwargs, size, images)
                 text = _parameters_text(pipe, prompt, settings, seed, image.size, shown, used, model)
                 yield GeneratedImage(image, prompt, seed, text)
                 bar.update(1)

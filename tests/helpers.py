@@ -6,11 +6,14 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
+from PIL import Image
 
 import diffusion_lora as dl
 from diffusion_lora.adapters.state import state_of
+from diffusion_lora.families import detect_variant
 from diffusion_lora.models.invoke import run_pipeline
 
 SIZE = {"StableDiffusionXLPipeline": 64}
@@ -22,8 +25,53 @@ def run(pipe: Any, prompt: str = "a small red circle on a white background", see
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         out = run_pipeline(pipe, prompt, num_inference_steps=2, height=size, width=size, generator=g,
-                           output_type="latent")
+                           output_type="latent", images=input_images(pipe, size))
     return out.images
+
+
+_SAMPLE_OPTIONS = {"image": "--image", "mask_image": "--mask", "control_image": "--control_image"}
+
+
+def image_options(pipe: Any, folder: Path, size: int = 32) -> str:
+    """The sample-prompt options (`` --image PATH`` ...) giving the pipeline's variant its image inputs, written
+    as PNGs into ``folder``; "" for a variant that needs none."""
+    parts = []
+    for name, image in input_images(pipe, size).items():
+        path = Path(folder) / f"input-{name}.png"
+        image.save(path)
+        parts.append(f" {_SAMPLE_OPTIONS[name]} {path}")
+    return "".join(parts)
+
+
+def cli_image_args(pipe: Any, folder: Path, size: int = 32) -> list[str]:
+    """The generate CLI's ``--image``/``--mask``/``--control-image`` arguments for the pipeline's variant."""
+    return image_options(pipe, folder, size).replace("--control_image", "--control-image").split()
+
+
+def paired_data(kind: str, data_dir: Path) -> dict[str, str]:
+    """``data`` settings a tiny model's variant needs to train on a plain folder of images: its own images as
+    the control images (same stems) when the variant trains from pairs (Kontext, Control)."""
+    from diffusion_lora.training.conditioning import conditioner_for
+
+    family, variant = dl.families.tiny_models()[kind]
+    if conditioner_for(family, variant).image_condition in ("reference", "control"):
+        return {"control_path": str(data_dir)}
+    return {}
+
+
+def input_images(pipe: Any, size: int = 32) -> dict[str, Image.Image]:
+    """Fixed images for the image inputs the pipeline's variant needs (Kontext reference, Fill image and
+    mask, Control image): a noise picture per input, and a mask whose centre square is to be repainted."""
+    out = {}
+    for i, name in enumerate(detect_variant(pipe).inputs):
+        if name == "mask_image":
+            mask = np.zeros((size, size), dtype=np.uint8)
+            mask[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 255
+            out[name] = Image.fromarray(mask, "L")
+        else:
+            rng = np.random.default_rng(100 + i)
+            out[name] = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
+    return out
 
 
 def randomize(pipe: Any, name: str, seed: int, std: float = 0.3) -> None:

@@ -20,6 +20,8 @@ from diffusion_lora.models.invoke import pipeline_name, run_pipeline
 from diffusion_lora.models.loading import detect_single_file_pipeline
 from diffusion_lora.models.tokenizers import build_clip_tokenizer, build_t5_tokenizer, tiny_words
 
+from .helpers import input_images
+
 CAPTION = "a small red circle on a white background"
 SIZE = 32  # pixels; every tiny model generates at 32×32
 
@@ -55,6 +57,7 @@ def _generate(pipe: DiffusionPipeline) -> np.ndarray:
         width=SIZE,
         generator=torch.Generator().manual_seed(0),
         output_type="np",
+        images=input_images(pipe, SIZE),  # a variant's image inputs (Kontext, Fill)
     )
     return result.images
 

@@ -99,7 +99,7 @@ def test_every_family_trains_and_loads(dataset, tmp_path, tiny_kind):
     kind = tiny_kind
     size = 64
     result = dl.train(config(dataset, tmp_path / "out", model=kind, train={"steps": 3, "batch_size": 1},
-                          data={"resolution": size}), progress=False)
+                          data={"resolution": size, **helpers.paired_data(kind, dataset)}), progress=False)
     pipe = dl.load_pipeline(kind)
     pipe.set_progress_bar_config(disable=True)
     base = helpers.run(pipe, "a red circle")

@@ -17,6 +17,7 @@ from diffusion_lora.families import detect_family
 from diffusion_lora.training.outputs import sample_image
 from diffusion_lora.training.text_encoders import free_text_encoders
 
+from .helpers import image_options
 from .test_train import config, make_dataset
 
 
@@ -36,21 +37,22 @@ def test_freed_encoders_answer_recorded_prompts_with_the_same_images(make_pipe, 
     if not callable(getattr(pipe, "encode_prompt", None)):
         pytest.skip(f"{tiny_kind} encodes prompts in its blocks; the trainer keeps its encoders")
     cfg = _sample_config(tmp_path, tiny_kind)
-    before = sample_image(pipe, cfg, "a red circle", 3)
+    inputs = image_options(pipe, tmp_path)  # a Kontext/Fill/Control sample's image options
+    before = sample_image(pipe, cfg, "a red circle" + inputs, 3)
     device, dtype = pipe.device, pipe.dtype
     seen = []
     freed = free_text_encoders(pipe, detect_family(pipe), seen.append, {"b", "a"},
-                               [lambda: sample_image(pipe, cfg, "a red circle", 0)])
+                               [lambda: sample_image(pipe, cfg, "a red circle" + inputs, 0)])
     assert seen == ["a", "b"]
     family = detect_family(pipe)
     assert freed == tuple(c for c in family.text_encoders if getattr(pipe, c, None) is not None)
     for name in freed:
         assert sum(p.numel() for p in getattr(pipe, name).parameters()) == 0
     assert (pipe.device, pipe.dtype) == (device, dtype)
-    after = sample_image(pipe, cfg, "a red circle", 3)  # another seed: only the encoding was recorded
+    after = sample_image(pipe, cfg, "a red circle" + inputs, 3)  # another seed: only the encoding was recorded
     assert list(after.getdata()) == list(before.getdata())
     with pytest.raises(DiffusionLoraError, match="cache.text_encoders"):
-        sample_image(pipe, cfg, "a blue circle", 0)
+        sample_image(pipe, cfg, "a blue circle" + inputs, 0)
 
 
 def test_training_with_freed_encoders_is_bit_identical_to_keeping_them(dataset, tmp_path):

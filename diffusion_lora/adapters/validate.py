@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,16 @@ def _fit_error(where: str, module: torch.nn.Module, m: ModuleLora, source: str) 
     else:
         return f"{where} is a {type(module).__name__}, which LoRA cannot adapt"
     return fit_problem(where, in_f, out_f, kernel, m, getattr(module, "bias", None) is not None)
+
+
+def _widened(m: ModuleLora, module: torch.nn.Module) -> ModuleLora:
+    """``m`` with zero input columns added up to ``module``'s width, when it is narrower (a Flux.1-dev LoRA of
+    x_embedder on Fill/Control, whose extra inputs are image channels dev never saw): ΔW on the old inputs is
+    unchanged, the new ones are not adapted (diffusers' ``_maybe_expand_lora_state_dict``)."""
+    if not isinstance(module, torch.nn.Linear) or m.down.dim() != 2 or m.down.shape[1] >= module.in_features:
+        return m
+    down = torch.nn.functional.pad(m.down, (0, module.in_features - m.down.shape[1]))
+    return dataclasses.replace(m, down=down)
 
 
 # A delta this many times the layer's own weight (Frobenius norms, the weight's at least 1) is a
@@ -182,6 +193,8 @@ def plan_load(
         if module is None:
             plan.skipped.append(key)
             continue
+        if component == state.family.denoiser and path in state.variant.widened_inputs:
+            m = _widened(m, module)
         problem = _fit_error(key, module, m, source)
         if problem:
             misfits.append(problem)

@@ -83,6 +83,19 @@ FLUX1 = (
     ComponentSpec("text_encoder", "CLIPTextModel", CLIP_L),
     ComponentSpec("text_encoder_2", "T5EncoderModel", T5_XXL),
 )
+# FLUX.1 Fill [dev] / Depth and Canny [dev]: Flux.1-dev with a wider input layer (x_embedder, BFL img_in):
+# Fill 64 noisy + 64 masked-image + 8·8·4 mask channels, Control 64 + 64 control-image channels
+# (diffusers single_file_utils: img_in.weight.shape[1] 384 -> flux-fill, 128 -> flux-depth). Kontext = FLUX1.
+FLUX1_FILL = (
+    ComponentSpec("transformer", "FluxTransformer2DModel", frozen(**{**FLUX_TRANSFORMER, "in_channels": 384,
+                                                                       "out_channels": 64})),
+    *FLUX1[1:],
+)
+FLUX1_CONTROL = (
+    ComponentSpec("transformer", "FluxTransformer2DModel", frozen(**{**FLUX_TRANSFORMER, "in_channels": 128,
+                                                                       "out_channels": 64})),
+    *FLUX1[1:],
+)
 
 
 # --- chroma ---

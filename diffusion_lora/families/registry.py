@@ -58,6 +58,9 @@ class Variant:
     modelspec_architecture: str | None = None
     kohya_base_model_version: str | None = None
     inputs: tuple[str, ...] = ()  # image inputs a generation call needs: "image", "mask_image", "control_image"
+    # denoiser Linear layers whose input is wider than in the family's main variant (Flux.1 Fill/Control's
+    # x_embedder): a LoRA trained on the main variant loads with zero input columns added, as diffusers does
+    widened_inputs: tuple[str, ...] = ()
     # regexes over a file's module names that only this variant's layout has (SD3.5 Medium's attn2); used to
     # pick the reference layout a file's names resolve against when nothing else says which variant it is for
     key_evidence: tuple[str, ...] = ()
@@ -426,8 +429,61 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                     r"^text_encoder_2\.encoder\.block\.",  # Flux's second text encoder is T5
                     _FLUX1_ONLY_EVIDENCE,
                     r"^(lora_unet_|diffusion_model\.)(double|single)_blocks[._]",
+                    # BFL names with fal's Kontext trainer's PEFT prefix, or bare (the prefix removed)
+                    r"^(base_model\.model\.)?(double|single)_blocks\.\d+\.",
                 ),
                 dynamic_shift=True,
+                variants=(
+                    Variant(
+                        name="flux1-kontext",
+                        title="Flux.1 Kontext",
+                        # its transformer config is Flux.1-dev's: only the pipeline class tells them apart
+                        pipelines=("FluxKontextPipeline",),
+                        tiny_model="tiny-flux-kontext",
+                        tiny=tiny.FLUX_KONTEXT,
+                        conditioning=Conditioning.FLUX_KONTEXT,
+                        modelspec_architecture="flux-1-kontext-dev/lora",
+                        inputs=("image",),
+                    ),
+                    Variant(
+                        name="flux1-kontext-inpaint",
+                        title="Flux.1 Kontext inpainting",
+                        # Kontext's model; the pipeline repaints the mask's white part of `image`
+                        pipelines=("FluxKontextInpaintPipeline",),
+                        conditioning=Conditioning.FLUX_KONTEXT,
+                        modelspec_architecture="flux-1-kontext-dev/lora",
+                        inputs=("image", "mask_image"),
+                    ),
+                    Variant(
+                        name="flux1-fill",
+                        title="Flux.1 Fill",
+                        pipelines=("FluxFillPipeline",),
+                        # noisy + masked-image + mask channels: more than twice the output
+                        matches_config=lambda c: bool(c.get("out_channels"))
+                        and c.get("in_channels", 0) > 2 * c["out_channels"],
+                        tiny_model="tiny-flux-fill",
+                        tiny=tiny.FLUX_FILL,
+                        reference=published.FLUX1_FILL,
+                        conditioning=Conditioning.FLUX_FILL,
+                        modelspec_architecture="flux-1-fill-dev/lora",
+                        inputs=("image", "mask_image"),
+                        widened_inputs=("x_embedder",),
+                    ),
+                    Variant(
+                        name="flux1-control",
+                        title="Flux.1 Control (Depth/Canny)",
+                        pipelines=("FluxControlPipeline", "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline"),
+                        # noisy + control-image channels: twice the output
+                        matches_config=lambda c: bool(c.get("out_channels"))
+                        and c.get("in_channels", 0) == 2 * c["out_channels"],
+                        tiny_model="tiny-flux-control",
+                        tiny=tiny.FLUX_CONTROL,
+                        reference=published.FLUX1_CONTROL,
+                        conditioning=Conditioning.FLUX_CONTROL,
+                        inputs=("control_image",),
+                        widened_inputs=("x_embedder",),
+                    ),
+                ),
             ),
             # --- chroma ---
             Family(

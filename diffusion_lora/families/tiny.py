@@ -13,6 +13,8 @@ encoder fails loudly.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .specs import ComponentSpec, PipelineSpec, frozen
 
 # Text encoders, shaped like the real ones at 1/24 of the width.
@@ -256,6 +258,25 @@ FLUX = PipelineSpec(
         ),
     ),
 )
+
+
+
+def _flux_variant(pipeline: str, **transformer: Any) -> PipelineSpec:
+    """FLUX with another pipeline class and, optionally, transformer config changes."""
+    components = tuple(
+        ComponentSpec(c.name, c.cls, frozen(**{**c.config, **transformer})) if c.name == "transformer" else c
+        for c in FLUX.components
+    )
+    return PipelineSpec(pipeline=pipeline, components=components, pipeline_kwargs=FLUX.pipeline_kwargs)
+
+
+# Kontext's transformer is Flux.1-dev's; only the pipeline (reference tokens on the sequence) differs.
+FLUX_KONTEXT = _flux_variant("FluxKontextPipeline")
+# Fill: 64 noisy + 64 masked-image + 4·vsf² mask channels, where vsf is the VAE's scale factor: 2 for this
+# two-block VAE (64 + 64 + 16 = 144), 8 for the real one (384). out_channels must be given (else = in).
+FLUX_FILL = _flux_variant("FluxFillPipeline", in_channels=144, out_channels=64)
+# Control (Depth/Canny): 64 noisy + 64 control-image channels.
+FLUX_CONTROL = _flux_variant("FluxControlPipeline", in_channels=128, out_channels=64)
 
 
 # --- chroma ---

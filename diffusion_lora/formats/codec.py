@@ -21,6 +21,7 @@ from .detect import FileFormat, detect_format
 from .flux3_names import to_bfl_names, to_diffusers_names
 from .flux_names import COMFYUI_PREFIX, KOHYA_PREFIX, bfl_table
 from .flux_tensors import parse_flux, write_flux_kohya
+from .flux_variants import fal_as_comfyui, fal_key
 from .kohya import flatten, is_kohya, kohya_metadata, parse_kohya, write_kohya
 from .lycoris import delta_as_lora, fit_shape, is_lycoris, lycoris_deltas
 from .mmdit_names import mmdit_to_kohya, write_mmdit
@@ -69,6 +70,11 @@ def _decode(
     if is_lycoris(tensors) and not is_kohya(tensors):  # LoRA beside ComfyUI's diff/diff_b stays LoRA
         return _decode_lycoris(tensors, metadata, keys)
     fmt = detect_format(tensors, source)
+    fal = fal_as_comfyui(tensors) if family.kohya_names is KohyaNames.BFL else None
+    if fal is not None:  # fal's Kontext trainer: PEFT's prefix over BFL names, which ComfyUI's reader knows
+        decoded = _decode_flux(fal, metadata, keys, FileFormat.COMFYUI, source)
+        decoded.unresolved = sorted(fal_key(k) for k in decoded.unresolved)  # the file's own names
+        return decoded
     if fmt is FileFormat.DIFFUSERS:
         # Every component name of every family, so another family's keys keep their component and
         # fail to match visibly instead of being taken for bare keys of this family's denoiser.

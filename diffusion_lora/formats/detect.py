@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from ..errors import FormatError
 from .comfyui import is_comfyui
 from .file_format import FileFormat
+from .flux_variants import refuse_control_lora
 from .kohya import is_kohya
 from .peft_format import PEFT_MODEL_PREFIX, split_peft_key
 
@@ -16,6 +17,7 @@ def detect_format(keys: Iterable[str], source: str = "") -> FileFormat:
     keys = list(keys)
     if not keys:
         raise FormatError(f"{source}: the file holds no tensors; it is not an adapter")
+    refuse_control_lora(keys, source)
     if is_kohya(keys):
         return FileFormat.KOHYA
     if is_comfyui(keys):

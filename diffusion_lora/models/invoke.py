@@ -22,7 +22,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from ..errors import ConfigError
 from ..families import detect_variant
 
-__all__ = ["IMAGE_INPUTS", "call_parameters", "pipeline_name", "run_pipeline"]
+__all__ = ["IMAGE_INPUTS", "call_parameters", "check_image_inputs", "pipeline_name", "run_pipeline"]
 
 # image inputs a variant may need, with the CLI option that gives each
 IMAGE_INPUTS: Mapping[str, str] = {"image": "--image", "mask_image": "--mask", "control_image": "--control-image"}
@@ -38,6 +38,12 @@ def _check_inputs(pipe: Any, images: Mapping[str, Any]) -> None:
     if extra:
         options = ", ".join(IMAGE_INPUTS.get(name, name) for name in extra)
         raise ConfigError(f"{variant.title} ({type(pipe).__name__}) takes no {options}; leave it out")
+
+
+def check_image_inputs(pipe: Any, images: Mapping[str, Any]) -> None:
+    """ConfigError when ``images`` lacks an image input the pipeline's variant needs or has one it does not
+    take (what :func:`run_pipeline` checks), for callers that check before any work."""
+    _check_inputs(pipe, {k: v for k, v in images.items() if v is not None})
 
 
 def run_pipeline(pipe: Any, prompt: str | Sequence[str], *, images: Mapping[str, Any] | None = None,

@@ -17,6 +17,7 @@ import torch
 from ..compat.diffusers import flux3_prompt_embeds, flux_latent_ids, modular_setting, pack_flux_latents
 from ..errors import ConfigError
 from ..families import Conditioning, Family, Variant
+from .flux_inputs import control_channels, fill_channels, kontext_tokens
 
 TextCond = dict[str, torch.Tensor]
 
@@ -65,6 +66,10 @@ def patchified_latents(vae: Any, mean: torch.Tensor, std: torch.Tensor, generato
 
 class Conditioner:
     """Family-specific latent space, text encoding and denoiser call."""
+
+    # which image condition micro-steps build for ``predict``'s ``cond`` (see training.steps): None,
+    # "reference" (Flux.1 Kontext), "control" (Control) or "fill" (Fill: masks and masked-image latents)
+    image_condition: str | None = None
 
     def latents(self, vae: Any, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """A sample of the VAE latent distribution (mean, std), in the space the denoiser works in."""
@@ -144,10 +149,15 @@ class FluxConditioner(Conditioner):
         embeds, pooled, text_ids = pipe.encode_prompt(list(captions), None, device=device, num_images_per_prompt=1)
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids}
 
-    def predict(self, pipe, denoiser, noisy, timesteps, text, sizes, guidance):  # noqa: ANN001
+    def transformer_inputs(self, pipe: Any, noisy: torch.Tensor,
+                           cond: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states, image position ids) the transformer gets for ``noisy`` [B, C, h, w] and ``cond``."""
+        b, _, h, w = noisy.shape
+        return pack_flux_latents(pipe, noisy), flux_latent_ids(pipe, b, h // 2, w // 2, noisy.device, noisy.dtype)
+
+    def predict(self, pipe, denoiser, noisy, timesteps, text, sizes, guidance, cond=None):  # noqa: ANN001
         b, c, h, w = noisy.shape
-        packed = pack_flux_latents(pipe, noisy)
-        image_ids = flux_latent_ids(pipe, b, h // 2, w // 2, noisy.device, noisy.dtype)
+        packed, image_ids = self.transformer_inputs(pipe, noisy, cond or {})
         guidance_tensor = None
         if pipe.transformer.config.guidance_embeds:
             guidance_tensor = torch.full((b,), float(guidance), device=noisy.device, dtype=noisy.dtype)
@@ -156,7 +166,55 @@ class FluxConditioner(Conditioner):
             pooled_projections=text["pooled_projections"], encoder_hidden_states=text["encoder_hidden_states"],
             txt_ids=text["txt_ids"], img_ids=image_ids,
         ).sample
-        return _unpack(pred, b, c, h, w)
+        return _unpack(pred[:, : (h // 2) * (w // 2)], b, c, h, w)  # Kontext: the noisy tokens only
+
+
+class FluxKontextConditioner(FluxConditioner):
+    """Flux.1 Kontext: the reference image's tokens follow the noisy ones (``cond["reference"]``, latents
+    [B, C, rh, rw]); without a reference it is plain Flux.1 text-to-image."""
+
+    image_condition = "reference"
+
+    def predict(self, pipe, denoiser, noisy, timesteps, text, sizes, guidance, cond=None):  # noqa: ANN001
+        references = (cond or {}).get("references")  # a batch mixing paired and unpaired targets
+        if references is None:
+            return super().predict(pipe, denoiser, noisy, timesteps, text, sizes, guidance, cond)
+        return torch.cat([
+            super(FluxKontextConditioner, self).predict(
+                pipe, denoiser, noisy[i : i + 1], timesteps[i : i + 1], text_cond_slice(text, i), sizes[i : i + 1],
+                guidance, {} if ref is None else {"reference": ref})
+            for i, ref in enumerate(references)
+        ])
+
+    def transformer_inputs(self, pipe, noisy, cond):  # noqa: ANN001, ANN201
+        packed, ids = super().transformer_inputs(pipe, noisy, cond)
+        reference = cond.get("reference")
+        return (packed, ids) if reference is None else kontext_tokens(pipe, packed, ids, reference)
+
+
+class FluxFillConditioner(FluxConditioner):
+    """Flux.1 Fill: ``cond["masked"]`` (latents of the image with the mask's pixels zeroed) and
+    ``cond["mask"]`` ([B, 1, H, W], 1 = repaint) on the channels; without them all is to be painted."""
+
+    image_condition = "fill"
+
+    def transformer_inputs(self, pipe, noisy, cond):  # noqa: ANN001, ANN201
+        packed, ids = super().transformer_inputs(pipe, noisy, cond)
+        b, _, h, w = noisy.shape
+        vsf = pipe.vae_scale_factor
+        masked = cond.get("masked", torch.zeros_like(noisy))
+        mask = cond.get("mask", torch.ones(b, 1, h * vsf, w * vsf, device=noisy.device, dtype=noisy.dtype))
+        return fill_channels(pipe, packed, masked, mask), ids
+
+
+class FluxControlConditioner(FluxConditioner):
+    """Flux.1 Control (Depth/Canny): ``cond["control"]`` (the control image's latents) on the channels."""
+
+    image_condition = "control"
+
+    def transformer_inputs(self, pipe, noisy, cond):  # noqa: ANN001, ANN201
+        packed, ids = super().transformer_inputs(pipe, noisy, cond)
+        return control_channels(pipe, packed, cond.get("control", torch.zeros_like(noisy))), ids
 
 
 class ChromaConditioner(Conditioner):
@@ -255,6 +313,9 @@ _CONDITIONERS: Mapping[Conditioning, Conditioner] = MappingProxyType({
     Conditioning.SDXL: SDXLConditioner(),
     Conditioning.SD3: SD3Conditioner(),
     Conditioning.FLUX: FluxConditioner(),
+    Conditioning.FLUX_KONTEXT: FluxKontextConditioner(),
+    Conditioning.FLUX_FILL: FluxFillConditioner(),
+    Conditioning.FLUX_CONTROL: FluxControlConditioner(),
     Conditioning.CHROMA: ChromaConditioner(),
     Conditioning.FLUX3: Flux3Conditioner(),
 })

@@ -176,6 +176,17 @@ class DataSection(Section):
     keep_tokens: int = setting(0, ge=0)
     repeats: int = setting(1, ge=1, le=MAX_REPEATS)
     skip_bad_images: bool = setting(False)
+    # Paired data (Flux.1 Kontext / Control, ai-toolkit's convention): a folder of control (reference)
+    # images with the targets' file stems; control_dir is another name for it.
+    control_path: str = setting("")
+    control_dir: str = setting("")
+    allow_unpaired: bool = setting(False)  # Kontext: a target without a control trains as text-to-image
+    mask_path: str = setting("")  # Flux.1 Fill: masks (white = repaint) with the targets' stems; unset: random boxes
+
+    @property
+    def control_folder(self) -> str:
+        """``control_path``, or its other name ``control_dir``."""
+        return self.control_path or self.control_dir
 
 
 @_section
@@ -325,6 +336,8 @@ class TrainConfig(ConfigRoot):
 def _cross_check(cfg: TrainConfig) -> None:
     t = cfg.train
     _check_buckets(cfg.data)
+    if cfg.data.control_path and cfg.data.control_dir:
+        raise ConfigError("data.control_dir: another name for data.control_path, and both are set; keep one")
     if cfg.prior.num_images > 0 and not cfg.prior.class_prompt.strip():
         raise ConfigError(f"prior.class_prompt: required when prior.num_images > 0 (it is "
                           f"{cfg.prior.num_images}); set it, e.g. \"a photo of a dog\", or set prior.num_images = 0")

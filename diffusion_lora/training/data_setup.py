@@ -9,12 +9,15 @@ from typing import Any
 
 import torch
 
-from ..errors import DatasetError
+from ..errors import ConfigError, DatasetError
+from ..families import detect_family, detect_variant
 from ..models.invoke import run_pipeline
 from .captions import tag_frequency
+from .conditioning import conditioner_for
 from .dataset import BucketedDataset
 from .files import own_folder, write_output, write_png
 from .images import validate_images
+from .pairs import pair_images
 from .scan import ImageItem, scan_images
 
 logger = logging.getLogger(__name__)
@@ -46,14 +49,43 @@ def _class_items(cfg: Any, pipe: Any, acc: Any) -> list[ImageItem]:
     return scan_images(folder, instance_prompt=prior.class_prompt, is_class=True)[: prior.num_images]
 
 
+def _check_paired_settings(d: Any, pipe: Any) -> None:
+    """ConfigError when the model needs control images the config does not give, or the config gives
+    control images or masks the model does not use."""
+    variant = detect_variant(pipe)
+    condition = conditioner_for(detect_family(pipe), variant).image_condition
+    if condition in ("reference", "control") and not d.control_folder and not (condition == "reference"
+                                                                                and d.allow_unpaired):
+        raise ConfigError(f"data.control_path: {variant.title} trains from paired images; set it to the folder of "
+                          "control images (same file stems as the targets)"
+                          + (", or set data.allow_unpaired = true to train text-to-image" if condition == "reference"
+                             else ""))
+    if d.allow_unpaired and condition == "control":
+        raise ConfigError(f"data.allow_unpaired: {variant.title} needs a control image for every target (its input "
+                          "layer takes one); set it to false and pair every image")
+    if d.control_folder and condition not in ("reference", "control"):
+        raise ConfigError(f"data.control_path: {variant.title} ({type(pipe).__name__}) takes no control images; "
+                          "remove the setting or train a Kontext or Control model")
+    if d.mask_path and condition != "fill":
+        raise ConfigError(f"data.mask_path: {variant.title} ({type(pipe).__name__}) takes no masks; remove the "
+                          "setting or train a Fill model")
+
+
 def build_dataset(cfg: Any, pipe: Any, acc: Any) -> tuple[BucketedDataset, list[ImageItem]]:
     """Scan, check (every problem reported at once, before training; with ``data.skip_bad_images`` the
     bad ones logged and skipped) and bucket the training images; returns the dataset and its items."""
     d = cfg.data
     if not Path(d.path).is_dir():
         raise DatasetError(f"data.path: {d.path} is not a folder of training images")
+    _check_paired_settings(d, pipe)
     items = scan_images(d.path, caption_extension=d.caption_extension, instance_prompt=d.instance_prompt,
                         default_repeats=d.repeats)
+    if d.control_folder:
+        setting = "data.control_path" if d.control_path else "data.control_dir"
+        items = pair_images(items, d.path, d.control_folder, role="control", setting=setting,
+                            allow_unpaired=d.allow_unpaired)
+    if d.mask_path:
+        items = pair_images(items, d.path, d.mask_path, role="mask", setting="data.mask_path")
     items += _class_items(cfg, pipe, acc)
     good, problems = validate_images(items, min_side=d.min_bucket, skip_bad=d.skip_bad_images)
     for line in problems:

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import ImageOps
+from PIL import Image, ImageOps
 
 from ..errors import ConfigError, DatasetError
-from .buckets import Size, assign_bucket, make_buckets, resize_and_crop
+from .buckets import Prepared, Size, assign_bucket, make_buckets, resize_and_crop
 from .captions import process_caption
 from .config import MAX_REPEATS
 from .epochs import BucketSamples, EpochBatches
@@ -39,9 +39,11 @@ class BucketedDataset(torch.utils.data.Dataset):
     Index ``i`` in ``range(len(self))`` is one *sample*: repeats of an item are distinct samples with
     their own augmentation. ``__getitem__`` returns ``pixel_values`` (float ``[3, H, W]`` in [-1, 1],
     ``(W, H)`` = ``bucket``), ``caption``, SDXL's ``original_size`` / ``crop_top_left`` /
-    ``target_size``, ``is_class``, ``path`` and ``bucket``. Its randomness (crop, flip, caption) comes
-    only from ``random.Random(sample_seed(seed, epoch, i))``. DataLoader workers copy the dataset:
-    call :meth:`set_epoch` before creating each epoch's iterator (not with persistent workers).
+    ``target_size``, ``is_class``, ``path`` and ``bucket``; for a paired item also ``control_values``
+    (like ``pixel_values``) and ``mask_values`` (``[1, H, W]``, 1 = repaint), on the target's pixel grid.
+    Its randomness (crop, flip, caption) comes only from ``random.Random(sample_seed(seed, epoch, i))``.
+    DataLoader workers copy the dataset: call :meth:`set_epoch` before creating each epoch's iterator
+    (not with persistent workers).
     Class (regularization) images never get the trigger word.
     """
 
@@ -123,14 +125,23 @@ class BucketedDataset(torch.utils.data.Dataset):
             load_image(item.path), bucket, center=self.center_crop, rng=rng
         )
         image, (top, left) = prepared.image, prepared.crop_top_left
-        if self.flip and rng.random() < 0.5:
+        flipped = self.flip and rng.random() < 0.5
+        if flipped:
             image = ImageOps.mirror(image)
             left = prepared.resized_size[1] - left - bucket[0]  # the same crop, seen in the mirrored image
         options = dict(self.caption_options)
         if item.is_class:
             options["trigger_word"] = ""
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+        extra = {}
+        if item.control is not None:
+            control = _aligned(load_image(item.control), prepared, bucket, flipped)
+            extra["control_values"] = _to_tensor(control) / 127.5 - 1.0
+        if item.mask is not None:
+            mask = _aligned(load_image(item.mask).convert("L"), prepared, bucket, flipped)
+            extra["mask_values"] = (_to_tensor(mask) >= 127.5).float()  # binarized like diffusers' mask_processor
         return {
+            **extra,
             "pixel_values": (pixels / 127.5 - 1.0).contiguous(),
             "caption": process_caption(item.caption, rng=rng, **options),
             "original_size": prepared.original_size,
@@ -140,6 +151,23 @@ class BucketedDataset(torch.utils.data.Dataset):
             "path": str(item.path),
             "bucket": bucket,
         }
+
+
+def _aligned(img: Image.Image, prepared: Prepared, bucket: Size, flipped: bool) -> Image.Image:
+    """A control image or mask on the target's pixel grid: resized to the target's resized size, cropped
+    and mirrored as the target was, so that pixel (y, x) of both shows the same place."""
+    new_h, new_w = prepared.resized_size
+    if img.size != (new_w, new_h):
+        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    top, left = prepared.crop_top_left
+    img = img.crop((left, top, left + bucket[0], top + bucket[1]))
+    return ImageOps.mirror(img) if flipped else img
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    """[C, H, W] float32 in [0, 255]."""
+    values = np.asarray(img, dtype=np.float32)
+    return torch.from_numpy(values[..., None] if values.ndim == 2 else values).permute(2, 0, 1).contiguous()
 
 
 def bucket_batches(dataset: BucketedDataset, batch_size: int, *, seed: int, epoch: int) -> EpochBatches:

@@ -156,6 +156,10 @@ def validate_images(
             image_problem = _check_image(item.path, min_side, max_pixels)
             if image_problem:
                 found.append(image_problem)
+        for paired in (item.control, item.mask):  # decoded like the target; resized to it, so any size
+            problem = None if paired is None else _check_image(paired, 0, max_pixels)
+            if problem:
+                found.append(problem)
         if found:
             problems.extend(found)
         else:

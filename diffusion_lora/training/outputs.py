@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 from ..formats.atomic import open_append_no_follow
 from ..models.invoke import run_pipeline
 from .files import own_folder, write_output, write_png
+from .sample_inputs import sample_plans
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +88,12 @@ def _sample_kwargs(cfg: Any) -> dict[str, Any]:
 
 
 def sample_image(pipe: Any, cfg: Any, prompt: str, seed: int) -> Image.Image:
-    """One sample image: ``prompt`` at ``seed`` with the sample settings of ``cfg``."""
+    """One sample image: ``prompt`` at ``seed`` with the sample settings of ``cfg``; the prompt's
+    ``--image``/``--mask``/``--control_image`` options are the variant's image inputs."""
+    ((text, images),) = sample_plans(pipe, [prompt])
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        return run_pipeline(pipe, prompt, generator=generator, **_sample_kwargs(cfg)).images[0]
+        return run_pipeline(pipe, text, generator=generator, images=images, **_sample_kwargs(cfg)).images[0]
 
 
 def write_sample_grid(pipe: Any, cfg: Any, path: Path) -> Path:

@@ -43,6 +43,8 @@ class ImageItem:
     folder: str
     is_class: bool = False
     problems: tuple[str, ...] = ()
+    control: Path | None = None  # its paired control/reference image (training.pairs)
+    mask: Path | None = None  # its paired inpainting mask, white = repaint (training.pairs)
 
 
 @dataclass

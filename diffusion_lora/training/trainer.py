@@ -41,6 +41,7 @@ from .optimizers import build_lr_scheduler, build_optimizer, param_groups, train
 from .outputs import MetricsLog, sample_image, write_model_card, write_sample_grid
 from .parallel import average_text_encoder_grads, check_ranks_agree
 from .preflight import check_folders, native_resolution, training_metadata
+from .sample_inputs import sample_plans
 from .steps import StepContext, micro_step_loss, text_condition
 from .text_encoders import can_free, check_free_request, free_text_encoders
 
@@ -91,6 +92,7 @@ class _Run:
                 f"encoder is encoded once and cached); set lora.text_encoder = false"
             )
         self.cfg = cfg = resolve_sizes(cfg, native_resolution(self.pipe))
+        sample_plans(self.pipe, list(cfg.sample.prompts))  # their image inputs are checked before training
         self.dataset, self.items = build_dataset(cfg, self.pipe, self.acc)
         self.metadata = training_metadata(cfg, self.items)  # checked now, not at the final save
         name = cfg.output.name
