@@ -321,7 +321,9 @@ FLUX2 = PipelineSpec(
 FLUX2_KLEIN = PipelineSpec(
     pipeline="Flux2KleinPipeline",
     components=(
-        ComponentSpec("transformer", "Flux2Transformer2DModel", frozen(**{**_FLUX2_TRANSFORMER, "guidance_embeds": False})),
+        ComponentSpec(
+            "transformer", "Flux2Transformer2DModel", frozen(**{**_FLUX2_TRANSFORMER, "guidance_embeds": False})
+        ),
         _FLUX2_VAE,
         ComponentSpec("text_encoder", "Qwen3ForCausalLM", _QWEN3),
         ComponentSpec("tokenizer", "Qwen2Tokenizer"),

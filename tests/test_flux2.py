@@ -1,0 +1,99 @@
+"""Flux.2 (dev and Klein): the trainer's conditioner against what the real pipelines feed their transformer.
+
+The reference is the pipeline itself: it runs one denoising step on given latents with a hook on its
+transformer, and the conditioner's call for the same latents, prompt and timestep must give the same
+inputs and the same prediction, bit for bit. The latent encoding is checked against the pipeline's own
+image encoder (``_encode_vae_image``: VAE mode, 2×2 patchify, BatchNorm statistics).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffusion_lora as dl
+from diffusion_lora.families import detect_variant
+from diffusion_lora.models.invoke import run_pipeline
+from diffusion_lora.training.conditioning import conditioner_for, latent_dist
+
+PROMPT = "a red circle on a white background"
+KINDS = ("tiny-flux2", "tiny-flux2-klein")
+
+
+def _capture(module: torch.nn.Module, call):
+    """(kwargs, output) of ``module``'s first forward call during ``call()``."""
+    seen: dict = {}
+
+    def hook(_module, _args, kwargs, out):
+        if "kwargs" not in seen:
+            seen["kwargs"] = {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+            seen["out"] = (out[0] if isinstance(out, tuple) else out.sample).clone()
+
+    handle = module.register_forward_hook(hook, with_kwargs=True)
+    try:
+        result = call()
+    finally:
+        handle.remove()
+    return seen["kwargs"], seen["out"], result
+
+
+def _ids(ids: torch.Tensor) -> torch.Tensor:
+    return ids[0] if ids.dim() == 3 else ids  # the transformer takes batch 0 of 3-d ids
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_conditioner_feeds_the_transformer_what_the_pipeline_does(make_pipe, kind):
+    pipe = make_pipe(kind)
+    family, variant = dl.detect_family(pipe), detect_variant(pipe)
+    conditioner = conditioner_for(family, variant)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    with torch.no_grad():
+        mean, std = latent_dist(pipe.vae, pixels)
+        latents = conditioner.latents(pipe.vae, mean, std, torch.Generator().manual_seed(1))
+        assert latents.shape == (2, 128, 8, 8)  # 32 channels × 2×2 patches; the tiny VAE halves 32 px
+        guidance = 4.0 if pipe.transformer.config.guidance_embeds else 1.0  # Klein: no CFG, one call
+        pipe_kwargs, pipe_out, _ = _capture(pipe.transformer, lambda: run_pipeline(
+            pipe, [PROMPT, PROMPT], height=32, width=32, num_inference_steps=1, latents=latents,
+            guidance_scale=guidance, output_type="latent",
+        ))
+        timesteps = pipe.scheduler.timesteps[:1].expand(2)  # the step the pipeline just ran (σ·1000)
+        text = conditioner.encode_text(pipe, [PROMPT, PROMPT], torch.device("cpu"))
+        ours_kwargs, ours_out, pred = _capture(pipe.transformer, lambda: conditioner.predict(
+            pipe, pipe.transformer, latents, timesteps, text, [], guidance))
+    for name in ("hidden_states", "timestep", "encoder_hidden_states"):
+        assert torch.equal(ours_kwargs[name], pipe_kwargs[name]), name
+    for name in ("img_ids", "txt_ids"):
+        assert torch.equal(_ids(ours_kwargs[name]), _ids(pipe_kwargs[name])), name
+    if variant.name == "flux2-klein":
+        assert pipe_kwargs["guidance"] is None and ours_kwargs["guidance"] is None
+    else:
+        assert torch.equal(ours_kwargs["guidance"], pipe_kwargs["guidance"])
+    assert torch.equal(ours_out, pipe_out)
+    # the prediction comes back in the latents' layout: token (row, column) -> position (row, column)
+    assert torch.equal(pred, pipe_out.permute(0, 2, 1).reshape(latents.shape))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_latents_are_the_pipelines_image_latents(make_pipe, kind):
+    """With the distribution's mode (std 0), the training latents are what Flux2Pipeline encodes an image to."""
+    pipe = make_pipe(kind)
+    conditioner = conditioner_for(dl.detect_family(pipe), detect_variant(pipe))
+    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        mean, _ = latent_dist(pipe.vae, pixels)
+        ours = conditioner.latents(pipe.vae, mean, torch.zeros_like(mean), torch.Generator().manual_seed(0))
+        theirs = pipe._encode_vae_image(pixels, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ours, theirs)
+    assert conditioner.image_seq_len(*ours.shape[-2:]) == 64  # every patchified position is a token
+
+
+def test_klein_and_dev_are_told_apart_by_config():
+    klein = dl.build_tiny_pipeline("tiny-flux2-klein")
+    family = dl.detect_family(klein)
+    assert family.name == "flux2"
+    # a Klein transformer in a plain Flux2Pipeline is still Klein (no guidance embedding)
+    assert family.variant_of("Flux2Pipeline", dict(klein.transformer.config)).name == "flux2-klein"
+    assert family.variant_of("Flux2Pipeline", {"guidance_embeds": True}).name == "flux2"
+    nine = {"guidance_embeds": False, "num_attention_heads": 32}
+    assert family.variant_of("Flux2KleinPipeline", nine).name == "flux2-klein-9b"
