@@ -23,7 +23,8 @@ def test_add_lora_trains_only_lora(pipe):
     ]
     assert trainable
     assert all("lora_" in n for _, n in trainable)
-    assert {c for c, _ in trainable} >= {state_of(pipe).family.denoiser, "text_encoder"}
+    family = state_of(pipe).family  # Flux.2's LLM text encoder gets no LoRA (lora_text_encoders is empty)
+    assert {c for c, _ in trainable} == {family.denoiser, *family.lora_text_encoders}
 
 
 def test_fresh_adapter_is_identity(pipe):

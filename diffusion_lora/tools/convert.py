@@ -68,7 +68,8 @@ def _carried_metadata(data: AdapterData, keys: ModelKeys, target: FileFormat, st
     family = keys.family
     kept = {k: v for k, v in source.items() if k not in _FORMAT_KEYS and not k.startswith("sshs_")}
     name = source.get("ss_output_name") or source.get("diffusion_lora.name") or stem
-    sharing = sharing_metadata(
-        data, ModelFacts.of(family, target.value), name=name, trigger_words=trigger_words_of(source), inherited=source
-    )
+    # the variant the keys' denoiser config is (Flux.2 Klein), so its architecture survives the conversion
+    variant = family.variant_of("", dict(keys.denoiser_config))
+    facts = ModelFacts.of(family, target.value, variant)
+    sharing = sharing_metadata(data, facts, name=name, trigger_words=trigger_words_of(source), inherited=source)
     return {**kept, **sharing, "diffusion_lora.family": family.name}
