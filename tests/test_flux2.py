@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import diffusion_lora as dl
 from diffusion_lora.families import detect_variant
+from diffusion_lora.formats.safetensors_io import read_metadata
 from diffusion_lora.models.invoke import run_pipeline
 from diffusion_lora.training.conditioning import conditioner_for, latent_dist
 
@@ -97,3 +99,61 @@ def test_klein_and_dev_are_told_apart_by_config():
     assert family.variant_of("Flux2Pipeline", {"guidance_embeds": True}).name == "flux2"
     nine = {"guidance_embeds": False, "num_attention_heads": 32}
     assert family.variant_of("Flux2KleinPipeline", nine).name == "flux2-klein-9b"
+
+
+def _train_config(data, out, model, **sections):
+    cfg = {
+        "model": {"name": model},
+        "data": {"path": str(data), "resolution": 64, "min_bucket": 64, "max_bucket": 64},
+        "lora": {"rank": 4},
+        "train": {"steps": 6, "learning_rate": 1e-3, "batch_size": 2},
+        "output": {"dir": str(out), "name": "f2"},
+        "log": {"tensorboard": False},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from .test_train import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("f2data"), n=4)
+
+
+def test_klein_training_resumes_bit_identically_and_samples(dataset, tmp_path):
+    sample = {"every": 3, "prompts": ["a red circle"], "seeds": [0], "steps": 2}
+    straight = dl.train(_train_config(dataset, tmp_path / "a", "tiny-flux2-klein", checkpoint={"every": 3},
+                                      sample=sample), progress=False)
+    cfg = _train_config(dataset, tmp_path / "b", "tiny-flux2-klein", checkpoint={"every": 3})
+    assert dl.train(cfg, progress=False, max_steps_this_run=3).adapter is None
+    resumed = dl.train(cfg, progress=False, resume=True)
+    a, b = load_file(str(straight.adapter)), load_file(str(resumed.adapter))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.losses[3:] == resumed.losses
+    assert sorted(p.name for p in (tmp_path / "a" / "samples").glob("*.png")) == ["step_000003.png",
+                                                                                 "step_000006.png"]
+    meta = read_metadata(straight.adapter)
+    assert meta["modelspec.architecture"] == "Flux.2-klein-4b/lora"
+    assert any(".to_qkv_mlp_proj." in k for k in a) and not any(k.startswith("text_encoder") for k in a)
+
+
+def test_text_encoder_runs_once_per_caption(dataset, tmp_path, monkeypatch):
+    """With text caching (the default), the 24B/4B LLM encodes each distinct caption once; every later step
+    reads the cache."""
+    from diffusion_lora.training import trainer
+
+    calls = []
+    real_load = trainer.load_pipeline
+
+    def load_and_count(*args, **kwargs):
+        pipe = real_load(*args, **kwargs)
+        pipe.text_encoder.register_forward_hook(lambda *_: calls.append(1))
+        return pipe
+
+    monkeypatch.setattr(trainer, "load_pipeline", load_and_count)
+    result = dl.train(_train_config(dataset, tmp_path / "c", "tiny-flux2", train={"steps": 8}), progress=False)
+    captions = {p.read_text(encoding="utf-8") for p in dataset.glob("*.txt")}
+    assert len(result.losses) == 8 and len(captions) == 4  # 16 samples seen, 4 distinct captions
+    assert len(calls) == len(captions)
