@@ -157,3 +157,47 @@ def test_text_encoder_runs_once_per_caption(dataset, tmp_path, monkeypatch):
     captions = {p.read_text(encoding="utf-8") for p in dataset.glob("*.txt")}
     assert len(result.losses) == 8 and len(captions) == 4  # 16 samples seen, 4 distinct captions
     assert len(calls) == len(captions)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hotswap_replaces_weights_in_place(make_pipe, tmp_path, kind):
+    from diffusion_lora.adapters.state import state_of
+
+    from .helpers import run, trained_adapter
+
+    src = make_pipe(kind)
+    trained_adapter(src, "x", seed=14, rank=4, alpha=2)
+    a = dl.save_lora(src, "x", tmp_path / "a.safetensors")
+    dl.remove_lora(src, "x")
+    trained_adapter(src, "x", seed=15, rank=4, alpha=6)
+    b = dl.save_lora(src, "x", tmp_path / "b.safetensors")
+    expected_b = run(src)
+    pipe = make_pipe(kind)
+    dl.load_lora(pipe, a, name="x")
+    layers = {id(s.layer) for s in state_of(pipe).sites()}
+    dl.hotswap(pipe, "x", b)
+    assert {id(s.layer) for s in state_of(pipe).sites()} == layers
+    assert torch.equal(run(pipe), expected_b)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generate_cli_with_a_lora(tmp_path, kind):
+    import numpy as np
+    from PIL import Image
+
+    from diffusion_lora.cli import main
+
+    from .helpers import trained_adapter
+
+    pipe = dl.build_tiny_pipeline(kind)
+    trained_adapter(pipe, "s", seed=3, rank=4, alpha=4)
+    lora = dl.save_lora(pipe, "s", tmp_path / "s.safetensors", format="comfyui")
+    common = ["generate", "--model", kind, "--prompt", "a blue star", "--steps", "2", "--height", "32",
+              "--width", "32", "--seed", "0"]
+    images = {}
+    for label, extra in (("base", []), ("lora", ["--lora", str(lora)]), ("again", ["--lora", str(lora)])):
+        assert main([*common, *extra, "--out", str(tmp_path / label)]) == 0
+        (png,) = (tmp_path / label).glob("*.png")
+        images[label] = np.asarray(Image.open(png))
+    assert not np.array_equal(images["base"], images["lora"])
+    np.testing.assert_array_equal(images["lora"], images["again"])

@@ -109,7 +109,7 @@ def test_sample_script_runs(tmp_path):
     assert "name='char'" in result.stdout
 
 
-@pytest.mark.parametrize("kind", ["tiny-sdxl", "tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("kind", ["tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2", "tiny-flux2-klein"])
 def test_generate_every_family(tmp_path, kind):
     size = "64" if kind == "tiny-sdxl" else "32"
     args = ["generate", "--model", kind, "--prompt", "a blue star", "--steps", "2", "--height", size,
@@ -120,5 +120,6 @@ def test_generate_every_family(tmp_path, kind):
     assert image.size == (int(size), int(size))
     assert f"Model: {kind}" in image.text["parameters"]
     # Flux's guidance_scale is distilled guidance: written as Forge does, with the true CFG scale (1)
-    cfg = "CFG scale: 1, Distilled CFG Scale: 3.5," if kind == "tiny-flux" else "CFG scale: 3.5,"
+    # (Flux.2 dev has only the distilled one; Klein has true CFG)
+    cfg = "CFG scale: 1, Distilled CFG Scale: 3.5," if kind in ("tiny-flux", "tiny-flux2") else "CFG scale: 3.5,"
     assert f"Sampler: {type(dl.load_pipeline(kind).scheduler).__name__}, {cfg} Seed: 0," in image.text["parameters"]
