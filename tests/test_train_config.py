@@ -25,7 +25,9 @@ from diffusion_lora.training.config import (
 )
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
-SAMPLE_FILES = ("train_style_sd15.toml", "train_character_sdxl.toml", "train_flux.toml")
+SAMPLE_FILES = (
+    "train_style_sd15.toml", "train_character_sdxl.toml", "train_flux.toml", "train_flux2_klein.toml"
+)
 
 
 def minimal() -> dict:
