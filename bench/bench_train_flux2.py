@@ -1,10 +1,11 @@
 """Benchmark: training steps per second of ``dl.train`` on the tiny Flux.2 models (dev and Klein).
 
-Per-step time is the difference between a long and a short run (same data, same config), divided by the
-step difference, so start-up, model building and the first epoch's latent/text caching cancel out; the
-median of ``--repeats`` pairs is reported. 64×64 images, batch 1, rank 4, float32, CPU, one thread.
+A step's time is the time between two consecutive calls of the transformer's forward (one per step at
+batch 1, no sampling), recorded by a forward pre-hook put on the pipeline the trainer loads; the median
+over the steps after the first epoch (whose latent and text caching is start-up) is reported. 64×64
+images, batch 1, rank 4, float32, CPU, one thread.
 
-    python bench/bench_train_flux2.py [--repeats 3] [--short 4] [--long 12]
+    python bench/bench_train_flux2.py [--steps 24]
 """
 
 from __future__ import annotations
@@ -33,8 +34,17 @@ def make_images(folder: Path, n: int = 4) -> Path:
     return folder
 
 
-def seconds(model: str, data: Path, out: Path, steps: int) -> float:
+def step_seconds(model: str, data: Path, out: Path, steps: int) -> list[float]:
     import diffusion_lora as dl
+    from diffusion_lora.training import trainer
+
+    stamps: list[float] = []
+    real_load = trainer.load_pipeline
+
+    def load_and_time(*args, **kwargs):
+        pipe = real_load(*args, **kwargs)
+        pipe.transformer.register_forward_pre_hook(lambda *_: stamps.append(time.perf_counter()))
+        return pipe
 
     cfg = {
         "model": {"name": model},
@@ -44,16 +54,17 @@ def seconds(model: str, data: Path, out: Path, steps: int) -> float:
         "output": {"dir": str(out), "name": "bench"},
         "log": {"tensorboard": False},
     }
-    start = time.perf_counter()
-    dl.train(cfg, progress=False)
-    return time.perf_counter() - start
+    trainer.load_pipeline = load_and_time
+    try:
+        dl.train(cfg, progress=False)
+    finally:
+        trainer.load_pipeline = real_load
+    return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--short", type=int, default=4)
-    parser.add_argument("--long", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=24)
     args = parser.parse_args()
     import torch
 
@@ -61,14 +72,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = make_images(Path(tmp) / "data")
         for model in ("tiny-flux2", "tiny-flux2-klein"):
-            per_step = []
-            for r in range(args.repeats):
-                short = seconds(model, data, Path(tmp) / f"{model}-s{r}", args.short)
-                long = seconds(model, data, Path(tmp) / f"{model}-l{r}", args.long)
-                per_step.append((long - short) / (args.long - args.short))
-            median = statistics.median(per_step)
-            print(f"{model}: {median * 1000:.0f} ms/step, {1 / median:.1f} steps/s "
-                  f"(pairs: {', '.join(f'{s * 1000:.0f}' for s in per_step)} ms; load average {os.getloadavg()[0]:.1f})")
+            steps = step_seconds(model, data, Path(tmp) / model, args.steps)[4:]  # after the first epoch (4 images)
+            median = statistics.median(steps)
+            print(f"{model}: median {median * 1000:.0f} ms/step = {1 / median:.1f} steps/s over {len(steps)} steps "
+                  f"(min {min(steps) * 1000:.0f} ms; load average {os.getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":

@@ -237,3 +237,18 @@ def test_convert_resolves_real_sizes_against_the_published_model(tmp_path, varia
     assert back.keys() == tensors.keys()
     for key, value in tensors.items():
         assert torch.equal(back[key], value), key
+
+
+@pytest.mark.parametrize(("src", "dst"), [("tiny-flux", "tiny-flux2"), ("tiny-flux2", "tiny-flux")])
+@pytest.mark.parametrize("fmt", ["kohya", "comfyui", "diffusers"])
+def test_flux1_and_flux2_files_do_not_load_into_each_other(make_pipe, tmp_path, src, dst, fmt):
+    """Both spell their layers with the same BFL block names; the fused layers' sizes tell them apart
+    (Flux.1's linear1 is q, k, v and a 4× MLP; Flux.2's q, k, v and a 3× SwiGLU gate and up)."""
+    pipe = make_pipe(src)
+    trained_adapter(pipe, "f", seed=1, rank=4)
+    path = dl.save_lora(pipe, "f", tmp_path / "f.safetensors", format=fmt)
+    other = make_pipe(dst)
+    before = run(other)
+    with pytest.raises(dl.DiffusionLoraError, match="linear1|to_qkv_mlp_proj|flux1 adapter|flux2 adapter"):
+        dl.load_lora(other, path)
+    assert torch.equal(run(other), before) and dl.list_loras(other) == []
