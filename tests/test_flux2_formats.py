@@ -252,3 +252,34 @@ def test_flux1_and_flux2_files_do_not_load_into_each_other(make_pipe, tmp_path, 
     with pytest.raises(dl.DiffusionLoraError, match="linear1|to_qkv_mlp_proj|flux1 adapter|flux2 adapter"):
         dl.load_lora(other, path)
     assert torch.equal(run(other), before) and dl.list_loras(other) == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_bfl_layer_splits_as_diffusers_converts_the_checkpoint(make_pipe, kind):
+    """Oracle for the whole table, final adaLN swap and shared modulation included: the ΔW a BFL-named
+    LoRA gives each diffusers module equals what diffusers' own checkpoint converter
+    (``convert_flux2_transformer_checkpoint_to_diffusers``) makes of the BFL layer's ΔW."""
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+    from diffusion_lora.adapters import pipeline_keys
+    from diffusion_lora.formats.codec import decode
+
+    pipe = make_pipe(kind)
+    transformer = pipe.transformer
+    inner = transformer.transformer_blocks[0].attn.inner_dim
+    shapes = _shapes(transformer) | _modulation_shapes(transformer)
+    shapes["final_layer.adaLN_modulation.1"] = (2 * inner, inner)
+    tensors = _bfl_file(shapes, "kohya", seed=21)
+    decoded = decode(tensors, {}, pipeline_keys(pipe))
+    assert decoded.unresolved == []
+    bfl_deltas = {}
+    for bfl in shapes:
+        name = "lora_unet_" + bfl.replace(".", "_")
+        scale = float(tensors[f"{name}.alpha"]) / RANK
+        bfl_deltas[f"{bfl}.weight"] = scale * tensors[f"{name}.lora_up.weight"] @ tensors[f"{name}.lora_down.weight"]
+    expected = convert_flux2_transformer_checkpoint_to_diffusers(dict(bfl_deltas))
+    ours = {f"{key.removeprefix('transformer.')}.weight": m.scale(False) * m.up @ m.down
+            for key, m in decoded.data.modules.items()}
+    assert ours.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(ours[key], value, rtol=1e-6, atol=1e-7, msg=key)
