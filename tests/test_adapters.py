@@ -23,7 +23,7 @@ def test_add_lora_trains_only_lora(pipe):
     ]
     assert trainable
     assert all("lora_" in n for _, n in trainable)
-    family = state_of(pipe).family  # Flux.2's LLM text encoder gets no LoRA (lora_text_encoders is empty)
+    family = state_of(pipe).family  # text_encoder=True: the family's LoRA-able text encoders (none for Chroma)
     assert {c for c, _ in trainable} == {family.denoiser, *family.lora_text_encoders}
 
 
@@ -280,6 +280,30 @@ def test_names_are_checked(make_pipe):
         dl.add_lora(pipe, "bad.name")
     with pytest.raises(dl.ConfigError, match="preset"):
         dl.add_lora(pipe, "c", targets="attn-typo")
+    for clash in ("double", "float", "cuda", "keys"):  # torch module methods: PEFT cannot key adapters by them
+        with pytest.raises(dl.ConfigError, match=f"'{clash}'.*another name"):
+            dl.add_lora(pipe, clash, rank=2)
+    assert dl.list_loras(pipe)[0].name == "a" and len(dl.list_loras(pipe)) == 1
+
+
+def test_a_file_named_like_a_module_method_needs_another_name(make_pipe, tmp_path):
+    src = make_pipe("tiny-sd15")
+    trained_adapter(src, "s", seed=3, rank=2)
+    path = dl.save_lora(src, "s", tmp_path / "double.safetensors")
+    pipe = make_pipe("tiny-sd15")
+    before = run(pipe)
+    with pytest.raises(dl.ConfigError, match="'double'.*another name"):
+        dl.load_lora(pipe, path)
+    assert dl.list_loras(pipe) == [] and torch.equal(run(pipe), before)
+    dl.load_lora(pipe, path, name="double_lora")
+    assert torch.equal(run(pipe), run(src))
+
+
+def test_text_encoder_lora_on_a_family_without_one_is_an_error(make_pipe):
+    pipe = make_pipe("tiny-chroma")
+    with pytest.raises(dl.ConfigError, match="no text encoder that takes LoRA"):
+        dl.add_lora(pipe, "s", rank=2, text_encoder=True)
+    assert dl.list_loras(pipe) == []
 
 
 def test_detect_family_rejects_other_pipelines():

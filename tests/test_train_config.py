@@ -25,9 +25,8 @@ from diffusion_lora.training.config import (
 )
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
-SAMPLE_FILES = (
-    "train_style_sd15.toml", "train_character_sdxl.toml", "train_flux.toml", "train_flux2_klein.toml"
-)
+# every sample config (the new ones are checked without edits here)
+SAMPLE_FILES = tuple(sorted(p.name for p in SAMPLES.glob("train_*.toml")))
 
 
 def minimal() -> dict:
@@ -65,7 +64,7 @@ DEFAULTS = {
               "zero_terminal_snr": False, "guidance": 1.0, "max_grad_norm": 1.0, "max_nonfinite_steps": 0},
     "optimizer": {"name": "adamw", "weight_decay": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8},
     "scheduler": {"name": "constant", "warmup_steps": 0},
-    "cache": {"latents": "memory", "text": "auto", "dir": ""},
+    "cache": {"latents": "memory", "text": "auto", "text_encoders": "auto", "dir": ""},
     "checkpoint": {"every": 0, "keep": 2},
     "sample": {"every": 0, "prompts": [], "seeds": [0], "steps": 20, "guidance": None, "width": None,
                "height": None},

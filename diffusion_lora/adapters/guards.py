@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 
+import torch
+
 from ..errors import AdapterNotFoundError, AdapterStateError, ConfigError
 from .fusing import fuse_state, unfuse_state
 from .state import AdapterState
@@ -42,6 +44,11 @@ def refused(state: AdapterState, undo: Callable[[], None] | None = None) -> Iter
 def check_name(name: object) -> str:
     if not isinstance(name, str) or not name or "." in name or name != name.strip():
         raise ConfigError(f"adapter name {name!r} must be a non-empty string without dots or outer spaces")
+    if hasattr(torch.nn.ModuleDict, name):  # PEFT keeps adapters as ModuleDict entries by name
+        raise ConfigError(
+            f"adapter name {name!r} is the name of a torch module method or attribute, which PEFT cannot use "
+            f"for an adapter; pass another name (e.g. {name + '_lora'!r})"
+        )
     return name
 
 

@@ -73,6 +73,20 @@ FLUX1 = (
     ComponentSpec("text_encoder_2", "T5EncoderModel", T5_XXL),
 )
 
+
+# --- chroma ---
+# Chroma1-HD (lodestones/Chroma1-HD): ChromaTransformer2DModel's defaults, which diffusers documents as that
+# model's and which its single-file converter assumes (inner 3072, mlp ratio 4); T5-XXL as for Flux.1.
+CHROMA_TRANSFORMER = frozen(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, axes_dims_rope=(16, 56, 56), approximator_num_channels=64,
+    approximator_hidden_dim=5120, approximator_layers=5,
+)
+CHROMA = (
+    ComponentSpec("transformer", "ChromaTransformer2DModel", CHROMA_TRANSFORMER),
+    ComponentSpec("text_encoder", "T5EncoderModel", T5_XXL),
+)
+
 # Flux.2, from diffusers' scripts/convert_flux2_to_diffusers.py (get_flux2_transformer_config). The text
 # encoders: Mistral Small 3.2 24B (dev), Qwen3 4B / 8B (Klein 4B / 9B); each joint_attention_dim is 3 × the
 # encoder's hidden size, the three hidden layers the pipeline stacks.

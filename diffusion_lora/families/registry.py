@@ -187,6 +187,14 @@ _JOINT_EVIDENCE = r"^transformer\.transformer_blocks\.\d+\.attn\.add_[qkv]_proj"
 # a CLIP-G second text encoder: SDXL and SD3 both have one (Flux's text_encoder_2 is T5)
 _CLIP_G_EVIDENCE = r"^text_encoder_2\.(text_model\.)?encoder\.layers\."
 _CLIP_G_FILE_EVIDENCE = r"^lora_te2_|^text_encoders\.clip_g\."
+# layers Flux.1 has and Chroma (Flux.1's blocks; its approximator computes the modulation) has not: the
+# modulation Linears and the time/text/guidance embedders (diffusers' double-block norm1.linear, norm_out and
+# time_text_embed.timestep/text_embedder are SD3's too, so only single-block and guidance names count there)
+_FLUX1_ONLY_EVIDENCE = (
+    r"^transformer\.(single_transformer_blocks\.\d+\.norm\.linear|time_text_embed\.guidance_embedder\.)"
+    r"|^(lora_unet_|diffusion_model\.)(double_blocks[._]\d+[._](img|txt)_mod|single_blocks[._]\d+[._]modulation"
+    r"|final_layer[._]adaLN_modulation|(time|vector|guidance)_in[._])"
+)
 
 
 def _presets(attn: tuple[str, ...], ff: tuple[str, ...]) -> Mapping[str, tuple[str, ...]]:
@@ -382,12 +390,49 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                     }
                 ),
                 key_evidence=(
-                    # Flux.1's single-block layers (Flux.2 fuses them into to_qkv_mlp_proj / to_out)
-                    r"^transformer\.single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp|proj_out|norm\.linear)(\.|$)",
+                    r"^transformer\.single_transformer_blocks\.",
                     _JOINT_EVIDENCE,
                     r"^text_encoder_2\.encoder\.block\.",  # Flux's second text encoder is T5
+                    _FLUX1_ONLY_EVIDENCE,
                     r"^(lora_unet_|diffusion_model\.)(double|single)_blocks[._]",
                 ),
+                dynamic_shift=True,
+            ),
+            # --- chroma ---
+            Family(
+                name="chroma",
+                title="Chroma",
+                denoiser="transformer",
+                # used by ChromaPipeline, ChromaImg2ImgPipeline and ChromaInpaintPipeline
+                denoiser_class="ChromaTransformer2DModel",
+                text_encoders=("text_encoder",),  # T5 only
+                # diffusers' Flux mixin would load text_encoder.* into T5, but no Chroma trainer writes T5 LoRAs
+                lora_text_encoders=(),
+                objective=Objective.FLOW_MATCHING,
+                # Flux.1's layout without modulation layers: the same presets reach the same projections
+                target_presets=_presets(_JOINT_ATTN, _JOINT_FF + ("proj_mlp", "proj_out")),
+                text_encoder_targets=(),
+                block_groups=_FLUX_BLOCKS,
+                kohya_prefixes=MappingProxyType({"transformer": "lora_unet"}),
+                comfyui_text_encoders=MappingProxyType({}),
+                kohya_base_model_version="chroma",  # sd-scripts' flux_utils.MODEL_VERSION_CHROMA
+                modelspec_architecture="chroma/lora",  # sd-scripts' sai_model_spec.ARCH_FLUX_1_CHROMA
+                original_implementation="https://huggingface.co/lodestones/Chroma",
+                default_resolution=1024,
+                tiny_model="tiny-chroma",
+                tiny=tiny.CHROMA,
+                reference=published.CHROMA,
+                conditioning=Conditioning.CHROMA,
+                kohya_names=KohyaNames.BFL,  # Flux.1's names without modulation, plus the approximator's
+                single_file_types=MappingProxyType({"chroma": "ChromaPipeline"}),
+                key_evidence=(
+                    r"^transformer\.distilled_guidance_layer\.",
+                    r"^(lora_unet_|lora_transformer_|diffusion_model\.)distilled_guidance_layer[._]",
+                    # the same patterns as flux1's: Chroma keeps Flux.1's block names, diffusers' and BFL's
+                    r"^transformer\.single_transformer_blocks\.",
+                    r"^(lora_unet_|diffusion_model\.)(double|single)_blocks[._]",
+                ),
+                context_width=4096,  # T5-XXL
                 dynamic_shift=True,
             ),
             Family(

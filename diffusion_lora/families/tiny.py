@@ -242,6 +242,37 @@ FLUX = PipelineSpec(
 )
 
 
+# --- chroma ---
+# Chroma is Flux.1's transformer without modulation Linears plus an "approximator" (distilled_guidance_layer)
+# that computes every block's modulation; Flux.1's VAE and scheduler, T5 as its only text encoder.
+_FLUX_PARTS = {c.name: c for c in FLUX.components}
+CHROMA = PipelineSpec(
+    pipeline="ChromaPipeline",
+    components=(
+        ComponentSpec(
+            "transformer",
+            "ChromaTransformer2DModel",
+            frozen(
+                patch_size=1,
+                in_channels=64,  # 16 latent channels packed 2×2
+                num_layers=2,
+                num_single_layers=2,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=96,  # T5 width
+                axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+                approximator_num_channels=16,  # real 64; a multiple of 4 (time and guidance get a quarter each)
+                approximator_hidden_dim=32,  # real 5120
+                approximator_layers=2,  # real 5
+            ),
+        ),
+        _FLUX_PARTS["vae"],
+        ComponentSpec("text_encoder", "T5EncoderModel", _T5),
+        ComponentSpec("tokenizer", "T5TokenizerFast"),
+        _FLUX_PARTS["scheduler"],
+    ),
+)
+
 # Flux.2: the real layout (fused single-block projections, SwiGLU feed-forwards, modulation shared by all
 # blocks, 4-axis RoPE, no biases) at 1/192 of dev's width. The LLM text encoders keep as many layers as
 # the pipelines read hidden states from by default (dev: Mistral layers 10, 20, 30; Klein: Qwen3 layers

@@ -1,4 +1,5 @@
-"""Flux.1 LoRA key names: Black Forest Labs' original module names and diffusers' FluxTransformer2DModel.
+"""Flux.1 and Chroma LoRA key names: Black Forest Labs' original module names and diffusers' Flux/Chroma
+transformers.
 
 Flux LoRA files in the wild name the transformer's layers three ways, all read by
 :func:`.flux_tensors.parse_flux`:
@@ -19,6 +20,12 @@ row-split of its up-projection; the split sizes come from :class:`FluxDims`, i.e
 never from Flux.1-dev's 3072. Flat names are not reversible, so reading is a look-up in an index built
 by flattening every known name (:func:`flux_index`). Mapping checked against diffusers 0.42's
 ``convert_flux_transformer_checkpoint_to_diffusers`` and ``_convert_kohya_flux_lora_to_diffusers``.
+
+Chroma (ChromaTransformer2DModel) keeps Flux.1's block names but has no modulation layers (``img_mod``,
+``txt_mod``, ``modulation``, ``final_layer.adaLN_modulation``) and no ``time_in``/``vector_in``/``guidance_in``;
+instead a ``distilled_guidance_layer`` (the "approximator") computes every modulation at once. The table
+lists both; :func:`flux_index` keeps only the names whose modules the model has, so one table serves both
+(approximator names checked against diffusers' ``convert_chroma_transformer_checkpoint_to_diffusers``).
 This module holds the names only; splitting and fusing the tensors is in :mod:`.flux_tensors`.
 """
 
@@ -72,6 +79,10 @@ _TOP: tuple[tuple[str, str], ...] = (
     ("final_layer.linear", "proj_out"),
 )
 _ADALN = "final_layer.adaLN_modulation.1"
+# Chroma's approximator: BFL name -> diffusers name; its N residual MLP layers are layers.N.{in,out}_layer
+_APPROXIMATOR = "distilled_guidance_layer"
+_APPROXIMATOR_ENDS = (("in_proj", "in_proj"), ("out_proj", "out_proj"))
+_APPROXIMATOR_LAYER = (("in_layer", "linear_1"), ("out_layer", "linear_2"))
 
 _FLAT_ROLES = {
     "lora_down.weight": "down",
@@ -93,13 +104,15 @@ class FluxDims:
 
     ``num_double_blocks`` / ``num_single_blocks``: diffusers' ``num_layers`` / ``num_single_layers``;
     ``inner_dim``: rows of each of q, k, v (heads × head dim); ``mlp_hidden_dim``: rows of a single
-    block's ``proj_mlp``. Flux.1-dev is (19, 38, 3072, 12288).
+    block's ``proj_mlp``; ``num_approximator_layers``: Chroma's ``approximator_layers`` (0 for Flux.1).
+    Flux.1-dev is (19, 38, 3072, 12288), Chroma1-HD (19, 38, 3072, 12288, 5).
     """
 
     num_double_blocks: int
     num_single_blocks: int
     inner_dim: int
     mlp_hidden_dim: int
+    num_approximator_layers: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -112,8 +125,9 @@ class FluxDims:
     def from_config(
         cls, config: Mapping[str, object], module_shapes: Mapping[str, tuple[int, int]] | None = None
     ) -> FluxDims:
-        """Dims of a FluxTransformer2DModel from its config (``num_layers``, ``num_single_layers``,
-        ``num_attention_heads``, ``attention_head_dim``; ``mlp_ratio`` if present, else diffusers' 4.0).
+        """Dims of a Flux/Chroma transformer from its config (``num_layers``, ``num_single_layers``,
+        ``num_attention_heads``, ``attention_head_dim``; ``mlp_ratio`` if present, else diffusers' 4.0;
+        Chroma's ``approximator_layers`` if present, else 0).
 
         ``module_shapes`` (module path → (out, in) of the real Linear layers) is preferred: the split
         sizes are then read from the first block's ``to_q`` and ``proj_mlp``. Raises ConfigError naming a
@@ -137,7 +151,7 @@ class FluxDims:
             if explicit_ratio and shape_mlp != mlp:
                 raise ConfigError(f"config mlp_ratio gives mlp_hidden_dim {mlp} but proj_mlp has {shape_mlp} rows")
             mlp = shape_mlp
-        return cls(num_double, num_single, inner, mlp)
+        return cls(num_double, num_single, inner, mlp, int(config.get("approximator_layers", 0)))
 
 
 def _targets(prefix: str, parts: _Parts, dims: FluxDims) -> tuple[Target, ...]:
@@ -159,10 +173,18 @@ def bfl_table(dims: FluxDims) -> Mapping[str, tuple[Target, ...]]:
     output rows are its targets' row slices concatenated in order: q/k/v get consecutive thirds of
     ``qkv``, and ``norm_out.linear`` gets rows [inner:2·inner] then [0:inner] of ``adaLN_modulation.1``
     (the (shift, scale) → (scale, shift) swap). ``slice(None)``: all rows, the layer is not fused.
+    The table holds every name of both layouts (Flux.1's modulation layers, Chroma's approximator when
+    ``dims`` has approximator layers); a model lacks some of their modules, see :func:`flux_index`.
     """
     table: dict[str, tuple[Target, ...]] = {bfl: ((path, ALL_ROWS),) for bfl, path in _TOP}
     inner = dims.inner_dim
     table[_ADALN] = (("norm_out.linear", slice(inner, 2 * inner)), ("norm_out.linear", slice(0, inner)))
+    if dims.num_approximator_layers:
+        for bfl, path in _APPROXIMATOR_ENDS:
+            table[f"{_APPROXIMATOR}.{bfl}"] = ((f"{_APPROXIMATOR}.{path}", ALL_ROWS),)
+    for i in range(dims.num_approximator_layers):
+        for bfl, path in _APPROXIMATOR_LAYER:
+            table[f"{_APPROXIMATOR}.layers.{i}.{bfl}"] = ((f"{_APPROXIMATOR}.layers.{i}.{path}", ALL_ROWS),)
     for i in range(dims.num_double_blocks):
         for bfl, parts in _DOUBLE:
             table[f"double_blocks.{i}.{bfl}"] = _targets(f"transformer_blocks.{i}.", parts, dims)
@@ -198,7 +220,7 @@ def flux_index(
     :func:`bfl_table` by default, Flux.2's ``flux2_names.bfl2_table``).
 
     BFL names are listed only when all their diffusers modules exist (``guidance_in`` needs guidance
-    embeds). Raises KeyMappingError if two modules flatten to the same name.
+    embeds; Chroma has no modulation layers). Raises KeyMappingError if two modules flatten to the same name.
     """
     paths = set(module_paths)
     modules: dict[str, tuple[Target, ...]] = {}

@@ -155,6 +155,34 @@ class FluxConditioner(Conditioner):
         return _unpack(pred, b, c, h, w)
 
 
+class ChromaConditioner(Conditioner):
+    """Chroma: Flux.1's packed 2×2 latent patches and position ids, T5 context only (no pooled CLIP, no
+    guidance embedding: its approximator sees only the timestep), timestep = σ, and a text attention mask.
+
+    As ChromaPipeline does, T5 runs with the tokenizer's mask and the denoiser attends to the caption's
+    tokens plus the first padding token (``encode_prompt``'s mask), then to every image token.
+    """
+
+    def encode_text(self, pipe: Any, captions: Sequence[str], device: torch.device) -> TextCond:
+        embeds, text_ids, mask, *_ = pipe.encode_prompt(
+            list(captions), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return {"encoder_hidden_states": embeds, "attention_mask": mask, "txt_ids": text_ids}
+
+    def predict(self, pipe, denoiser, noisy, timesteps, text, sizes, guidance):  # noqa: ANN001
+        b, c, h, w = noisy.shape
+        packed = pack_flux_latents(pipe, noisy)
+        image_ids = flux_latent_ids(pipe, b, h // 2, w // 2, noisy.device, noisy.dtype)
+        # ChromaPipeline._prepare_attention_mask: the text mask, then one (bool → the mask's dtype) per image token
+        image_mask = torch.ones(b, packed.shape[1], device=noisy.device, dtype=torch.bool)
+        mask = torch.cat([text["attention_mask"], image_mask], dim=1)
+        pred = denoiser(
+            hidden_states=packed, timestep=timesteps / 1000.0, encoder_hidden_states=text["encoder_hidden_states"],
+            txt_ids=text["txt_ids"], img_ids=image_ids, attention_mask=mask,
+        ).sample
+        return _unpack(pred, b, c, h, w)
+
+
 class Flux2Conditioner(Conditioner):
     """Flux.2 dev and Klein: patchified, BatchNorm-normalised latents as plain tokens, 4-axis position ids
     (time, row, column, layer), stacked LLM hidden states as context, timestep = σ; dev also embeds the
@@ -203,6 +231,7 @@ _CONDITIONERS: Mapping[Conditioning, Conditioner] = MappingProxyType({
     Conditioning.SDXL: SDXLConditioner(),
     Conditioning.SD3: SD3Conditioner(),
     Conditioning.FLUX: FluxConditioner(),
+    Conditioning.CHROMA: ChromaConditioner(),
     Conditioning.FLUX2: Flux2Conditioner(),
 })
 

@@ -87,6 +87,12 @@ class TextCache(enum.StrEnum):
     OFF = "off"
 
 
+class TextEncoders(enum.StrEnum):
+    AUTO = "auto"  # free them after encoding every caption when nothing needs them any more
+    FREE = "free"  # the same, and an error when something still needs them
+    KEEP = "keep"
+
+
 _SEED_MAX = 2**64 - 1  # torch.Generator's range
 MAX_REPEATS = 10_000  # per image and epoch; more is a typo (or a hostile folder name), not a plan
 # The adapter file <name>.safetensors is written through a temp file ".<name>.safetensors.<12 hex>.tmp",
@@ -244,6 +250,7 @@ class CacheSection(Section):
     SECTION: ClassVar[str] = "cache"
     latents: LatentCache = setting(LatentCache.MEMORY)
     text: TextCache = setting(TextCache.AUTO)
+    text_encoders: TextEncoders = setting(TextEncoders.AUTO)
     dir: str = setting("")
 
 

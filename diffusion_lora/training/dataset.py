@@ -101,6 +101,20 @@ class BucketedDataset(torch.utils.data.Dataset):
         """The sample indices of item ``item_idx`` (one per repeat)."""
         return range(self._ends[item_idx] - self.items[item_idx].repeats, self._ends[item_idx])
 
+    def possible_captions(self) -> set[str] | None:
+        """Every caption a step can see, or None when they change from step to step (shuffled tags)."""
+        if self.caption_options["shuffle"]:
+            return None
+        captions = set()
+        for item in self.items:
+            options = dict(self.caption_options, dropout=0.0)
+            if item.is_class:
+                options["trigger_word"] = ""
+            captions.add(process_caption(item.caption, rng=random.Random(0), **options))
+        if self.caption_options["dropout"] > 0:
+            captions.add("")
+        return captions
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         item_idx = self.item_index(index)
         item, bucket = self.items[item_idx], self.item_buckets[item_idx]

@@ -75,8 +75,7 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[str] = ()
     return grid
 
 
-def write_sample_grid(pipe: Any, cfg: Any, path: Path) -> Path:
-    """Generate every sample prompt × seed with the adapter as it is now; rows = prompts."""
+def _sample_kwargs(cfg: Any) -> dict[str, Any]:
     s = cfg.sample
     kwargs: dict[str, Any] = {"num_inference_steps": s.steps}
     if s.guidance is not None:
@@ -84,16 +83,21 @@ def write_sample_grid(pipe: Any, cfg: Any, path: Path) -> Path:
     side = cfg.data.resolution
     kwargs["height"] = s.height or side
     kwargs["width"] = s.width or side
-    rows = []
-    for prompt in s.prompts:
-        row = []
-        for seed in s.seeds:
-            generator = torch.Generator().manual_seed(seed)
-            with torch.no_grad():
-                row.append(run_pipeline(pipe, prompt, generator=generator, **kwargs).images[0])
-        rows.append(row)
+    return kwargs
+
+
+def sample_image(pipe: Any, cfg: Any, prompt: str, seed: int) -> Image.Image:
+    """One sample image: ``prompt`` at ``seed`` with the sample settings of ``cfg``."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return run_pipeline(pipe, prompt, generator=generator, **_sample_kwargs(cfg)).images[0]
+
+
+def write_sample_grid(pipe: Any, cfg: Any, path: Path) -> Path:
+    """Generate every sample prompt × seed with the adapter as it is now; rows = prompts."""
+    rows = [[sample_image(pipe, cfg, prompt, seed) for seed in cfg.sample.seeds] for prompt in cfg.sample.prompts]
     own_folder(path.parent)
-    return write_png(image_grid(rows, list(s.prompts)), path, "sample grid")
+    return write_png(image_grid(rows, list(cfg.sample.prompts)), path, "sample grid")
 
 
 def write_model_card(

@@ -64,7 +64,8 @@ def _tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().to("cpu").contiguous().numpy().tobytes()).hexdigest()
 
 
-def _text(ctx: StepContext, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+def text_condition(ctx: StepContext, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The text conditions of ``captions``, from the text cache (computed on a miss) unless the encoder trains."""
     if ctx.train_text_encoder:  # gradients must flow: never cached
         return ctx.conditioner.encode_text(ctx.pipe, captions, ctx.device)
     parts = []
@@ -84,7 +85,7 @@ def micro_step_loss(ctx: StepContext, batch: Sequence[dict], step: int, micro: i
     cfg = ctx.config.train
     pixels = torch.stack([b["pixel_values"] for b in batch])
     latents = _latents(ctx, pixels, step_generator(cfg.seed, step, micro, rank, 0))
-    text = _text(ctx, [b["caption"] for b in batch])
+    text = text_condition(ctx, [b["caption"] for b in batch])
     noise_gen = step_generator(cfg.seed, step, micro, rank, 1)
     noise = obj.noise_with_offset(latents.shape, noise_gen, cfg.noise_offset).to(ctx.device, latents.dtype)
     sizes = [SizeInfo(tuple(b["original_size"]), tuple(b["crop_top_left"]), tuple(b["target_size"])) for b in batch]

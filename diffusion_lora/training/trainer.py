@@ -9,6 +9,7 @@ continues bit-identically on CPU. Multi-process data parallelism is accelerate's
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -21,6 +22,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from ..adapters import add_lora, save_lora
+from ..adapters.keys import model_keys_of
 from ..adapters.state import state_of
 from ..compat.accelerate import reset_accelerator_state
 from ..errors import ConfigError, DiffusionLoraError
@@ -36,10 +38,11 @@ from .data_setup import build_dataset
 from .dataset import micro_batches
 from .interrupts import interrupts_deferred
 from .optimizers import build_lr_scheduler, build_optimizer, param_groups, trainable_parameters
-from .outputs import MetricsLog, write_model_card, write_sample_grid
+from .outputs import MetricsLog, sample_image, write_model_card, write_sample_grid
 from .parallel import average_text_encoder_grads, check_ranks_agree
 from .preflight import check_folders, native_resolution, training_metadata
-from .steps import StepContext, micro_step_loss
+from .steps import StepContext, micro_step_loss, text_condition
+from .text_encoders import can_free, check_free_request, free_text_encoders
 
 logger = logging.getLogger(__name__)
 _DTYPES = {ModelDtype.FLOAT32: torch.float32, ModelDtype.FLOAT16: torch.float16, ModelDtype.BFLOAT16: torch.bfloat16}
@@ -55,6 +58,7 @@ class TrainResult:
     checkpoint: Path | None = None
     samples: list[Path] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)  # steps whose update was skipped as non-finite
+    freed_text_encoders: tuple[str, ...] = ()  # text encoders emptied after encoding every caption
 
 
 class _Run:
@@ -97,6 +101,21 @@ class _Run:
         self.scheduler = build_lr_scheduler(cfg, self.optimizer)
         self.denoiser, self.optimizer = self.acc.prepare(denoiser, self.optimizer)
         self.ctx = self._context(dtype)
+        self.freed = self._free_text_encoders()
+
+    def _free_text_encoders(self) -> tuple[str, ...]:
+        """Encode every caption and sample prompt now and free the text encoders, when nothing else needs them."""
+        cfg = self.cfg
+        captions = self.dataset.possible_captions()
+        reason = can_free(self.pipe, cfg.lora.text_encoder, cfg.text_cache is not TextCache.OFF, captions)
+        if not check_free_request(reason, cfg.cache.text_encoders.value):
+            return ()
+        model_keys_of(self.state)  # layer shapes, for saving the adapter, read while the weights exist
+        prompts = cfg.sample.prompts if self.is_main else []
+        calls = [functools.partial(sample_image, self.pipe, cfg, p, cfg.sample.seeds[0]) for p in prompts]
+        return free_text_encoders(
+            self.pipe, self.family, lambda caption: text_condition(self.ctx, [caption]), captions or set(), calls
+        )
 
     def _context(self, dtype: torch.dtype) -> StepContext:
         cfg = self.cfg
@@ -289,7 +308,8 @@ def train(
     stop = cfg.train.steps if max_steps_this_run is None else min(cfg.train.steps, start + max_steps_this_run)
     losses = run.run(start, stop) if start < stop else []
     if stop < cfg.train.steps:
-        return TrainResult(None, stop, losses, run.checkpoint(stop), skipped_steps=list(run.skipped))
+        return TrainResult(None, stop, losses, run.checkpoint(stop), skipped_steps=list(run.skipped),
+                           freed_text_encoders=run.freed)
     return _finish(run, losses)
 
 
@@ -314,4 +334,4 @@ def _finish(run: _Run, losses: list[float]) -> TrainResult:
             samples.append(grid)
         write_model_card(run.out / "README.md", cfg, adapter, samples, losses, run.family)
     run.acc.wait_for_everyone()
-    return TrainResult(adapter, cfg.train.steps, losses, ckpt, samples, list(run.skipped))
+    return TrainResult(adapter, cfg.train.steps, losses, ckpt, samples, list(run.skipped), run.freed)
