@@ -134,14 +134,17 @@ def test_klein_training_resumes_bit_identically_and_samples(dataset, tmp_path):
     assert straight.losses[3:] == resumed.losses
     assert sorted(p.name for p in (tmp_path / "a" / "samples").glob("*.png")) == ["step_000003.png",
                                                                                  "step_000006.png"]
+    # the Qwen3 encoder was freed after the captions and the sample prompt (and, for Klein's real CFG, the
+    # empty negative prompt) were encoded; the previews replay those encodings
+    assert straight.freed_text_encoders == ("text_encoder",)
     meta = read_metadata(straight.adapter)
     assert meta["modelspec.architecture"] == "Flux.2-klein-4b/lora"
     assert any(".to_qkv_mlp_proj." in k for k in a) and not any(k.startswith("text_encoder") for k in a)
 
 
 def test_text_encoder_runs_once_per_caption(dataset, tmp_path, monkeypatch):
-    """With text caching (the default), the 24B/4B LLM encodes each distinct caption once; every later step
-    reads the cache."""
+    """With text caching (the default), the 24B/4B LLM encodes each distinct caption once, up front, and is
+    freed; every step reads the cache."""
     from diffusion_lora.training import trainer
 
     calls = []
@@ -157,6 +160,7 @@ def test_text_encoder_runs_once_per_caption(dataset, tmp_path, monkeypatch):
     captions = {p.read_text(encoding="utf-8") for p in dataset.glob("*.txt")}
     assert len(result.losses) == 8 and len(captions) == 4  # 16 samples seen, 4 distinct captions
     assert len(calls) == len(captions)
+    assert result.freed_text_encoders == ("text_encoder",)
 
 
 @pytest.mark.parametrize("kind", KINDS)
