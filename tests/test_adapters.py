@@ -299,12 +299,6 @@ def test_a_file_named_like_a_module_method_needs_another_name(make_pipe, tmp_pat
     assert torch.equal(run(pipe), run(src))
 
 
-def test_text_encoder_lora_on_a_family_without_one_is_an_error(make_pipe):
-    pipe = make_pipe("tiny-chroma")
-    with pytest.raises(dl.ConfigError, match="no text encoder that takes LoRA"):
-        dl.add_lora(pipe, "s", rank=2, text_encoder=True)
-    assert dl.list_loras(pipe) == []
-
 
 def test_detect_family_rejects_other_pipelines():
     class NotAPipeline:

@@ -55,9 +55,10 @@ def adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def test_resume_is_bit_identical(dataset, tmp_path):
-    straight = dl.train(config(dataset, tmp_path / "a", checkpoint={"every": 5}), progress=False)
-    cfg_b = config(dataset, tmp_path / "b", checkpoint={"every": 5})
+@pytest.mark.parametrize("kind", ["tiny-sd15", "tiny-sd35"])
+def test_resume_is_bit_identical(dataset, tmp_path, kind):
+    straight = dl.train(config(dataset, tmp_path / "a", model=kind, checkpoint={"every": 5}), progress=False)
+    cfg_b = config(dataset, tmp_path / "b", model=kind, checkpoint={"every": 5})
     first = dl.train(cfg_b, progress=False, max_steps_this_run=10)
     assert first.adapter is None and first.checkpoint.name == "checkpoint-00000010"
     resumed = dl.train(cfg_b, progress=False, resume=True)

@@ -78,11 +78,6 @@ def add_lora(
         raise ConfigError(f"alpha must be positive, got {alpha!r}")
     family = state.family
     plan = {family.denoiser: target_paths(state.components[family.denoiser], family, targets, family.denoiser)}
-    if text_encoder and not any(c in state.components for c in family.lora_text_encoders):
-        raise ConfigError(
-            f"text_encoder=True: {family.title} has no text encoder that takes LoRA "
-            f"({', '.join(family.text_encoders) or 'none'} are trained by no tool that shares LoRAs); leave it off"
-        )
     if text_encoder:
         for component in family.lora_text_encoders:
             if component in state.components:

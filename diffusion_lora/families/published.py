@@ -31,6 +31,15 @@ SD3_TRANSFORMER = frozen(
     joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
     pos_embed_max_size=192,
 )
+# SD3.5 Large (and Large Turbo, a distilled checkpoint of the same layout): 38 blocks of 38 heads, qk-norm
+SD35_LARGE_TRANSFORMER = frozen(
+    **{**SD3_TRANSFORMER, "num_layers": 38, "num_attention_heads": 38, "caption_projection_dim": 2432,
+       "qk_norm": "rms_norm"}
+)
+# SD3.5 Medium (MMDiT-X): SD3 medium's sizes, qk-norm, a second image self-attention (attn2) in blocks 0-12
+SD35_MEDIUM_TRANSFORMER = frozen(
+    **{**SD3_TRANSFORMER, "pos_embed_max_size": 384, "qk_norm": "rms_norm", "dual_attention_layers": tuple(range(13))}
+)
 FLUX_TRANSFORMER = frozen(
     patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
@@ -67,6 +76,8 @@ SD3 = (
     ComponentSpec("text_encoder_2", "CLIPTextModelWithProjection", OPENCLIP_BIGG),
     ComponentSpec("text_encoder_3", "T5EncoderModel", T5_XXL),
 )
+SD35_LARGE = (ComponentSpec("transformer", "SD3Transformer2DModel", SD35_LARGE_TRANSFORMER), *SD3[1:])
+SD35_MEDIUM = (ComponentSpec("transformer", "SD3Transformer2DModel", SD35_MEDIUM_TRANSFORMER), *SD3[1:])
 FLUX1 = (
     ComponentSpec("transformer", "FluxTransformer2DModel", FLUX_TRANSFORMER),
     ComponentSpec("text_encoder", "CLIPTextModel", CLIP_L),

@@ -58,6 +58,9 @@ class Variant:
     modelspec_architecture: str | None = None
     kohya_base_model_version: str | None = None
     inputs: tuple[str, ...] = ()  # image inputs a generation call needs: "image", "mask_image", "control_image"
+    # regexes over a file's module names that only this variant's layout has (SD3.5 Medium's attn2); used to
+    # pick the reference layout a file's names resolve against when nothing else says which variant it is for
+    key_evidence: tuple[str, ...] = ()
 
     def matches(self, pipeline_class: str, config: Mapping[str, Any]) -> bool:
         """True when a pipeline of class ``pipeline_class`` whose denoiser has ``config`` is this variant."""
@@ -187,13 +190,17 @@ _JOINT_EVIDENCE = r"^transformer\.transformer_blocks\.\d+\.attn\.add_[qkv]_proj"
 # a CLIP-G second text encoder: SDXL and SD3 both have one (Flux's text_encoder_2 is T5)
 _CLIP_G_EVIDENCE = r"^text_encoder_2\.(text_model\.)?encoder\.layers\."
 _CLIP_G_FILE_EVIDENCE = r"^lora_te2_|^text_encoders\.clip_g\."
+# SD3.5 Medium's MMDiT-X blocks have a second image self-attention; SD3.5 Large has 38 blocks (SD3's 24)
+_SD35_MEDIUM_EVIDENCE = r"(joint_blocks[._]\d+[._]x_block|transformer_blocks[._]\d+)[._]attn2[._]"
+_SD35_LARGE_EVIDENCE = r"(joint_blocks|transformer_blocks)[._](2[4-9]|3[0-7])[._]"
 # layers Flux.1 has and Chroma (Flux.1's blocks; its approximator computes the modulation) has not: the
 # modulation Linears and the time/text/guidance embedders (diffusers' double-block norm1.linear, norm_out and
 # time_text_embed.timestep/text_embedder are SD3's too, so only single-block and guidance names count there)
 _FLUX1_ONLY_EVIDENCE = (
     r"^transformer\.(single_transformer_blocks\.\d+\.norm\.linear|time_text_embed\.guidance_embedder\.)"
+    # (SD3's MMDiT and Flux.2 have final_layer.adaLN_modulation, Flux.2 time_in/guidance_in: not evidence)
     r"|^(lora_unet_|diffusion_model\.)(double_blocks[._]\d+[._](img|txt)_mod|single_blocks[._]\d+[._]modulation"
-    r"|final_layer[._]adaLN_modulation|(time|vector|guidance)_in[._])"
+    r"|vector_in[._])"
 )
 
 
@@ -340,7 +347,7 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                 tiny=tiny.SD3,
                 reference=published.SD3,
                 conditioning=Conditioning.SD3,
-                kohya_names=KohyaNames.DIFFUSERS,
+                kohya_names=KohyaNames.MMDIT,
                 single_file_types=MappingProxyType(
                     {
                         "sd3": "StableDiffusion3Pipeline",
@@ -354,6 +361,30 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                     _CLIP_G_EVIDENCE,
                     _CLIP_G_FILE_EVIDENCE,
                     r"^(lora_unet_|diffusion_model\.)joint_blocks[._]",
+                ),
+                kohya_version_aliases=("medium",),  # sd-scripts' SD3 trainer writes its model type
+                # the main variant (SD3 medium) has no qk-norm; the SD3.5 variants are told apart by their config
+                variants=(
+                    Variant(
+                        name="sd35-large",
+                        title="Stable Diffusion 3.5 Large",
+                        matches_config=lambda c: bool(c.get("qk_norm")) and not c.get("dual_attention_layers"),
+                        reference=published.SD35_LARGE,
+                        modelspec_architecture="stable-diffusion-3-5-large/lora",
+                        kohya_base_model_version="5-large",
+                        key_evidence=(_SD35_LARGE_EVIDENCE,),
+                    ),
+                    Variant(
+                        name="sd35-medium",
+                        title="Stable Diffusion 3.5 Medium",
+                        matches_config=lambda c: bool(c.get("qk_norm")) and bool(c.get("dual_attention_layers")),
+                        tiny_model="tiny-sd35",
+                        tiny=tiny.SD35,
+                        reference=published.SD35_MEDIUM,
+                        modelspec_architecture="stable-diffusion-3-5-medium/lora",
+                        kohya_base_model_version="5-medium",
+                        key_evidence=(_SD35_MEDIUM_EVIDENCE,),
+                    ),
                 ),
             ),
             Family(

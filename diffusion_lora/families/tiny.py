@@ -191,6 +191,22 @@ SD3 = PipelineSpec(
     ),
 )
 
+# SD3.5: qk-norm (Large and Medium) and, like Medium's MMDiT-X, a dual-attention block (attn + attn2).
+# Block 0 is dual, block 1 plain, block 2 the last (context_pre_only); everything else is tiny-sd3's.
+SD35 = PipelineSpec(
+    pipeline="StableDiffusion3Pipeline",
+    components=(
+        ComponentSpec(
+            "transformer",
+            "SD3Transformer2DModel",
+            frozen(
+                **{**SD3.components[0].config, "num_layers": 3, "dual_attention_layers": (0,), "qk_norm": "rms_norm"}
+            ),
+        ),
+        *SD3.components[1:],
+    ),
+)
+
 FLUX = PipelineSpec(
     pipeline="FluxPipeline",
     components=(

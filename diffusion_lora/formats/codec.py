@@ -24,6 +24,7 @@ from .flux_names import COMFYUI_PREFIX, KOHYA_PREFIX, NETWORK_MODULE, FluxDims, 
 from .flux_tensors import parse_flux, write_flux_kohya
 from .kohya import flatten, is_kohya, kohya_metadata, parse_kohya, write_kohya
 from .lycoris import delta_as_lora, fit_shape, is_lycoris, lycoris_deltas
+from .mmdit_names import mmdit_to_kohya, write_mmdit
 from .model_keys import ModelKeys
 from .peft_format import parse_peft, write_peft
 
@@ -84,9 +85,12 @@ def decode(
         renamed = comfyui_to_kohya(tensors, family.kohya_prefixes, family.comfyui_text_encoders, family.denoiser)
         origin = dict(zip(renamed, tensors))  # one renamed key per file key, in the file's order
         tensors = renamed
+    if family.kohya_names is KohyaNames.MMDIT:  # fused MMDiT layers split into diffusers-named ones
+        tensors, split_from = mmdit_to_kohya(tensors, keys.module_shapes.get(family.denoiser, {}))
+        origin = {k: origin.get(v, v) for k, v in split_from.items()}
     data, unresolved = _decode_kohya_names(tensors, metadata, keys, source)
     data.format = fmt.value
-    return Decoded(data, fmt.value, sorted(origin.get(k, k) for k in unresolved))
+    return Decoded(data, fmt.value, sorted({origin.get(k, k) for k in unresolved}))
 
 
 def _decode_kohya_names(
@@ -228,6 +232,11 @@ def encode(keys: ModelKeys, data: AdapterData, fmt: FileFormat | str) -> tuple[d
         )
     if family.kohya_names in _BFL_LAYOUTS:
         return _encode_flux(keys, data, fmt, _BFL_LAYOUTS[family.kohya_names])
+    if family.kohya_names is KohyaNames.MMDIT:
+        return write_mmdit(
+            data, keys.module_shapes.get(family.denoiser, {}), keys.kohya, comfyui=fmt is FileFormat.COMFYUI,
+            denoiser=family.denoiser, text_encoders=family.comfyui_text_encoders,
+        )
     if fmt is FileFormat.KOHYA:
         return write_kohya(data, keys.kohya, sgm=family.kohya_names is KohyaNames.SGM)
     names = comfyui_names(data, family.denoiser, family.comfyui_text_encoders, keys.unet_layout)

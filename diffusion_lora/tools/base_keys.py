@@ -35,7 +35,7 @@ import torch
 
 from ..adapters import keys_of_components, pipeline_keys
 from ..errors import DiffusionLoraError, ModelLoadError, UnsupportedModelError
-from ..families import detect_family, get_family
+from ..families import detect_family
 from ..formats.json_text import parse_json, read_json_object
 from ..formats.model_keys import ModelKeys
 from ..models import load_pipeline
@@ -48,8 +48,6 @@ logger = logging.getLogger(__name__)
 BASE_MODEL_KEY = "diffusion_lora.base_model"
 TRAIN_CONFIG_KEY = "diffusion_lora.train_config"
 KOHYA_MODEL_KEY = "ss_sd_model_name"
-KOHYA_VERSION_KEY = "ss_base_model_version"
-ARCHITECTURE_KEY = "modelspec.architecture"
 # A model_index.json or component config.json is a few kB; anything much larger is not one.
 _MAX_CONFIG_BYTES = 1 << 20
 _LIBRARIES = ("diffusers", "transformers")
@@ -144,9 +142,12 @@ def _read_json(path: Path) -> dict:
     return read_json_object(path, max_bytes=_MAX_CONFIG_BYTES, error=ModelLoadError, what="model config")
 
 
-def keys_for_files(metadatas: Sequence[Mapping[str, str]], family: str) -> tuple[ModelKeys, str | None]:
+def keys_for_files(
+    metadatas: Sequence[Mapping[str, str]], family: str, variant: str | None = None
+) -> tuple[ModelKeys, str | None]:
     """The keys to check files of ``family`` against, and the recorded base they come from (None: the
-    family's reference model). The first recorded base that resolves and is of ``family`` is used."""
+    reference model of the family's ``variant``, e.g. ``"sd35-large"``; of its main model without one).
+    The first recorded base that resolves and is of ``family`` is used."""
     tried: set[str] = set()
     for metadata in metadatas:
         for key, value in recorded_bases(metadata):
@@ -162,22 +163,7 @@ def keys_for_files(metadatas: Sequence[Mapping[str, str]], family: str) -> tuple
             if keys.family.name == family:
                 logger.info("checking against %s, the base model the file records (%s)", source, key)
                 return keys, source
-    return reference_keys(family, _recorded_variant(metadatas, family)), None
-
-
-def _recorded_variant(metadatas: Sequence[Mapping[str, str]], family: str) -> str | None:
-    """The variant of ``family`` whose own kohya base-model version or ModelSpec architecture a file records
-    (Flux.2 Klein 4B files say ``Flux.2-klein-4b/lora``), or None for the family's main reference model."""
-    main, *others = get_family(family).all_variants
-    for metadata in metadatas:
-        for variant in others:
-            version = variant.kohya_base_model_version
-            architecture = variant.modelspec_architecture
-            if (version != main.kohya_base_model_version and metadata.get(KOHYA_VERSION_KEY) == version) or (
-                architecture != main.modelspec_architecture and metadata.get(ARCHITECTURE_KEY) == architecture
-            ):
-                return variant.name
-    return None
+    return reference_keys(family, variant), None
 
 
 def misfit_hint(metadata: Mapping[str, str], base: str | None) -> str:

@@ -13,10 +13,12 @@ from typing import Any
 
 from ..adapters import pipeline_keys
 from ..errors import ConfigError, FamilyMismatchError, KeyMappingError
+from ..families import Variant, detect_variant, get_family
 from ..formats.adapter_data import AdapterData
 from ..formats.adapter_files import header_of, resolve_adapter_path, safetensors_path
 from ..formats.codec import encode
 from ..formats.detect import FileFormat
+from ..formats.file_variant import variant_of_files
 from ..formats.metadata import ModelFacts, sharing_metadata, trigger_words_of
 from ..formats.model_keys import ModelKeys
 from ..formats.safetensors_io import write_adapter_file_with_hashes
@@ -48,28 +50,34 @@ def convert_file(
         raise ConfigError(f"--to {to!r}: choose one of {', '.join(f.value for f in FileFormat)}") from None
     base = None
     given = pipe is not None or keys is not None
+    weight_file, _ = resolve_adapter_path(src)
+    metadata, names = header_of(weight_file, allow_pickle=allow_pickle)
     if pipe is not None:
         keys = pipeline_keys(pipe)
+        variant = detect_variant(pipe)
     elif keys is None:
-        weight_file, _ = resolve_adapter_path(src)
-        metadata, names = header_of(weight_file, allow_pickle=allow_pickle)
-        keys, base = keys_for_files([metadata], family or file_family(weight_file, metadata, names))
+        found = get_family(family or file_family(weight_file, metadata, names))
+        # SD3.5 Large/Medium names only resolve against their own layout (blocks 24-37, attn2)
+        variant = variant_of_files(found, [(metadata, names)])
+        keys, base = keys_for_files([metadata], found.name, variant.name)
+    else:
+        variant = variant_of_files(keys.family, [(metadata, names)])
     error = KeyMappingError if family or given else FamilyMismatchError
     read = read_checked(src, keys, base=base, hint=not given, allow_pickle=allow_pickle, unresolved_error=error)
     tensors, metadata = encode(keys, read.data, target)
-    metadata.update(_carried_metadata(read.data, keys, target, out.stem))
+    metadata.update(_carried_metadata(read.data, keys, target, out.stem, variant))
     write_adapter_file_with_hashes(out, tensors, metadata)
     return out
 
 
-def _carried_metadata(data: AdapterData, keys: ModelKeys, target: FileFormat, stem: str) -> dict[str, str]:
+def _carried_metadata(
+    data: AdapterData, keys: ModelKeys, target: FileFormat, stem: str, variant: Variant
+) -> dict[str, str]:
     """The source's metadata minus layout-specific entries, with sharing metadata recomputed."""
     source = data.metadata
     family = keys.family
     kept = {k: v for k, v in source.items() if k not in _FORMAT_KEYS and not k.startswith("sshs_")}
     name = source.get("ss_output_name") or source.get("diffusion_lora.name") or stem
-    # the variant the keys' denoiser config is (Flux.2 Klein), so its architecture survives the conversion
-    variant = family.variant_of("", dict(keys.denoiser_config))
     facts = ModelFacts.of(family, target.value, variant)
     sharing = sharing_metadata(data, facts, name=name, trigger_words=trigger_words_of(source), inherited=source)
     return {**kept, **sharing, "diffusion_lora.family": family.name}

@@ -8,11 +8,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..errors import ConfigError, FamilyMismatchError, KeyMappingError
+from ..families import get_family
 from ..formats.adapter_data import AdapterData
 from ..formats.adapter_files import ReadAdapter, header_of, read_adapter, resolve_adapter_path
 from ..formats.checks import check_against_keys
 from ..formats.codec import encode
 from ..formats.file_family import family_of
+from ..formats.file_variant import variant_of_files
 from ..formats.kohya import kohya_metadata
 from ..formats.model_keys import ModelKeys
 from ..formats.safetensors_io import write_adapter_file_with_hashes
@@ -70,10 +72,12 @@ def read_inputs(
     """
     families: list[str | None] = []
     metadatas: list[dict[str, str]] = []
+    headers: list[tuple[dict[str, str], list[str]]] = []
     for p in paths:
         weight_file, _ = resolve_adapter_path(p)
         metadata, names = header_of(weight_file, allow_pickle=allow_pickle)
         metadatas.append(metadata)
+        headers.append((metadata, list(names)))
         try:
             families.append(file_family(weight_file, metadata, names))
         except ConfigError:
@@ -83,7 +87,9 @@ def read_inputs(
     given = keys is not None
     base = None
     if keys is None:
-        keys, base = keys_for_files(metadatas, family or families[0])
+        found = get_family(family or families[0])
+        variant = variant_of_files(found, headers)  # SD3.5 Large/Medium: their own layout
+        keys, base = keys_for_files(metadatas, found.name, variant.name)
     target = keys.family.name
     for p, found in zip(paths, families):
         if found is not None and found != target:
