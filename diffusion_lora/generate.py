@@ -7,7 +7,6 @@ them, so UIs and sharing sites can read them back.
 
 from __future__ import annotations
 
-import inspect
 import io
 import logging
 import math
@@ -27,7 +26,7 @@ from .errors import ConfigError, FormatError
 from .families import detect_family
 from .formats.atomic import atomic_write_bytes, write_new_file
 from .formats.hashes import addnet_hash, legacy_hash
-from .models.invoke import run_pipeline
+from .models.invoke import call_parameters, pipeline_name, run_pipeline
 from .models.loading import native_size
 from .prompt_tags import LoraTag, parse_lora_tags, resolve_tag, tag_weight
 
@@ -188,11 +187,10 @@ def _check_size(pipe: Any, settings: GenerationSettings) -> tuple[int, int]:
 
 def _guidance_used(pipe: Any, settings: GenerationSettings) -> tuple[float | None, float | None]:
     """(CFG scale, distilled guidance) as the pipeline will use them: the setting or the call's default."""
-    accepted = inspect.signature(pipe.__call__).parameters
+    accepted = call_parameters(pipe)
 
     def default(key: str) -> float | None:
-        param = accepted.get(key)
-        value = None if param is None else param.default
+        value = accepted.get(key)
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     guidance = settings.guidance if settings.guidance is not None else default("guidance_scale")
@@ -205,7 +203,7 @@ def _guidance_used(pipe: Any, settings: GenerationSettings) -> tuple[float | Non
 
 
 def _call_kwargs(pipe: Any, settings: GenerationSettings) -> dict[str, Any]:
-    accepted = inspect.signature(pipe.__call__).parameters
+    accepted = call_parameters(pipe)
     kwargs: dict[str, Any] = {"num_inference_steps": settings.steps}
     optional = {
         "guidance_scale": settings.guidance,
@@ -264,7 +262,7 @@ def _model_hash(model_file: str | None) -> str | None:
 def _model_name(pipe: Any, model_file: str | None) -> str | None:
     if model_file:
         return Path(model_file).stem  # A1111 names a checkpoint by its file's stem
-    model = pipe.name_or_path
+    model = pipeline_name(pipe)
     return Path(str(model)).name if model else None
 
 

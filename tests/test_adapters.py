@@ -181,6 +181,9 @@ def _restricted_file(src, dst, keep):
         ("tiny-flux", {"default": 0.0, "blocks.0": 1.0}, "transformer.transformer_blocks.0."),
         ("tiny-flux2", {"default": 0.0, "single.0-1": 1.0}, "transformer.single_transformer_blocks."),
         ("tiny-flux2-klein", {"default": 0.0, "blocks.1": 1.0}, "transformer.transformer_blocks.1."),
+        ("tiny-flux3", {"default": 0.0, "image.1": 1.0}, "transformer.mode_blocks.image.1."),
+        ("tiny-flux3", {"default": 0.0, "txt.0-1": 1.0}, "transformer.txt_mode_blocks."),
+        ("tiny-flux3", {"default": 0.0, "single.1": 1.0}, "transformer.single_transformer_blocks.1."),
     ],
 )
 def test_per_block_weights_affect_only_named_blocks(make_pipe, tmp_path, kind, blocks, prefix):

@@ -65,8 +65,10 @@ def add_lora(
     """Add a new, trainable LoRA adapter (ΔW = 0 at start) to the pipeline's denoiser.
 
     ``targets`` is a preset of the family (``attn``, ``attn-ff``, ``all-linear``) or a list of module
-    names/suffixes; ``alpha`` defaults to ``rank`` (scale 1). With ``text_encoder=True`` the CLIP text
-    encoders get LoRA on their attention projections too. Afterwards only LoRA parameters require grad.
+    names/suffixes; ``alpha`` defaults to ``rank`` (scale 1). With ``text_encoder=True`` the family's
+    LoRA-able (CLIP) text encoders get LoRA on their attention projections too (a family with none,
+    such as Flux.3, adapts its denoiser only; training refuses ``lora.text_encoder`` there).
+    Afterwards only LoRA parameters require grad.
     """
     state = state_of(pipe)
     check_name(name)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["flux_latent_ids", "pack_flux_latents"]
+__all__ = ["flux3_prompt_embeds", "flux_latent_ids", "modular_setting", "pack_flux_latents"]
 
 
 def pack_flux_latents(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
@@ -45,3 +45,39 @@ def flux_latent_ids(pipe: Any, batch: int, height: int, width: int, device: torc
     cols = torch.arange(width).repeat(height)
     ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=1)
     return ids.to(device=device, dtype=dtype)
+
+
+def _modular_steps(blocks: Any) -> list[Any]:
+    """Every block of a modular pipeline's block tree, depth first (none for ``None``)."""
+    if blocks is None:
+        return []
+    found = [blocks]
+    for sub in (getattr(blocks, "sub_blocks", None) or {}).values():
+        found += _modular_steps(sub)
+    return found
+
+
+def modular_setting(pipe: Any, name: str, default: Any) -> Any:
+    """The value of setting ``name`` of the first of a modular pipeline's blocks that has one (Flux.3 in
+    diffusers 0.42: ``image_rope_scale`` and ``default_height`` of Flux3PrepareLatentsStep), so that
+    training uses the pipeline's own recipe; ``default`` when none has it (or ``pipe`` is not modular)."""
+    for step in _modular_steps(getattr(pipe, "blocks", None)):
+        if name in getattr(step, "__dict__", {}):
+            return step.__dict__[name]
+    return default
+
+
+def flux3_prompt_embeds(pipe: Any, prompt: str, device: torch.device) -> torch.Tensor:
+    """One prompt's Qwen3-VL context as Flux.3's text step makes it: [1, L, 8·hidden], L its chat-templated
+    token count right-padded to a multiple of the step's ``pad_multiple`` (80).
+
+    Uses the text step's staticmethod ``_get_qwen3_vl_prompt_embeds(text_encoder, tokenizer, prompt,
+    device, max_sequence_length, pad_multiple, hidden_states_layers)`` (Flux3TextEncoderStep, diffusers
+    0.42), found on the pipeline's own blocks; its defaults for length and layers are the pipeline's.
+    """
+    for step in _modular_steps(getattr(pipe, "blocks", None)):
+        encode = getattr(step, "_get_qwen3_vl_prompt_embeds", None)
+        if encode is not None:
+            return encode(pipe.text_encoder, pipe.tokenizer, prompt, device=device,
+                          pad_multiple=getattr(step, "pad_multiple", 80))
+    raise AttributeError(f"{type(pipe).__name__} has no Flux.3 text-encoder step (_get_qwen3_vl_prompt_embeds)")

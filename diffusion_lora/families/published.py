@@ -98,6 +98,41 @@ CHROMA = (
     ComponentSpec("text_encoder", "T5EncoderModel", T5_XXL),
 )
 
+
+# --- flux3 ---
+# No conversion script or hub config of a published Flux.3 is available to us: the transformer layout
+# is Flux3Transformer2DModel's class defaults (its docstring describes the released model, whose default
+# repositories are black-forest-labs/flux-3-image-klein(-base)); joint_attention_dim 20480 = 8 stacked
+# hidden states of a 2560-wide Qwen3-VL, i.e. Qwen3-VL-4B, whose commonly published text config is below
+# (nested configs are plain dicts: transformers' config classes type-check them).
+FLUX3_TRANSFORMER = frozen(
+    in_channels=128, cond_in_channels=128, num_layers=5, num_single_layers=28, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=20480, timestep_channels=256, mlp_ratio=3.0,
+    axes_dims_rope=(32, 32, 32, 32), rope_theta=10000, eps=1e-6, flow_map=False,
+)
+QWEN3_VL_4B = frozen(
+    text_config=dict(
+        vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+        rope_parameters=dict(rope_type="default", rope_theta=5000000.0, mrope_section=[24, 20, 20],
+                               mrope_interleaved=True),
+    ),
+    vision_config=dict(
+        depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16, spatial_merge_size=2,
+        temporal_patch_size=2, out_hidden_size=2560, num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17],
+    ),
+    tie_word_embeddings=True,
+)
+FLUX3 = (
+    ComponentSpec("transformer", "Flux3Transformer2DModel", FLUX3_TRANSFORMER),
+    ComponentSpec("text_encoder", "Qwen3VLForConditionalGeneration", QWEN3_VL_4B),
+)
+# the step-distilled checkpoint: the same layout plus the flow-map target-timestep embedder
+FLUX3_DISTILLED = (
+    ComponentSpec("transformer", "Flux3Transformer2DModel", frozen(**{**FLUX3_TRANSFORMER, "flow_map": True})),
+    ComponentSpec("text_encoder", "Qwen3VLForConditionalGeneration", QWEN3_VL_4B),
+)
+
 # Flux.2, from diffusers' scripts/convert_flux2_to_diffusers.py (get_flux2_transformer_config). The text
 # encoders: Mistral Small 3.2 24B (dev), Qwen3 4B / 8B (Klein 4B / 9B); each joint_attention_dim is 3 × the
 # encoder's hidden size, the three hidden layers the pipeline stacks.

@@ -466,6 +466,64 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                 context_width=4096,  # T5-XXL
                 dynamic_shift=True,
             ),
+            # --- flux3 ---
+            Family(
+                name="flux3",
+                title="Flux.3",
+                denoiser="transformer",
+                denoiser_class="Flux3Transformer2DModel",
+                text_encoders=("text_encoder",),  # Qwen3-VL; its LoRA loader adapts the transformer only
+                lora_text_encoders=(),
+                objective=Objective.FLOW_MATCHING,
+                # no fused layers and no add_*_proj: text is its own mode (txt_mode_blocks); every block is
+                # attn + SwiGLU ff (linear_in holds gate and up).
+                target_presets=_presets(_UNET_ATTN, ("linear_in", "linear_out")),
+                text_encoder_targets=(),
+                # mode_blocks.image_cond.* runs only with reference images (image-to-image); in
+                # text-to-image a LoRA there changes nothing.
+                block_groups=(
+                    BlockGroup("image", r"mode_blocks\.image\.(\d+)\."),
+                    BlockGroup("image_cond", r"mode_blocks\.image_cond\.(\d+)\."),
+                    BlockGroup("txt", r"txt_mode_blocks\.(\d+)\."),
+                    BlockGroup("single", r"single_transformer_blocks\.(\d+)\."),
+                ),
+                kohya_prefixes=MappingProxyType({"transformer": "lora_unet"}),
+                comfyui_text_encoders=MappingProxyType({}),
+                # no kohya/musubi Flux.3 trainer exists yet: our own value, as ModelSpec's below
+                kohya_base_model_version="flux3",
+                modelspec_architecture="flux-3-image/lora",
+                original_implementation="https://github.com/black-forest-labs/flux-3-image-klein",
+                default_resolution=1024,
+                tiny_model="tiny-flux3",
+                tiny=tiny.FLUX3,
+                reference=published.FLUX3,  # the transformer's class defaults: no published config to read
+                conditioning=Conditioning.FLUX3,
+                kohya_names=KohyaNames.BFL3,
+                # diffusers single-file loading of "flux-3-image" goes through the transformer alone;
+                # there is no pipeline-level from_single_file for a modular pipeline
+                single_file_types=MappingProxyType({}),
+                key_evidence=(
+                    r"^transformer\.(txt_)?mode_blocks\.",
+                    r"^transformer\.single_transformer_blocks\.\d+\.ff\.linear_(in|out)",
+                    r"^(lora_unet_|diffusion_model\.)(content_mode_blocks|txt_mode_blocks)[._]",
+                    r"^(lora_unet_|diffusion_model\.)single_blocks[._]\d+[._](q_proj|k_proj|v_proj|attn_out|mlp_in|mlp_out)",
+                    # shared with Flux.1 (same spelling): with the patterns above, a Flux.3 file points to flux3
+                    r"^transformer\.single_transformer_blocks\.",
+                    r"^(lora_unet_|diffusion_model\.)(double|single)_blocks[._]",
+                ),
+                context_width=20480,  # 8 stacked Qwen3-VL (2560-wide) hidden states
+                # constant shift from the scheduler's config (6.93, Flux3SetTimestepsStep), no dynamic shift
+                dynamic_shift=False,
+                variants=(
+                    Variant(
+                        name="flux3-distilled",
+                        title="Flux.3 (step-distilled)",
+                        pipelines=("Flux3DistilledModularPipeline",),
+                        matches_config=lambda c: bool(c.get("flow_map", False)),
+                        reference=published.FLUX3_DISTILLED,
+                    ),
+                ),
+            ),
             Family(
                 name="flux2",
                 title="Flux.2",

@@ -32,8 +32,14 @@ class ComponentSpec:
 
 @dataclass(frozen=True)
 class PipelineSpec:
-    """A pipeline: its diffusers class, its components in build order and extra pipeline kwargs."""
+    """A pipeline: its diffusers class, its components in build order and extra pipeline kwargs.
+
+    A modular pipeline (Flux.3) is built from ``blocks`` (a diffusers blocks class) less the sub-blocks
+    named in ``drop_blocks``; its components are then set on it and ``pipeline_kwargs`` is unused.
+    """
 
     pipeline: str
     components: tuple[ComponentSpec, ...]
     pipeline_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    blocks: str | None = None
+    drop_blocks: tuple[str, ...] = ()

@@ -289,6 +289,74 @@ CHROMA = PipelineSpec(
     ),
 )
 
+
+# --- flux3 ---
+# Flux.3: the Flux.2 VAE (AutoencoderKLFlux2: 32 latent channels, 2×2 patchify + BatchNorm, no scaling
+# factor), a Qwen3-VL text encoder whose hidden states 4, 8, …, 32 are stacked (so ≥ 32 layers, the
+# pipeline's default out-layers) and a Flux3Transformer2DModel with every block kind: per-mode image,
+# image_cond and txt blocks, then joint single blocks.
+_FLUX3_TEXT_HIDDEN = 8
+_FLUX3_VAE = frozen(**_VAE_COMMON, latent_channels=32, use_quant_conv=True, use_post_quant_conv=True, patch_size=(2, 2))
+_QWEN3_VL = frozen(
+    text_config=frozen(
+        vocab_size="tokenizer:len",
+        hidden_size=_FLUX3_TEXT_HIDDEN,
+        intermediate_size=16,
+        num_hidden_layers=32,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=4,
+        max_position_embeddings=1024,
+        # mrope_section sums to head_dim / 2
+        rope_parameters=frozen(rope_type="default", rope_theta=5000000.0, mrope_section=[1, 1, 0],
+                               mrope_interleaved=True),
+        pad_token_id="tokenizer:pad_token_id",
+        eos_token_id="tokenizer:eos_token_id",
+    ),
+    vision_config=frozen(
+        depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=8, spatial_merge_size=2,
+        temporal_patch_size=2, out_hidden_size=_FLUX3_TEXT_HIDDEN, num_position_embeddings=16,
+        deepstack_visual_indexes=[0],
+    ),
+    image_token_id="tokenizer:id:<|image_pad|>",
+    video_token_id="tokenizer:id:<|video_pad|>",
+    vision_start_token_id="tokenizer:id:<|vision_start|>",
+    vision_end_token_id="tokenizer:id:<|vision_end|>",
+    tie_word_embeddings=False,
+)
+FLUX3 = PipelineSpec(
+    pipeline="Flux3ModularPipeline",
+    blocks="Flux3AutoBlocks",
+    # the Qwen3.5 prompt-upsampler LLM step: without it prompts are encoded as given (its docstring's advice)
+    drop_blocks=("prompt_upsampler",),
+    components=(
+        ComponentSpec(
+            "transformer",
+            "Flux3Transformer2DModel",
+            frozen(
+                in_channels=128,  # 32 latent channels patchified 2×2
+                cond_in_channels=128,
+                num_layers=2,  # per mode: mode_blocks.image, mode_blocks.image_cond, txt_mode_blocks
+                num_single_layers=2,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=8 * _FLUX3_TEXT_HIDDEN,  # 8 stacked Qwen3-VL hidden states
+                timestep_channels=256,
+                mlp_ratio=3.0,
+                axes_dims_rope=(4, 4, 4, 4),  # sums to attention_head_dim
+                rope_theta=10000,
+                eps=1e-6,
+                flow_map=False,  # the base model; the step-distilled one has a flow-map timestep
+            ),
+        ),
+        ComponentSpec("vae", "AutoencoderKLFlux2", _FLUX3_VAE),
+        ComponentSpec("text_encoder", "Qwen3VLForConditionalGeneration", _QWEN3_VL),
+        ComponentSpec("tokenizer", "Qwen3VLProcessor"),
+        # the blocks' own recipe: constant shift 6.93, no dynamic shifting (Flux3SetTimestepsStep)
+        ComponentSpec("scheduler", "FlowMatchEulerDiscreteScheduler", frozen(shift=6.93)),
+    ),
+)
+
 # Flux.2: the real layout (fused single-block projections, SwiGLU feed-forwards, modulation shared by all
 # blocks, 4-axis RoPE, no biases) at 1/192 of dev's width. The LLM text encoders keep as many layers as
 # the pipelines read hidden states from by default (dev: Mistral layers 10, 20, 30; Klein: Qwen3 layers

@@ -20,6 +20,7 @@ from .comfyui import TEXT_PREFIX, comfyui_names, comfyui_to_kohya, write_comfyui
 from .detect import FileFormat, detect_format
 from .flux2_names import NETWORK_MODULE as FLUX2_NETWORK_MODULE
 from .flux2_names import bfl2_table, fal_to_comfyui
+from .flux3_names import to_bfl_names, to_diffusers_names
 from .flux_names import COMFYUI_PREFIX, KOHYA_PREFIX, NETWORK_MODULE, FluxDims, Target, bfl_table
 from .flux_tensors import parse_flux, write_flux_kohya
 from .kohya import flatten, is_kohya, kohya_metadata, parse_kohya, write_kohya
@@ -65,6 +66,23 @@ def decode(
     source: str = "",
 ) -> Decoded:
     """Detect the format of ``tensors`` (all keys) and read them for the model of ``keys``."""
+    family = keys.family
+    if family.kohya_names is KohyaNames.BFL3:  # Flux.3: BFL names are renames; read them as diffusers paths
+        renamed, origin = to_diffusers_names(tensors, keys.module_paths.get(family.denoiser, ()))
+        decoded = _decode(renamed, metadata, keys, peft_config=peft_config, source=source)
+        decoded.unresolved = sorted(origin.get(k, k) for k in decoded.unresolved)
+        return decoded
+    return _decode(tensors, metadata, keys, peft_config=peft_config, source=source)
+
+
+def _decode(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    keys: ModelKeys,
+    *,
+    peft_config: Mapping[str, object] | None = None,
+    source: str = "",
+) -> Decoded:
     family = keys.family
     if is_lycoris(tensors) and not is_kohya(tensors):  # LoRA beside ComfyUI's diff/diff_b stays LoRA
         return _decode_lycoris(tensors, metadata, keys)
@@ -237,10 +255,23 @@ def encode(keys: ModelKeys, data: AdapterData, fmt: FileFormat | str) -> tuple[d
             data, keys.module_shapes.get(family.denoiser, {}), keys.kohya, comfyui=fmt is FileFormat.COMFYUI,
             denoiser=family.denoiser, text_encoders=family.comfyui_text_encoders,
         )
+    if family.kohya_names is KohyaNames.BFL3:
+        return _encode_flux3(keys, data, fmt)
     if fmt is FileFormat.KOHYA:
         return write_kohya(data, keys.kohya, sgm=family.kohya_names is KohyaNames.SGM)
     names = comfyui_names(data, family.denoiser, family.comfyui_text_encoders, keys.unet_layout)
     return write_comfyui(data, names), kohya_metadata(data)
+
+
+def _encode_flux3(keys: ModelKeys, data: AdapterData, fmt: FileFormat) -> tuple[dict, dict[str, str]]:
+    """Flux.3 kohya (``lora_unet_<flat BFL>``) or ComfyUI (``diffusion_model.<BFL>``) tensors: the generic
+    writers' diffusers spellings renamed to BFL's (no layer is fused)."""
+    if fmt is FileFormat.KOHYA:
+        tensors, metadata = write_kohya(data, keys.kohya)
+    else:
+        names = {key: COMFYUI_PREFIX + key.partition(".")[2] for key in data.modules}
+        tensors, metadata = write_comfyui(data, names), kohya_metadata(data)
+    return to_bfl_names(tensors, keys.module_paths.get(keys.family.denoiser, ())), metadata
 
 
 def _encode_flux(

@@ -2,8 +2,10 @@
 
 Pipelines differ in how they want to be called: Flux.2's first positional argument is ``image``, not
 ``prompt``; Flux.1 Kontext rescales every request to one megapixel unless ``max_area`` is given;
-Kontext, Fill and Control variants need image inputs. :func:`run_pipeline` passes the prompt by
-keyword, keeps the requested size, and checks the variant's image inputs before any work is done.
+Kontext, Fill and Control variants need image inputs; a modular pipeline (Flux.3) returns its state
+unless asked for an output and takes one ``str`` prompt per call. :func:`run_pipeline` passes the
+prompt by keyword, keeps the requested size, and checks the variant's image inputs before any work
+is done.
 """
 
 from __future__ import annotations
@@ -12,10 +14,15 @@ import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+import torch
+from diffusers import ModularPipeline
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+
 from ..errors import ConfigError
 from ..families import detect_variant
 
-__all__ = ["IMAGE_INPUTS", "run_pipeline"]
+__all__ = ["IMAGE_INPUTS", "call_parameters", "pipeline_name", "run_pipeline"]
 
 # image inputs a variant may need, with the CLI option that gives each
 IMAGE_INPUTS: Mapping[str, str] = {"image": "--image", "mask_image": "--mask", "control_image": "--control-image"}
@@ -42,6 +49,8 @@ def run_pipeline(pipe: Any, prompt: str | Sequence[str], *, images: Mapping[str,
     """
     images = {k: v for k, v in (images or {}).items() if v is not None}
     _check_inputs(pipe, images)
+    if isinstance(pipe, ModularPipeline):
+        return _run_modular(pipe, prompt, images, kwargs)
     accepted = inspect.signature(pipe.__call__).parameters
     if "max_area" in accepted and "height" in kwargs and "width" in kwargs:
         # Kontext: keep the requested size (its default rescales everything to 1024²)
@@ -49,3 +58,53 @@ def run_pipeline(pipe: Any, prompt: str | Sequence[str], *, images: Mapping[str,
         if "_auto_resize" in accepted:
             kwargs.setdefault("_auto_resize", False)
     return pipe(prompt=prompt if isinstance(prompt, str) else list(prompt), **images, **kwargs)
+
+
+def _run_modular(pipe: Any, prompt: str | Sequence[str], images: Mapping[str, Any], kwargs: dict[str, Any]) -> Any:
+    """A modular pipeline's images (or, for ``output_type="latent"``, its final denoiser-space latents)
+    as an :class:`ImagePipelineOutput`. It takes one ``str`` prompt per call: a list runs one by one."""
+    latent = kwargs.get("output_type") == "latent"
+    if latent:  # the modular decoder has no latent output type; its state holds the final latents
+        kwargs = {k: v for k, v in kwargs.items() if k != "output_type"}
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    guider = getattr(pipe, "guider", None)
+    guidance = kwargs.pop("guidance_scale", None)
+    if guidance is not None and guider is None:
+        raise ConfigError(f"{type(pipe).__name__} has no guider: it takes no guidance_scale; leave it out")
+    if guidance is not None:  # the CFG scale is a setting of the guider component: swapped for this call
+        pipe.update_components(guider=guider.new(guidance_scale=float(guidance)))
+    try:
+        outs = [pipe(prompt=p, **images, **kwargs, output="latents" if latent else "images") for p in prompts]
+    finally:
+        if guidance is not None:
+            pipe.update_components(guider=guider)
+    if len(outs) == 1:
+        return ImagePipelineOutput(images=outs[0])
+    if isinstance(outs[0], torch.Tensor):
+        return ImagePipelineOutput(images=torch.cat(outs))
+    if isinstance(outs[0], np.ndarray):
+        return ImagePipelineOutput(images=np.concatenate(outs))
+    return ImagePipelineOutput(images=[image for out in outs for image in out])
+
+
+def call_parameters(pipe: Any) -> Mapping[str, Any]:
+    """The inputs a pipeline's call takes -> their defaults (None where there is none): the call's
+    signature, or a modular pipeline's block inputs (its ``__call__`` takes ``**kwargs``)."""
+    if isinstance(pipe, ModularPipeline):
+        params = {p.name: p.default for p in pipe.blocks.inputs if p.name is not None}
+        guider = getattr(pipe, "guider", None)
+        if guider is not None and "guidance_scale" in guider.config:  # run_pipeline sets it on the guider
+            params["guidance_scale"] = guider.config["guidance_scale"]
+        return params
+    params = inspect.signature(pipe.__call__).parameters
+    return {k: (None if p.default is inspect.Parameter.empty else p.default) for k, p in params.items()}
+
+
+def pipeline_name(pipe: Any) -> str | None:
+    """The pipeline's ``name_or_path`` (the folder or repository it came from, or a tiny model's name);
+    a modular pipeline has no such attribute and keeps it in its config."""
+    name = getattr(pipe, "name_or_path", None)
+    if name is None:
+        config = getattr(pipe, "config", None) or {}
+        name = config.get("_name_or_path") if isinstance(config, Mapping) else None
+    return str(name) if name else None

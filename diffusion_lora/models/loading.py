@@ -26,6 +26,7 @@ from diffusers.loaders.single_file_utils import (
 )
 from safetensors import safe_open
 
+from ..compat.diffusers import modular_setting
 from ..errors import ConfigError, ModelLoadError
 from ..families import single_file_pipelines, supported_titles
 from ..model_names import DEFAULT_MODEL, EMBEDDED_MODELS
@@ -56,6 +57,9 @@ def native_size(pipe: object) -> int | None:
         sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
     if isinstance(sample, (tuple, list)) and sample:
         sample = max(sample)
+    if sample is None:  # a modular pipeline (Flux.3) keeps its default size on its latents step
+        height = modular_setting(pipe, "default_height", None)
+        return height if isinstance(height, int) and height > 0 else None
     factor = getattr(pipe, "vae_scale_factor", None)
     ok = isinstance(sample, int) and isinstance(factor, int) and sample > 0 and factor > 0
     return sample * factor if ok else None

@@ -30,6 +30,7 @@ from diffusers import DiffusionPipeline
 from ..errors import ModelLoadError
 from ..families import ComponentSpec, PipelineSpec, tiny_models
 from .llm_tokenizers import build_mistral_tokenizer, build_qwen_tokenizer
+from .qwen_vl_processor import build_qwen3_vl_processor
 from .tokenizers import (
     CLIP_MAX_LENGTH,
     build_clip_tokenizer,
@@ -56,6 +57,7 @@ _TOKENIZERS = {
     "T5TokenizerFast": build_t5_tokenizer,
     "Qwen2Tokenizer": build_qwen_tokenizer,
     "LlamaTokenizer": build_mistral_tokenizer,
+    "Qwen3VLProcessor": build_qwen3_vl_processor,  # text-only stand-in: the real one needs torchvision
 }
 _SIZED_TEXT_ENCODERS = frozenset({"CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel"})
 # A text-encoder config value "tokenizer:<what>" is filled from the pipeline's tokenizer: "tokenizer:len"
@@ -140,6 +142,23 @@ def _vary_batch_norm_stats(module: torch.nn.Module, seed: int) -> None:
                 m.running_var.copy_(1.0 + 0.5 * torch.rand(m.running_var.shape, generator=g))
 
 
+def _pipeline(spec: PipelineSpec, components: dict[str, Any]) -> Any:
+    return getattr(diffusers, spec.pipeline)(**components, **spec.pipeline_kwargs)
+
+
+def _modular_pipeline(spec: PipelineSpec, components: dict[str, Any]) -> Any:
+    """A diffusers modular pipeline from ``spec.blocks`` less ``spec.drop_blocks``, holding ``components``
+    (components the spec leaves out, such as Flux.3's guider, are made by the blocks from their defaults)."""
+    blocks = getattr(diffusers, str(spec.blocks))()
+    for name in spec.drop_blocks:
+        blocks.sub_blocks.pop(name)
+    pipe = blocks.init_pipeline()
+    pipe.update_components(**components)
+    if type(pipe).__name__ != spec.pipeline:
+        raise ModelLoadError(f"{spec.blocks} made a {type(pipe).__name__}, not the {spec.pipeline} the spec names")
+    return pipe
+
+
 def build_tiny_pipeline(kind: str, seed: int = 0) -> DiffusionPipeline:
     """Build the tiny random-weight pipeline ``kind`` (one of :data:`TINY_MODELS`) on the CPU in float32.
 
@@ -162,8 +181,7 @@ def build_tiny_pipeline(kind: str, seed: int = 0) -> DiffusionPipeline:
             {c.name: _build_component(c, seed, tokenizer) for c in spec.components if c.cls not in _TOKENIZERS}
         )
         components = {c.name: components[c.name] for c in spec.components}
-    pipeline_cls = getattr(diffusers, spec.pipeline)
-    pipe = pipeline_cls(**components, **spec.pipeline_kwargs)
+    pipe = _modular_pipeline(spec, components) if spec.blocks else _pipeline(spec, components)
     pipe.register_to_config(_name_or_path=kind)
     logger.debug("built tiny pipeline %s (seed %d)", kind, seed)
     return pipe

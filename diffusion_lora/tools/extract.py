@@ -25,6 +25,7 @@ from ..formats.adapter_files import safetensors_path
 from ..formats.codec import encode
 from ..formats.safetensors_io import write_adapter_file_with_hashes
 from ..models import load_pipeline
+from ..models.invoke import pipeline_name
 from .svd import factor
 
 
@@ -142,6 +143,6 @@ def extract_file(
     metadata["diffusion_lora.extract"] = json.dumps(provenance)
     metadata["diffusion_lora.family"] = keys.family.name
     # The base the delta was taken from: what the file tools resolve the file's layer shapes against.
-    metadata["diffusion_lora.base_model"] = str(base_pipe.name_or_path or os.fspath(base))
+    metadata["diffusion_lora.base_model"] = str(pipeline_name(base_pipe) or os.fspath(base))
     write_adapter_file_with_hashes(path, tensors, metadata)
     return ExtractReport(out=path, modules=list(data.modules), skipped=skipped, energy=energy)

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from ..compat.diffusers import flux_latent_ids, pack_flux_latents
+from ..compat.diffusers import flux3_prompt_embeds, flux_latent_ids, modular_setting, pack_flux_latents
+from ..errors import ConfigError
 from ..families import Conditioning, Family, Variant
 
 TextCond = dict[str, torch.Tensor]
@@ -73,6 +74,9 @@ class Conditioner:
         """Image tokens the denoiser sees for latents of ``height`` × ``width`` (Flux's 2×2 packing;
         a conditioner whose latents are already patchified counts every position)."""
         return (height // 2) * (width // 2)
+
+    def check_trainable(self, pipe: Any) -> None:
+        """Raise ConfigError when training cannot drive this pipeline's denoiser (every one can by default)."""
 
     def encode_text(self, pipe: Any, captions: Sequence[str], device: torch.device) -> TextCond:
         raise NotImplementedError
@@ -183,6 +187,63 @@ class ChromaConditioner(Conditioner):
         return _unpack(pred, b, c, h, w)
 
 
+class Flux3Conditioner(Conditioner):
+    """Flux.3: patchified BatchNorm-normalised latents as tokens (no 2×2 packing of its own), image ids with
+    the pipeline's RoPE scale (0.5), a Qwen3-VL context per caption, timestep = σ, no guidance embedding.
+
+    Each caption's context keeps its own length, as at inference (its chat-templated tokens right-padded
+    to a multiple of 80; the transformer attends to that padding, so padding further would change the
+    prediction). A batch holds the contexts zero-padded to the longest, with a ``text_mask`` of each one's window;
+    :meth:`predict` runs the denoiser once per distinct length, on exactly the pipeline's inputs.
+    """
+
+    def check_trainable(self, pipe: Any) -> None:
+        if pipe.transformer.config.get("flow_map", False):
+            raise ConfigError(
+                f"{pipe.config.get('_name_or_path') or type(pipe).__name__}: the step-distilled Flux.3 transformer "
+                f"(flow_map=True) predicts jumps to a target timestep, and no training recipe for it is published; "
+                f"train on the base model (flow_map=False) — its LoRA loads on the distilled one too"
+            )
+
+    def latents(self, vae: Any, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return patchified_latents(vae, mean, std, generator)
+
+    def image_seq_len(self, height: int, width: int) -> int:
+        return height * width
+
+    def encode_text(self, pipe: Any, captions: Sequence[str], device: torch.device) -> TextCond:
+        self.check_trainable(pipe)
+        embeds = [flux3_prompt_embeds(pipe, caption, device) for caption in captions]
+        # text_mask: 1 over the caption's own window; batching pads it with 0 (a float, so caches store it)
+        return text_cond_cat([{"prompt_embeds": e, "text_mask": e.new_ones(e.shape[:2])} for e in embeds])
+
+    def predict(self, pipe, denoiser, noisy, timesteps, text, sizes, guidance):  # noqa: ANN001
+        self.check_trainable(pipe)
+        b, c, h, w = noisy.shape
+        tokens = noisy.flatten(2).transpose(1, 2)  # [B, h·w, C], as Flux3PrepareLatentsStep packs them
+        scale = modular_setting(pipe, "image_rope_scale", 0.5)
+        grid = (torch.arange(1), torch.arange(h), torch.arange(w), torch.tensor([0]))
+        img_ids = torch.cartesian_prod(*grid).to(dtype=torch.float32)
+        img_ids[:, 1:3] = img_ids[:, 1:3] * scale
+        img_ids = img_ids.to(noisy.device)
+        sigma = (timesteps / 1000.0).to(noisy.dtype)
+        lengths = (text["text_mask"] > 0).sum(dim=1).tolist()
+        pred = torch.empty_like(tokens)
+        for length in sorted(set(lengths)):
+            rows = [i for i, n in enumerate(lengths) if n == length]
+            index = torch.tensor(rows, device=noisy.device)
+            seq = torch.arange(length)
+            txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), seq).to(torch.float32)
+            out = denoiser(
+                hidden_states=tokens if len(rows) == b else tokens[index],
+                encoder_hidden_states=text["prompt_embeds"][index, :length].to(noisy.dtype),
+                timestep=sigma if len(rows) == b else sigma[index],
+                img_ids=img_ids, txt_ids=txt_ids.to(noisy.device), return_dict=False,
+            )[0]
+            pred[index] = out.to(pred.dtype)
+        return pred.transpose(1, 2).reshape(b, c, h, w)
+
+
 class Flux2Conditioner(Conditioner):
     """Flux.2 dev and Klein: patchified, BatchNorm-normalised latents as plain tokens, 4-axis position ids
     (time, row, column, layer), stacked LLM hidden states as context, timestep = σ; dev also embeds the
@@ -232,6 +293,7 @@ _CONDITIONERS: Mapping[Conditioning, Conditioner] = MappingProxyType({
     Conditioning.SD3: SD3Conditioner(),
     Conditioning.FLUX: FluxConditioner(),
     Conditioning.CHROMA: ChromaConditioner(),
+    Conditioning.FLUX3: Flux3Conditioner(),
     Conditioning.FLUX2: Flux2Conditioner(),
 })
 
@@ -248,6 +310,17 @@ def text_cond_slice(text: TextCond, index: int) -> TextCond:
 
 
 def text_cond_cat(parts: Sequence[TextCond]) -> TextCond:
-    """Concatenate per-sample text conditions along the batch (txt_ids is shared)."""
+    """Concatenate per-sample text conditions along the batch (txt_ids is shared).
+
+    Conditions of different lengths (Flux.3's text windows) are zero-padded at the end of dim 1 to the
+    longest; a conditioner that makes them also records each sample's own length.
+    """
     keys = parts[0].keys()
-    return {k: (parts[0][k] if k == "txt_ids" else torch.cat([p[k] for p in parts])) for k in keys}
+    return {k: (parts[0][k] if k == "txt_ids" else _cat_padded([p[k] for p in parts])) for k in keys}
+
+
+def _cat_padded(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    if all(t.shape[1:] == tensors[0].shape[1:] for t in tensors):
+        return torch.cat(list(tensors))
+    longest = max(t.shape[1] for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, longest - t.shape[1])) for t in tensors])

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import DatasetError
+from ..models.invoke import run_pipeline
 from .captions import tag_frequency
 from .dataset import BucketedDataset
 from .files import own_folder, write_output, write_png
@@ -37,8 +38,8 @@ def _class_items(cfg: Any, pipe: Any, acc: Any) -> list[ImageItem]:
             generator = torch.Generator().manual_seed(cfg.train.seed * 7919 + i)
             side = cfg.data.resolution
             with torch.no_grad():
-                image = pipe(prior.class_prompt, generator=generator, height=side, width=side,
-                             num_inference_steps=cfg.sample.steps).images[0]
+                image = run_pipeline(pipe, prior.class_prompt, generator=generator, height=side, width=side,
+                                     num_inference_steps=cfg.sample.steps).images[0]
             write_output(folder / f"class_{i:05d}.txt", prior.class_prompt.encode("utf-8"), "class caption")
             write_png(image, folder / f"class_{i:05d}.png", "class image")
     acc.wait_for_everyone()

@@ -125,7 +125,9 @@ def _flow_step(ctx: StepContext, latents, noise, text, sizes, gen):  # noqa: ANN
         mu = obj.flux_shift(ctx.conditioner.image_seq_len(h, w))
         sigmas = obj.sample_flux_sigmas(b, gen, mu=mu, **common)
     elif sampling is TimestepSampling.SHIFT:
-        sigmas = obj.sample_sigmas(b, gen, sampling=sampling, shift=cfg.shift or 3.0)
+        # unset: the pipeline scheduler's own constant shift (SD3 3.0, Flux.3 6.93), 3.0 if it has none
+        shift = cfg.shift or float(ctx.pipe.scheduler.config.get("shift", 3.0))
+        sigmas = obj.sample_sigmas(b, gen, sampling=sampling, shift=shift)
     else:
         sigmas = obj.sample_sigmas(b, gen, sampling=sampling, shift=cfg.shift, **common)
     sigmas = sigmas.to(ctx.device, latents.dtype)

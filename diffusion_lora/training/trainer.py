@@ -84,6 +84,12 @@ class _Run:
         self.pipe.set_progress_bar_config(disable=True)
         self.family = detect_family(self.pipe)
         self.variant = detect_variant(self.pipe)
+        conditioner_for(self.family, self.variant).check_trainable(self.pipe)
+        if cfg.lora.text_encoder and not self.family.lora_text_encoders:
+            raise ConfigError(
+                f"lora.text_encoder: {self.family.title} LoRAs adapt the {self.family.denoiser} only (its text "
+                f"encoder is encoded once and cached); set lora.text_encoder = false"
+            )
         self.cfg = cfg = resolve_sizes(cfg, native_resolution(self.pipe))
         self.dataset, self.items = build_dataset(cfg, self.pipe, self.acc)
         self.metadata = training_metadata(cfg, self.items)  # checked now, not at the final save
