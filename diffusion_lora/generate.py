@@ -207,6 +207,9 @@ def _guidance_used(pipe: Any, settings: GenerationSettings) -> tuple[float | Non
     guidance = settings.guidance if settings.guidance is not None else default("guidance_scale")
     if "true_cfg_scale" in accepted:  # Flux: guidance_scale is the distilled guidance (Forge's field)
         return default("true_cfg_scale"), guidance
+    config = getattr(getattr(pipe, "transformer", None), "config", None) or {}
+    if config.get("guidance_embeds"):  # Flux.2 dev: only distilled guidance, no true CFG at all
+        return 1.0, guidance
     return guidance, None
 
 

@@ -179,6 +179,8 @@ def _restricted_file(src, dst, keep):
         ("tiny-sd3", {"default": 0.0, "blocks.1-1": 1.0}, "transformer.transformer_blocks.1."),
         ("tiny-flux", {"default": 0.0, "single.0-1": 1.0}, "transformer.single_transformer_blocks."),
         ("tiny-flux", {"default": 0.0, "blocks.0": 1.0}, "transformer.transformer_blocks.0."),
+        ("tiny-flux2", {"default": 0.0, "single.0-1": 1.0}, "transformer.single_transformer_blocks."),
+        ("tiny-flux2-klein", {"default": 0.0, "blocks.1": 1.0}, "transformer.transformer_blocks.1."),
         ("tiny-flux3", {"default": 0.0, "image.1": 1.0}, "transformer.mode_blocks.image.1."),
         ("tiny-flux3", {"default": 0.0, "txt.0-1": 1.0}, "transformer.txt_mode_blocks."),
         ("tiny-flux3", {"default": 0.0, "single.1": 1.0}, "transformer.single_transformer_blocks.1."),

@@ -123,6 +123,9 @@ def test_generate_every_family(tmp_path, tiny_kind):
     assert f"Model: {kind}" in image.text["parameters"]
     # a guidance-distilled model's guidance_scale is written as Forge does, with the true CFG scale (1)
     pipe = dl.load_pipeline(kind)
-    distilled = "true_cfg_scale" in inspect.signature(pipe.__call__).parameters
+    # (Flux.1: true_cfg_scale beside it; Flux.2 dev: a guidance embedding and no true CFG; Klein: true CFG only)
+    distilled = "true_cfg_scale" in inspect.signature(pipe.__call__).parameters or bool(
+        getattr(getattr(pipe, "transformer", None), "config", {}).get("guidance_embeds")
+    )
     cfg = "CFG scale: 1, Distilled CFG Scale: 3.5," if distilled else "CFG scale: 3.5,"
     assert f"Sampler: {type(pipe.scheduler).__name__}, {cfg} Seed: 0," in image.text["parameters"]

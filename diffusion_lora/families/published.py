@@ -145,3 +145,50 @@ FLUX3_DISTILLED = (
     ComponentSpec("transformer", "Flux3Transformer2DModel", frozen(**{**FLUX3_TRANSFORMER, "flow_map": True})),
     ComponentSpec("text_encoder", "Qwen3VLForConditionalGeneration", QWEN3_VL_4B),
 )
+
+# Flux.2, from diffusers' scripts/convert_flux2_to_diffusers.py (get_flux2_transformer_config). The text
+# encoders: Mistral Small 3.2 24B (dev), Qwen3 4B / 8B (Klein 4B / 9B); each joint_attention_dim is 3 × the
+# encoder's hidden size, the three hidden layers the pipeline stacks.
+FLUX2_DEV_TRANSFORMER = frozen(
+    patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128, num_attention_heads=48,
+    joint_attention_dim=15360, timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
+    rope_theta=2000, eps=1e-6, guidance_embeds=True,
+)
+FLUX2_KLEIN_4B_TRANSFORMER = frozen(
+    **{**FLUX2_DEV_TRANSFORMER, "num_layers": 5, "num_single_layers": 20, "num_attention_heads": 24,
+       "joint_attention_dim": 7680, "guidance_embeds": False}
+)
+FLUX2_KLEIN_9B_TRANSFORMER = frozen(
+    **{**FLUX2_DEV_TRANSFORMER, "num_layers": 8, "num_single_layers": 24, "num_attention_heads": 32,
+       "joint_attention_dim": 12288, "guidance_embeds": False}
+)
+MISTRAL_SMALL_3_2 = frozen(
+    text_config=frozen(
+        model_type="mistral", vocab_size=131072, hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+    ),
+    vision_config=frozen(
+        model_type="pixtral", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        head_dim=64, image_size=1540, patch_size=14,
+    ),
+)
+QWEN3_4B = frozen(
+    vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+)
+QWEN3_8B = frozen(
+    vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
+)
+FLUX2_DEV = (
+    ComponentSpec("transformer", "Flux2Transformer2DModel", FLUX2_DEV_TRANSFORMER),
+    ComponentSpec("text_encoder", "Mistral3ForConditionalGeneration", MISTRAL_SMALL_3_2),
+)
+FLUX2_KLEIN_4B = (
+    ComponentSpec("transformer", "Flux2Transformer2DModel", FLUX2_KLEIN_4B_TRANSFORMER),
+    ComponentSpec("text_encoder", "Qwen3ForCausalLM", QWEN3_4B),
+)
+FLUX2_KLEIN_9B = (
+    ComponentSpec("transformer", "Flux2Transformer2DModel", FLUX2_KLEIN_9B_TRANSFORMER),
+    ComponentSpec("text_encoder", "Qwen3ForCausalLM", QWEN3_8B),
+)

@@ -580,6 +580,77 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                     ),
                 ),
             ),
+            Family(
+                name="flux2",
+                title="Flux.2",
+                denoiser="transformer",
+                denoiser_class="Flux2Transformer2DModel",
+                text_encoders=("text_encoder",),
+                # Mistral Small 24B / Qwen3: trained LoRAs adapt the transformer only (diffusers'
+                # Flux2LoraLoaderMixin loads nothing else); training caches the encoder's outputs
+                lora_text_encoders=(),
+                objective=Objective.FLOW_MATCHING,
+                # Single blocks fuse their projections: to_qkv_mlp_proj is q, k, v and the MLP's gate and
+                # up rows in one Linear, to_out the attention output and MLP down-projection side by side,
+                # so "attn" also adapts the single blocks' MLP (as every Flux.2 trainer does: it is BFL's
+                # linear1/linear2). Double blocks' to_out is a ModuleList: the suffix reaches only the
+                # single blocks' Linear.
+                target_presets=_presets(
+                    _JOINT_ATTN + ("to_qkv_mlp_proj", "to_out"),
+                    ("linear_in", "linear_out"),  # the SwiGLU feed-forwards of the double blocks
+                ),
+                text_encoder_targets=(),
+                block_groups=_FLUX_BLOCKS,
+                kohya_prefixes=MappingProxyType({"transformer": "lora_unet"}),
+                comfyui_text_encoders=MappingProxyType({}),
+                kohya_base_model_version="flux2_dev",
+                modelspec_architecture="Flux.2-dev/lora",  # musubi-tuner's sai_model_spec names
+                original_implementation="https://github.com/black-forest-labs/flux2",
+                default_resolution=1024,
+                tiny_model="tiny-flux2",
+                tiny=tiny.FLUX2,
+                reference=published.FLUX2_DEV,
+                conditioning=Conditioning.FLUX2,
+                kohya_names=KohyaNames.BFL2,
+                single_file_types=MappingProxyType({}),  # Flux2Pipeline has no from_single_file
+                key_evidence=(
+                    r"^transformer\.single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)(\.|$)",
+                    r"^transformer\.transformer_blocks\.\d+\.ff(_context)?\.linear_(in|out)(\.|$)",
+                    r"^transformer\.(time_guidance_embed|double_stream_modulation_|single_stream_modulation)",
+                    r"^(lora_unet_|diffusion_model\.|base_model\.model\.)(double|single)_stream_modulation",
+                    r"^base_model\.model\.(double|single)_blocks\.",  # fal's Klein trainer
+                ),
+                context_width=15360,  # 3 stacked Mistral Small hidden states
+                dynamic_shift=True,
+                variants=(
+                    Variant(
+                        name="flux2-klein-9b",
+                        title="Flux.2 Klein 9B",
+                        matches_config=lambda c: not c.get("guidance_embeds", True)
+                        and c.get("num_attention_heads") == 32,
+                        reference=published.FLUX2_KLEIN_9B,
+                        modelspec_architecture="Flux.2-klein-9b/lora",
+                        kohya_base_model_version="flux2_klein_9b",
+                    ),
+                    Variant(
+                        name="flux2-klein",
+                        title="Flux.2 Klein",
+                        pipelines=(
+                            "Flux2KleinPipeline",
+                            "Flux2KleinInpaintPipeline",
+                            "Flux2KleinKVPipeline",
+                            "Flux2KleinModularPipeline",
+                            "Flux2KleinBaseModularPipeline",
+                        ),
+                        matches_config=lambda c: not c.get("guidance_embeds", True),
+                        tiny_model="tiny-flux2-klein",
+                        tiny=tiny.FLUX2_KLEIN,
+                        reference=published.FLUX2_KLEIN_4B,
+                        modelspec_architecture="Flux.2-klein-4b/lora",
+                        kohya_base_model_version="flux2_klein_4b",
+                    ),
+                ),
+            ),
         )
     }
 )

@@ -377,3 +377,93 @@ FLUX3 = PipelineSpec(
         ComponentSpec("scheduler", "FlowMatchEulerDiscreteScheduler", frozen(shift=6.93)),
     ),
 )
+
+# Flux.2: the real layout (fused single-block projections, SwiGLU feed-forwards, modulation shared by all
+# blocks, 4-axis RoPE, no biases) at 1/192 of dev's width. The LLM text encoders keep as many layers as
+# the pipelines read hidden states from by default (dev: Mistral layers 10, 20, 30; Klein: Qwen3 layers
+# 9, 18, 27), so the tiny models generate through the pipelines' default call; the prompt embedding is
+# those three layers stacked, 3 × 16 channels.
+_FLUX2_TEXT_WIDTH = 16
+_FLUX2_TRANSFORMER = frozen(
+    patch_size=1,
+    in_channels=128,  # 32 VAE latent channels, patchified 2×2 as the real model
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=3 * _FLUX2_TEXT_WIDTH,
+    timestep_guidance_channels=256,
+    mlp_ratio=3.0,
+    axes_dims_rope=(4, 4, 4, 4),  # sums to attention_head_dim
+    rope_theta=2000,
+    eps=1e-6,
+    guidance_embeds=True,  # dev is guidance-distilled; Klein is not
+)
+# AutoencoderKLFlux2: 32 latent channels, BatchNorm over the 2×2-patchified 128 (its running statistics are
+# given non-trivial values by models.tiny, so a missing normalisation shows), quant convs as the real VAE.
+_FLUX2_VAE = ComponentSpec(
+    "vae",
+    "AutoencoderKLFlux2",
+    frozen(**_VAE_COMMON, latent_channels=32, use_quant_conv=True, use_post_quant_conv=True, patch_size=(2, 2)),
+)
+# FLUX.1-dev's scheduler config, which diffusers' convert_flux2_to_diffusers.py gives Flux.2 pipelines
+_FLUX2_SCHEDULER = ComponentSpec(
+    "scheduler",
+    "FlowMatchEulerDiscreteScheduler",
+    frozen(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    ),
+)
+_LLM_COMMON = frozen(
+    hidden_size=_FLUX2_TEXT_WIDTH,
+    intermediate_size=32,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+    max_position_embeddings=1024,
+    vocab_size="tokenizer:len",
+    eos_token_id="tokenizer:eos_token_id",
+    pad_token_id="tokenizer:pad_token_id",
+)
+_MISTRAL3 = frozen(
+    text_config=frozen(
+        **_LLM_COMMON, model_type="mistral", num_hidden_layers=30, rms_norm_eps=1e-5, sliding_window=None,
+        bos_token_id="tokenizer:bos_token_id",
+    ),
+    vision_config=frozen(
+        model_type="pixtral", hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        image_size=32, patch_size=8, num_channels=3, head_dim=8,
+    ),
+    image_token_index="tokenizer:id:[IMG]",
+    spatial_merge_size=1,
+    projector_hidden_act="gelu",
+    vision_feature_layer=-1,
+)
+_QWEN3 = frozen(**_LLM_COMMON, num_hidden_layers=27, tie_word_embeddings=True, bos_token_id=None)
+
+FLUX2 = PipelineSpec(
+    pipeline="Flux2Pipeline",
+    components=(
+        ComponentSpec("transformer", "Flux2Transformer2DModel", _FLUX2_TRANSFORMER),
+        _FLUX2_VAE,
+        ComponentSpec("text_encoder", "Mistral3ForConditionalGeneration", _MISTRAL3),
+        # the real pipeline holds a PixtralProcessor (it needs torchvision); the pipeline only calls
+        # apply_chat_template, which the tokenizer has
+        ComponentSpec("tokenizer", "LlamaTokenizer"),
+        _FLUX2_SCHEDULER,
+    ),
+)
+FLUX2_KLEIN = PipelineSpec(
+    pipeline="Flux2KleinPipeline",
+    components=(
+        ComponentSpec(
+            "transformer", "Flux2Transformer2DModel", frozen(**{**_FLUX2_TRANSFORMER, "guidance_embeds": False})
+        ),
+        _FLUX2_VAE,
+        ComponentSpec("text_encoder", "Qwen3ForCausalLM", _QWEN3),
+        ComponentSpec("tokenizer", "Qwen2Tokenizer"),
+        _FLUX2_SCHEDULER,
+    ),
+    pipeline_kwargs=frozen(is_distilled=False),  # Klein base: real classifier-free guidance
+)

@@ -8,7 +8,7 @@ module list (:class:`ModelKeys`); keys that resolve to nothing are returned, nev
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -18,8 +18,10 @@ from ..families import FAMILIES, KohyaNames
 from .adapter_data import AdapterData, ModuleLora
 from .comfyui import TEXT_PREFIX, comfyui_names, comfyui_to_kohya, write_comfyui
 from .detect import FileFormat, detect_format
+from .flux2_names import NETWORK_MODULE as FLUX2_NETWORK_MODULE
+from .flux2_names import bfl2_table, fal_to_comfyui
 from .flux3_names import to_bfl_names, to_diffusers_names
-from .flux_names import COMFYUI_PREFIX, KOHYA_PREFIX, bfl_table
+from .flux_names import COMFYUI_PREFIX, KOHYA_PREFIX, NETWORK_MODULE, FluxDims, Target, bfl_table
 from .flux_tensors import parse_flux, write_flux_kohya
 from .flux_variants import fal_as_comfyui, fal_key
 from .kohya import flatten, is_kohya, kohya_metadata, parse_kohya, write_kohya
@@ -29,6 +31,22 @@ from .model_keys import ModelKeys
 from .peft_format import parse_peft, write_peft
 
 LYCORIS = "lycoris"
+
+
+@dataclass(frozen=True)
+class _BflLayout:
+    """A Black Forest Labs model's LoRA names: its BFL table, the kohya network module its trainers write,
+    and whether fal's ``base_model.model.<BFL name>`` PEFT files exist for it."""
+
+    table: Callable[[FluxDims], Mapping[str, tuple[Target, ...]]]
+    network_module: str
+    fal_names: bool = False
+
+
+_BFL_LAYOUTS = {
+    KohyaNames.BFL: _BflLayout(bfl_table, NETWORK_MODULE),
+    KohyaNames.BFL2: _BflLayout(bfl2_table, FLUX2_NETWORK_MODULE, fal_names=True),
+}
 
 
 @dataclass
@@ -69,6 +87,9 @@ def _decode(
     family = keys.family
     if is_lycoris(tensors) and not is_kohya(tensors):  # LoRA beside ComfyUI's diff/diff_b stays LoRA
         return _decode_lycoris(tensors, metadata, keys)
+    layout = _BFL_LAYOUTS.get(family.kohya_names)
+    if layout is not None and layout.fal_names:
+        tensors = fal_to_comfyui(tensors) or tensors  # fal's Klein files: BFL names under PEFT's prefix
     fmt = detect_format(tensors, source)
     fal = fal_as_comfyui(tensors) if family.kohya_names is KohyaNames.BFL else None
     if fal is not None:  # fal's Kontext trainer: PEFT's prefix over BFL names, which ComfyUI's reader knows
@@ -81,8 +102,8 @@ def _decode(
         components = {c for f in FAMILIES.values() for c in (f.denoiser, *f.text_encoders)}
         data = parse_peft(tensors, metadata, components, family.denoiser, peft_config)
         return Decoded(_model_spelling(data, keys, source), fmt.value)
-    if family.kohya_names is KohyaNames.BFL:
-        return _decode_flux(tensors, metadata, keys, fmt, source)
+    if layout is not None:
+        return _decode_flux(tensors, metadata, keys, fmt, source, layout)
     origin: dict[str, str] = {}
     if fmt is FileFormat.COMFYUI:
         renamed = comfyui_to_kohya(tensors, family.kohya_prefixes, family.comfyui_text_encoders, family.denoiser)
@@ -173,14 +194,16 @@ def _model_spelling(data: AdapterData, keys: ModelKeys, source: str) -> AdapterD
 
 
 def _decode_flux(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], keys: ModelKeys, fmt: FileFormat, source: str
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], keys: ModelKeys, fmt: FileFormat, source: str,
+    layout: _BflLayout,
 ) -> Decoded:
     """Transformer keys through the BFL/OneTrainer/kohya-diffusers index; CLIP keys through kohya's."""
     family = keys.family
     text = {k: v for k, v in tensors.items() if k.startswith(("lora_te", TEXT_PREFIX))}
     denoiser = {k: v for k, v in tensors.items() if k not in text}
     data, unresolved = parse_flux(
-        denoiser, metadata, keys.flux_dims, module_paths=keys.module_paths["transformer"], source=source
+        denoiser, metadata, keys.flux_dims, module_paths=keys.module_paths["transformer"], source=source,
+        table=layout.table(keys.flux_dims),
     )
     if text:
         if fmt is FileFormat.COMFYUI:
@@ -231,8 +254,8 @@ def encode(keys: ModelKeys, data: AdapterData, fmt: FileFormat | str) -> tuple[d
             f"{len(biased)} module(s) change a layer's bias (e.g. {biased[0]}, a diff_b); kohya LoRA files "
             f"cannot carry that — save in the diffusers format (a lora_B bias) or the comfyui format (diff_b)"
         )
-    if family.kohya_names is KohyaNames.BFL:
-        return _encode_flux(keys, data, fmt)
+    if family.kohya_names in _BFL_LAYOUTS:
+        return _encode_flux(keys, data, fmt, _BFL_LAYOUTS[family.kohya_names])
     if family.kohya_names is KohyaNames.MMDIT:
         return write_mmdit(
             data, keys.module_shapes.get(family.denoiser, {}), keys.kohya, comfyui=fmt is FileFormat.COMFYUI,
@@ -257,16 +280,19 @@ def _encode_flux3(keys: ModelKeys, data: AdapterData, fmt: FileFormat) -> tuple[
     return to_bfl_names(tensors, keys.module_paths.get(keys.family.denoiser, ())), metadata
 
 
-def _encode_flux(keys: ModelKeys, data: AdapterData, fmt: FileFormat) -> tuple[dict, dict[str, str]]:
+def _encode_flux(
+    keys: ModelKeys, data: AdapterData, fmt: FileFormat, layout: _BflLayout
+) -> tuple[dict, dict[str, str]]:
     family = keys.family
     denoiser = {k: m for k, m in data.modules.items() if k.startswith("transformer.")}
 
     text = {k: m for k, m in data.modules.items() if k not in denoiser}
+    table = layout.table(keys.flux_dims)
     tensors, metadata = write_flux_kohya(
-        AdapterData(modules=denoiser, use_rslora=data.use_rslora), keys.flux_dims
+        AdapterData(modules=denoiser, use_rslora=data.use_rslora), keys.flux_dims, table, layout.network_module
     )
     if fmt is FileFormat.COMFYUI:
-        dotted = {KOHYA_PREFIX + flatten(bfl): COMFYUI_PREFIX + bfl for bfl in bfl_table(keys.flux_dims)}
+        dotted = {KOHYA_PREFIX + flatten(bfl): COMFYUI_PREFIX + bfl for bfl in table}
         tensors = {dotted[k.split(".", 1)[0]] + "." + k.split(".", 1)[1]: v for k, v in tensors.items()}
     if text:
         text_data = AdapterData(modules=text, use_rslora=data.use_rslora)

@@ -14,6 +14,7 @@ from .peft_format import PEFT_MODEL_PREFIX, split_peft_key
 
 FAMILY_KEY = "diffusion_lora.family"
 KOHYA_VERSION_KEY = "ss_base_model_version"
+ARCHITECTURE_KEY = "modelspec.architecture"
 # kohya/ComfyUI/LyCORIS tensor suffixes → (role, algorithm)
 TENSOR_SUFFIXES = {
     "lora_down.weight": ("down", "lora"), "lora_A.weight": ("down", "lora"), "lora_up.weight": ("up", "lora"),
@@ -53,12 +54,18 @@ def module_of(key: str) -> str:
 
 def family_of(metadata: Mapping[str, str], keys: Iterable[str]) -> FileFamily:
     """The family of a file with ``metadata`` and tensor names ``keys``: ``diffusion_lora.family``, else
-    kohya's ``ss_base_model_version``, else what its module names point to (see ``guess_families``)."""
+    kohya's ``ss_base_model_version``, else the ModelSpec architecture when one family writes it, else what
+    its module names point to (see ``guess_families``)."""
     if metadata.get(FAMILY_KEY) in FAMILIES:
         return FileFamily((metadata[FAMILY_KEY],), f"metadata ({FAMILY_KEY})")
     kohya_family = family_of_kohya_version(metadata.get(KOHYA_VERSION_KEY, ""))
     if kohya_family is not None:
         return FileFamily((kohya_family.name,), f"metadata ({KOHYA_VERSION_KEY})")
+    # musubi-tuner's Flux.2 files record only the ModelSpec architecture; their BFL names are Flux.1's too
+    named = sorted({f.name for f in FAMILIES.values() for v in f.all_variants
+                    if v.modelspec_architecture == metadata.get(ARCHITECTURE_KEY)})
+    if len(named) == 1:
+        return FileFamily((named[0],), f"metadata ({ARCHITECTURE_KEY})")
     modules = list(dict.fromkeys(module_of(k) for k in keys))
     # Dotted (diffusers/ComfyUI) names are passed twice, as modules and among all names: the rule inspect has
     # always shown, kept so its output does not change (they weigh double between equally specific families).

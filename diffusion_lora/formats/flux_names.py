@@ -212,16 +212,19 @@ class FluxIndex:
         return self.modules.get(name)
 
 
-def flux_index(dims: FluxDims, module_paths: Sequence[str]) -> FluxIndex:
+def flux_index(
+    dims: FluxDims, module_paths: Sequence[str], table: Mapping[str, tuple[Target, ...]] | None = None
+) -> FluxIndex:
     """Every name a Flux transformer's layers answer to in LoRA files, from ``module_paths`` (the
-    transformer's Linear layer paths) and ``dims``.
+    transformer's Linear layer paths) and ``dims``; ``table`` is the BFL layout (Flux.1's
+    :func:`bfl_table` by default, Flux.2's ``flux2_names.bfl2_table``).
 
     BFL names are listed only when all their diffusers modules exist (``guidance_in`` needs guidance
     embeds; Chroma has no modulation layers). Raises KeyMappingError if two modules flatten to the same name.
     """
     paths = set(module_paths)
     modules: dict[str, tuple[Target, ...]] = {}
-    for bfl, targets in bfl_table(dims).items():
+    for bfl, targets in (bfl_table(dims) if table is None else table).items():
         if all(path in paths for path, _ in targets):
             _add(modules, KOHYA_PREFIX + flatten(bfl), targets)
             _add(modules, COMFYUI_PREFIX + bfl, targets)

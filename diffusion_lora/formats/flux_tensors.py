@@ -42,6 +42,7 @@ def parse_flux(
     module_paths: Sequence[str],
     strict: bool = False,
     source: str = "",
+    table: Mapping[str, tuple[Target, ...]] | None = None,
 ) -> tuple[AdapterData, list[str]]:
     """Read a Flux LoRA state dict in kohya, OneTrainer or ComfyUI spelling into an AdapterData keyed
     ``transformer.<diffusers path>``, plus the sorted file keys that map to no module.
@@ -51,8 +52,9 @@ def parse_flux(
     Unresolved keys — text-encoder keys (``lora_te1_…``, ``text_encoders.…``), layers the model lacks,
     unknown suffixes — are returned for the caller to route, or raised with ``strict``. Raises
     FormatError for an incomplete module, bad shapes or alpha, or two names adapting one module.
+    ``table``: the BFL layout, Flux.1's by default (see :func:`.flux_names.flux_index`).
     """
-    index = flux_index(dims, module_paths)
+    index = flux_index(dims, module_paths, table)
     groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     unresolved: list[str] = []
     for key, tensor in tensors.items():
@@ -126,7 +128,12 @@ def _by_path(targets: Sequence[Target]) -> dict[str, list[slice]]:
     return by_path
 
 
-def write_flux_kohya(data: AdapterData, dims: FluxDims) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def write_flux_kohya(
+    data: AdapterData,
+    dims: FluxDims,
+    table: Mapping[str, tuple[Target, ...]] | None = None,
+    network_module: str = NETWORK_MODULE,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors (``lora_unet_<flat BFL name>``) and ``ss_*`` metadata of an sd-scripts Flux file for ``data``.
 
     Every module must be ``transformer.<path>`` with a BFL name; KeyMappingError names the others
@@ -140,8 +147,9 @@ def write_flux_kohya(data: AdapterData, dims: FluxDims) -> tuple[dict[str, torch
     The fused alpha is the first part's scale × fused rank; a part with another scale (other rank or
     alpha, or rsLoRA) has its up block multiplied by its scale / that scale. Parts left out of a fused
     layer (``proj_mlp`` without q/k/v…) get zero rows. rsLoRA is written as plain alpha with the same scale.
+    ``table`` (Flux.1's BFL layout by default) and ``network_module`` say which BFL model it is for.
     """
-    table = bfl_table(dims)
+    table = bfl_table(dims) if table is None else table
     inverse = {path: bfl for bfl, targets in table.items() for path, _ in targets}
     groups: dict[str, dict[str, ModuleLora]] = {}
     unknown: list[str] = []
@@ -172,7 +180,7 @@ def write_flux_kohya(data: AdapterData, dims: FluxDims) -> tuple[dict[str, torch
             tensors[f"{name}.diff_b"] = fused.bias_delta()
         written[name] = fused
     metadata = kohya_metadata(AdapterData(modules=written))
-    metadata["ss_network_module"] = NETWORK_MODULE
+    metadata["ss_network_module"] = network_module
     return tensors, metadata
 
 

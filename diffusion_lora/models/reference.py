@@ -9,6 +9,8 @@ no memory for weights.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
+from typing import Any
 
 import diffusers
 import torch
@@ -23,8 +25,13 @@ def build_component(spec: ComponentSpec) -> torch.nn.Module:
     """An untrained instance of ``spec`` (on the current default device: meta for reference keys)."""
     if hasattr(transformers, spec.cls):  # a text encoder: it takes its config class, not kwargs
         cls = getattr(transformers, spec.cls)
-        return cls(cls.config_class(**spec.config))
+        return cls(cls.config_class(**_plain(spec.config)))
     return getattr(diffusers, spec.cls)(**spec.config)
+
+
+def _plain(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` as nested dicts: transformers' configs take sub-configs (``text_config``) only as dicts."""
+    return {k: _plain(v) if isinstance(v, Mapping) else v for k, v in config.items()}
 
 
 @functools.lru_cache(maxsize=None)

@@ -302,6 +302,43 @@ class Flux3Conditioner(Conditioner):
         return pred.transpose(1, 2).reshape(b, c, h, w)
 
 
+class Flux2Conditioner(Conditioner):
+    """Flux.2 dev and Klein: patchified, BatchNorm-normalised latents as plain tokens, 4-axis position ids
+    (time, row, column, layer), stacked LLM hidden states as context, timestep = σ; dev also embeds the
+    guidance scale, Klein has no guidance embedding.
+
+    The latents are already 2×2-patchified by :func:`patchified_latents` ([B, 128, H/16, W/16] for the real
+    VAE), so every latent position is one token, and the prediction comes back in that layout.
+    """
+
+    def latents(self, vae: Any, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return patchified_latents(vae, mean, std, generator)
+
+    def image_seq_len(self, height: int, width: int) -> int:
+        return height * width
+
+    def encode_text(self, pipe: Any, captions: Sequence[str], device: torch.device) -> TextCond:
+        # the pipeline's own defaults: 512 tokens, its default hidden layers (Mistral 10/20/30, Qwen3 9/18/27)
+        embeds, text_ids = pipe.encode_prompt(prompt=list(captions), device=device, num_images_per_prompt=1)
+        return {"encoder_hidden_states": embeds, "txt_ids": text_ids[0]}  # text positions are the same per prompt
+
+    def predict(self, pipe, denoiser, noisy, timesteps, text, sizes, guidance):  # noqa: ANN001
+        b, c, h, w = noisy.shape
+        tokens = noisy.reshape(b, c, h * w).permute(0, 2, 1)  # as Flux2Pipeline._pack_latents
+        zero = torch.arange(1, device=noisy.device)
+        # (0, row, column, 0) per token, row-major: Flux2Pipeline._prepare_latent_ids
+        image_ids = torch.cartesian_prod(zero, torch.arange(h, device=noisy.device),
+                                         torch.arange(w, device=noisy.device), zero)
+        guidance_tensor = None
+        if pipe.transformer.config.guidance_embeds:
+            guidance_tensor = torch.full((b,), float(guidance), device=noisy.device, dtype=torch.float32)
+        pred = denoiser(
+            hidden_states=tokens, timestep=timesteps / 1000, guidance=guidance_tensor,
+            encoder_hidden_states=text["encoder_hidden_states"], txt_ids=text["txt_ids"], img_ids=image_ids,
+        ).sample
+        return pred.permute(0, 2, 1).reshape(b, c, h, w)
+
+
 def _unpack(packed: torch.Tensor, b: int, c: int, h: int, w: int) -> torch.Tensor:
     """Inverse of Flux's 2×2 patch packing: [B, (h/2)(w/2), 4c] → [B, c, h, w]."""
     x = packed.view(b, h // 2, w // 2, c, 2, 2)
@@ -318,6 +355,7 @@ _CONDITIONERS: Mapping[Conditioning, Conditioner] = MappingProxyType({
     Conditioning.FLUX_CONTROL: FluxControlConditioner(),
     Conditioning.CHROMA: ChromaConditioner(),
     Conditioning.FLUX3: Flux3Conditioner(),
+    Conditioning.FLUX2: Flux2Conditioner(),
 })
 
 

@@ -9,8 +9,10 @@ had never been loaded (kohya's ``--cache_text_encoder_outputs``). Layer shapes a
 for saving the adapter.
 
 Sample images need the encoders too. Before freeing, each sample prompt goes once through the
-pipeline's own ``encode_prompt`` exactly as a sample call makes it (the call is stopped right after
-encoding); afterwards the pipeline's ``encode_prompt`` answers those same calls from the recording.
+pipeline's own ``encode_prompt`` exactly as a sample call makes it (the call is stopped when the denoiser
+is first called, so every encoding of the call is recorded: Flux.2 Klein's base model encodes the
+negative prompt in a second call); afterwards the pipeline's ``encode_prompt`` answers those same calls
+from the recording.
 A call that was not recorded fails with a clear error instead of running a freed encoder.
 """
 
@@ -30,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 
 class _Recorded(Exception):
-    """Stops a sample call once its prompt is encoded (nothing is denoised while recording)."""
+    """Stops a sample call once its prompts are encoded (nothing is denoised while recording)."""
 
 
 def _call_key(args: tuple, kwargs: dict) -> str:
@@ -49,7 +51,7 @@ class _RecordedEncodePrompt:
         key = _call_key(args, kwargs)
         if self.recording:
             self.recorded[key] = self.original(*args, **kwargs)
-            raise _Recorded
+            return copy.deepcopy(self.recorded[key])
         if key not in self.recorded:
             raise DiffusionLoraError(
                 "train: a sample prompt that was not encoded before the text encoders were freed; set "
@@ -101,12 +103,20 @@ def free_text_encoders(
             encode_caption(caption)
     recorder = _RecordedEncodePrompt(pipe.encode_prompt)
     object.__setattr__(pipe, "encode_prompt", recorder)
-    for call in sample_calls:
-        try:
-            with torch.no_grad():
-                call()
-        except _Recorded:
-            pass
+
+    def stop(*_: Any) -> None:
+        raise _Recorded
+
+    hook = getattr(pipe, family.denoiser).register_forward_pre_hook(stop)
+    try:
+        for call in sample_calls:
+            try:
+                with torch.no_grad():
+                    call()
+            except _Recorded:
+                pass
+    finally:
+        hook.remove()
     recorder.recording = False
     freed = []
     for name in family.text_encoders:
