@@ -207,6 +207,11 @@ _FLUX1_ONLY_EVIDENCE = (
 )
 
 
+# the final layer's adaLN modulation in original (BFL / MMDiT) names: Flux.1, Flux.2 and SD3 have it; Chroma
+# (pruned norm_out) and Flux.3 (final_layer.image.*) have not
+_FINAL_ADALN_EVIDENCE = r"^(lora_unet_|diffusion_model\.)final_layer[._]adaLN_modulation"
+
+
 def _presets(attn: tuple[str, ...], ff: tuple[str, ...]) -> Mapping[str, tuple[str, ...]]:
     return MappingProxyType({"attn": attn, "attn-ff": attn + ff, "all-linear": ALL_LINEAR})
 
@@ -364,6 +369,7 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                     _CLIP_G_EVIDENCE,
                     _CLIP_G_FILE_EVIDENCE,
                     r"^(lora_unet_|diffusion_model\.)joint_blocks[._]",
+                    _FINAL_ADALN_EVIDENCE,
                 ),
                 kohya_version_aliases=("medium",),  # sd-scripts' SD3 trainer writes its model type
                 # the main variant (SD3 medium) has no qk-norm; the SD3.5 variants are told apart by their config
@@ -428,6 +434,7 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                     _JOINT_EVIDENCE,
                     r"^text_encoder_2\.encoder\.block\.",  # Flux's second text encoder is T5
                     _FLUX1_ONLY_EVIDENCE,
+                    _FINAL_ADALN_EVIDENCE,
                     r"^(lora_unet_|diffusion_model\.)(double|single)_blocks[._]",
                     # BFL names with fal's Kontext trainer's PEFT prefix, or bare (the prefix removed)
                     r"^(base_model\.model\.)?(double|single)_blocks\.\d+\.",
@@ -564,8 +571,8 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                     r"^(lora_unet_|diffusion_model\.)(content_mode_blocks|txt_mode_blocks)[._]",
                     r"^(lora_unet_|diffusion_model\.)single_blocks[._]\d+[._](q_proj|k_proj|v_proj|attn_out|mlp_in|mlp_out)",
                     # shared with Flux.1 (same spelling): with the patterns above, a Flux.3 file points to flux3
+                    # (its BFL names have no double_blocks, and its single_blocks' layers are its own above)
                     r"^transformer\.single_transformer_blocks\.",
-                    r"^(lora_unet_|diffusion_model\.)(double|single)_blocks[._]",
                 ),
                 context_width=20480,  # 8 stacked Qwen3-VL (2560-wide) hidden states
                 # constant shift from the scheduler's config (6.93, Flux3SetTimestepsStep), no dynamic shift
@@ -619,6 +626,7 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
                     r"^transformer\.(time_guidance_embed|double_stream_modulation_|single_stream_modulation)",
                     r"^(lora_unet_|diffusion_model\.|base_model\.model\.)(double|single)_stream_modulation",
                     r"^base_model\.model\.(double|single)_blocks\.",  # fal's Klein trainer
+                    _FINAL_ADALN_EVIDENCE,
                 ),
                 context_width=15360,  # 3 stacked Mistral Small hidden states
                 dynamic_shift=True,

@@ -18,12 +18,12 @@ from ..families import FAMILIES, KohyaNames
 from .adapter_data import AdapterData, ModuleLora
 from .comfyui import TEXT_PREFIX, comfyui_names, comfyui_to_kohya, write_comfyui
 from .detect import FileFormat, detect_format
+from .flux2_names import BFL2_ROOTS, bfl2_table
 from .flux2_names import NETWORK_MODULE as FLUX2_NETWORK_MODULE
-from .flux2_names import bfl2_table, fal_to_comfyui
 from .flux3_names import to_bfl_names, to_diffusers_names
 from .flux_names import COMFYUI_PREFIX, KOHYA_PREFIX, NETWORK_MODULE, FluxDims, Target, bfl_table
 from .flux_tensors import parse_flux, write_flux_kohya
-from .flux_variants import fal_as_comfyui, fal_key
+from .flux_variants import BFL_ROOTS, fal_as_comfyui, fal_key
 from .kohya import flatten, is_kohya, kohya_metadata, parse_kohya, write_kohya
 from .lycoris import delta_as_lora, fit_shape, is_lycoris, lycoris_deltas
 from .mmdit_names import mmdit_to_kohya, write_mmdit
@@ -40,12 +40,12 @@ class _BflLayout:
 
     table: Callable[[FluxDims], Mapping[str, tuple[Target, ...]]]
     network_module: str
-    fal_names: bool = False
+    fal_roots: tuple[str, ...] = ()  # the BFL names fal's ``base_model.model.<BFL name>`` PEFT files use
 
 
 _BFL_LAYOUTS = {
-    KohyaNames.BFL: _BflLayout(bfl_table, NETWORK_MODULE),
-    KohyaNames.BFL2: _BflLayout(bfl2_table, FLUX2_NETWORK_MODULE, fal_names=True),
+    KohyaNames.BFL: _BflLayout(bfl_table, NETWORK_MODULE, fal_roots=BFL_ROOTS),  # fal's Kontext trainer
+    KohyaNames.BFL2: _BflLayout(bfl2_table, FLUX2_NETWORK_MODULE, fal_roots=BFL2_ROOTS),  # fal's Klein trainer
 }
 
 
@@ -88,12 +88,10 @@ def _decode(
     if is_lycoris(tensors) and not is_kohya(tensors):  # LoRA beside ComfyUI's diff/diff_b stays LoRA
         return _decode_lycoris(tensors, metadata, keys)
     layout = _BFL_LAYOUTS.get(family.kohya_names)
-    if layout is not None and layout.fal_names:
-        tensors = fal_to_comfyui(tensors) or tensors  # fal's Klein files: BFL names under PEFT's prefix
     fmt = detect_format(tensors, source)
-    fal = fal_as_comfyui(tensors) if family.kohya_names is KohyaNames.BFL else None
-    if fal is not None:  # fal's Kontext trainer: PEFT's prefix over BFL names, which ComfyUI's reader knows
-        decoded = _decode_flux(fal, metadata, keys, FileFormat.COMFYUI, source)
+    fal = fal_as_comfyui(tensors, layout.fal_roots) if layout is not None and layout.fal_roots else None
+    if fal is not None:  # fal's trainers: PEFT's prefix over BFL names, which ComfyUI's reader knows
+        decoded = _decode_flux(fal, metadata, keys, FileFormat.COMFYUI, source, layout)
         decoded.unresolved = sorted(fal_key(k) for k in decoded.unresolved)  # the file's own names
         return decoded
     if fmt is FileFormat.DIFFUSERS:

@@ -27,12 +27,9 @@ from collections.abc import Mapping
 from functools import lru_cache
 from types import MappingProxyType
 
-import torch
-
-from .flux_names import ALL_ROWS, COMFYUI_PREFIX, FluxDims, Target
+from .flux_names import ALL_ROWS, FluxDims, Target
 
 NETWORK_MODULE = "networks.lora_flux_2"  # musubi-tuner's Flux.2 LoRA module, written in ss_network_module
-FAL_PREFIX = "base_model.model."
 
 _QKV = (("img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
         ("txt_attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")))
@@ -58,7 +55,8 @@ _TOP = (
     ("final_layer.linear", "proj_out"),
 )
 _ADALN = "final_layer.adaLN_modulation.1"
-_FAL_ROOTS = tuple(FAL_PREFIX + root for root in ("double_blocks.", "single_blocks.", *(b for b, _ in _TOP), _ADALN))
+# the first name of every BFL Flux.2 module (what follows fal's Klein trainer's PEFT prefix)
+BFL2_ROOTS = ("double_blocks.", "single_blocks.", *(b for b, _ in _TOP), _ADALN)
 
 
 @lru_cache(maxsize=16)
@@ -86,9 +84,3 @@ def bfl2_table(dims: FluxDims) -> Mapping[str, tuple[Target, ...]]:
     return MappingProxyType(table)
 
 
-def fal_to_comfyui(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    """fal's Klein PEFT file (every key ``base_model.model.<BFL name>…``) under ComfyUI's ``diffusion_model.``
-    prefix, or None when the keys are not all of that form (a PEFT file of diffusers names keeps its own)."""
-    if not tensors or not all(k.startswith(_FAL_ROOTS) for k in tensors):
-        return None
-    return {COMFYUI_PREFIX + k[len(FAL_PREFIX) :]: v for k, v in tensors.items()}

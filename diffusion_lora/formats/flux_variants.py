@@ -20,17 +20,18 @@ from .flux_names import COMFYUI_PREFIX
 
 FAL_PREFIX = "base_model.model."
 # the first name of every BFL Flux.1 module: what follows fal's prefix
-_BFL_ROOTS = ("double_blocks.", "single_blocks.", "final_layer.", "img_in.", "txt_in.", "time_in.", "vector_in.",
+BFL_ROOTS = ("double_blocks.", "single_blocks.", "final_layer.", "img_in.", "txt_in.", "time_in.", "vector_in.",
               "guidance_in.")
 _CONTROL_NORMS = (".query_norm.scale", ".key_norm.scale")
 
 T = TypeVar("T")
 
 
-def fal_as_comfyui(tensors: Mapping[str, T]) -> dict[str, T] | None:
+def fal_as_comfyui(tensors: Mapping[str, T], roots: tuple[str, ...] = BFL_ROOTS) -> dict[str, T] | None:
     """``tensors`` with fal's ``base_model.model.`` prefix replaced by ComfyUI's ``diffusion_model.``, or None
-    when not every key is a BFL module name under that prefix (a PEFT file of diffusers names is not fal's)."""
-    if not tensors or not all(k.startswith(FAL_PREFIX) and k[len(FAL_PREFIX):].startswith(_BFL_ROOTS)
+    when not every key is a BFL module name (one starting with a name of ``roots``) under that prefix (a PEFT
+    file of diffusers names is not fal's). fal's Kontext (Flux.1) and Klein (Flux.2) trainers write them."""
+    if not tensors or not all(k.startswith(FAL_PREFIX) and k[len(FAL_PREFIX):].startswith(roots)
                               for k in tensors):
         return None
     return {COMFYUI_PREFIX + k[len(FAL_PREFIX):]: v for k, v in tensors.items()}
