@@ -166,11 +166,25 @@ def write_flux_kohya(
             f"{len(unknown)} modules have no name in Black Forest Labs' Flux layout ({shown}); a kohya Flux "
             f"file holds only transformer layers of a Flux model of {dims}"
         )
+    named = {KOHYA_PREFIX + flatten(bfl): (table[bfl], parts) for bfl, parts in groups.items()}
+    tensors, written = fused_tensors(named, data.use_rslora)
+    metadata = kohya_metadata(AdapterData(modules=written))
+    metadata["ss_network_module"] = network_module
+    return tensors, metadata
+
+
+def fused_tensors(
+    groups: Mapping[str, tuple[tuple[Target, ...], Mapping[str, ModuleLora]]], use_rslora: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, ModuleLora]]:
+    """kohya-style tensors (``lora_down``/``lora_up``/``alpha``, ``dora_scale``, ``diff_b``) of fused layers.
+
+    ``groups`` maps each file name of a fused layer (``lora_unet_…`` or ``diffusion_model.…``) to its targets
+    and the LoRA of each target module; returns the tensors and the fused LoRA written under each name.
+    """
     tensors: dict[str, torch.Tensor] = {}
     written: dict[str, ModuleLora] = {}
-    for bfl, parts in groups.items():
-        name = KOHYA_PREFIX + flatten(bfl)
-        fused = _fuse(name, table[bfl], parts, data.use_rslora)
+    for name, (targets, parts) in groups.items():
+        fused = _fuse(name, targets, parts, use_rslora)
         tensors[f"{name}.lora_down.weight"] = fused.down
         tensors[f"{name}.lora_up.weight"] = fused.up
         tensors[f"{name}.alpha"] = torch.tensor(fused.alpha, dtype=fused.down.dtype)
@@ -179,9 +193,7 @@ def write_flux_kohya(
         if fused.bias is not None:  # only a ComfyUI file may carry it; the codec refuses kohya
             tensors[f"{name}.diff_b"] = fused.bias_delta()
         written[name] = fused
-    metadata = kohya_metadata(AdapterData(modules=written))
-    metadata["ss_network_module"] = network_module
-    return tensors, metadata
+    return tensors, written
 
 
 def _fuse(name: str, targets: tuple[Target, ...], parts: Mapping[str, ModuleLora], use_rslora: bool) -> ModuleLora:

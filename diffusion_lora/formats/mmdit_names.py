@@ -33,8 +33,8 @@ from ..errors import FormatError, KeyMappingError
 from .adapter_data import AdapterData, ModuleLora
 from .comfyui import comfyui_names, write_comfyui
 from .flux_names import ALL_ROWS, Target
-from .flux_tensors import _fuse
-from .kohya import KohyaIndex, flatten, kohya_alpha, kohya_metadata, magnitude_to_dora_scale, write_kohya
+from .flux_tensors import fused_tensors
+from .kohya import KohyaIndex, flatten, kohya_alpha, kohya_metadata, write_kohya
 
 COMPONENT = "transformer"
 KOHYA_PREFIX = "lora_unet_"
@@ -219,19 +219,11 @@ def write_mmdit(
             f"{len(unknown)} modules have no name in Stability AI's MMDiT layout ({', '.join(unknown[:5])}); "
             f"save them in the diffusers format"
         )
-    tensors: dict[str, torch.Tensor] = {}
-    written: dict[str, ModuleLora] = {}
-    for mmdit, parts in groups.items():
-        name = COMFYUI_PREFIX + mmdit if comfyui else KOHYA_PREFIX + flatten(mmdit)
-        fused = _fuse(name, table[mmdit], parts, data.use_rslora)
-        tensors[f"{name}.lora_down.weight"] = fused.down
-        tensors[f"{name}.lora_up.weight"] = fused.up
-        tensors[f"{name}.alpha"] = torch.tensor(fused.alpha, dtype=fused.down.dtype)
-        if fused.magnitude is not None:
-            tensors[f"{name}.dora_scale"] = magnitude_to_dora_scale(fused.magnitude, fused.down)
-        if fused.bias is not None:  # only a ComfyUI file may carry it; the codec refuses kohya
-            tensors[f"{name}.diff_b"] = fused.bias_delta()
-        written[name] = fused
+    named = {
+        (COMFYUI_PREFIX + mmdit if comfyui else KOHYA_PREFIX + flatten(mmdit)): (table[mmdit], parts)
+        for mmdit, parts in groups.items()
+    }
+    tensors, written = fused_tensors(named, data.use_rslora)
     if text:
         text_data = AdapterData(modules=text, use_rslora=data.use_rslora)
         if comfyui:
