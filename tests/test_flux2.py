@@ -163,26 +163,6 @@ def test_text_encoder_runs_once_per_caption(dataset, tmp_path, monkeypatch):
     assert result.freed_text_encoders == ("text_encoder",)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_hotswap_replaces_weights_in_place(make_pipe, tmp_path, kind):
-    from diffusion_lora.adapters.state import state_of
-
-    from .helpers import run, trained_adapter
-
-    src = make_pipe(kind)
-    trained_adapter(src, "x", seed=14, rank=4, alpha=2)
-    a = dl.save_lora(src, "x", tmp_path / "a.safetensors")
-    dl.remove_lora(src, "x")
-    trained_adapter(src, "x", seed=15, rank=4, alpha=6)
-    b = dl.save_lora(src, "x", tmp_path / "b.safetensors")
-    expected_b = run(src)
-    pipe = make_pipe(kind)
-    dl.load_lora(pipe, a, name="x")
-    layers = {id(s.layer) for s in state_of(pipe).sites()}
-    dl.hotswap(pipe, "x", b)
-    assert {id(s.layer) for s in state_of(pipe).sites()} == layers
-    assert torch.equal(run(pipe), expected_b)
-
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_generate_cli_with_a_lora(tmp_path, kind):
