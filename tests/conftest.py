@@ -14,11 +14,14 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 import diffusion_lora as dl  # noqa: E402
+from diffusion_lora.models.tiny import missing_classes  # noqa: E402
 
 from . import helpers  # noqa: E402
 
-# every tiny pipeline of every family and variant, from the registry: a new one is tested everywhere
-ALL_TINY = tuple(dl.families.tiny_models())
+# every tiny pipeline of every family and variant, from the registry: a new one is tested everywhere.
+# Those the installed diffusers cannot build (Flux.3 before 0.42, on the floor versions) are left out here;
+# tests/test_models.py checks that building one says so.
+ALL_TINY = tuple(kind for kind in dl.families.tiny_models() if not missing_classes(kind))
 
 
 @pytest.fixture(params=ALL_TINY)

@@ -268,3 +268,16 @@ def test_single_file_pipeline_detection(shapes, pipeline):
 def test_build_unknown_tiny_model():
     with pytest.raises(dl.ModelLoadError, match="tiny-sd15, tiny-sd2, tiny-sdxl"):
         dl.build_tiny_pipeline("tiny-sd9")
+
+
+def test_a_tiny_model_the_installed_diffusers_cannot_build_says_which_classes(monkeypatch):
+    import dataclasses
+
+    from diffusion_lora.models import tiny
+
+    future = dataclasses.replace(tiny.TINY_SPECS["tiny-flux"], pipeline="FluxFromTheFuturePipeline")
+    monkeypatch.setattr(tiny, "TINY_SPECS", {**tiny.TINY_SPECS, "tiny-flux": future})
+    assert tiny.missing_classes("tiny-flux") == ["FluxFromTheFuturePipeline"]
+    with pytest.raises(dl.ModelLoadError, match="FluxFromTheFuturePipeline.*upgrade diffusers"):
+        tiny.build_tiny_pipeline("tiny-flux")
+    assert all(not tiny.missing_classes(kind) for kind in dl.TINY_MODELS if kind != "tiny-flux")

@@ -39,7 +39,7 @@ from .tokenizers import (
     t5_vocab_size,
 )
 
-__all__ = ["TINY_MODELS", "TINY_SPECS", "TinyComponent", "TinySpec", "build_tiny_pipeline"]
+__all__ = ["TINY_MODELS", "TINY_SPECS", "TinyComponent", "TinySpec", "build_tiny_pipeline", "missing_classes"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,13 +159,22 @@ def _modular_pipeline(spec: PipelineSpec, components: dict[str, Any]) -> Any:
     return pipe
 
 
+def missing_classes(kind: str) -> list[str]:
+    """The classes tiny model ``kind`` needs that the installed diffusers / transformers lack (Flux.3's
+    pipeline and transformer arrived in diffusers 0.42): empty when it can be built."""
+    spec = TINY_SPECS[kind]
+    wanted = [spec.pipeline, *([spec.blocks] if spec.blocks else [])]
+    wanted += [c.cls for c in spec.components if c.cls not in _TOKENIZERS]
+    return [cls for cls in wanted if not hasattr(diffusers, cls) and not hasattr(transformers, cls)]
+
+
 def build_tiny_pipeline(kind: str, seed: int = 0) -> DiffusionPipeline:
     """Build the tiny random-weight pipeline ``kind`` (one of :data:`TINY_MODELS`) on the CPU in float32.
 
     The same ``(kind, seed)`` gives bit-identical weights; another seed gives other weights. The
     global torch RNG state is left as it was. The name is recorded: ``pipe.name_or_path == kind``.
 
-    Raises ModelLoadError for an unknown ``kind``.
+    Raises ModelLoadError for an unknown ``kind``, or one the installed libraries cannot build.
     """
     try:
         spec = TINY_SPECS[kind]
@@ -173,6 +182,12 @@ def build_tiny_pipeline(kind: str, seed: int = 0) -> DiffusionPipeline:
         raise ModelLoadError(
             f"unknown tiny model {kind!r}; the built-in tiny models are {', '.join(TINY_MODELS)}"
         ) from None
+    missing = missing_classes(kind)
+    if missing:
+        raise ModelLoadError(
+            f"{kind} needs {', '.join(missing)}, which diffusers {diffusers.__version__} / transformers "
+            f"{transformers.__version__} do not have; upgrade diffusers to build it"
+        )
     with torch.random.fork_rng(devices=[]):
         # tokenizers first: a text encoder's vocabulary size and token ids come from its tokenizer
         components = {c.name: _build_component(c, seed) for c in spec.components if c.cls in _TOKENIZERS}
