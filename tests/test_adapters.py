@@ -117,7 +117,7 @@ FUSE_REL = {
 FUSE_CASES = [
     pytest.param(kind, dtype, id=f"{kind}-{str(dtype).removeprefix('torch.')}",
                  marks=[pytest.mark.slow] if (kind, dtype) == ("tiny-sdxl", torch.float16) else [])
-    for kind in dl.TINY_MODELS for dtype in FUSE_REL
+    for kind in ALL_TINY for dtype in FUSE_REL
 ]
 
 
