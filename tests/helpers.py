@@ -133,3 +133,19 @@ def peft_folder(pipe: Any, root: Path) -> tuple[Any, Path]:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     peft_model.save_pretrained(root / "peft")
     return peft_model, root / "peft"
+
+
+def assert_golden_names(index: Any, fixture: Path, at_least: int) -> None:
+    """Every name of a golden key list (``name target…`` rows; ``-``: no module) resolves through ``index``
+    to exactly the listed diffusers modules and row slices."""
+    lines = [line.split() for line in fixture.read_text().splitlines()]
+    lines = [line for line in lines if line and not line[0].startswith("#")]
+    assert len(lines) >= at_least
+    for name, *expected in lines:
+        got = index.resolve(name)
+        if expected == ["-"]:
+            assert got is None, name
+            continue
+        assert got is not None, name
+        shown = [p if s == slice(None) else f"{p}[{s.start}:{s.stop}]" for p, s in got]
+        assert shown == expected, name

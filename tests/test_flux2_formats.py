@@ -21,7 +21,7 @@ from diffusion_lora.formats.flux_names import flux_index
 from diffusion_lora.models.reference import reference_keys
 from diffusion_lora.tools.convert import convert_file
 
-from .helpers import assert_near, run, trained_adapter
+from .helpers import assert_golden_names, assert_near, run, trained_adapter
 
 FIXTURES = Path(__file__).parent / "fixtures"
 KINDS = ("tiny-flux2", "tiny-flux2-klein")
@@ -34,17 +34,7 @@ def test_golden_names_resolve_on_the_published_models(variant, fixture):
     keys = reference_keys("flux2", variant)
     dims = keys.flux_dims
     index = flux_index(dims, keys.module_paths["transformer"], bfl2_table(dims))
-    lines = [line.split() for line in (FIXTURES / fixture).read_text().splitlines()]
-    lines = [line for line in lines if line and not line[0].startswith("#")]
-    assert len(lines) >= 40
-    for name, *expected in lines:
-        got = index.resolve(name)
-        if expected == ["-"]:
-            assert got is None, name
-            continue
-        assert got is not None, name
-        shown = [p if s == slice(None) else f"{p}[{s.start}:{s.stop}]" for p, s in got]
-        assert shown == expected, name
+    assert_golden_names(index, FIXTURES / fixture, at_least=40)
 
 
 def test_every_linear_layer_of_the_published_models_has_a_bfl_name():

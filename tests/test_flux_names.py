@@ -29,6 +29,8 @@ from diffusion_lora.formats.flux_tensors import parse_flux, write_flux_kohya
 from diffusion_lora.formats.kohya import flatten
 from diffusion_lora.formats.peft_format import write_peft
 
+from .helpers import assert_golden_names
+
 FIXTURES = Path(__file__).parent / "fixtures"
 DEV_CONFIG = {"num_layers": 19, "num_single_layers": 38, "num_attention_heads": 24, "attention_head_dim": 128}
 TOL = {"rtol": 1e-6, "atol": 1e-6}
@@ -276,17 +278,7 @@ def test_bad_files_are_refused(flux) -> None:
 def test_golden_dev_names(dev_paths) -> None:
     dims = FluxDims.from_config(DEV_CONFIG)
     index = flux_index(dims, dev_paths)
-    lines = [line.split() for line in (FIXTURES / "flux_keys_dev.txt").read_text().splitlines()]
-    lines = [line for line in lines if line and not line[0].startswith("#")]
-    assert len(lines) >= 30
-    for name, *expected in lines:
-        got = index.resolve(name)
-        if expected == ["-"]:
-            assert got is None, name
-            continue
-        assert got is not None, name
-        shown = [p if s == slice(None) else f"{p}[{s.start}:{s.stop}]" for p, s in got]
-        assert shown == expected, name
+    assert_golden_names(index, FIXTURES / "flux_keys_dev.txt", at_least=30)
 
 
 def test_round_trip_of_fused_file(flux) -> None:
