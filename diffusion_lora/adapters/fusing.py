@@ -3,6 +3,12 @@
 PEFT's ``unmerge`` subtracts the delta again, which in floating point does not give back the original
 weights. We keep an exact copy of every base weight (and bias) that fusing overwrites, on the CPU, and
 copy it back on unfuse.
+
+On a quantized base (bitsandbytes nf4, torchao int8/fp8) PEFT's merge dequantizes, adds the delta in
+float and quantizes the sum into a *new* weight object; re-quantizing again on unmerge would drift a little
+with every cycle. We keep the original quantized weight object (no copy: it is not modified) and put it
+back on unfuse, so unfuse is bit-exact there too. The fused output differs from the unfused one by the
+re-quantization error of W + ΔW. GGUF layers have no merge in PEFT: fusing them is refused.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import torch
 
 from ..compat import peft as compat_peft
 from ..errors import AdapterStateError
+from .quantized import QuantKind, dequantized_weight, quant_kind
 from .state import AdapterState, FusedWeights
 from .weights import apply_weights
 
@@ -32,10 +39,17 @@ def fuse_state(state: AdapterState) -> int:
             if not active:
                 continue
             base = layer.get_base_layer()
+            kind = quant_kind(base)
+            if kind is QuantKind.GGUF:
+                raise AdapterStateError(
+                    f"cannot fuse into {site.component}.{site.path}: it is GGUF-quantized and PEFT cannot merge "
+                    "into GGUF weights; run unfused (same output, a little slower) or load an unquantized base"
+                )
             bias = getattr(base, "bias", None)
-            fused.originals.append((layer, _copy(base.weight), None if bias is None else _copy(bias)))
+            weight = _copy(base.weight) if kind is None else base.weight
+            fused.originals.append((layer, weight, None if bias is None else _copy(bias)))
             layer.merge(adapter_names=active)
-            if not torch.isfinite(base.weight).all():
+            if not torch.isfinite(dequantized_weight(base)).all():
                 raise AdapterStateError(
                     f"fusing adapters {active} into {site.component}.{site.path} gave non-finite weights; "
                     f"their weights are too large for this dtype — lower them or fuse in float32"
@@ -51,7 +65,13 @@ def _restore(fused: FusedWeights) -> None:
     for layer, weight, bias in fused.originals:
         base = layer.get_base_layer()
         with torch.no_grad():
-            base.weight.data.copy_(weight)
+            if base.weight is weight:  # never merged (a failure before this layer's merge)
+                pass
+            elif quant_kind(base) is not None:
+                del base.weight  # the merge built a new quantized weight: put the original object back
+                base.weight = weight
+            else:
+                base.weight.data.copy_(weight)
             if bias is not None:
                 base.bias.data.copy_(bias)
         compat_peft.forget_merges(layer)

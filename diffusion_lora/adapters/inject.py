@@ -18,6 +18,7 @@ from ..families import ALL_LINEAR, Family
 from ..formats.adapter_data import ModuleLora
 from ..formats.peft_format import lora_config_fields
 from .layers import ADAPTABLE, plain_modules
+from .quantized import compute_dtype, peft_layer_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,8 @@ def _create_layers(
                 compat_peft.add_to_layer(target, cfg, name, rank=rank, alpha=alpha, path=path)
                 placed[path] = target
                 continue
-            new = compat_peft.new_layer(cfg, name, target, rank=rank, alpha=alpha, path=path)
+            new = compat_peft.new_layer(cfg, name, target, rank=rank, alpha=alpha, path=path,
+                                        quantized=peft_layer_kwargs(target))
             setattr(parent, child, new)
             placed[path] = new
     return placed
@@ -143,8 +145,9 @@ def assign_weights(layers: Mapping[str, LoraLayer], name: str, modules: Mapping[
     as :func:`inject` returns them), on each layer's device/dtype."""
     for path, m in modules.items():
         layer = layers[path]
-        weight = layer.get_base_layer().weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        base = layer.get_base_layer()
+        weight = base.weight
+        dtype = compute_dtype(base)
 
         def param(t: torch.Tensor) -> torch.nn.Parameter:
             return torch.nn.Parameter(t.to(device=weight.device, dtype=dtype), requires_grad=False)

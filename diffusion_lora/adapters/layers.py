@@ -12,6 +12,8 @@ from collections.abc import Iterable
 import torch
 from peft.tuners.lora import LoraLayer
 
+from .quantized import logical_shape
+
 # The sub-modules PEFT puts inside a wrapped layer: the wrapped layer itself and the adapter's parts.
 PEFT_PARTS = frozenset(
     {"base_layer", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "lora_dropout"}
@@ -41,8 +43,9 @@ def plain_modules(model: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Module
 
 
 def layer_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Weight shape of every Linear/Conv2d layer (seeing through PEFT wrappers), by module path."""
-    return {p: tuple(m.weight.shape) for p, m in plain_modules(model)}
+    """Weight shape of every Linear/Conv2d layer (seeing through PEFT wrappers), by module path; for a
+    quantized layer, the shape of the float weight it stands for."""
+    return {p: logical_shape(m) for p, m in plain_modules(model)}
 
 
 def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

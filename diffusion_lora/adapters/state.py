@@ -46,7 +46,8 @@ class LoraSite:
 
 @dataclass
 class FusedWeights:
-    """Exact copies of base weights overwritten by fuse(), restored bit-exactly by unfuse()."""
+    """Exact copies of base weights overwritten by fuse(), restored bit-exactly by unfuse(). A quantized
+    base weight is kept as the original object itself (fusing builds a new one)."""
 
     originals: list[tuple[LoraLayer, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
 

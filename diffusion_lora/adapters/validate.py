@@ -14,6 +14,7 @@ from ..formats.adapter_data import AdapterData, ModuleLora
 from ..formats.checks import check_finite, fit_problem
 from ..formats.family_guess import guess_families
 from .layers import base_module, inside_lora_layer
+from .quantized import compute_dtype, dequantized_weight, quant_kind
 from .state import AdapterState
 
 
@@ -90,9 +91,15 @@ def _norm(t: torch.Tensor) -> float:
 
 
 def _layer_dtype(module: torch.nn.Module) -> torch.dtype:
-    """The dtype the adapter's tensors get in ``module`` (float32 beside a quantized weight)."""
-    dtype = module.weight.dtype
-    return dtype if dtype.is_floating_point else torch.float32
+    """The dtype the adapter's tensors get in ``module`` (its compute dtype beside a quantized weight)."""
+    return compute_dtype(module)
+
+
+def _base_rows(module: torch.nn.Module) -> tuple[torch.Tensor, int]:
+    """At most ``_BASE_ROWS`` rows of ``module``'s float weight, and how many rows it has. A quantized
+    weight has no float rows to slice: it is dequantized (once per layer and load)."""
+    weight = module.weight.detach() if quant_kind(module) is None else dequantized_weight(module)
+    return weight[:_BASE_ROWS], weight.shape[0]
 
 
 def _check_values(key: str, module: torch.nn.Module, m: ModuleLora, use_rslora: bool, source: str) -> None:
@@ -101,9 +108,8 @@ def _check_values(key: str, module: torch.nn.Module, m: ModuleLora, use_rslora: 
     Settled by norms in the common case: ‖scale · up @ down‖ ≤ scale · ‖up‖ · ‖down‖, and no
     element is larger than its tensor's norm. A module these bounds do not clear goes through the
     exact float64 checks, so the decisions are exactly theirs."""
-    weight = module.weight.detach()
-    rows = weight[:_BASE_ROWS]
-    base = max(_norm(rows) * (weight.shape[0] / rows.shape[0]) ** 0.5, 1.0)
+    rows, count = _base_rows(module)
+    base = max(_norm(rows) * (count / rows.shape[0]) ** 0.5, 1.0)
     limit = torch.finfo(_layer_dtype(module)).max
     scale = m.scale(use_rslora)
     down, up = _norm(m.down), _norm(m.up)
@@ -124,9 +130,8 @@ def _check_magnitude(key: str, module: torch.nn.Module, m: ModuleLora, use_rslor
     """Refuse finite but absurdly large updates (a flipped exponent bit): they overflow the forward pass."""
     # ‖W‖_F estimated from at most 16 rows (loading must not read every base weight), floored at 1
     # so that a zero-initialised layer does not make any update look absurd.
-    weight = module.weight.detach()
-    rows = weight[:_BASE_ROWS].double()
-    base = max(float(rows.norm()) * (weight.shape[0] / rows.shape[0]) ** 0.5, 1.0)
+    rows, count = _base_rows(module)
+    base = max(float(rows.double().norm()) * (count / rows.shape[0]) ** 0.5, 1.0)
     up, down = m.up.detach().flatten(1).double(), m.down.detach().flatten(1).double()
     # ‖up @ down‖_F² = Σ (upᵀup) ⊙ (down downᵀ), without building the [out, in] product
     delta = m.scale(use_rslora) * float(((up.T @ up) * (down @ down.T)).sum().clamp(min=0).sqrt())

@@ -9,7 +9,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["flux3_prompt_embeds", "flux_latent_ids", "modular_setting", "pack_flux_latents"]
+__all__ = [
+    "flux3_prompt_embeds",
+    "flux_latent_ids",
+    "gguf_dequantize",
+    "gguf_shape",
+    "is_gguf",
+    "modular_setting",
+    "pack_flux_latents",
+]
 
 
 def pack_flux_latents(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
@@ -81,3 +89,21 @@ def flux3_prompt_embeds(pipe: Any, prompt: str, device: torch.device) -> torch.T
             return encode(pipe.text_encoder, pipe.tokenizer, prompt, device=device,
                           pad_multiple=getattr(step, "pad_multiple", 80))
     raise AttributeError(f"{type(pipe).__name__} has no Flux.3 text-encoder step (_get_qwen3_vl_prompt_embeds)")
+
+
+def is_gguf(weight: object) -> bool:
+    """Whether ``weight`` is diffusers' ``GGUFParameter`` (GGUF block bytes; checked by class name, without
+    importing diffusers' GGUF module, which needs the ``gguf`` package)."""
+    return type(weight).__name__ == "GGUFParameter" and type(weight).__module__.startswith("diffusers")
+
+
+def gguf_shape(weight: Any) -> tuple[int, ...]:
+    """The float shape a ``GGUFParameter`` stands for (``quant_shape``, diffusers 0.32-0.42)."""
+    return tuple(weight.quant_shape)
+
+
+def gguf_dequantize(weight: Any) -> torch.Tensor:
+    """The float weight a ``GGUFParameter`` stands for, through diffusers' ``dequantize_gguf_tensor``."""
+    from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+    return dequantize_gguf_tensor(weight)

@@ -52,17 +52,20 @@ def _require_config_layers() -> None:
 
 
 def new_layer(config: LoraConfig, name: str, target: torch.nn.Module, *, rank: int, alpha: float,
-              path: str) -> LoraLayer:
+              path: str, quantized: dict[str, object] | None = None) -> LoraLayer:
     """A PEFT LoRA layer wrapping ``target`` (a plain Linear/Conv2d at module path ``path``) with adapter
     ``name`` of ``rank`` and ``alpha``; the caller puts it in the model.
 
     Uses ``LoraModel._create_new_module`` (a staticmethod in PEFT 0.17-0.21), which picks PEFT's layer
     class for the module type, quantized layers included. PEFT >= 0.19 takes ``config`` and reads the
     fields itself; 0.17/0.18 needed each field as a keyword (and raised ``KeyError: 'fan_in_fan_out'``
-    when given the config): refused with a clear error.
+    when given the config): refused with a clear error. ``quantized`` holds the keywords PEFT's dispatchers
+    read to pick a quantized layer class (``loaded_in_4bit`` for bitsandbytes 4-bit,
+    ``get_apply_tensor_subclass`` for torchao; PEFT 0.17-0.21 take them as keywords of the same call).
     """
     _require_config_layers()
-    return LoraModel._create_new_module(config, name, target, r=rank, lora_alpha=alpha, target_name=path)
+    return LoraModel._create_new_module(config, name, target, r=rank, lora_alpha=alpha, target_name=path,
+                                        **(quantized or {}))
 
 
 def add_to_layer(layer: LoraLayer, config: LoraConfig, name: str, *, rank: int, alpha: float, path: str) -> None:

@@ -30,6 +30,7 @@ from ..compat.diffusers import modular_setting
 from ..errors import ConfigError, ModelLoadError
 from ..families import single_file_pipelines, supported_titles
 from ..model_names import DEFAULT_MODEL, EMBEDDED_MODELS
+from .quantize import Quantize, parse_quantize, quantize_denoiser, require_library
 from .tiny import TINY_MODELS, build_tiny_pipeline
 
 __all__ = [
@@ -93,6 +94,7 @@ def load_pipeline(
     device: str | None = None,
     config: str | os.PathLike[str] | None = None,
     exact: bool = False,
+    quantize: str | Quantize | None = None,
 ) -> DiffusionPipeline:
     """Load a base pipeline from ``source`` and move it to ``device`` (default: stay on the CPU).
 
@@ -112,8 +114,14 @@ def load_pipeline(
     from disk onto the CPU are copied to aligned memory, so a pipeline loaded from a saved folder
     computes bit-identically what the saved one did (memory-mapped weights take a kernel path that
     differs by ~1e-7); it costs a second copy of the weights at load time, so it is off by default.
-    Raises ModelLoadError for anything that cannot be loaded, ConfigError for a malformed ``device``.
+    ``quantize`` ("nf4", "int8", "fp8"; see :mod:`diffusion_lora.models.quantize`) quantizes the
+    denoiser's linear layers after loading (``torch_dtype`` is then their compute dtype).
+    Raises ModelLoadError for anything that cannot be loaded, ConfigError for a malformed ``device`` or
+    ``quantize``, or a missing quantization library.
     """
+    mode = parse_quantize(quantize)
+    if mode is not None:
+        require_library(mode)
     name = os.fspath(source)
     target = _parse_device(device)
     path = Path(name).expanduser()
@@ -135,6 +143,9 @@ def load_pipeline(
         raise ModelLoadError(_missing_message(name))
     try:
         pipe = pipe.to(device=target, dtype=torch_dtype)
+        if mode is not None:
+            quantize_denoiser(pipe, mode, compute_dtype=torch_dtype)
+            pipe = pipe.to(device=target)  # bitsandbytes quantizes a weight when it is moved to a device
     except (RuntimeError, AssertionError) as exc:  # torch asserts when built without that backend
         raise ConfigError(f"device: cannot move the pipeline to {device!r}: {exc}") from exc
     if exact and target.type == "cpu":

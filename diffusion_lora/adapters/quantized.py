@@ -1,0 +1,85 @@
+"""What the adapter engine needs to know about a quantized base layer, whatever library quantized it.
+
+A quantized Linear keeps its weight in a library's own tensor type: bitsandbytes ``Params4bit`` (packed
+bytes, shape ``[out·in/2, 1]``), torchao ``Int8Tensor``/``Float8Tensor``, diffusers' ``GGUFParameter``
+(GGUF block bytes). Code that reads ``module.weight`` (shapes for key matching, norms for load checks,
+copies for fuse) asks here instead. Everything is detected from the weight itself, so a layer quantized by
+diffusers' quantization configs and one quantized by :mod:`diffusion_lora.models.quantize` look the same.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from ..compat import bitsandbytes as compat_bnb
+from ..compat import diffusers as compat_diffusers
+from ..compat import torchao as compat_torchao
+
+__all__ = ["QuantKind", "compute_dtype", "dequantized_weight", "logical_shape", "peft_layer_kwargs", "quant_kind"]
+
+
+class QuantKind(enum.Enum):
+    NF4 = "nf4"  # bitsandbytes 4-bit NormalFloat
+    TORCHAO = "torchao"  # torchao weight-only int8 / float8
+    GGUF = "gguf"  # diffusers' GGUF parameters (Q8_0, Q4_K, …)
+
+
+def quant_kind(module: torch.nn.Module) -> QuantKind | None:
+    """How ``module``'s weight is quantized, or None for a plain floating-point weight."""
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return None
+    if compat_bnb.is_4bit(weight):
+        return QuantKind.NF4
+    if compat_torchao.is_torchao(weight):
+        return QuantKind.TORCHAO
+    if compat_diffusers.is_gguf(weight):
+        return QuantKind.GGUF
+    return None
+
+
+def logical_shape(module: torch.nn.Module) -> tuple[int, ...]:
+    """The shape of the float weight ``module`` computes with (``[out, in]`` for a Linear)."""
+    kind = quant_kind(module)
+    if kind is QuantKind.NF4:
+        return compat_bnb.logical_shape(module.weight)
+    if kind is QuantKind.GGUF:
+        return compat_diffusers.gguf_shape(module.weight)
+    return tuple(module.weight.shape)  # torchao tensors report their logical shape
+
+
+def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
+    """``module``'s weight as a plain float tensor (a new tensor for a quantized layer; the weight itself
+    otherwise)."""
+    kind = quant_kind(module)
+    weight = module.weight
+    if kind is QuantKind.NF4:
+        return compat_bnb.dequantize(weight)
+    if kind is QuantKind.TORCHAO:
+        return compat_torchao.dequantize(weight)
+    if kind is QuantKind.GGUF:
+        return compat_diffusers.gguf_dequantize(weight)
+    return weight.detach()
+
+
+def compute_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype ``module``'s forward computes in: its weight's dtype, a bitsandbytes layer's
+    ``compute_dtype``, a GGUF layer's ``compute_dtype``; float32 when none of these is floating."""
+    dtype = getattr(module, "compute_dtype", None) if quant_kind(module) is not None else None
+    if not isinstance(dtype, torch.dtype):
+        dtype = module.weight.dtype
+    return dtype if dtype.is_floating_point else torch.float32
+
+
+def peft_layer_kwargs(module: torch.nn.Module) -> dict[str, object]:
+    """The keywords PEFT's layer dispatch needs to give ``module`` its quantized LoRA layer: PEFT reads
+    ``loaded_in_4bit`` from the model (diffusers sets ``is_loaded_in_4bit``) and the torchao re-quantizer
+    from ``hf_quantizer``; we pass them per layer from the weight itself."""
+    kind = quant_kind(module)
+    if kind is QuantKind.NF4:
+        return {"loaded_in_4bit": True}
+    if kind is QuantKind.TORCHAO:
+        return {"get_apply_tensor_subclass": compat_torchao.config_factory(compat_torchao.mode_of(module.weight))}
+    return {}

@@ -1,0 +1,66 @@
+"""torchao weight-only quantization (int8, float8) of linear layers, and reading the weights back.
+
+torchao quantizes in place (``quantize_``): the module stays an ``nn.Linear`` and its weight becomes a
+torchao tensor subclass (``Int8Tensor``, ``Float8Tensor``). diffusers' ``TorchAoConfig`` does the same at
+load time; diffusers 0.42 accepts only config objects there (``TorchAoConfig("int8_weight_only")`` is a
+TypeError). PEFT gives such layers its ``TorchaoLoraLinear``, whose merge re-quantizes with the config
+returned by ``get_apply_tensor_subclass`` (:func:`config_factory`). torchao is imported only inside the
+functions, so the package works without the ``[quant]`` extra.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["MODES", "config_factory", "dequantize", "is_torchao", "quantize"]
+
+# Our names → torchao's weight-only configs (class names in torchao.quantization, 0.15-0.18).
+MODES = {"int8": "Int8WeightOnlyConfig", "fp8": "Float8WeightOnlyConfig"}
+
+
+def is_torchao(weight: object) -> bool:
+    """Whether ``weight`` is a torchao quantized tensor (checked without importing torchao)."""
+    return any(c.__module__.startswith("torchao") for c in type(weight).__mro__[:-1])
+
+
+def config_factory(mode: str) -> Callable[[], object]:
+    """A function returning a fresh torchao config for ``mode`` ("int8" or "fp8"), the callable PEFT's
+    ``TorchaoLoraLinear`` takes as ``get_apply_tensor_subclass``."""
+    import torchao.quantization as q
+
+    cls = getattr(q, MODES[mode])
+    return lambda: cls()
+
+
+def quantize(model: torch.nn.Module, mode: str, *, skip: Callable[[str], bool]) -> int:
+    """Quantize the weight of every plain ``nn.Linear`` of ``model`` whose path ``skip`` rejects, weight-only,
+    in place; returns how many. The activations and the matmul stay in the weight's original dtype."""
+    from torchao.quantization import quantize_
+
+    chosen: list[str] = []
+
+    def wanted(module: torch.nn.Module, path: str) -> bool:
+        ok = type(module) is torch.nn.Linear and not skip(path) and not is_torchao(module.weight)
+        if ok:
+            chosen.append(path)
+        return ok
+
+    quantize_(model, config_factory(mode)(), filter_fn=wanted)
+    return len(chosen)
+
+
+def dequantize(weight: torch.Tensor) -> torch.Tensor:
+    """The float weight a torchao quantized tensor stands for."""
+    return weight.dequantize()
+
+
+def mode_of(weight: torch.Tensor) -> str:
+    """Our mode name ("int8", "fp8") for a torchao quantized weight, from its tensor class."""
+    name = type(weight).__name__.lower()
+    if "float8" in name:
+        return "fp8"
+    if "int8" in name:
+        return "int8"
+    raise ValueError(f"unsupported torchao weight type {type(weight).__name__}")
