@@ -21,7 +21,8 @@ from .conftest import ALL_TINY
 
 # Output error of two denoising steps vs the float model (‖Δ‖/‖ref‖ of the latents), measured on every tiny
 # model (bench/bench_quantize.py; random weights), worst tiny model: nf4 0.117, int8 0.0051, fp8 0.034 (tiny-sd2,
-# tiny-chroma, tiny-sd2); the bounds leave margin for other platforms' kernels. Per-layer weight error: nf4 ≈ 0.09-0.10 (4-bit NormalFloat on random normal weights), int8 ≈ 0.005.
+# tiny-chroma, tiny-sd2); the bounds leave margin for other platforms' kernels. Per-layer weight error: nf4
+# ≈ 0.09-0.10 (4-bit NormalFloat on random normal weights), int8 ≈ 0.005.
 OUTPUT_BOUND = {"nf4": 0.2, "int8": 0.02, "fp8": 0.08}
 WEIGHT_BOUND = {"nf4": 0.13, "int8": 0.01, "fp8": 0.05}
 
@@ -193,7 +194,7 @@ def test_unknown_mode_and_missing_library(monkeypatch, capsys, tmp_path):
     assert err == ["error: --quantize: 'q4' is not a quantization; expected one of nf4, int8, fp8 (or none)"]
 
     real = importlib.util.find_spec  # bitsandbytes hidden: a package cannot be uninstalled for one test
-    monkeypatch.setattr(importlib.util, "find_spec", 
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(ConfigError, match=r"quantize = nf4 needs bitsandbytes.*pip install 'diffusion-lora\[quant\]'"):
         dl.load_pipeline("tiny-flux", quantize="nf4")
