@@ -41,5 +41,5 @@ def read_gguf_weights(path: Path) -> dict[str, torch.Tensor]:
     for t in reader.tensors:
         values = gguf.quants.dequantize(t.data, t.tensor_type)
         shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dimensions fastest first
-        out[t.name] = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
+        out[t.name] = torch.from_numpy(np.array(values, dtype=np.float32)).reshape(shape)
     return out
