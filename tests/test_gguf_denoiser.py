@@ -12,8 +12,8 @@ import safetensors.torch
 import torch
 
 import diffusion_lora as dl
-from diffusion_lora.cli import main
 from diffusion_lora.adapters.quantized import dequantized_weight
+from diffusion_lora.cli import main
 from diffusion_lora.errors import AdapterStateError, ConfigError, ModelLoadError
 
 from . import helpers
