@@ -109,6 +109,8 @@ def test_bad_denoiser_files(files, tmp_path):
     text.write_text("not a model")
     with pytest.raises(ModelLoadError, match=r"notes\.gguf: not a GGUF file"):
         dl.load_pipeline("tiny-flux", denoiser=text)
+    with pytest.raises(ModelLoadError, match=r"Q8_0\.gguf: a GGUF file holds only the denoiser.*--denoiser FILE"):
+        dl.load_pipeline(files["Q8_0"])  # given as the model
     with pytest.raises(ModelLoadError, match="missing.gguf: no such file"):
         dl.load_pipeline("tiny-flux", denoiser=tmp_path / "missing.gguf")
     # Flux's transformer weights for an SDXL base, and for a Flux.2 base (same kind of model, other layout)

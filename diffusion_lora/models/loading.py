@@ -30,7 +30,14 @@ from ..compat.diffusers import modular_setting
 from ..errors import ConfigError, ModelLoadError
 from ..families import single_file_pipelines, supported_titles
 from ..model_names import DEFAULT_MODEL, EMBEDDED_MODELS
-from .denoiser_load import DenoiserFile, denoiser_slot, load_denoiser_file, load_quantized_denoiser, read_denoiser_file
+from .denoiser_load import (
+    DenoiserFile,
+    denoiser_slot,
+    is_gguf_file,
+    load_denoiser_file,
+    load_quantized_denoiser,
+    read_denoiser_file,
+)
 from .quantize import Quantize, parse_quantize, quantize_denoiser, require_library
 from .tiny import TINY_MODELS, build_tiny_pipeline
 
@@ -331,6 +338,11 @@ def detect_single_file_pipeline(shapes: Mapping[str, tuple[int, ...]]) -> tuple[
 def _load_single_file(
     path: Path, torch_dtype: torch.dtype | None, config: str | os.PathLike[str] | None
 ) -> DiffusionPipeline:
+    if is_gguf_file(path):
+        raise ModelLoadError(
+            f"{path}: a GGUF file holds only the denoiser, not a whole pipeline; pass the base model (a diffusers "
+            "folder, hub id or built-in name) as the model and this file as denoiser (--denoiser FILE)"
+        )
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(f"{path}: not a checkpoint file; {_WHAT_TO_PASS}")
     shapes = read_checkpoint_shapes(path)
