@@ -211,3 +211,16 @@ def test_cli_generate_quantized(tmp_path, capsys):
     assert code == 0
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 1 and capsys.readouterr().out.strip().endswith(pngs[0].name)
+
+
+def test_nf4_folder_on_cpu_is_quantized_in_place(tmp_path):
+    """diffusers' BitsAndBytesConfig refuses to run without a GPU, so on the CPU a folder's denoiser is loaded
+    in float and swapped to bitsandbytes nf4 layers: same layers and weights as the tiny model quantized in place."""
+    import bitsandbytes as bnb
+
+    _float("tiny-flux")[0].save_pretrained(tmp_path)
+    pipe = dl.load_pipeline(tmp_path, quantize="nf4", exact=True)
+    assert getattr(pipe.transformer, "hf_quantizer", None) is None and pipe.transformer.is_loaded_in_4bit
+    layer = pipe.transformer.transformer_blocks[0].attn.to_q
+    ref = _quantized("tiny-flux", "nf4")[0].transformer.transformer_blocks[0].attn.to_q
+    assert isinstance(layer, bnb.nn.Linear4bit) and torch.equal(layer.weight.data, ref.weight.data)
