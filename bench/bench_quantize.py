@@ -62,13 +62,17 @@ def main() -> int:
             ref = run(base)
             denoiser = getattr(base, "transformer", None) or base.unet
             for mode in modes:
-                if mode.startswith("Q"):
-                    path = Path(tmp, f"{name}-{mode}.gguf")
-                    write_gguf(denoiser, path, mode)
-                    seconds, pipe = timed_load(denoiser=path)
-                else:
-                    seconds, pipe = timed_load(quantize=mode)
-                out = run(pipe)
+                try:
+                    if mode.startswith("Q"):
+                        path = Path(tmp, f"{name}-{mode}.gguf")
+                        write_gguf(denoiser, path, mode)
+                        seconds, pipe = timed_load(denoiser=path)
+                    else:
+                        seconds, pipe = timed_load(quantize=mode)
+                    out = run(pipe)
+                except Exception as exc:  # a row that fails is reported, the others still run
+                    print(f"| {name} | {mode} | fails: {type(exc).__name__}: {str(exc).splitlines()[0][:120]} | | | |")
+                    continue
                 err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
                 print(f"| {name} | {mode} | {seconds:.3f} | {float_s:.3f} | {seconds / float_s:.2f} | {err:.4f} |",
                       flush=True)
