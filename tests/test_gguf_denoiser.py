@@ -15,6 +15,7 @@ import diffusion_lora as dl
 from diffusion_lora.adapters.quantized import dequantized_weight
 from diffusion_lora.cli import main
 from diffusion_lora.errors import AdapterStateError, ConfigError, ModelLoadError
+from diffusion_lora.models.tiny import missing_classes
 
 from . import helpers
 from .gguf_files import read_gguf_weights, write_gguf
@@ -144,3 +145,12 @@ def test_cli_generate_with_gguf_denoiser(files, tmp_path, capsys):
     assert main([*args, "--quantize", "nf4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: quantize: the denoiser file ") and "(GGUF Q4_0)" in err[0]
+
+
+@pytest.mark.skipif(bool(missing_classes("tiny-flux3")), reason="this diffusers has no Flux.3")
+def test_gguf_whose_model_dtype_is_not_float_is_refused(tmp_path):
+    """diffusers reports a GGUF Flux.3 transformer's dtype as uint8 (its first weight is GGUF blocks) and the
+    Flux.3 pipeline casts its latents to that dtype: refused at load with a message, not a crash mid-generation."""
+    path = write_gguf(dl.build_tiny_pipeline("tiny-flux3").transformer, tmp_path / "flux3.gguf", "Q8_0")
+    with pytest.raises(ModelLoadError, match=r"flux3\.gguf: diffusers reports this GGUF Q8_0's .* as torch\.uint8"):
+        dl.load_pipeline("tiny-flux3", denoiser=path)

@@ -219,8 +219,8 @@ def load_denoiser_file(
         public = {k: v for k, v in config.items() if not k.startswith("_") or k == "_class_name"}
         Path(folder, "config.json").write_text(json.dumps(public), encoding="utf-8")
         try:
-            return cls.from_single_file(str(file.path), config=folder, torch_dtype=dtype, local_files_only=True,
-                                        **extra)
+            model = cls.from_single_file(str(file.path), config=folder, torch_dtype=dtype, local_files_only=True,
+                                         **extra)
         except Exception as exc:  # diffusers' converters raise KeyError, ValueError, RuntimeError, IndexError
             what = file.quantization or "safetensors"
             raise ModelLoadError(
@@ -228,6 +228,16 @@ def load_denoiser_file(
                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); is it the denoiser of "
                 "the same model as the base?"
             ) from exc
+    if not model.dtype.is_floating_point:
+        # diffusers reports a model's dtype from its first parameter; where that is a GGUF block tensor (uint8),
+        # pipelines that cast their latents to ``transformer.dtype`` (Flux.3's modular denoise step, diffusers
+        # 0.42) fail mid-generation, so refuse before anything runs
+        raise ModelLoadError(
+            f"denoiser {file.path}: diffusers reports this {file.quantization or 'file'}'s {cls.__name__} as "
+            f"{model.dtype} (its first weight is quantized), and its pipeline casts latents to that dtype; "
+            "use the unquantized denoiser or quantize=... instead of a GGUF file for this model"
+        )
+    return model
 
 
 def require_float_weights(pipe: Any, source: str | os.PathLike[str], action: str) -> None:
