@@ -40,6 +40,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"base model: shapes-sd15, a tiny-* name, a diffusers folder, a .safetensors checkpoint "
                    f"or a hub id (default: {DEFAULT_MODEL})")
+    _add_quantized_base(p)
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="adapter file to apply, repeatable; weight defaults to 1")
     p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
@@ -65,6 +66,26 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_generate)
 
 
+def _add_quantized_base(p: argparse.ArgumentParser) -> None:
+    # no argparse choices: a bad value is one `error:` line (exit 2) from the library's own check
+    p.add_argument("--quantize", metavar="{nf4,int8,fp8}",
+                   help="quantize the base's denoiser: nf4 (bitsandbytes 4-bit), int8 or fp8 (torchao weight-only); "
+                   "needs pip install 'diffusion-lora[quant]'")
+    p.add_argument("--denoiser", metavar="FILE",
+                   help="use this denoiser (transformer/UNet) weights file instead of the base's: a GGUF file "
+                   "(e.g. flux1-dev-Q4_K.gguf, kept quantized) or a .safetensors with the denoiser's keys")
+
+
+def _quantized_base(args: argparse.Namespace) -> dict[str, Any]:
+    """load_pipeline's quantize/denoiser arguments, the quantization checked before anything loads."""
+    from .models.quantize import parse_quantize, require_library
+
+    mode = parse_quantize(args.quantize, "--quantize")
+    if mode is not None:
+        require_library(mode, "--quantize")
+    return {"quantize": mode, "denoiser": args.denoiser}
+
+
 def _run_generate(args: argparse.Namespace) -> int:
     # imported here, not at the top: CLI start-up (--help must not import torch)
     from .adapters import fuse, load_lora, set_weights
@@ -84,8 +105,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     for prompt in args.prompt:
         parse_lora_tags(prompt)
     specs = [split_weighted(spec) for spec in args.lora]
+    base = _quantized_base(args)
     folder = ImageFolder(args.out)
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, **base)
     loras = {}
     for path, weight in specs:
         name = load_lora(pipe, path, weight=weight, allow_pickle=args.allow_pickle)

@@ -30,6 +30,14 @@ from ..compat.diffusers import modular_setting
 from ..errors import ConfigError, ModelLoadError
 from ..families import single_file_pipelines, supported_titles
 from ..model_names import DEFAULT_MODEL, EMBEDDED_MODELS
+from .denoiser_load import (
+    DenoiserFile,
+    denoiser_slot,
+    is_gguf_file,
+    load_denoiser_file,
+    load_quantized_denoiser,
+    read_denoiser_file,
+)
 from .quantize import Quantize, parse_quantize, quantize_denoiser, require_library
 from .tiny import TINY_MODELS, build_tiny_pipeline
 
@@ -95,6 +103,7 @@ def load_pipeline(
     config: str | os.PathLike[str] | None = None,
     exact: bool = False,
     quantize: str | Quantize | None = None,
+    denoiser: str | os.PathLike[str] | None = None,
 ) -> DiffusionPipeline:
     """Load a base pipeline from ``source`` and move it to ``device`` (default: stay on the CPU).
 
@@ -115,13 +124,24 @@ def load_pipeline(
     computes bit-identically what the saved one did (memory-mapped weights take a kernel path that
     differs by ~1e-7); it costs a second copy of the weights at load time, so it is off by default.
     ``quantize`` ("nf4", "int8", "fp8"; see :mod:`diffusion_lora.models.quantize`) quantizes the
-    denoiser's linear layers after loading (``torch_dtype`` is then their compute dtype).
+    denoiser's linear layers (``torch_dtype``, default float32, is their compute dtype): a diffusers folder
+    or hub id through diffusers' ``TorchAoConfig`` (int8, fp8) or, when ``device`` is an accelerator,
+    ``BitsAndBytesConfig`` (nf4) while loading; everything else in place after loading.
+    ``denoiser`` is a file holding the denoiser's weights to use instead of the base's: a GGUF file
+    (loaded quantized through diffusers' ``GGUFQuantizationConfig``) or a ``.safetensors`` file with the
+    denoiser's keys; the base supplies the denoiser's config and every other component.
     Raises ModelLoadError for anything that cannot be loaded, ConfigError for a malformed ``device`` or
-    ``quantize``, or a missing quantization library.
+    ``quantize``, a missing quantization library, or ``quantize`` for a denoiser that is already quantized.
     """
     mode = parse_quantize(quantize)
     if mode is not None:
         require_library(mode)
+    file = None if denoiser is None else read_denoiser_file(denoiser)
+    if file is not None and mode is not None and file.quantization:
+        raise ConfigError(
+            f"quantize: the denoiser file {file.path} is already quantized ({file.quantization}); drop quantize "
+            "(--quantize)"
+        )
     name = os.fspath(source)
     target = _parse_device(device)
     path = Path(name).expanduser()
@@ -129,21 +149,26 @@ def load_pipeline(
         path.exists()
     except OSError as exc:  # e.g. a name over 255 bytes, which no later check should meet as a traceback
         raise ModelLoadError(f"{name}: cannot be read as a model path: {exc.strerror or exc}") from None
+    parts: dict[str, torch.nn.Module] = {}  # denoiser loaded here, handed to from_pretrained
     if name in EMBEDDED_MODELS:
         pipe = _load_folder(embedded_model_path(name), torch_dtype)
     elif name in TINY_MODELS:
         pipe = build_tiny_pipeline(name)
     elif path.is_dir():
-        pipe = _load_folder(path, torch_dtype)
+        parts = _denoiser_part(path, file, mode, torch_dtype, target, offline=True)
+        pipe = _load_folder(path, torch_dtype, **parts)
     elif path.is_file():
         pipe = _load_single_file(path, torch_dtype, config)
     elif _HUB_ID.match(name) and not name.lower().endswith(SINGLE_FILE_SUFFIXES):
-        pipe = _load_hub(name, torch_dtype)
+        parts = _denoiser_part(name, file, mode, torch_dtype, target, offline=_hub_offline())
+        pipe = _load_hub(name, torch_dtype, **parts)
     else:
         raise ModelLoadError(_missing_message(name))
+    if file is not None and not parts:
+        _swap_denoiser(pipe, file, torch_dtype)
     try:
-        pipe = pipe.to(device=target, dtype=torch_dtype)
-        if mode is not None:
+        _move(pipe, target, torch_dtype)
+        if mode is not None and not (parts and getattr(next(iter(parts.values())), "is_quantized", False)):
             quantize_denoiser(pipe, mode, compute_dtype=torch_dtype)
             pipe = pipe.to(device=target)  # bitsandbytes quantizes a weight when it is moved to a device
     except (RuntimeError, AssertionError) as exc:  # torch asserts when built without that backend
@@ -151,6 +176,60 @@ def load_pipeline(
     if exact and target.type == "cpu":
         _realign_cpu_tensors(pipe)
     return pipe
+
+
+def _denoiser_part(
+    source: str | Path, file: DenoiserFile | None, mode: Quantize | None, torch_dtype: torch.dtype | None,
+    target: torch.device, *, offline: bool,
+) -> dict[str, torch.nn.Module]:
+    """{slot: denoiser} loaded before the pipeline (from ``file``, or quantized by diffusers), so the base's own
+    denoiser weights are never loaded; {} when there is nothing to load first."""
+    if file is None and mode is None:
+        return {}
+    try:
+        index = DiffusionPipeline.load_config(str(source), local_files_only=offline)
+    except (OSError, ValueError):
+        return {}  # the pipeline load that follows says what is wrong with the folder or id
+    slot = denoiser_slot(index)
+    if slot is None:
+        return {}
+    cls = getattr(diffusers, slot[1], None)
+    if file is not None and cls is not None:
+        try:
+            saved = cls.load_config(str(source), subfolder=slot[0], local_files_only=offline)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{source}: cannot read the {slot[0]}'s config.json: {exc}") from exc
+        return {slot[0]: load_denoiser_file(file, cls, saved, torch_dtype=torch_dtype)}
+    if file is None and mode is not None:
+        model = load_quantized_denoiser(source, slot[0], slot[1], mode, torch_dtype=torch_dtype, device=target,
+                                        local_files_only=offline)
+        return {} if model is None else {slot[0]: model}
+    return {}
+
+
+def _swap_denoiser(pipe: DiffusionPipeline, file: DenoiserFile, torch_dtype: torch.dtype | None) -> None:
+    """Replace ``pipe``'s denoiser by one with the weights of ``file`` (configured as the base's)."""
+    for slot in ("transformer", "unet"):
+        current = getattr(pipe, slot, None)
+        if isinstance(current, torch.nn.Module):
+            model = load_denoiser_file(file, type(current), current.config, torch_dtype=torch_dtype or current.dtype)
+            setattr(pipe, slot, model)
+            return
+    raise ModelLoadError(f"denoiser {file.path}: {type(pipe).__name__} has no transformer or unet to replace")
+
+
+def _move(pipe: DiffusionPipeline, target: torch.device, torch_dtype: torch.dtype | None) -> None:
+    """``pipe.to(target, torch_dtype)``, except that components quantized by diffusers only move: diffusers
+    refuses to cast a quantized model's dtype (their float layers got ``torch_dtype`` at load)."""
+    parts = {n: c for n, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
+    if torch_dtype is None or not any(getattr(c, "is_quantized", False) for c in parts.values()):
+        pipe.to(device=target, dtype=torch_dtype)
+        return
+    for component in parts.values():
+        if getattr(component, "is_quantized", False):
+            component.to(device=target)
+        else:
+            component.to(device=target, dtype=torch_dtype)
 
 
 def _parse_device(device: str | None) -> torch.device:
@@ -170,14 +249,14 @@ def _missing_message(name: str) -> str:
     return f"{name}: no such file or folder, and not a built-in model{hint}; {_WHAT_TO_PASS}"
 
 
-def _load_folder(path: Path, torch_dtype: torch.dtype | None) -> DiffusionPipeline:
+def _load_folder(path: Path, torch_dtype: torch.dtype | None, **parts: torch.nn.Module) -> DiffusionPipeline:
     if not (path / "model_index.json").is_file():
         raise ModelLoadError(
             f"{path}: folder has no model_index.json, so it is not a diffusers pipeline; pass the folder "
             "written by save_pretrained (or a hub snapshot), or a single .safetensors/.ckpt file"
         )
     try:
-        return DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True)
+        return DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True, **parts)
     except (OSError, ValueError, KeyError, AttributeError) as exc:
         raise ModelLoadError(f"{path}: could not load the diffusers pipeline in this folder: {exc}") from exc
 
@@ -188,10 +267,10 @@ def _hub_offline() -> bool:
     return flag in {"1", "true", "yes", "on"} or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
 
 
-def _load_hub(repo_id: str, torch_dtype: torch.dtype | None) -> DiffusionPipeline:
+def _load_hub(repo_id: str, torch_dtype: torch.dtype | None, **parts: torch.nn.Module) -> DiffusionPipeline:
     offline = _hub_offline()
     try:
-        return DiffusionPipeline.from_pretrained(repo_id, torch_dtype=torch_dtype, local_files_only=offline)
+        return DiffusionPipeline.from_pretrained(repo_id, torch_dtype=torch_dtype, local_files_only=offline, **parts)
     except (OSError, ValueError) as exc:
         why = "offline (HF_HUB_OFFLINE is set) and not in the local cache"
         if not offline:
@@ -259,6 +338,11 @@ def detect_single_file_pipeline(shapes: Mapping[str, tuple[int, ...]]) -> tuple[
 def _load_single_file(
     path: Path, torch_dtype: torch.dtype | None, config: str | os.PathLike[str] | None
 ) -> DiffusionPipeline:
+    if is_gguf_file(path):
+        raise ModelLoadError(
+            f"{path}: a GGUF file holds only the denoiser, not a whole pipeline; pass the base model (a diffusers "
+            "folder, hub id or built-in name) as the model and this file as denoiser (--denoiser FILE)"
+        )
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(f"{path}: not a checkpoint file; {_WHAT_TO_PASS}")
     shapes = read_checkpoint_shapes(path)

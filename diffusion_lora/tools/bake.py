@@ -34,6 +34,7 @@ from ..formats.atomic import atomic_write_bytes
 from ..formats.hashes import file_sha256
 from ..formats.safetensors_io import read_header
 from ..models import load_pipeline
+from ..models.denoiser_load import require_float_weights
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ def _torch_components(pipe: Any) -> dict[str, torch.nn.Module]:
 
 def _fused_pipeline(model: str, loras: Sequence[tuple[str, float]]) -> tuple[Any, int]:
     pipe = load_pipeline(model)
+    require_float_weights(pipe, model, "bake")
     for i, (path, weight) in enumerate(loras):
         load_lora(pipe, path, name=f"bake_{i}", weight=weight)
     return pipe, (fuse(pipe) if loras else 0)

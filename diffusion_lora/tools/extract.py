@@ -25,6 +25,7 @@ from ..formats.adapter_files import safetensors_path
 from ..formats.codec import encode
 from ..formats.safetensors_io import write_adapter_file_with_hashes
 from ..models import load_pipeline
+from ..models.denoiser_load import require_float_weights
 from ..models.invoke import pipeline_name
 from .svd import factor
 
@@ -131,6 +132,8 @@ def extract_file(
     """Load ``base`` and ``tuned`` (see ``load_pipeline``), extract, and write ``out`` atomically in ``to``."""
     path = safetensors_path(out)
     base_pipe, tuned_pipe = load_pipeline(base), load_pipeline(tuned)
+    require_float_weights(base_pipe, base, "extract")
+    require_float_weights(tuned_pipe, tuned, "extract")
     data, skipped, energy = _extract(base_pipe, tuned_pipe, rank, targets, text_encoder, threshold)
     if not data.modules:
         raise ConfigError(
