@@ -17,7 +17,15 @@ from ..compat import bitsandbytes as compat_bnb
 from ..compat import diffusers as compat_diffusers
 from ..compat import torchao as compat_torchao
 
-__all__ = ["QuantKind", "compute_dtype", "dequantized_weight", "logical_shape", "peft_layer_kwargs", "quant_kind"]
+__all__ = [
+    "QuantKind",
+    "compute_dtype",
+    "dequantized_rows",
+    "dequantized_weight",
+    "logical_shape",
+    "peft_layer_kwargs",
+    "quant_kind",
+]
 
 
 class QuantKind(enum.Enum):
@@ -62,6 +70,23 @@ def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
     if kind is QuantKind.GGUF:
         return compat_diffusers.gguf_dequantize(weight)
     return weight.detach()
+
+
+def dequantized_rows(module: torch.nn.Module, rows: int) -> tuple[torch.Tensor, int]:
+    """At most ``rows`` leading rows of ``module``'s float weight, and how many rows it has; for a quantized
+    layer only the blocks holding those rows are dequantized (a whole 3072×3072 torchao int8 weight takes
+    ~0.2 s on a CPU, and load checks look at every adapted layer)."""
+    kind = quant_kind(module)
+    weight = module.weight
+    if kind is None:
+        weight = weight.detach()
+        return weight[:rows], weight.shape[0]
+    count = logical_shape(module)[0]
+    if kind is QuantKind.NF4:
+        return compat_bnb.dequantize_rows(weight, rows), count
+    if kind is QuantKind.TORCHAO:
+        return compat_torchao.dequantize_rows(weight, rows), count
+    return compat_diffusers.gguf_dequantize_rows(weight, rows), count
 
 
 def compute_dtype(module: torch.nn.Module) -> torch.dtype:
