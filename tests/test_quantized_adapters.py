@@ -1,0 +1,237 @@
+"""The adapter engine on quantized bases (bitsandbytes nf4, torchao int8/fp8, GGUF): loading, stacking, weights,
+hot-swap and removal against the same adapters on the dequantized base; bit-exact unfuse; refusals."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffusion_lora as dl
+from diffusion_lora.adapters import plain_modules
+from diffusion_lora.adapters.quantized import QuantKind, dequantized_weight, quant_kind
+from diffusion_lora.adapters.state import state_of
+from diffusion_lora.adapters.weights import block_layout
+from diffusion_lora.models.quantize import quantize_denoiser
+
+from .conftest import ALL_TINY
+from .helpers import run, trained_adapter
+
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("torchao")
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+# LoRA on a quantized base vs the same LoRA on a float base holding the dequantized weights. One layer against our
+# own float64 math (W the library's dequantized weight): float32 rounding, ≤ LAYER_REL of the output's largest value.
+# Through a whole denoiser: bitsandbytes dequantizes then multiplies (bit-identical to the float layer), torchao's
+# int8/float8 kernels apply the row scale after the matmul, a different rounding that random tiny UNets amplify
+# (measured up to 1.5e-4 on tiny-sdxl int8, ≤ 2e-7 with nf4) — the bound helpers.assert_near uses for float32
+# rounding through a network, 5e-4. A wrong dequantization or a lost LoRA term is off by 1e-2 to 1.
+LAYER_REL = 1e-5
+DEQUANT_REL = 5e-4
+
+
+def _denoiser_name(pipe) -> str:
+    return state_of(pipe).family.denoiser
+
+
+def _capture_inputs(pipe) -> tuple[tuple, dict]:
+    """The arguments of the denoiser's first call in a two-step generation (the text encoders are not
+    quantized, so they are the same for every base)."""
+    seen: list = []
+
+    def hook(module, args, kwargs):
+        if not seen:
+            seen.append(copy.deepcopy((args, kwargs)))
+
+    handle = getattr(pipe, _denoiser_name(pipe)).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run(pipe)
+    finally:
+        handle.remove()
+    args, kwargs = seen[0]
+    sample = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+    batch = sample.shape[0]
+    if batch > 1:  # one prompt's half of a classifier-free-guidance batch: half the cost, same layers
+
+        def last(value):
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch:
+                return value[-1:]
+            return {k: last(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+        args, kwargs = tuple(last(a) for a in args), {k: last(v) for k, v in kwargs.items()}
+    return args, {**kwargs, "return_dict": False}
+
+
+class Tiny:
+    """Per tiny model, built once: the denoiser's inputs and adapter files made on the float base."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.cache: dict[str, dict] = {}
+
+    def __call__(self, kind: str) -> dict:
+        if kind not in self.cache:
+            pipe = _fresh(kind)
+            inputs = _capture_inputs(pipe)
+            folder = self.root / kind
+            folder.mkdir()
+            files = {}
+            for name, seed, fmt, kw in (("a", 1, "kohya", {"rank": 4}), ("b", 2, "diffusers", {"rank": 2, "alpha": 1}),
+                                        ("c", 3, "kohya", {"rank": 4, "alpha": 8})):
+                trained_adapter(pipe, name, seed=seed, **kw)
+                files[name] = dl.save_lora(pipe, name, folder / f"{name}.safetensors", format=fmt)
+                dl.remove_lora(pipe, name)
+            self.cache[kind] = {"inputs": inputs, "files": files}
+        return self.cache[kind]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Tiny:
+    return Tiny(tmp_path_factory.mktemp("quantized-adapters"))
+
+
+def _fresh(kind: str):
+    pipe = dl.build_tiny_pipeline(kind)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _quantized(kind: str, mode: str):
+    pipe = _fresh(kind)
+    assert quantize_denoiser(pipe, mode) > 0
+    return pipe
+
+
+def _dequantized_twin(kind: str, quantized) -> object:
+    """A float pipeline of ``kind`` whose quantized layers hold ``quantized``'s dequantized weights (through the
+    library's own dequantize), with plain torch Linears: the reference for every output on the quantized base."""
+    ref = _fresh(kind)
+    name = _denoiser_name(ref)
+    target = getattr(ref, name)
+    count = 0
+    with torch.no_grad():
+        for path, module in getattr(quantized, name).named_modules():
+            if quant_kind(module) is not None:
+                plain = target.get_submodule(path)
+                assert type(plain) is torch.nn.Linear
+                plain.weight.copy_(dequantized_weight(module))
+                if module.bias is not None:
+                    plain.bias.copy_(module.bias)
+                count += 1
+    assert count > 0
+    return ref
+
+
+def _forward(pipe, inputs) -> torch.Tensor:
+    args, kwargs = inputs
+    with torch.no_grad():
+        return getattr(pipe, _denoiser_name(pipe))(*args, **kwargs)[0]
+
+
+def _near(actual: torch.Tensor, expected: torch.Tensor, rel: float = DEQUANT_REL) -> None:
+    torch.testing.assert_close(actual, expected, rtol=0, atol=rel * float(expected.abs().max()))
+
+
+def _quant_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Every stored tensor of a quantized weight: packed bytes and block scales (nf4, nested ones too),
+    torchao's qdata and scale, GGUF's block bytes."""
+    w = module.weight
+    kind = quant_kind(module)
+    if kind is QuantKind.NF4:
+        qs = w.quant_state
+        out = [w.data, qs.absmax, qs.code]
+        if qs.nested:
+            out += [qs.state2.absmax, qs.state2.code, qs.offset]
+        return out
+    if kind is QuantKind.TORCHAO:
+        return [getattr(w, n) for n in w.tensor_data_names]
+    return [w.as_tensor()]
+
+
+def _snapshot(pipe) -> dict[str, tuple]:
+    """Per quantized layer of the denoiser: the weight object, copies of its stored tensors, the bias copy."""
+    out = {}
+    for path, module in plain_modules(getattr(pipe, _denoiser_name(pipe))):
+        if quant_kind(module) is not None:
+            bias = None if module.bias is None else module.bias.detach().clone()
+            out[path] = (module.weight, [t.detach().clone() for t in _quant_tensors(module)], bias)
+    return out
+
+
+def _assert_snapshot(pipe, snap: dict[str, tuple]) -> None:
+    now = dict(plain_modules(getattr(pipe, _denoiser_name(pipe))))
+    for path, (weight, tensors, bias) in snap.items():
+        module = now[path]
+        assert module.weight is weight, path
+        assert all(torch.equal(a, b) for a, b in zip(_quant_tensors(module), tensors, strict=True)), path
+        assert (bias is None) == (module.bias is None) and (bias is None or torch.equal(module.bias, bias)), path
+
+
+def _assert_layer_math(pipe, weights: dict[str, float]) -> None:
+    """One adapted quantized layer computes W·x + b + Σ weight·scale·up·(down·x) with W the library's dequantized
+    weight, to float32 rounding (≤ 1e-5 of the output's largest value)."""
+    site = next(s for s in state_of(pipe).sites() if all(n in s.layer.lora_A for n in weights))
+    layer, base = site.layer, site.layer.get_base_layer()
+    assert quant_kind(base) is not None
+    x = torch.randn(5, base.in_features, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.linear(x.double(), dequantized_weight(base).double(),
+                                          None if base.bias is None else base.bias.double())
+    for name, weight in weights.items():
+        down, up = layer.lora_A[name].weight.double(), layer.lora_B[name].weight.double()
+        scale = layer.lora_alpha[name] / layer.r[name]
+        expected = expected + weight * scale * (x.double() @ down.T) @ up.T
+    with torch.no_grad():
+        _near(layer(x).double(), expected, LAYER_REL)
+
+
+def _block_weight(pipe) -> dict[str, float]:
+    """A per-block weight that keeps only the first block of the denoiser's first indexed block group."""
+    group = next(g for g, n in block_layout(state_of(pipe)).items() if n)
+    return {"default": 0.0, f"{group}.0": 1.0}
+
+
+QUANT_CASES = [pytest.param(kind, mode, id=f"{kind}-{mode}") for mode in ("nf4", "int8") for kind in ALL_TINY]
+QUANT_CASES += [pytest.param(kind, "fp8", id=f"{kind}-fp8") for kind in ("tiny-flux", "tiny-sd15")]
+
+
+@pytest.mark.parametrize(("kind", "mode"), QUANT_CASES)
+def test_adapters_on_a_quantized_base_match_the_dequantized_base(tiny, kind, mode):
+    """Two files (kohya and diffusers formats) load, stack, take weights and per-block weights and hot-swap on the
+    quantized base exactly as on a float base holding its dequantized weights; removing them gives back the
+    quantized base object for object and bit for bit."""
+    made = tiny(kind)
+    inputs, files = made["inputs"], made["files"]
+    pipe = _quantized(kind, mode)
+    ref = _dequantized_twin(kind, pipe)
+    base, snap = _forward(pipe, inputs), _snapshot(pipe)
+    types = {p: type(m) for p, m in getattr(pipe, _denoiser_name(pipe)).named_modules()}
+    for p in (pipe, ref):
+        dl.load_lora(p, files["a"], name="a", weight=0.8)
+        dl.load_lora(p, files["b"], name="b", weight=-0.5)
+    _assert_layer_math(pipe, {"a": 0.8, "b": -0.5})
+    outputs = []
+    for weights in (None, {"a": 0.3, "b": 1.2}, {"a": _block_weight(pipe), "b": 0.0}):
+        for p in (pipe, ref):
+            if weights is not None:
+                dl.set_weights(p, weights)
+        outputs.append(_forward(pipe, inputs))
+        _near(outputs[-1], _forward(ref, inputs))
+    assert not any(torch.equal(out, base) for out in outputs)  # the adapters, and the one kept block, act
+    for p in (pipe, ref):
+        dl.set_weights(p, {"a": 1.0, "b": 0.7})
+        dl.hotswap(p, "a", files["c"])
+    swapped = _forward(pipe, inputs)
+    _near(swapped, _forward(ref, inputs))
+    dl.disable(pipe)
+    assert torch.equal(_forward(pipe, inputs), base)
+    dl.enable(pipe)
+    assert torch.equal(_forward(pipe, inputs), swapped)
+    dl.remove_lora(pipe, "a")
+    dl.remove_lora(pipe, "b")
+    assert {p: type(m) for p, m in getattr(pipe, _denoiser_name(pipe)).named_modules()} == types
+    _assert_snapshot(pipe, snap)
+    assert torch.equal(_forward(pipe, inputs), base)
