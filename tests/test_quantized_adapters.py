@@ -4,11 +4,11 @@ hot-swap and removal against the same adapters on the dequantized base; bit-exac
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import diffusion_lora as dl
 from diffusion_lora.adapters import plain_modules
@@ -235,3 +235,111 @@ def test_adapters_on_a_quantized_base_match_the_dequantized_base(tiny, kind, mod
     assert {p: type(m) for p, m in getattr(pipe, _denoiser_name(pipe)).named_modules()} == types
     _assert_snapshot(pipe, snap)
     assert torch.equal(_forward(pipe, inputs), base)
+
+
+def _requantized(module: torch.nn.Module, target: torch.Tensor) -> torch.Tensor:
+    """``target`` quantized the way ``module``'s weight is, by the library itself, and dequantized again."""
+    kind = quant_kind(module)
+    if kind is QuantKind.NF4:
+        import bitsandbytes as bnb
+
+        old = module.weight
+        new = bnb.nn.Params4bit(target.clone(), requires_grad=False, quant_type=old.quant_type,
+                                compress_statistics=old.compress_statistics, blocksize=old.blocksize).to("cpu")
+        return bnb.functional.dequantize_4bit(new.data, new.quant_state)
+    from torchao.quantization import quantize_
+
+    from diffusion_lora.compat import torchao as compat_torchao
+
+    linear = torch.nn.Linear(target.shape[1], target.shape[0], bias=False)
+    linear.weight = torch.nn.Parameter(target.clone(), requires_grad=False)
+    quantize_(linear, compat_torchao.config_factory(compat_torchao.mode_of(module.weight))())
+    return linear.weight.dequantize()
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8", "fp8"])
+def test_100_fuse_unfuse_cycles_are_bit_exact_and_fuse_requantizes_w_plus_delta(mode):
+    """Unfuse gives back the very quantized weight objects, unchanged, after 100 cycles; a fuse holds the library's
+    own single quantization of W + ΣΔW (the re-quantization error of the sum: bench/bench_quantized.py)."""
+    pipe = _quantized("tiny-flux", mode)
+    trained_adapter(pipe, "a", seed=4, rank=4, targets=["to_q", "to_k"])  # few layers: 100 cycles stay fast
+    trained_adapter(pipe, "b", seed=5, rank=2, alpha=1, targets=["to_q"])
+    dl.set_weights(pipe, {"a": 0.8, "b": -0.5})
+    snap, unfused = _snapshot(pipe), run(pipe)
+    for _ in range(100):
+        assert dl.fuse(pipe) > 0
+        assert dl.unfuse(pipe) > 0
+    _assert_snapshot(pipe, snap)
+    assert torch.equal(run(pipe), unfused)
+    originals = {s.path: dequantized_weight(s.layer.get_base_layer()) for s in state_of(pipe).sites()}
+    dl.fuse(pipe)
+    worst = 0.0
+    for site in state_of(pipe).sites():
+        layer, base = site.layer, site.layer.get_base_layer()
+        target = originals[site.path].clone()
+        for name, weight in (("a", 0.8), ("b", -0.5)):
+            if name in layer.lora_A:
+                scale = weight * layer.lora_alpha[name] / layer.r[name]
+                target += scale * (layer.lora_B[name].weight @ layer.lora_A[name].weight)
+        fused = dequantized_weight(base)
+        # one quantization of W + ΣΔW by the library itself (float rounding of the sum may move a value that sits
+        # on a rounding boundary one code: allowed for 0.1% of them)
+        assert (fused != _requantized(base, target)).float().mean() <= 1e-3, site.path
+        worst = max(worst, float((fused - target).norm() / target.norm()))
+    assert worst > 0
+    assert not torch.equal(run(pipe), unfused)
+    dl.unfuse(pipe)
+    _assert_snapshot(pipe, snap)
+    assert torch.equal(run(pipe), unfused)
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8", "fp8"])
+def test_a_fuse_failing_halfway_restores_every_quantized_layer(tiny, mode):
+    """A NaN in a middle layer's adapter: the fuse is refused and the layers already fused get their original
+    quantized weights back (same objects, same bytes)."""
+    pipe = _quantized("tiny-flux", mode)
+    dl.load_lora(pipe, tiny("tiny-flux")["files"]["a"], name="a")
+    sites = state_of(pipe).sites()
+    snap, before = _snapshot(pipe), run(pipe)
+    with torch.no_grad():
+        sites[len(sites) // 2].layer.lora_B["a"].weight[0, 0] = float("nan")
+    with pytest.raises(dl.AdapterStateError, match="non-finite"):
+        dl.fuse(pipe)
+    assert state_of(pipe).fused is None
+    _assert_snapshot(pipe, snap)
+    with torch.no_grad():
+        sites[len(sites) // 2].layer.lora_B["a"].weight[0, 0] = 0.0
+    assert torch.equal(run(pipe), run(pipe)) and run(pipe).isfinite().all()
+    dl.remove_lora(pipe, "a")
+    _assert_snapshot(pipe, snap)
+    assert not torch.equal(before, run(pipe))  # (before carried the adapter)
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_changes_while_fused_on_a_quantized_base(tiny, tmp_path, mode):
+    """Load, save, hot-swap and remove while fused re-fuse from the original quantized weights: the result is what
+    fusing the same adapters into a fresh base gives, bit for bit, and unfuse still gives back the base."""
+    kind = "tiny-flux"
+    files = tiny(kind)["files"]
+    pipe = _quantized(kind, mode)
+    snap, base = _snapshot(pipe), run(pipe)
+    dl.load_lora(pipe, files["a"], name="a")
+    dl.fuse(pipe)
+    dl.load_lora(pipe, files["b"], name="b", weight=0.5)
+    assert state_of(pipe).fused is not None
+    saved = dl.save_lora(pipe, "a", tmp_path / "a.safetensors", format="kohya")
+    original, again = load_file(str(files["a"])), load_file(str(saved))
+    assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
+    dl.hotswap(pipe, "a", files["c"])
+    swapped = run(pipe)
+    fresh = _quantized(kind, mode)
+    dl.load_lora(fresh, files["c"], name="a")
+    dl.load_lora(fresh, files["b"], name="b", weight=0.5)
+    dl.fuse(fresh)
+    assert torch.equal(swapped, run(fresh))
+    dl.remove_lora(pipe, "b")
+    assert state_of(pipe).fused is not None
+    dl.unfuse(pipe)
+    dl.remove_lora(pipe, "a")
+    _assert_snapshot(pipe, snap)
+    assert torch.equal(run(pipe), base)

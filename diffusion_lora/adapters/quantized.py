@@ -25,6 +25,7 @@ __all__ = [
     "logical_shape",
     "peft_layer_kwargs",
     "quant_kind",
+    "requantize",
 ]
 
 
@@ -87,6 +88,19 @@ def dequantized_rows(module: torch.nn.Module, rows: int) -> tuple[torch.Tensor, 
     if kind is QuantKind.TORCHAO:
         return compat_torchao.dequantize_rows(weight, rows), count
     return compat_diffusers.gguf_dequantize_rows(weight, rows), count
+
+
+def requantize(module: torch.nn.Module, values: torch.Tensor) -> None:
+    """Replace the quantized weight of ``module`` by ``values`` (float, its logical shape) quantized the same way,
+    by the library that quantized it; the old weight object is not modified (fuse keeps it for unfuse)."""
+    kind = quant_kind(module)
+    if kind is QuantKind.NF4:
+        module.weight = compat_bnb.quantize_like(module.weight, values)
+    elif kind is QuantKind.TORCHAO:
+        weight = module.weight  # a torchao tensor reports the dtype it dequantizes to
+        compat_torchao.quantize_into(module, values.to(weight.dtype), compat_torchao.mode_of(weight))
+    else:
+        raise TypeError(f"cannot re-quantize a {kind} weight")
 
 
 def compute_dtype(module: torch.nn.Module) -> torch.dtype:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["dequantize", "dequantize_rows", "is_4bit", "logical_shape", "quantize_nf4"]
+__all__ = ["dequantize", "dequantize_rows", "is_4bit", "logical_shape", "quantize_like", "quantize_nf4"]
 
 
 def is_4bit(weight: object) -> bool:
@@ -88,3 +88,16 @@ def dequantize_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
                         blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype)
     flat = F.dequantize_4bit(weight.data.reshape(-1)[: -(-values // 2)], part)
     return flat.reshape(-1)[:wanted].reshape(rows, shape[1])
+
+
+def quantize_like(weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A new ``Params4bit`` holding ``values`` (float ``[out, in]``) quantized with ``weight``'s settings (type,
+    block size, double quantization, storage) on ``weight``'s device; ``weight`` itself is not touched
+    (PEFT's 4-bit merge rewrites the old weight's ``bnb_quantized`` flag in place, which would make a later
+    ``.to(device)`` quantize its bytes a second time)."""
+    import bitsandbytes as bnb
+
+    new = bnb.nn.Params4bit(values.detach().to("cpu", weight.quant_state.dtype), requires_grad=False,
+                            blocksize=weight.blocksize, compress_statistics=weight.compress_statistics,
+                            quant_type=weight.quant_type, quant_storage=weight.quant_storage, module=weight.module)
+    return new.to(weight.device)
