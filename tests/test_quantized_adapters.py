@@ -15,6 +15,7 @@ from diffusion_lora.adapters import plain_modules
 from diffusion_lora.adapters.quantized import QuantKind, dequantized_weight, quant_kind
 from diffusion_lora.adapters.state import state_of
 from diffusion_lora.adapters.weights import block_layout
+from diffusion_lora.families import detect_family
 from diffusion_lora.models.quantize import quantize_denoiser
 
 from .conftest import ALL_TINY
@@ -162,11 +163,11 @@ def _snapshot(pipe) -> dict[str, tuple]:
     return out
 
 
-def _assert_snapshot(pipe, snap: dict[str, tuple]) -> None:
+def _assert_snapshot(pipe, snap: dict[str, tuple], same_objects: bool = True) -> None:
     now = dict(plain_modules(getattr(pipe, _denoiser_name(pipe))))
     for path, (weight, tensors, bias) in snap.items():
         module = now[path]
-        assert module.weight is weight, path
+        assert module.weight is weight or not same_objects, path
         assert all(torch.equal(a, b) for a, b in zip(_quant_tensors(module), tensors, strict=True)), path
         assert (bias is None) == (module.bias is None) and (bias is None or torch.equal(module.bias, bias)), path
 
@@ -174,7 +175,8 @@ def _assert_snapshot(pipe, snap: dict[str, tuple]) -> None:
 def _assert_layer_math(pipe, weights: dict[str, float]) -> None:
     """One adapted quantized layer computes W·x + b + Σ weight·scale·up·(down·x) with W the library's dequantized
     weight, to float32 rounding (≤ 1e-5 of the output's largest value)."""
-    site = next(s for s in state_of(pipe).sites() if all(n in s.layer.lora_A for n in weights))
+    site = next(s for s in state_of(pipe).sites()
+                if all(n in s.layer.lora_A for n in weights) and quant_kind(s.layer.get_base_layer()) is not None)
     layer, base = site.layer, site.layer.get_base_layer()
     assert quant_kind(base) is not None
     x = torch.randn(5, base.in_features, generator=torch.Generator().manual_seed(0))
@@ -343,3 +345,100 @@ def test_changes_while_fused_on_a_quantized_base(tiny, tmp_path, mode):
     dl.remove_lora(pipe, "a")
     _assert_snapshot(pipe, snap)
     assert torch.equal(run(pipe), base)
+
+
+def _gguf(kind: str, qtype: str, folder: Path):
+    """A tiny pipeline whose denoiser was written as a GGUF file (diffusers' key names, 2-D weights whose rows
+    split into the type's blocks quantized, the rest float32) with the ``gguf`` package and loaded back through
+    diffusers' ``from_single_file(..., quantization_config=GGUFQuantizationConfig)``: GGUFLinear layers."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    from diffusers import GGUFQuantizationConfig
+
+    pipe = _fresh(kind)
+    name = detect_family(pipe).denoiser  # (not state_of: its component list would keep the float denoiser)
+    model = getattr(pipe, name)
+    model.save_config(folder)
+    kind_q = getattr(gguf.GGMLQuantizationType, qtype)
+    writer = gguf.GGUFWriter(str(folder / "denoiser.gguf"), "tiny")
+    for key, value in model.state_dict().items():
+        array = value.float().numpy()
+        if array.ndim == 2 and array.shape[1] % gguf.GGML_QUANT_SIZES[kind_q][0] == 0:
+            packed = gguf.quants.quantize(array, kind_q)
+            writer.add_tensor(key, packed, raw_shape=packed.shape, raw_dtype=kind_q)
+        else:
+            writer.add_tensor(key, array.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    loaded = type(model).from_single_file(str(folder / "denoiser.gguf"), config=str(folder),
+                                          quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
+                                          torch_dtype=torch.float32)
+    setattr(pipe, name, loaded)
+    return pipe
+
+
+def _dora_file(kind: str, folder: Path) -> Path:
+    pipe = _fresh(kind)
+    trained_adapter(pipe, "d", seed=6, rank=4, use_dora=True, targets=["to_q", "to_v"])
+    return dl.save_lora(pipe, "d", folder / "dora.safetensors")
+
+
+@pytest.mark.parametrize(("kind", "qtype"), [("tiny-flux", "Q8_0"), ("tiny-flux", "Q4_0"), ("tiny-sd15", "Q8_0")])
+def test_adapters_on_a_gguf_base_and_fuse_refused(tiny, tmp_path, kind, qtype):
+    made = tiny(kind)
+    inputs, files = made["inputs"], made["files"]
+    pipe = _gguf(kind, qtype, tmp_path)
+    assert any(quant_kind(m) is QuantKind.GGUF for m in getattr(pipe, _denoiser_name(pipe)).modules())
+    ref = _dequantized_twin(kind, pipe)
+    base, snap = _forward(pipe, inputs), _snapshot(pipe)
+    for p in (pipe, ref):
+        dl.load_lora(p, files["a"], name="a", weight=0.8)
+        dl.load_lora(p, files["b"], name="b", weight=-0.5)
+    _assert_layer_math(pipe, {"a": 0.8, "b": -0.5})
+    stacked = _forward(pipe, inputs)
+    _near(stacked, _forward(ref, inputs))
+    with pytest.raises(dl.AdapterStateError, match=r"GGUF.*run unfused") as err:
+        dl.fuse(pipe)
+    assert any(s.path in str(err.value) for s in state_of(pipe).sites())
+    assert state_of(pipe).fused is None
+    _assert_snapshot(pipe, snap)
+    assert torch.equal(_forward(pipe, inputs), stacked)
+    # DoRA needs the base weight's norms, which PEFT cannot take from GGUF bytes: refused by name, nothing changed
+    with pytest.raises(dl.UnsupportedModelError, match="GGUF"):
+        dl.add_lora(pipe, "d", rank=4, use_dora=True)
+    if kind == "tiny-flux":
+        with pytest.raises(dl.UnsupportedModelError, match="DoRA.*GGUF"):
+            dl.load_lora(pipe, _dora_file(kind, tmp_path), name="d")
+    assert [i.name for i in dl.list_loras(pipe)] == ["a", "b"]
+    assert torch.equal(_forward(pipe, inputs), stacked)
+    dl.remove_lora(pipe, "a")
+    dl.remove_lora(pipe, "b")
+    _assert_snapshot(pipe, snap)
+    assert torch.equal(_forward(pipe, inputs), base)
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8", "fp8"])
+def test_dora_on_a_quantized_base(tiny, tmp_path, mode):
+    """PEFT's bitsandbytes and torchao layers take DoRA (norms of the dequantized weight): same output as on the
+    dequantized base; fuse and unfuse work and unfuse is bit-exact."""
+    kind = "tiny-flux"
+    inputs = tiny(kind)["inputs"]
+    pipe = _quantized(kind, mode)
+    ref = _dequantized_twin(kind, pipe)
+    snap, base = _snapshot(pipe), _forward(pipe, inputs)
+    path = _dora_file(kind, tmp_path)
+    for p in (pipe, ref):
+        dl.load_lora(p, path, name="d", weight=0.9)
+    unfused = _forward(pipe, inputs)
+    _near(unfused, _forward(ref, inputs))
+    dl.fuse(pipe)
+    assert not torch.equal(_forward(pipe, inputs), unfused)
+    dl.unfuse(pipe)
+    assert torch.equal(_forward(pipe, inputs), unfused)
+    dl.remove_lora(pipe, "d")
+    # (PEFT's DoRA layer re-assigns a bitsandbytes weight as weight.to(its device) while it takes the norms: a new
+    # Params4bit object around the same bytes and scales)
+    _assert_snapshot(pipe, snap, same_objects=mode != "nf4")
+    assert torch.equal(_forward(pipe, inputs), base)

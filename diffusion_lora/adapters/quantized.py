@@ -22,6 +22,7 @@ __all__ = [
     "compute_dtype",
     "dequantized_rows",
     "dequantized_weight",
+    "dora_problem",
     "logical_shape",
     "peft_layer_kwargs",
     "quant_kind",
@@ -101,6 +102,16 @@ def requantize(module: torch.nn.Module, values: torch.Tensor) -> None:
         compat_torchao.quantize_into(module, values.to(weight.dtype), compat_torchao.mode_of(weight))
     else:
         raise TypeError(f"cannot re-quantize a {kind} weight")
+
+
+def dora_problem(module: torch.nn.Module, where: str) -> str | None:
+    """Why a DoRA adapter cannot go on ``module`` (at ``where``), or None when it can. DoRA needs the base
+    weight's row norms: PEFT dequantizes bitsandbytes and torchao weights for them, but reads a GGUF weight's
+    block bytes as if they were the weight (a shape error, or wrong norms)."""
+    if quant_kind(module) is QuantKind.GGUF:
+        return (f"{where} is GGUF-quantized and PEFT's DoRA cannot compute the norms of GGUF weights; use a plain "
+                f"LoRA there, or load the base unquantized or with quantize=nf4/int8/fp8")
+    return None
 
 
 def compute_dtype(module: torch.nn.Module) -> torch.dtype:

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import FamilyMismatchError, FormatError, KeyMappingError
+from ..errors import FamilyMismatchError, FormatError, KeyMappingError, UnsupportedModelError
 from ..formats.adapter_data import AdapterData, ModuleLora
 from ..formats.checks import check_finite, fit_problem
 from ..formats.family_guess import guess_families
 from .layers import base_module, inside_lora_layer
-from .quantized import compute_dtype, dequantized_rows
+from .quantized import compute_dtype, dequantized_rows, dora_problem
 from .state import AdapterState
 
 
@@ -205,6 +205,8 @@ def plan_load(
             misfits.append(problem)
             continue
         _check_values(key, module, m, data.use_rslora, source)
+        if m.magnitude is not None and (problem := dora_problem(module, key)):
+            raise UnsupportedModelError(f"{source}: a DoRA module, but {problem}; the adapter was not loaded")
         plan.modules.setdefault(component, {})[path] = m
     total = len(data.modules) + len(unresolved)
     guess = guess_families(data.modules, extra_keys=unresolved)
