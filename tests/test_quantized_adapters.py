@@ -115,7 +115,7 @@ def _dequantized_twin(kind: str, quantized) -> object:
     target = getattr(ref, name)
     count = 0
     with torch.no_grad():
-        for path, module in getattr(quantized, name).named_modules():
+        for path, module in plain_modules(getattr(quantized, name)):
             if quant_kind(module) is not None:
                 plain = target.get_submodule(path)
                 assert type(plain) is torch.nn.Linear
@@ -442,3 +442,36 @@ def test_dora_on_a_quantized_base(tiny, tmp_path, mode):
     # Params4bit object around the same bytes and scales)
     _assert_snapshot(pipe, snap, same_objects=mode != "nf4")
     assert torch.equal(_forward(pipe, inputs), base)
+
+
+def test_extract_reads_quantized_layers_as_their_float_weights(tiny):
+    """extract on quantized pipelines factors the difference of the weights the layers compute with: the same
+    LoRA as extract on float pipelines holding the dequantized weights."""
+    from diffusion_lora.tools.extract import extract_lora
+
+    kind = "tiny-flux"
+    base, tuned = _quantized(kind, "nf4"), _quantized(kind, "nf4")
+    dl.load_lora(tuned, tiny(kind)["files"]["a"], name="a")
+    dl.fuse(tuned)  # the tuned model: W + ΔW re-quantized
+    got, _ = extract_lora(base, tuned, rank=4)
+    expected, _ = extract_lora(_dequantized_twin(kind, base), _dequantized_twin(kind, tuned), rank=4)
+    assert got.modules.keys() == expected.modules.keys() and got.modules
+    for key, m in expected.modules.items():
+        assert torch.equal(got.modules[key].up, m.up) and torch.equal(got.modules[key].down, m.down), key
+
+
+def test_plain_state_dict_of_a_quantized_model_and_bake_refuses_it(tiny):
+    """plain_state_dict sees through the LoRA wrappers to the quantized tensors (what an equally quantized model
+    loads); bake, which writes a full-precision model, refuses a quantized one by name instead of failing on
+    unexpected keys."""
+    from diffusion_lora.tools.bake import _plain_copy
+
+    pipe = _quantized("tiny-flux", "nf4")
+    before = {k: v.clone() for k, v in dl.adapters.plain_state_dict(pipe.transformer).items()}
+    dl.load_lora(pipe, tiny("tiny-flux")["files"]["a"], name="a")
+    after = dl.adapters.plain_state_dict(pipe.transformer)
+    assert after.keys() == before.keys() and any(k.endswith("weight.absmax") for k in after)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    dl.fuse(pipe)
+    with pytest.raises(dl.ConfigError, match=r"quantized \(transformer\..*without quantize"):
+        _plain_copy("tiny-flux", pipe)
