@@ -475,3 +475,53 @@ def test_plain_state_dict_of_a_quantized_model_and_bake_refuses_it(tiny):
     dl.fuse(pipe)
     with pytest.raises(dl.ConfigError, match=r"quantized \(transformer\..*without quantize"):
         _plain_copy("tiny-flux", pipe)
+
+
+@pytest.mark.parametrize(("algo", "mode"), [("loha", "nf4"), ("full", "nf4"), ("full", "int8")])
+def test_lycoris_files_on_a_quantized_base(tiny, tmp_path, algo, mode):
+    """LoHa and full-delta files (made by the lycoris-lora package; LoKr becomes the same exact LoRA form) load on a
+    quantized base as on the dequantized one; fusing a full delta's bias change adds it at its scale, and unfuse
+    restores everything. PEFT's torchao layer has no LoRA bias: a bias delta there is refused by name."""
+    lycoris = pytest.importorskip("lycoris.kohya")
+    kind = "tiny-sd15"
+    inputs = tiny(kind)["inputs"]
+    donor = _fresh(kind)
+    preset = tmp_path / "preset.toml"
+    preset.write_text('enable_conv = false\nunet_target_module = ["Transformer2DModel"]\nunet_target_name = []\n')
+    torch.manual_seed(0)
+    network = lycoris.create_network(1.0, 4, 3, None, donor.text_encoder, donor.unet, preset=str(preset),
+                                     algo=algo, **({"decompose_both": True} if algo == "lokr" else {}))
+    network.apply_to(donor.text_encoder, donor.unet, apply_text_encoder=False, apply_unet=True)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    path = tmp_path / "lyco.safetensors"
+    network.save_weights(str(path), torch.float32, {})
+    pipe = _quantized(kind, mode)
+    ref = _dequantized_twin(kind, pipe)
+    snap, base = _snapshot(pipe), _forward(pipe, inputs)
+    if algo == "full" and mode == "int8":
+        with pytest.raises(dl.UnsupportedModelError, match=r"bias delta.*torchao-quantized \(int8\)"):
+            dl.load_lora(pipe, path, name="l")
+        assert dl.list_loras(pipe) == []
+        _assert_snapshot(pipe, snap)
+        return
+    for p in (pipe, ref):
+        dl.load_lora(p, path, name="l", weight=0.7)
+    unfused = _forward(pipe, inputs)
+    assert not torch.equal(unfused, base)
+    _near(unfused, _forward(ref, inputs))
+    for p in (pipe, ref):
+        dl.fuse(p)
+    fused_biases = 0
+    for site, ref_site in zip(state_of(pipe).sites(), state_of(ref).sites(), strict=True):
+        bias, ref_bias = site.layer.get_base_layer().bias, ref_site.layer.get_base_layer().bias
+        if bias is not None and quant_kind(site.layer.get_base_layer()) is not None:
+            torch.testing.assert_close(bias, ref_bias, rtol=0, atol=1e-6)  # PEFT's float merge of the bias
+            fused_biases += not torch.equal(bias, snap[site.path][2])
+    assert (fused_biases > 0) == (algo == "full")
+    dl.unfuse(pipe)
+    assert torch.equal(_forward(pipe, inputs), unfused)
+    dl.remove_lora(pipe, "l")
+    _assert_snapshot(pipe, snap)
+    assert torch.equal(_forward(pipe, inputs), base)

@@ -21,6 +21,7 @@ __all__ = [
     "QuantKind",
     "compute_dtype",
     "dequantized_rows",
+    "bias_problem",
     "dequantized_weight",
     "dora_problem",
     "logical_shape",
@@ -111,6 +112,16 @@ def dora_problem(module: torch.nn.Module, where: str) -> str | None:
     if quant_kind(module) is QuantKind.GGUF:
         return (f"{where} is GGUF-quantized and PEFT's DoRA cannot compute the norms of GGUF weights; use a plain "
                 f"LoRA there, or load the base unquantized or with quantize=nf4/int8/fp8")
+    return None
+
+
+def bias_problem(module: torch.nn.Module, where: str) -> str | None:
+    """Why a LoRA that changes the bias (PEFT's ``lora_bias``: LyCORIS ``diff_b``, ComfyUI bias deltas) cannot go
+    on ``module``, or None when it can: PEFT's torchao LoRA layer has no LoRA bias (0.21)."""
+    if quant_kind(module) is QuantKind.TORCHAO:
+        return (f"{where} is torchao-quantized ({compat_torchao.mode_of(module.weight)}) and PEFT's torchao LoRA "
+                f"layer cannot hold a bias change; load the base unquantized or with quantize=nf4, or use a file "
+                f"without bias deltas")
     return None
 
 

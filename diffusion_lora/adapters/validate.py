@@ -14,7 +14,7 @@ from ..formats.adapter_data import AdapterData, ModuleLora
 from ..formats.checks import check_finite, fit_problem
 from ..formats.family_guess import guess_families
 from .layers import base_module, inside_lora_layer
-from .quantized import compute_dtype, dequantized_rows, dora_problem
+from .quantized import bias_problem, compute_dtype, dequantized_rows, dora_problem
 from .state import AdapterState
 
 
@@ -207,6 +207,8 @@ def plan_load(
         _check_values(key, module, m, data.use_rslora, source)
         if m.magnitude is not None and (problem := dora_problem(module, key)):
             raise UnsupportedModelError(f"{source}: a DoRA module, but {problem}; the adapter was not loaded")
+        if m.bias is not None and (problem := bias_problem(module, key)):
+            raise UnsupportedModelError(f"{source}: a bias delta, but {problem}; the adapter was not loaded")
         plan.modules.setdefault(component, {})[path] = m
     total = len(data.modules) + len(unresolved)
     guess = guess_families(data.modules, extra_keys=unresolved)
