@@ -525,3 +525,22 @@ def test_lycoris_files_on_a_quantized_base(tiny, tmp_path, algo, mode):
     dl.remove_lora(pipe, "l")
     _assert_snapshot(pipe, snap)
     assert torch.equal(_forward(pipe, inputs), base)
+
+
+def test_load_checks_the_values_against_the_compute_dtype_of_a_quantized_layer(tmp_path):
+    """An nf4 layer's weight is bytes; what the adapter's numbers must fit is the layer's compute dtype: a product
+    of 9e4 (beyond float16's 65504) is refused on an nf4 base computing in float16 and loads on one in float32."""
+    donor = _fresh("tiny-flux")
+    path = "transformer_blocks.0.attn.to_q"
+    dl.add_lora(donor, "big", rank=1, alpha=1e-3, targets=[path])
+    layer = donor.transformer.get_submodule(path)
+    with torch.no_grad():
+        layer.lora_A["big"].weight.zero_()[0, 0] = 300.0
+        layer.lora_B["big"].weight.zero_()[0, 0] = 300.0
+    file = dl.save_lora(donor, "big", tmp_path / "big.safetensors")
+    half = _fresh("tiny-flux")
+    quantize_denoiser(half, "nf4", compute_dtype=torch.float16)
+    with pytest.raises(dl.FormatError, match=r"torch\.float16"):
+        dl.load_lora(half, file)
+    assert dl.list_loras(half) == []
+    assert dl.load_lora(_quantized("tiny-flux", "nf4"), file) == "big"
