@@ -477,11 +477,12 @@ def test_plain_state_dict_of_a_quantized_model_and_bake_refuses_it(tiny):
         _plain_copy("tiny-flux", pipe)
 
 
-@pytest.mark.parametrize(("algo", "mode"), [("loha", "nf4"), ("full", "nf4"), ("full", "int8")])
+@pytest.mark.parametrize(("algo", "mode"), [("full", "nf4"), ("full", "int8")])
 def test_lycoris_files_on_a_quantized_base(tiny, tmp_path, algo, mode):
-    """LoHa and full-delta files (made by the lycoris-lora package; LoKr becomes the same exact LoRA form) load on a
-    quantized base as on the dequantized one; fusing a full delta's bias change adds it at its scale, and unfuse
-    restores everything. PEFT's torchao layer has no LoRA bias: a bias delta there is refused by name."""
+    """A full-delta LyCORIS file with bias deltas (made by the lycoris-lora package; LoHa and LoKr become the same
+    exact LoRA form in formats/lycoris.py) loads on an nf4 base as on the dequantized one; fusing adds the bias
+    change at its scale, and unfuse restores everything. PEFT's torchao layer has no LoRA bias: a bias delta there
+    is refused by name."""
     lycoris = pytest.importorskip("lycoris.kohya")
     kind = "tiny-sd15"
     inputs = tiny(kind)["inputs"]
@@ -489,8 +490,7 @@ def test_lycoris_files_on_a_quantized_base(tiny, tmp_path, algo, mode):
     preset = tmp_path / "preset.toml"
     preset.write_text('enable_conv = false\nunet_target_module = ["Transformer2DModel"]\nunet_target_name = []\n')
     torch.manual_seed(0)
-    network = lycoris.create_network(1.0, 4, 3, None, donor.text_encoder, donor.unet, preset=str(preset),
-                                     algo=algo, **({"decompose_both": True} if algo == "lokr" else {}))
+    network = lycoris.create_network(1.0, 4, 3, None, donor.text_encoder, donor.unet, preset=str(preset), algo=algo)
     network.apply_to(donor.text_encoder, donor.unet, apply_text_encoder=False, apply_unet=True)
     with torch.no_grad():
         for p in network.parameters():
