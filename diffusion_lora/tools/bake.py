@@ -27,8 +27,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from ..adapters import check_weight_value, fuse, load_lora, plain_modules, plain_state_dict
-from ..adapters.quantized import quant_kind
+from ..adapters import check_weight_value, fuse, load_lora, plain_modules, plain_state_dict, quant_kind
 from ..errors import AdapterStateError, ConfigError
 from ..formats.adapter_files import resolve_adapter_path, safetensors_path
 from ..formats.atomic import atomic_write_bytes

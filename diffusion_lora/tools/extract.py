@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from ..adapters import pipeline_keys, plain_modules, resolve_targets
-from ..adapters.quantized import dequantized_weight, logical_shape
+from ..adapters import dequantized_weight, logical_shape, pipeline_keys, plain_modules, resolve_targets
 from ..errors import ConfigError, FamilyMismatchError
 from ..families import Family, detect_family
 from ..formats.adapter_data import AdapterData, ModuleLora
