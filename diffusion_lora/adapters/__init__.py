@@ -1,7 +1,8 @@
 """The adapter engine: injection, loading, weights, fuse/unfuse and hot-swap, on top of PEFT.
 
 Besides the user-facing functions, this is the surface the file tools (``tools/``) use: a pipeline's
-module keys, its plain (unwrapped) layers and state dict, target resolution and the weight check.
+module keys, its plain (unwrapped) layers and state dict, target resolution, the weight check, and what a
+quantized layer stands for (its float weight and shape).
 """
 
 from .api import (
@@ -20,6 +21,7 @@ from .api import (
 from .inject import resolve_targets
 from .keys import keys_of_components, pipeline_keys
 from .layers import plain_modules, plain_state_dict
+from .quantized import dequantized_weight, logical_shape, quant_kind
 from .transfer import adapter_data, hotswap, save_lora
 from .weights import check_weight_value
 
@@ -29,6 +31,7 @@ __all__ = [
     "adapter_data",
     "add_lora",
     "check_weight_value",
+    "dequantized_weight",
     "disable",
     "enable",
     "fuse",
@@ -36,9 +39,11 @@ __all__ = [
     "keys_of_components",
     "list_loras",
     "load_lora",
+    "logical_shape",
     "pipeline_keys",
     "plain_modules",
     "plain_state_dict",
+    "quant_kind",
     "remove_lora",
     "resolve_targets",
     "save_lora",

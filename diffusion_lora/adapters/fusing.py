@@ -4,10 +4,10 @@ PEFT's ``unmerge`` subtracts the delta again, which in floating point does not g
 weights. We keep an exact copy of every base weight (and bias) that fusing overwrites, on the CPU, and
 copy it back on unfuse.
 
-On a quantized base (bitsandbytes nf4, torchao int8/fp8) PEFT's merge dequantizes, adds the delta in
-float and quantizes the sum into a *new* weight object; re-quantizing again on unmerge would drift a little
-with every cycle. We keep the original quantized weight object (no copy: it is not modified) and put it
-back on unfuse, so unfuse is bit-exact there too. The fused output differs from the unfused one by the
+On a quantized base (bitsandbytes nf4, torchao int8/fp8) fusing dequantizes, adds the deltas in float and
+quantizes the sum once into a *new* weight object; re-quantizing again on unfuse would drift a little with
+every cycle. We keep the original quantized weight object (no copy: it is not modified) and put it back on
+unfuse, so unfuse is bit-exact there too. The fused output differs from the unfused one by the
 re-quantization error of W + ΔW. GGUF layers have no merge in PEFT: fusing them is refused.
 """
 
@@ -17,7 +17,7 @@ import torch
 
 from ..compat import peft as compat_peft
 from ..errors import AdapterStateError
-from .quantized import QuantKind, dequantized_weight, quant_kind
+from .quantized import QuantKind, dequantized_weight, quant_kind, requantize
 from .state import AdapterState, FusedWeights
 from .weights import apply_weights
 
@@ -48,8 +48,12 @@ def fuse_state(state: AdapterState) -> int:
             bias = getattr(base, "bias", None)
             weight = _copy(base.weight) if kind is None else base.weight
             fused.originals.append((layer, weight, None if bias is None else _copy(bias)))
-            layer.merge(adapter_names=active)
-            if not torch.isfinite(dequantized_weight(base)).all():
+            if kind is None:
+                layer.merge(adapter_names=active)
+                finite = bool(torch.isfinite(base.weight).all())
+            else:
+                finite = _merge_quantized(layer, base, active)
+            if not finite:
                 raise AdapterStateError(
                     f"fusing adapters {active} into {site.component}.{site.path} gave non-finite weights; "
                     f"their weights are too large for this dtype — lower them or fuse in float32"
@@ -59,6 +63,25 @@ def fuse_state(state: AdapterState) -> int:
         raise
     state.fused = fused
     return len(fused.originals)
+
+
+def _merge_quantized(layer: torch.nn.Module, base: torch.nn.Module, active: list[str]) -> bool:
+    """Fuse ``active`` into a quantized ``base``: W + ΣΔW in float from the dequantized weight, quantized once into
+    a new weight object by the base's library. Returns False, leaving the weight alone, when the sum is not finite.
+
+    Not PEFT's merge: its 4-bit and torchao merges re-quantize once per adapter (two stacked adapters, two
+    rounding errors), PEFT 0.21's torchao merge fails on a second adapter (UnboundLocalError) and drops DoRA's
+    magnitude, and its 4-bit merge adds a LoRA bias unscaled and flips the old weight's ``bnb_quantized`` flag.
+    The deltas are PEFT's own (``get_delta_weight``, DoRA's ``merge_safe``), as in its float merge."""
+    with torch.no_grad():
+        bias = None if base.bias is None else base.bias.detach().clone()
+        weight, bias = compat_peft.merged_weights(layer, active, dequantized_weight(base), bias)
+        if not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
+            return False
+        requantize(base, weight)
+        if bias is not None:
+            base.bias.data.copy_(bias)
+    return True
 
 
 def _restore(fused: FusedWeights) -> None:

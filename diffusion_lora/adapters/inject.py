@@ -13,12 +13,12 @@ from peft.tuners.lora import LoraLayer
 from torch.overrides import TorchFunctionMode
 
 from ..compat import peft as compat_peft
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedModelError
 from ..families import ALL_LINEAR, Family
 from ..formats.adapter_data import ModuleLora
 from ..formats.peft_format import lora_config_fields
 from .layers import ADAPTABLE, plain_modules
-from .quantized import compute_dtype, peft_layer_kwargs
+from .quantized import compute_dtype, dora_problem, peft_layer_kwargs, quant_kind
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,10 @@ def _create_layers(
     *,
     empty: bool,
 ) -> dict[str, LoraLayer]:
-    context = _empty_tensors if empty else contextlib.nullcontext
+    # DoRA on a quantized layer dequantizes (copies) the base weight while the layer is built, which the meta
+    # device cannot hold: such an adapter is built with real tensors.
+    dora_on_quantized = config.use_dora and any(quant_kind(_module_at(model, path)) is not None for path in layers)
+    context = _empty_tensors if empty and not dora_on_quantized else contextlib.nullcontext
     if empty:  # the weights are assigned next: skip PEFT's second random init of every LoRA matrix
         config = dataclasses.replace(config, init_lora_weights=False)
     # lora_bias only where the adapter changes a bias: PEFT cannot fuse a LoRA bias into a bias-less layer
@@ -99,6 +102,8 @@ def _create_layers(
             parent = model.get_submodule(parent_path) if parent_path else model
             target = getattr(parent, child)
             cfg = configs[bias]
+            if cfg.use_dora and (problem := dora_problem(_module_at(model, path), path)):
+                raise UnsupportedModelError(f"use_dora: {problem}")
             if isinstance(target, LoraLayer):
                 compat_peft.add_to_layer(target, cfg, name, rank=rank, alpha=alpha, path=path)
                 placed[path] = target
@@ -108,6 +113,11 @@ def _create_layers(
             setattr(parent, child, new)
             placed[path] = new
     return placed
+
+
+def _module_at(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    module = model.get_submodule(path)
+    return module.get_base_layer() if isinstance(module, LoraLayer) else module
 
 
 class _SkipInit(TorchFunctionMode):

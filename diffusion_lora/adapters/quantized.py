@@ -17,7 +17,18 @@ from ..compat import bitsandbytes as compat_bnb
 from ..compat import diffusers as compat_diffusers
 from ..compat import torchao as compat_torchao
 
-__all__ = ["QuantKind", "compute_dtype", "dequantized_weight", "logical_shape", "peft_layer_kwargs", "quant_kind"]
+__all__ = [
+    "QuantKind",
+    "compute_dtype",
+    "dequantized_rows",
+    "bias_problem",
+    "dequantized_weight",
+    "dora_problem",
+    "logical_shape",
+    "peft_layer_kwargs",
+    "quant_kind",
+    "requantize",
+]
 
 
 class QuantKind(enum.Enum):
@@ -62,6 +73,56 @@ def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
     if kind is QuantKind.GGUF:
         return compat_diffusers.gguf_dequantize(weight)
     return weight.detach()
+
+
+def dequantized_rows(module: torch.nn.Module, rows: int) -> tuple[torch.Tensor, int]:
+    """At most ``rows`` leading rows of ``module``'s float weight, and how many rows it has; for a quantized
+    layer only the blocks holding those rows are dequantized (a whole 3072×3072 torchao int8 weight takes
+    ~0.2 s on a CPU, and load checks look at every adapted layer)."""
+    kind = quant_kind(module)
+    weight = module.weight
+    if kind is None:
+        weight = weight.detach()
+        return weight[:rows], weight.shape[0]
+    count = logical_shape(module)[0]
+    if kind is QuantKind.NF4:
+        return compat_bnb.dequantize_rows(weight, rows), count
+    if kind is QuantKind.TORCHAO:
+        return compat_torchao.dequantize_rows(weight, rows), count
+    return compat_diffusers.gguf_dequantize_rows(weight, rows), count
+
+
+def requantize(module: torch.nn.Module, values: torch.Tensor) -> None:
+    """Replace the quantized weight of ``module`` by ``values`` (float, its logical shape) quantized the same way,
+    by the library that quantized it; the old weight object is not modified (fuse keeps it for unfuse)."""
+    kind = quant_kind(module)
+    if kind is QuantKind.NF4:
+        module.weight = compat_bnb.quantize_like(module.weight, values)
+    elif kind is QuantKind.TORCHAO:
+        weight = module.weight  # a torchao tensor reports the dtype it dequantizes to
+        compat_torchao.quantize_into(module, values.to(weight.dtype), compat_torchao.mode_of(weight))
+    else:
+        raise TypeError(f"cannot re-quantize a {kind} weight")
+
+
+def dora_problem(module: torch.nn.Module, where: str) -> str | None:
+    """Why a DoRA adapter cannot go on ``module`` (at ``where``), or None when it can. DoRA needs the base
+    weight's row norms: PEFT dequantizes bitsandbytes and torchao weights for them, but reads a GGUF weight's
+    block bytes as if they were the weight (a shape error, or wrong norms)."""
+    if quant_kind(module) is QuantKind.GGUF:
+        return (f"{where} is GGUF-quantized and PEFT's DoRA cannot compute the norms of GGUF weights; use a plain "
+                f"LoRA there, or load the base unquantized or with quantize=nf4/int8/fp8")
+    return None
+
+
+def bias_problem(module: torch.nn.Module, where: str) -> str | None:
+    """Why a LoRA that changes the bias (PEFT's ``lora_bias``: LyCORIS ``diff_b``, ComfyUI bias deltas) cannot go
+    on ``module``, or None when it can: PEFT's torchao LoRA layer has no LoRA bias (0.21)."""
+    if quant_kind(module) is QuantKind.TORCHAO:
+        return (f"{where} is torchao-quantized ({compat_torchao.mode_of(module.weight)}) and PEFT's torchao LoRA "
+                f"layer cannot hold a bias change; load the base unquantized or with quantize=nf4, or use a file "
+                f"without bias deltas")
+    return None
 
 
 def compute_dtype(module: torch.nn.Module) -> torch.dtype:

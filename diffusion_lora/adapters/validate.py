@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import FamilyMismatchError, FormatError, KeyMappingError
+from ..errors import FamilyMismatchError, FormatError, KeyMappingError, UnsupportedModelError
 from ..formats.adapter_data import AdapterData, ModuleLora
 from ..formats.checks import check_finite, fit_problem
 from ..formats.family_guess import guess_families
 from .layers import base_module, inside_lora_layer
-from .quantized import compute_dtype, dequantized_weight, quant_kind
+from .quantized import bias_problem, compute_dtype, dequantized_rows, dora_problem
 from .state import AdapterState
 
 
@@ -96,10 +96,10 @@ def _layer_dtype(module: torch.nn.Module) -> torch.dtype:
 
 
 def _base_rows(module: torch.nn.Module) -> tuple[torch.Tensor, int]:
-    """At most ``_BASE_ROWS`` rows of ``module``'s float weight, and how many rows it has. A quantized
-    weight has no float rows to slice: it is dequantized (once per layer and load)."""
-    weight = module.weight.detach() if quant_kind(module) is None else dequantized_weight(module)
-    return weight[:_BASE_ROWS], weight.shape[0]
+    """At most ``_BASE_ROWS`` rows of ``module``'s float weight, and how many rows it has (a quantized
+    weight: only those rows are dequantized)."""
+    rows, count = dequantized_rows(module, _BASE_ROWS)
+    return rows[:_BASE_ROWS], count
 
 
 def _check_values(key: str, module: torch.nn.Module, m: ModuleLora, use_rslora: bool, source: str) -> None:
@@ -205,6 +205,10 @@ def plan_load(
             misfits.append(problem)
             continue
         _check_values(key, module, m, data.use_rslora, source)
+        if m.magnitude is not None and (problem := dora_problem(module, key)):
+            raise UnsupportedModelError(f"{source}: a DoRA module, but {problem}; the adapter was not loaded")
+        if m.bias is not None and (problem := bias_problem(module, key)):
+            raise UnsupportedModelError(f"{source}: a bias delta, but {problem}; the adapter was not loaded")
         plan.modules.setdefault(component, {})[path] = m
     total = len(data.modules) + len(unresolved)
     guess = guess_families(data.modules, extra_keys=unresolved)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["dequantize", "is_4bit", "logical_shape", "quantize_nf4"]
+__all__ = ["dequantize", "dequantize_rows", "is_4bit", "logical_shape", "quantize_like", "quantize_nf4"]
 
 
 def is_4bit(weight: object) -> bool:
@@ -61,3 +61,43 @@ def dequantize(weight: torch.Tensor) -> torch.Tensor:
 def logical_shape(weight: torch.Tensor) -> tuple[int, ...]:
     """The shape of the float weight a ``Params4bit`` stands for (its own shape is the packed bytes')."""
     return tuple(weight.quant_state.shape)
+
+
+def dequantize_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """The first ``rows`` rows ``[rows, in]`` of the float weight a ``Params4bit`` stands for, dequantizing
+    only the blocks that hold them (the whole weight when it is not a 2-D Linear weight or has no more
+    rows).
+
+    The packed bytes are the row-major float weight, two values a byte, in blocks of ``blocksize``
+    values with one scale each (the scales themselves 8-bit quantized with double quantization):
+    the first ``rows·in`` values are the first blocks' bytes."""
+    import bitsandbytes.functional as F
+
+    state = weight.quant_state
+    shape = tuple(state.shape)
+    if len(shape) != 2 or rows >= shape[0] or state.blocksize % 2:
+        return dequantize(weight)
+    wanted = rows * shape[1]
+    blocks = -(-wanted // state.blocksize)
+    absmax = state.absmax
+    if state.nested:  # the scales are blockwise-quantized too (1/64 of the values: dequantized whole)
+        absmax = F.dequantize_blockwise(absmax, state.state2) + state.offset
+    absmax = absmax[:blocks]
+    values = min(blocks * state.blocksize, shape[0] * shape[1])
+    part = F.QuantState(absmax=absmax.float(), shape=torch.Size([values]), code=state.code,
+                        blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype)
+    flat = F.dequantize_4bit(weight.data.reshape(-1)[: -(-values // 2)], part)
+    return flat.reshape(-1)[:wanted].reshape(rows, shape[1])
+
+
+def quantize_like(weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A new ``Params4bit`` holding ``values`` (float ``[out, in]``) quantized with ``weight``'s settings (type,
+    block size, double quantization, storage) on ``weight``'s device; ``weight`` itself is not touched
+    (PEFT's 4-bit merge rewrites the old weight's ``bnb_quantized`` flag in place, which would make a later
+    ``.to(device)`` quantize its bytes a second time)."""
+    import bitsandbytes as bnb
+
+    new = bnb.nn.Params4bit(values.detach().to("cpu", weight.quant_state.dtype), requires_grad=False,
+                            blocksize=weight.blocksize, compress_statistics=weight.compress_statistics,
+                            quant_type=weight.quant_type, quant_storage=weight.quant_storage, module=weight.module)
+    return new.to(weight.device)

@@ -13,6 +13,7 @@ __all__ = [
     "flux3_prompt_embeds",
     "flux_latent_ids",
     "gguf_dequantize",
+    "gguf_dequantize_rows",
     "gguf_shape",
     "is_gguf",
     "modular_setting",
@@ -107,3 +108,13 @@ def gguf_dequantize(weight: Any) -> torch.Tensor:
     from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
 
     return dequantize_gguf_tensor(weight)
+
+
+def gguf_dequantize_rows(weight: Any, rows: int) -> torch.Tensor:
+    """The first ``rows`` rows of the float weight a 2-D ``GGUFParameter`` stands for: GGUF stores each row as
+    its own run of blocks (a ``[out, bytes per row]`` tensor), so only those rows' bytes are dequantized."""
+    from diffusers.quantizers.gguf.utils import GGUFParameter, dequantize_gguf_tensor
+
+    if weight.dim() != 2 or rows >= weight.shape[0]:
+        return dequantize_gguf_tensor(weight)
+    return dequantize_gguf_tensor(GGUFParameter(weight.as_tensor()[:rows], quant_type=weight.quant_type))

@@ -27,6 +27,7 @@ __all__ = [
     "add_to_layer",
     "forget_merges",
     "layers_take_config",
+    "merged_weights",
     "mark_peft_loaded",
     "new_layer",
     "set_active_adapters",
@@ -102,3 +103,23 @@ def forget_merges(layer: LoraLayer) -> None:
     """Tell a LoRA ``layer`` that no adapter is merged into its base weights any more (after the caller
     restored them exactly): empties ``merged_adapters`` (PEFT 0.17-0.21), which ``merged`` reads."""
     layer.merged_adapters.clear()
+
+
+def merged_weights(layer: LoraLayer, names: list[str], weight: torch.Tensor,
+                   bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``weight`` (the base layer's float weight) and ``bias`` with adapters ``names`` of ``layer`` merged in, in
+    order, as PEFT's float merge computes them; records them as merged in ``layer``. Nothing is written into
+    the base layer: the caller stores the result (re-quantized, for a quantized base).
+
+    Uses ``get_delta_weight`` (vanilla LoRA), the adapter's ``lora_variant[name].merge_safe`` (DoRA and the
+    other variants), ``lora_bias``/``scaling`` and ``merged_adapters`` (PEFT 0.19-0.21).
+    """
+    for name in names:
+        if name in layer.lora_variant:
+            weight = layer.lora_variant[name].merge_safe(layer, name, weight)
+        else:
+            weight = weight + layer.get_delta_weight(name).to(weight.dtype)
+        if layer.lora_bias[name] and bias is not None:
+            bias = bias + layer.lora_B[name].bias * layer.scaling[name]
+    layer.merged_adapters.extend(names)
+    return weight, bias

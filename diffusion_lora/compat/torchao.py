@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["MODES", "config_factory", "dequantize", "is_torchao", "quantize"]
+__all__ = ["MODES", "config_factory", "dequantize", "dequantize_rows", "is_torchao", "quantize", "quantize_into"]
 
 # Our names → torchao's weight-only configs (class names in torchao.quantization, 0.15-0.18).
 MODES = {"int8": "Int8WeightOnlyConfig", "fp8": "Float8WeightOnlyConfig"}
@@ -54,6 +54,22 @@ def quantize(model: torch.nn.Module, mode: str, *, skip: Callable[[str], bool]) 
 def dequantize(weight: torch.Tensor) -> torch.Tensor:
     """The float weight a torchao quantized tensor stands for."""
     return weight.dequantize()
+
+
+def quantize_into(module: torch.nn.Module, values: torch.Tensor, mode: str) -> None:
+    """Give ``module`` a new weight: ``values`` (float ``[out, in]``) quantized to ``mode`` by torchao, as
+    PEFT's torchao merge does; the old weight object is left as it was."""
+    from torchao.quantization import quantize_
+
+    del module.weight
+    module.weight = torch.nn.Parameter(values.detach(), requires_grad=False)
+    quantize_(module, config_factory(mode)())
+
+
+def dequantize_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """The first ``rows`` rows of the float weight a torchao quantized tensor stands for; the int8/float8
+    weight-only tensors keep one scale per row, so slicing rows before dequantizing gives the same values."""
+    return weight[:rows].dequantize()
 
 
 def mode_of(weight: torch.Tensor) -> str:

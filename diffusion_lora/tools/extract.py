@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..adapters import pipeline_keys, plain_modules, resolve_targets
+from ..adapters import dequantized_weight, logical_shape, pipeline_keys, plain_modules, resolve_targets
 from ..errors import ConfigError, FamilyMismatchError
 from ..families import Family, detect_family
 from ..formats.adapter_data import AdapterData, ModuleLora
@@ -84,15 +84,16 @@ def _extract(
         base_layers = dict(plain_modules(base_model))
         for path in paths:
             key = f"{comp}.{path}"
-            w_base = base_layers[path].weight.detach().float()
+            # a quantized layer (either model) counts with the float weight it computes with
+            w_base = dequantized_weight(base_layers[path]).float()
             tuned = tuned_layers.get(path)
-            if tuned is None or tuned.weight.shape != w_base.shape:
-                found = "missing" if tuned is None else tuple(tuned.weight.shape)
+            if tuned is None or logical_shape(tuned) != tuple(w_base.shape):
+                found = "missing" if tuned is None else logical_shape(tuned)
                 raise FamilyMismatchError(
                     f"{key}: base has shape {tuple(w_base.shape)} but tuned has {found}; "
                     "the two models must have the same architecture"
                 )
-            delta = tuned.weight.detach().float().cpu() - w_base.cpu()
+            delta = dequantized_weight(tuned).float().cpu() - w_base.cpu()
             if float(delta.norm()) <= threshold * float(w_base.norm()):
                 skipped.append(key)
                 continue
