@@ -27,7 +27,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from ..adapters import check_weight_value, fuse, load_lora, plain_modules, plain_state_dict, quant_kind
+from ..adapters import check_weight_value, fuse, load_lora, plain_state_dict
 from ..errors import AdapterStateError, ConfigError
 from ..formats.adapter_files import resolve_adapter_path, safetensors_path
 from ..formats.atomic import atomic_write_bytes
@@ -67,10 +67,7 @@ def _plain_copy(model: str, fused: Any) -> Any:
     """A freshly loaded ``model`` holding ``fused``'s weights, without any adapter wrapper."""
     plain = load_pipeline(model)
     fused_parts = _torch_components(fused)
-    quantized = [f"{n}.{p}" for n, c in fused_parts.items() for p, m in plain_modules(c) if quant_kind(m) is not None]
-    if quantized:  # its weights are quantized bytes and scales, which no plain diffusers model can take
-        raise ConfigError(f"bake: {model} was loaded quantized ({quantized[0]} and {len(quantized) - 1} more layers); "
-                          "bake writes a full-precision model: load the base without quantize")
+    require_float_weights(fused, model, "bake")  # quantized bytes and scales fit no plain diffusers model
     for name, component in _torch_components(plain).items():
         weights = plain_state_dict(fused_parts[name])
         try:
