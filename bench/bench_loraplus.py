@@ -9,8 +9,8 @@ prompts to the style's training images, as the share of the base's distance it c
 0 = base, 1 = as close as the training set). The table gives the gap per ratio and step, and for each
 ratio the first step whose gap reaches what the first ratio reaches at its last step.
 
-    python bench/bench_loraplus.py          # ratios 1 and 16, 500 steps, 12 prompts: ~15 min on 2 busy cores
-    python bench/bench_loraplus.py --ratios 1,4,16 --prompts 24 --out results.md
+    python bench/bench_loraplus.py          # ratios 1 and 16, 500 steps, 24 prompts
+    python bench/bench_loraplus.py --ratios 1,4,16 --out results.md
 
 The gap curve is one seed's: differences of a few points between neighbouring checkpoints are noise.
 """
@@ -69,10 +69,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--ref-every", type=int, default=100, help="score the first ratio's run only every N steps")
-    ap.add_argument("--prompts", type=int, default=12, help="evaluation prompts (the demo uses 24; 24 take ~1 "
-                    "min per checkpoint on a busy 2-core machine)")
+    ap.add_argument("--prompts", type=int, default=24, help="evaluation prompts (the demo's 24)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a busy shared machine two threads wait on each other, "
+                    "measured 20x slower per step)")
     ap.add_argument("--out", type=Path, help="also write the table (markdown) here")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     ratios = [float(r) for r in args.ratios.split(",")]
     cfg = load_config(ROOT / "samples" / f"train_style_{args.style}.toml")
     prompts = demo._eval_prompts()[: args.prompts]

@@ -30,6 +30,7 @@ from ..compat.diffusers import modular_setting
 from ..errors import ConfigError, ModelLoadError
 from ..families import single_file_pipelines, supported_titles
 from ..model_names import DEFAULT_MODEL, EMBEDDED_MODELS
+from .offload import Offload, apply_offload, check_offload
 from .quantize import Quantize, parse_quantize, quantize_denoiser, require_library
 from .tiny import TINY_MODELS, build_tiny_pipeline
 
@@ -95,6 +96,7 @@ def load_pipeline(
     config: str | os.PathLike[str] | None = None,
     exact: bool = False,
     quantize: str | Quantize | None = None,
+    offload: str | Offload | None = None,
 ) -> DiffusionPipeline:
     """Load a base pipeline from ``source`` and move it to ``device`` (default: stay on the CPU).
 
@@ -116,14 +118,17 @@ def load_pipeline(
     differs by ~1e-7); it costs a second copy of the weights at load time, so it is off by default.
     ``quantize`` ("nf4", "int8", "fp8"; see :mod:`diffusion_lora.models.quantize`) quantizes the
     denoiser's linear layers after loading (``torch_dtype`` is then their compute dtype).
-    Raises ModelLoadError for anything that cannot be loaded, ConfigError for a malformed ``device`` or
-    ``quantize``, or a missing quantization library.
+    ``offload`` ("model", "sequential", "group"; see :mod:`diffusion_lora.models.offload`) keeps the
+    weights in CPU memory and computes on ``device`` (default: the machine's accelerator); it needs one.
+    Raises ModelLoadError for anything that cannot be loaded, ConfigError for a malformed ``device``,
+    ``quantize`` or ``offload``, a missing quantization library, or offloading without an accelerator.
     """
     mode = parse_quantize(quantize)
     if mode is not None:
         require_library(mode)
+    offloading = check_offload(offload, device)
     name = os.fspath(source)
-    target = _parse_device(device)
+    target = torch.device("cpu") if offloading is not None else _parse_device(device)
     path = Path(name).expanduser()
     try:
         path.exists()
@@ -150,6 +155,8 @@ def load_pipeline(
         raise ConfigError(f"device: cannot move the pipeline to {device!r}: {exc}") from exc
     if exact and target.type == "cpu":
         _realign_cpu_tensors(pipe)
+    if offloading is not None:
+        apply_offload(pipe, *offloading)
     return pipe
 
 
