@@ -116,9 +116,9 @@ def test_ratio_through_warmup_in_a_training_run_and_after_resume(tmp_path):
     assert sorted(logged) == [1, 2, 3, 4, 5, 6]
     for step, lrs in logged.items():
         factor = min(1.0, step / 4)  # linear warm-up, after `step` scheduler steps
-        assert lrs.keys() == {"lr", "lr/denoiser", "lr/denoiser plus"}
+        assert lrs.keys() == {"lr", "lr/denoiser", "lr/denoiser_plus"}
         assert lrs["lr"] == lrs["lr/denoiser"] == pytest.approx(LR * factor, rel=1e-12)
-        assert lrs["lr/denoiser plus"] == pytest.approx(16 * LR * factor, rel=1e-12)
+        assert lrs["lr/denoiser_plus"] == pytest.approx(16 * LR * factor, rel=1e-12)
 
 
 @pytest.mark.parametrize(("optimizer", "lora", "message"), [

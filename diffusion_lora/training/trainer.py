@@ -232,11 +232,12 @@ class _Run:
         return losses
 
     def _group_lrs(self) -> dict[str, float]:
-        """With LoRA+, every group's current rate as ``lr/<group name>`` (kohya logs "lr/unet plus")."""
+        """With LoRA+, every group's current rate as ``lr/<group name>`` (``lr/denoiser_plus``: TensorBoard
+        tags take no spaces)."""
         names = [g.get("name", str(i)) for i, g in enumerate(self.optimizer.param_groups)]
         if not any(n.endswith(" plus") for n in names):
             return {}
-        return {f"lr/{n}": lr for n, lr in zip(names, self.scheduler.get_last_lr(), strict=True)}
+        return {f"lr/{n.replace(' ', '_')}": lr for n, lr in zip(names, self.scheduler.get_last_lr(), strict=True)}
 
     def _optimizer_step(self, stream: Iterator[list[int]], step: int, world: int, rank: int) -> float:
         cfg = self.cfg
