@@ -44,9 +44,11 @@ from diffusion_lora.training.optimizers import trainable_parameters  # noqa: E40
 from diffusion_lora.training.trainer import train  # noqa: E402
 
 
-def train_run(style: str, ratio: float, steps: int, every: int, out: Path) -> tuple[dict[int, Path], float]:
+def train_run(style: str, ratio: float, steps: int, every: int, out: Path, lr: float | None
+              ) -> tuple[dict[int, Path], float]:
     """Checkpoint folders by step (the last one is the final state) and the run's seconds."""
-    overrides = [f'data.path="{(ROOT / "samples" / "datasets" / style).as_posix()}"',
+    overrides = [f"train.learning_rate={lr}"] if lr is not None else []
+    overrides += [f'data.path="{(ROOT / "samples" / "datasets" / style).as_posix()}"',
                  f'output.dir="{out.as_posix()}"', f"train.steps={steps}", f"checkpoint.every={every}",
                  f"checkpoint.keep={steps // every + 1}", f"optimizer.loraplus_lr_ratio={ratio}"]
     start = time.perf_counter()
@@ -70,6 +72,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--ref-every", type=int, default=100, help="score the first ratio's run only every N steps")
     ap.add_argument("--prompts", type=int, default=24, help="evaluation prompts (the demo's 24)")
+    ap.add_argument("--lr", type=float, help="train.learning_rate of every run (default: the sample's)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a busy shared machine two threads wait on each other, "
                     "measured 20x slower per step)")
@@ -87,13 +90,14 @@ def main() -> None:
     base = style_distance(generate(pipe, prompts, seed=demo._SEED), reference).total
     add_lora(pipe, cfg.output.name, rank=cfg.lora.rank, alpha=cfg.lora.effective_alpha, targets=cfg.lora.targets)
     params = dict(trainable_parameters(state_of(pipe)))
-    print(f"style {args.style}: base distance {base:.4f}, {len(prompts)} prompts, lr {cfg.train.learning_rate}, "
+    lr = args.lr or cfg.train.learning_rate
+    print(f"style {args.style}: base distance {base:.4f}, {len(prompts)} prompts, lr {lr}, "
           f"batch {cfg.train.batch_size}, torch threads {torch.get_num_threads()}", flush=True)
 
     gaps: dict[float, dict[int, float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_loraplus_") as tmp:
         for ratio in ratios:
-            found, seconds = train_run(args.style, ratio, args.steps, args.every, Path(tmp) / f"r{ratio:g}")
+            found, seconds = train_run(args.style, ratio, args.steps, args.every, Path(tmp) / f"r{ratio:g}", args.lr)
             gaps[ratio] = {}
             for step, folder in found.items():
                 if ratio == ratios[0] and step % args.ref_every and step != args.steps:
