@@ -48,7 +48,7 @@ if TYPE_CHECKING:
         set_weights,
         unfuse,
     )
-    from .models import TINY_MODELS, build_tiny_pipeline, load_pipeline
+    from .models import TINY_MODELS, build_tiny_pipeline, enable_offload, load_pipeline
     from .training import TrainConfig, TrainResult, load_config, train
 
 # Public names that need torch/diffusers/peft, by the subpackage that defines them.
@@ -69,7 +69,7 @@ _LAZY_FROM: dict[str, tuple[str, ...]] = {
         "set_weights",
         "unfuse",
     ),
-    ".models": ("TINY_MODELS", "build_tiny_pipeline", "load_pipeline"),
+    ".models": ("TINY_MODELS", "build_tiny_pipeline", "enable_offload", "load_pipeline"),
     ".training": ("TrainConfig", "TrainResult", "load_config", "train"),
 }
 _LAZY: dict[str, str] = {name: module for module, names in _LAZY_FROM.items() for name in names}
@@ -101,6 +101,7 @@ __all__ = [
     "detect_family",
     "disable",
     "enable",
+    "enable_offload",
     "fuse",
     "get_family",
     "hotswap",

@@ -60,6 +60,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="largest height x width allowed (default: 16x the model's native pixel count, "
                    "at least 2048x2048)")
     p.add_argument("--fuse", action="store_true", help="fuse adapters into the weights for speed")
+    p.add_argument("--offload", choices=("model", "sequential", "group"),
+                   help="keep weights in CPU memory and move them to the GPU as they are needed: model (one model "
+                   "at a time), sequential (one layer at a time: least memory, slowest), group (one block at a "
+                   "time, copies overlapped with compute); needs a GPU")
     p.add_argument("--image", metavar="PATH", help="Flux.1 Kontext: the image to edit; Fill: the image to paint in")
     p.add_argument("--mask", metavar="PATH", help="Flux.1 Fill: the mask, white = repaint")
     p.add_argument("--control-image", metavar="PATH", help="Flux.1 Control: the depth or edge image to follow")
@@ -92,6 +96,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from .generate import GenerationSettings, ImageFolder, iter_generate
     from .models import load_pipeline
     from .models.image_inputs import image_inputs
+    from .models.offload import apply_offload, check_offload
     from .prompt_tags import parse_lora_tags
 
     # Everything the arguments alone can refuse is refused before the model loads.
@@ -106,6 +111,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         parse_lora_tags(prompt)
     specs = [split_weighted(spec) for spec in args.lora]
     base = _quantized_base(args)
+    offload = check_offload(args.offload, setting="--offload")
     folder = ImageFolder(args.out)
     pipe = load_pipeline(args.model, **base)
     loras = {}
@@ -116,6 +122,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.fuse:
         set_weights(pipe, loras)
         fuse(pipe)
+    if offload is not None:  # after the adapters: sequential offload moves the weights off the CPU
+        apply_offload(pipe, *offload, setting="--offload")
     for result in iter_generate(pipe, settings, model_file=_single_file(args.model)):
         print(printable(folder.add(result)))  # each image is on disk as soon as it is made
     return 0

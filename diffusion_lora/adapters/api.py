@@ -15,12 +15,13 @@ from typing import Any
 
 from peft import LoraConfig
 
+from ..compat.diffusers import refresh_group_offload
 from ..errors import ConfigError, DiffusionLoraError, FormatError
 from ..formats.adapter_files import default_adapter_name, read_adapter
 from ..formats.metadata import trigger_words_of
 from ..formats.printable import printable
 from .fusing import fuse_state, unfuse_state
-from .guards import check_name, refused, require, require_new
+from .guards import check_name, refuse_meta_weights, refused, require, require_new
 from .inject import assign_weights, config_for, inject, remove_from_model, target_paths
 from .keys import model_keys_of
 from .state import AdapterRecord, AdapterState, Weight, state_of
@@ -73,6 +74,7 @@ def add_lora(
     state = state_of(pipe)
     check_name(name)
     require_new(state, name)
+    refuse_meta_weights(state)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"rank must be a positive integer, got {rank!r}")
     alpha = float(rank if alpha is None else alpha)
@@ -138,6 +140,7 @@ def load_lora(
     touched: on any error the pipeline is exactly as before the call.
     """
     state = state_of(pipe)
+    refuse_meta_weights(state)
     read = read_adapter(path, model_keys_of(state), allow_pickle=allow_pickle)
     weight_file, data = read.path, read.data
     name = check_name(name if name is not None else default_adapter_name(weight_file))
@@ -172,6 +175,7 @@ def _inject_plan(state: AdapterState, name: str, plan: LoadPlan, use_rslora: boo
             placed = inject(model, name, config_for(modules, use_rslora), layers, empty=True)
             state.add_sites(component, placed)
             assign_weights(placed, name, modules)
+            refresh_group_offload(model)  # its hooks must hold the new layers' tensors
     except BaseException as exc:
         _remove_everywhere(state, name)
         if isinstance(exc, DiffusionLoraError) or not isinstance(exc, Exception):
@@ -239,6 +243,7 @@ def remove_lora(pipe: Any, name: str) -> None:
     """Unload an adapter; layers left without adapters become plain layers again."""
     state = state_of(pipe)
     require(state, name)
+    refuse_meta_weights(state)
     if state.fused is not None and state.record(name).enabled:
         # A removal cannot be undone, so first re-fuse without it (undone if that overflows): the
         # re-fuse after the removal then repeats a fuse that succeeded.
@@ -289,10 +294,14 @@ def fuse(pipe: Any) -> int:
     undone, leaving the previous adapters fused bit for bit as before. :func:`unfuse` restores the
     original base weights bit for bit.
     """
-    return fuse_state(state_of(pipe))
+    state = state_of(pipe)
+    refuse_meta_weights(state)
+    return fuse_state(state)
 
 
 def unfuse(pipe: Any) -> int:
     """Restore the exact base weights saved by :func:`fuse`; returns layers restored."""
-    return unfuse_state(state_of(pipe))
+    state = state_of(pipe)
+    refuse_meta_weights(state)
+    return unfuse_state(state)
 

@@ -22,6 +22,8 @@ def refused(state: AdapterState, undo: Callable[[], None] | None = None) -> Iter
     and the fuse error is raised saying so. Without ``undo`` the pipeline is left unfused.
     """
     was_fused = state.fused is not None
+    if was_fused:  # the re-fuse reads and writes the base weights
+        refuse_meta_weights(state)
     unfuse_state(state)
     try:
         yield
@@ -39,6 +41,18 @@ def refused(state: AdapterState, undo: Callable[[], None] | None = None) -> Iter
         undo()
         fuse_state(state)
         raise AdapterStateError(f"{exc}; the change was undone and the previous adapters are fused as before") from exc
+
+
+def refuse_meta_weights(state: AdapterState) -> None:
+    """AdapterStateError when a component's weights are on the meta device (diffusers' sequential CPU
+    offload keeps them elsewhere), where no adapter change could read or restore them."""
+    for component, model in state.components.items():
+        if any(p.device.type == "meta" for p in model.parameters()):
+            raise AdapterStateError(
+                f"{component}: its weights are on the meta device (sequential CPU offload keeps them elsewhere), so "
+                "adapters cannot be added, removed, fused or unfused now (unfused weights can still be set); load "
+                "and fuse adapters before enabling offload = sequential, or use offload = model or group"
+            )
 
 
 def check_name(name: object) -> str:

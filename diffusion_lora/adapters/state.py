@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from peft.tuners.lora import LoraLayer
 
+from ..compat.diffusers import refresh_group_offload
 from ..families import Family, Variant, detect_family, detect_variant
 
 STATE_ATTR = "_diffusion_lora_state"
@@ -75,8 +76,11 @@ class AdapterState:
         return self._pipe_components
 
     def invalidate(self) -> None:
-        """Forget the cached layer list; call after layers were removed or replaced."""
+        """Forget the cached layer list; call after layers were removed or replaced. diffusers' group
+        offloading, where it is on, is re-applied so that its hooks hold the new layers' tensors."""
         self._sites = None
+        for model in self._pipe_components.values():
+            refresh_group_offload(model)
 
     def sites(self) -> list[LoraSite]:
         """Every LoRA layer in the pipeline's denoiser and text encoders (cached)."""

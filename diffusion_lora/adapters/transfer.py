@@ -17,7 +17,7 @@ from ..formats.codec import encode
 from ..formats.metadata import ModelFacts, sharing_metadata, trigger_words_of
 from ..formats.safetensors_io import write_adapter_file_with_hashes
 from ..version import __version__
-from .guards import refused, require
+from .guards import refuse_meta_weights, refused, require
 from .keys import model_keys_of
 from .state import AdapterRecord, AdapterState, state_of
 from .validate import plan_load
@@ -59,6 +59,7 @@ def hotswap(pipe: Any, name: str, path: str | os.PathLike, *, allow_pickle: bool
     """
     state = state_of(pipe)
     require(state, name)
+    refuse_meta_weights(state)
     read = read_adapter(path, model_keys_of(state), allow_pickle=allow_pickle)
     weight_file, data = read.path, read.data
     plan = plan_load(state, data, str(weight_file), strict=True, unresolved=read.unresolved)

@@ -15,9 +15,11 @@ __all__ = [
     "gguf_dequantize",
     "gguf_dequantize_rows",
     "gguf_shape",
+    "group_offload_enabled",
     "is_gguf",
     "modular_setting",
     "pack_flux_latents",
+    "refresh_group_offload",
 ]
 
 
@@ -118,3 +120,28 @@ def gguf_dequantize_rows(weight: Any, rows: int) -> torch.Tensor:
     if weight.dim() != 2 or rows >= weight.shape[0]:
         return dequantize_gguf_tensor(weight)
     return dequantize_gguf_tensor(GGUFParameter(weight.as_tensor()[:rows], quant_type=weight.quant_type))
+def _group_offloading_helper(name: str) -> Any:
+    try:
+        from diffusers.hooks import group_offloading
+    except ImportError:
+        return None
+    return getattr(group_offloading, name, None)
+
+
+def group_offload_enabled(model: torch.nn.Module) -> bool:
+    """Whether diffusers' group offloading (``enable_group_offload``) is applied to ``model``, through
+    ``diffusers.hooks.group_offloading._is_group_offload_enabled`` (diffusers 0.42; feature-detected:
+    False where diffusers has none)."""
+    check = _group_offloading_helper("_is_group_offload_enabled")
+    return bool(check is not None and check(model))
+
+
+def refresh_group_offload(model: torch.nn.Module) -> None:
+    """Re-apply diffusers' group offloading to ``model`` after its layers changed (LoRA layers added or
+    removed), as diffusers' own LoRA loader does since its PR #11804: with CUDA streams the hooks keep a
+    pinned copy of each tensor they saw at apply time, and a tensor added later would have none. Uses
+    ``diffusers.hooks.group_offloading._maybe_remove_and_reapply_group_offloading`` (diffusers 0.42);
+    a no-op when group offloading is not applied."""
+    reapply = _group_offloading_helper("_maybe_remove_and_reapply_group_offloading")
+    if reapply is not None and group_offload_enabled(model):
+        reapply(model)

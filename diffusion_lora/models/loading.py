@@ -38,6 +38,7 @@ from .denoiser_load import (
     load_quantized_denoiser,
     read_denoiser_file,
 )
+from .offload import Offload, apply_offload, check_offload
 from .quantize import Quantize, parse_quantize, quantize_denoiser, require_library
 from .tiny import TINY_MODELS, build_tiny_pipeline
 
@@ -104,6 +105,7 @@ def load_pipeline(
     exact: bool = False,
     quantize: str | Quantize | None = None,
     denoiser: str | os.PathLike[str] | None = None,
+    offload: str | Offload | None = None,
 ) -> DiffusionPipeline:
     """Load a base pipeline from ``source`` and move it to ``device`` (default: stay on the CPU).
 
@@ -130,8 +132,11 @@ def load_pipeline(
     ``denoiser`` is a file holding the denoiser's weights to use instead of the base's: a GGUF file
     (loaded quantized through diffusers' ``GGUFQuantizationConfig``) or a ``.safetensors`` file with the
     denoiser's keys; the base supplies the denoiser's config and every other component.
-    Raises ModelLoadError for anything that cannot be loaded, ConfigError for a malformed ``device`` or
-    ``quantize``, a missing quantization library, or ``quantize`` for a denoiser that is already quantized.
+    ``offload`` ("model", "sequential", "group"; see :mod:`diffusion_lora.models.offload`) keeps the
+    weights in CPU memory and computes on ``device`` (default: the machine's accelerator); it needs one.
+    Raises ModelLoadError for anything that cannot be loaded, ConfigError for a malformed ``device``,
+    ``quantize`` or ``offload``, a missing quantization library, ``quantize`` for a denoiser that is
+    already quantized, or offloading without an accelerator.
     """
     mode = parse_quantize(quantize)
     if mode is not None:
@@ -142,8 +147,9 @@ def load_pipeline(
             f"quantize: the denoiser file {file.path} is already quantized ({file.quantization}); drop quantize "
             "(--quantize)"
         )
+    offloading = check_offload(offload, device)
     name = os.fspath(source)
-    target = _parse_device(device)
+    target = torch.device("cpu") if offloading is not None else _parse_device(device)
     path = Path(name).expanduser()
     try:
         path.exists()
@@ -175,6 +181,8 @@ def load_pipeline(
         raise ConfigError(f"device: cannot move the pipeline to {device!r}: {exc}") from exc
     if exact and target.type == "cpu":
         _realign_cpu_tensors(pipe)
+    if offloading is not None:
+        apply_offload(pipe, *offloading)
     return pipe
 
 

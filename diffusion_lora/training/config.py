@@ -247,6 +247,18 @@ class OptimizerSection(Section):
     weight_decay: float = setting(1e-2, ge=0)
     betas: list[float] = setting(factory=lambda: [0.9, 0.999], gt=0, lt=1, check=_pair)
     eps: float = setting(1e-8, gt=0)
+    # LoRA+ (kohya's names): the up factors (B) learn this many times faster than the down factors (A).
+    # Unset = off. The denoiser uses loraplus_unet_lr_ratio, else loraplus_lr_ratio; the text encoders
+    # loraplus_text_encoder_lr_ratio, else loraplus_lr_ratio (see optimizers.param_groups).
+    loraplus_lr_ratio: float | None = setting(None, ge=1)
+    loraplus_unet_lr_ratio: float | None = setting(None, ge=1)
+    loraplus_text_encoder_lr_ratio: float | None = setting(None, ge=1)
+
+    @property
+    def loraplus_ratios(self) -> tuple[float | None, float | None]:
+        """The LoRA+ ratio of the denoiser and of the text encoders (None: no LoRA+ for that part)."""
+        return (self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio,
+                self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio)
 
 
 @_section
@@ -351,9 +363,24 @@ def _cross_check(cfg: TrainConfig) -> None:
         raise ConfigError(f"cache.text: {cfg.cache.text.value!r} cannot be used with lora.text_encoder = true "
                           "(a trained text encoder's outputs change every step); set cache.text to \"auto\" "
                           "or \"off\"")
+    _check_loraplus(cfg)
     if t.text_encoder_lr is not None and not cfg.lora.text_encoder:
         raise ConfigError("train.text_encoder_lr: set while lora.text_encoder = false, so it would be ignored; "
                           "set lora.text_encoder = true or remove train.text_encoder_lr")
+
+
+def _check_loraplus(cfg: TrainConfig) -> None:
+    o = cfg.optimizer
+    keys = [k for k in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+            if getattr(o, k) is not None]
+    if keys and o.name is OptimizerName.PRODIGY:
+        # Prodigy estimates one step size for all groups from their updates; a fixed B/A ratio on top
+        # is not what LoRA+ prescribes (kohya warns it is meaningless), so refuse instead of guessing.
+        raise ConfigError(f"optimizer.{keys[0]}: LoRA+ needs a fixed learning rate, and optimizer.name = prodigy "
+                          "sets its own; use optimizer.name = \"adamw\" (or adamw8bit) or remove the LoRA+ ratio")
+    if o.loraplus_text_encoder_lr_ratio is not None and not cfg.lora.text_encoder:
+        raise ConfigError("optimizer.loraplus_text_encoder_lr_ratio: set while lora.text_encoder = false, so it "
+                          "would be ignored; set lora.text_encoder = true or remove it")
 
 
 def _check_buckets(d: DataSection) -> None:

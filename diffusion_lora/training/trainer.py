@@ -214,7 +214,7 @@ class _Run:
                 bar.update(1)
                 done = step + 1
                 if done % cfg.log.every == 0 or done == stop:
-                    values = {"loss": loss if math.isfinite(loss) else None, "lr": lr}
+                    values = {"loss": loss if math.isfinite(loss) else None, "lr": lr} | self._group_lrs()
                     log.write(done, values | ({"skipped_steps": len(self.skipped)} if self.skipped else {}))
                 if cfg.sample.every and done % cfg.sample.every == 0 and self.is_main:
                     write_sample_grid(self.pipe, cfg, self.out / "samples" / f"step_{done:06d}.png")
@@ -230,6 +230,14 @@ class _Run:
             bar.close()
             log.close()
         return losses
+
+    def _group_lrs(self) -> dict[str, float]:
+        """With LoRA+, every group's current rate as ``lr/<group name>`` (``lr/denoiser_plus``: TensorBoard
+        tags take no spaces)."""
+        names = [g.get("name", str(i)) for i, g in enumerate(self.optimizer.param_groups)]
+        if not any(n.endswith(" plus") for n in names):
+            return {}
+        return {f"lr/{n.replace(' ', '_')}": lr for n, lr in zip(names, self.scheduler.get_last_lr(), strict=True)}
 
     def _optimizer_step(self, stream: Iterator[list[int]], step: int, world: int, rank: int) -> float:
         cfg = self.cfg
