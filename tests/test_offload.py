@@ -149,3 +149,29 @@ def test_sequential_offload_refuses_layer_changes_but_sets_weights(files):
     assert [i.name for i in dl.list_loras(pipe)] == ["a"]
     dl.set_weights(pipe, {"a": 0.5})
     assert dl.list_loras(pipe)[0].weight == 0.5
+
+
+def test_fuse_on_a_quantized_base_under_group_offload(files):
+    """Fusing a quantized layer swaps its weight object (unfuse puts the original back); the group offload hooks are
+    re-applied to hold the current objects, and every output equals the same steps without offloading."""
+    from diffusers.hooks.group_offloading import _get_top_level_group_offload_hook
+
+    plain = dl.build_tiny_pipeline("tiny-sd15")
+    offloaded = dl.build_tiny_pipeline("tiny-sd15")
+    for p in (plain, offloaded):
+        dl.models.quantize.quantize_denoiser(p, "nf4")
+        dl.load_lora(p, files[0], name="a")
+        p.set_progress_bar_config(disable=True)
+    apply_offload(offloaded, Offload.GROUP, CPU)
+    unfused = run(plain)
+    assert torch.equal(run(offloaded), unfused)
+    hook = _get_top_level_group_offload_hook(offloaded.unet)
+    dl.fuse(plain)
+    dl.fuse(offloaded)
+    fused_hook = _get_top_level_group_offload_hook(offloaded.unet)
+    assert fused_hook not in (None, hook)
+    assert torch.equal(run(offloaded), run(plain))
+    dl.unfuse(plain)
+    dl.unfuse(offloaded)
+    assert _get_top_level_group_offload_hook(offloaded.unet) not in (None, fused_hook)
+    assert torch.equal(run(offloaded), unfused)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..compat import peft as compat_peft
+from ..compat.diffusers import refresh_group_offload
 from ..errors import AdapterStateError
 from .quantized import QuantKind, dequantized_weight, quant_kind, requantize
 from .state import AdapterState, FusedWeights
@@ -60,9 +61,19 @@ def fuse_state(state: AdapterState) -> int:
                 )
     except BaseException:
         _restore(fused)
+        _refresh_offload_hooks(state, fused)
         raise
     state.fused = fused
+    _refresh_offload_hooks(state, fused)
     return len(fused.originals)
+
+
+def _refresh_offload_hooks(state: AdapterState, fused: FusedWeights) -> None:
+    """Fusing or unfusing a quantized layer swaps its weight object; diffusers' group offloading, where it is
+    on, holds the tensors it saw when applied, so it is re-applied to see the current ones."""
+    if any(quant_kind(layer.get_base_layer()) is not None for layer, _, _ in fused.originals):
+        for model in state.components.values():
+            refresh_group_offload(model)
 
 
 def _merge_quantized(layer: torch.nn.Module, base: torch.nn.Module, active: list[str]) -> bool:
@@ -105,6 +116,7 @@ def unfuse_state(state: AdapterState) -> int:
     if state.fused is None:
         return 0
     _restore(state.fused)
+    _refresh_offload_hooks(state, state.fused)
     count = len(state.fused.originals)
     state.fused = None
     return count
