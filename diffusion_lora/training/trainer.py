@@ -29,6 +29,7 @@ from ..errors import ConfigError, DiffusionLoraError
 from ..families import Objective, detect_family, detect_variant
 from ..formats.atomic import atomic_write_bytes
 from ..models import load_pipeline
+from ..models.quantize import require_library
 from . import objectives as obj
 from .cache import TensorCache, model_fingerprint
 from .checkpoint import check_state, latest_checkpoint, load_checkpoint, resume_view, save_checkpoint
@@ -80,7 +81,8 @@ class _Run:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
         dtype = _DTYPES[cfg.model.dtype]
-        self.pipe = load_pipeline(cfg.model.name, torch_dtype=dtype)
+        # QLoRA: the denoiser's linears are quantized (compute dtype ``dtype``); the LoRA trains in float32
+        self.pipe = load_pipeline(cfg.model.name, torch_dtype=dtype, quantize=cfg.model.quantize)
         self.pipe.to(self.acc.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.family = detect_family(self.pipe)
@@ -309,6 +311,8 @@ def train(
     with time limits would. Returns the adapter path (None when stopped early) and the losses.
     """
     cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
+    if cfg.model.quantize is not None:  # before any folder is made; the error names the config key
+        require_library(cfg.model.quantize, "model.quantize")
     check_folders(cfg)
     run = _Run(cfg, progress=progress)
     run.setup()  # resolves the sizes the config leaves to the model: run.cfg from here on
