@@ -178,10 +178,13 @@ def test_qlora_trains_saves_a_normal_file_that_loads_exactly_on_the_float_base(
     assert all(torch.equal(loaded[n], trained[n]) for n in trained)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_resume_on_a_quantized_base_is_bit_identical_and_samples(dataset, tmp_path, mode):
+def test_resume_on_a_quantized_base_is_bit_identical_and_samples(dataset, tmp_path):
+    """The usual QLoRA recipe: nf4 computing in bfloat16 under bf16 autocast, 8-bit AdamW, checkpointing."""
+    mode = "nf4"
+
     def cfg(out: str) -> dict:
-        return _config(dataset, tmp_path / out, "tiny-flux", mode, train={"steps": 4}, checkpoint={"every": 2},
+        return _config(dataset, tmp_path / out, "tiny-flux", mode, model={"dtype": "bfloat16"},
+                       train={"steps": 4, "mixed_precision": "bf16"}, checkpoint={"every": 2},
                        sample={"every": 2, "prompts": ["a red circle"], "steps": 2, "width": 32, "height": 32})
 
     straight = dl.train(cfg("a"), progress=False)
@@ -191,9 +194,19 @@ def test_resume_on_a_quantized_base_is_bit_identical_and_samples(dataset, tmp_pa
     a, b = load_file(str(straight.adapter)), load_file(str(resumed.adapter))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert straight.losses[2:] == resumed.losses
+    assert straight.freed_text_encoders == ("text_encoder", "text_encoder_2")  # captions cached, encoders freed
     # previews were generated on the quantized base during training
     samples = sorted(p.name for p in (tmp_path / "a" / "samples").glob("*.png"))
     assert samples == ["step_000002.png", "step_000004.png"]
+    assert f"quantized to {mode} (QLoRA)" in (tmp_path / "a" / "README.md").read_text()
+
+
+def test_resume_refuses_a_checkpoint_of_another_base_quantization(dataset, tmp_path):
+    cfg = _config(dataset, tmp_path / "r", "tiny-flux", None, train={"steps": 2}, checkpoint={"every": 1})
+    assert dl.train(cfg, progress=False, max_steps_this_run=1).checkpoint is not None
+    cfg["model"]["quantize"] = "nf4"
+    with pytest.raises(dl.ConfigError, match="different config"):
+        dl.train(cfg, progress=False, resume=True)
 
 
 def test_quantize_setting_is_checked_and_named(dataset, tmp_path):

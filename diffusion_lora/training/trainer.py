@@ -188,6 +188,12 @@ class _Run:
         self.acc.wait_for_everyone()
         return path
 
+    def samples(self, path: Path) -> Path:
+        """The sample grid, under the run's autocast: accelerate makes the prepared denoiser return float32,
+        which a bfloat16/float16 VAE would otherwise refuse."""
+        with self.acc.autocast():
+            return write_sample_grid(self.pipe, self.cfg, path)
+
     def check_finite(self, step: int) -> None:
         """Refuse to save (a checkpoint or the adapter) unless every trainable value is finite."""
         bad = [n for n, p in self.named if not bool(torch.isfinite(p.detach()).all())]
@@ -219,7 +225,7 @@ class _Run:
                     values = {"loss": loss if math.isfinite(loss) else None, "lr": lr}
                     log.write(done, values | ({"skipped_steps": len(self.skipped)} if self.skipped else {}))
                 if cfg.sample.every and done % cfg.sample.every == 0 and self.is_main:
-                    write_sample_grid(self.pipe, cfg, self.out / "samples" / f"step_{done:06d}.png")
+                    self.samples(self.out / "samples" / f"step_{done:06d}.png")
                 if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.train.steps:
                     with interrupts_deferred():
                         self.checkpoint(done)
@@ -342,7 +348,7 @@ def _finish(run: _Run, losses: list[float]) -> TrainResult:
         if cfg.sample.prompts:
             grid = run.out / "samples" / f"step_{cfg.train.steps:06d}.png"
             if not grid.exists():
-                write_sample_grid(run.pipe, cfg, grid)
+                run.samples(grid)
             samples.append(grid)
         write_model_card(run.out / "README.md", cfg, adapter, samples, losses, run.family)
     run.acc.wait_for_everyone()
