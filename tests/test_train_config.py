@@ -49,7 +49,7 @@ def error_of(overrides=(), **sections) -> str:
 # ---------------------------------------------------------------- defaults
 
 DEFAULTS = {
-    "model": {"name": "tiny-sd15", "dtype": "float32"},
+    "model": {"name": "tiny-sd15", "dtype": "float32", "quantize": None},
     "data": {"path": "data/x", "instance_prompt": "", "trigger_word": "", "caption_extension": ".txt",
              "resolution": None, "buckets": True, "bucket_step": None, "min_bucket": None, "max_bucket": None,
              "no_upscale": False, "center_crop": True, "flip": False, "caption_dropout": 0.0,
@@ -462,7 +462,7 @@ def test_missing_file_directory_and_non_utf8(tmp_path):
 def everything_changed() -> dl.TrainConfig:
     tricky = 'q"uo\\te\tTab\nnl \x01 ünï 🎨 \'single\' #hash'
     sections = {
-        "model": {"name": "C:\\models\\sd.safetensors", "dtype": "bfloat16"},
+        "model": {"name": "C:\\models\\sd.safetensors", "dtype": "bfloat16", "quantize": "nf4"},
         "data": {"path": tricky, "instance_prompt": "a [photo] = {x}", "trigger_word": "ohwx",
                  "caption_extension": ".caption", "resolution": 768, "buckets": False, "bucket_step": 32,
                  "min_bucket": 512, "max_bucket": 1024, "no_upscale": True, "center_crop": False, "flip": True,

@@ -21,7 +21,7 @@ from ..errors import ConfigError
 __all__ = ["Quantize", "parse_quantize", "quantize_denoiser"]
 
 
-class Quantize(enum.Enum):
+class Quantize(enum.StrEnum):
     NF4 = "nf4"
     INT8 = "int8"
     FP8 = "fp8"

@@ -21,12 +21,13 @@ from typing import Any, ClassVar
 from ..errors import ConfigError
 from ..formats.detect import FileFormat
 from ..models.loading import DEFAULT_MODEL
+from ..models.quantize import Quantize
 from .typed_config import ConfigRoot, Section, load, setting
 
 __all__ = [
     "CacheSection", "CheckpointSection", "DataSection", "FileFormat", "LatentCache", "LogSection",
     "LoraSection", "Loss", "MixedPrecision", "ModelDtype", "ModelSection", "OptimizerName",
-    "OptimizerSection", "OutputSection", "PriorSection", "SampleSection",
+    "OptimizerSection", "OutputSection", "PriorSection", "Quantize", "SampleSection",
     "SchedulerName", "SchedulerSection", "TextCache", "TimestepSampling", "TrainConfig", "TrainSection",
     "load_config", "resolve_sizes",
 ]
@@ -152,6 +153,13 @@ class ModelSection(Section):
     SECTION: ClassVar[str] = "model"
     name: str = setting(DEFAULT_MODEL, check=_nonempty)
     dtype: ModelDtype = setting(ModelDtype.FLOAT32)
+    # QLoRA: the denoiser's linear layers quantized at load ("nf4", "int8", "fp8"); unset or "none": not.
+    quantize: Quantize | None = setting(None)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.quantize, str) and self.quantize.strip().lower() == "none":  # TOML has no null
+            object.__setattr__(self, "quantize", None)
+        super().__post_init__()
 
 
 @_section

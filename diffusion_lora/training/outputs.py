@@ -119,6 +119,9 @@ def write_model_card(
         f"- {cfg.train.steps} steps, batch {cfg.train.batch_size}, learning rate {cfg.train.learning_rate}, "
         f"resolution {cfg.data.resolution}",
     ]
+    if cfg.model.quantize is not None:
+        lines.append(f"- trained on the base quantized to {cfg.model.quantize.value} (QLoRA); the file is an "
+                     "ordinary LoRA that loads on the unquantized base too")
     if trigger:
         lines.append(f"- trigger word: `{trigger}`")
     if losses:

@@ -63,6 +63,8 @@ def training_metadata(cfg: TrainConfig, items: Sequence[Any]) -> dict[str, str]:
         "diffusion_lora.train_config": json.dumps(cfg.to_dict(), sort_keys=True),
         "diffusion_lora.dataset_size": str(len(items)),
     }
+    if cfg.model.quantize is not None:  # QLoRA: the base it was trained on was quantized this way
+        meta["diffusion_lora.base_quantize"] = cfg.model.quantize.value
     size = len(json.dumps(meta).encode("utf-8", "surrogatepass"))
     if size > _MAX_METADATA_BYTES:
         biggest = max(meta, key=lambda k: len(meta[k]))

@@ -29,6 +29,7 @@ from ..errors import ConfigError, DiffusionLoraError
 from ..families import Objective, detect_family, detect_variant
 from ..formats.atomic import atomic_write_bytes
 from ..models import load_pipeline
+from ..models.quantize import require_library
 from . import objectives as obj
 from .cache import TensorCache, model_fingerprint
 from .checkpoint import check_state, latest_checkpoint, load_checkpoint, resume_view, save_checkpoint
@@ -80,7 +81,8 @@ class _Run:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
         dtype = _DTYPES[cfg.model.dtype]
-        self.pipe = load_pipeline(cfg.model.name, torch_dtype=dtype)
+        # QLoRA: the denoiser's linears are quantized (compute dtype ``dtype``); the LoRA trains in float32
+        self.pipe = load_pipeline(cfg.model.name, torch_dtype=dtype, quantize=cfg.model.quantize)
         self.pipe.to(self.acc.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.family = detect_family(self.pipe)
@@ -186,6 +188,12 @@ class _Run:
         self.acc.wait_for_everyone()
         return path
 
+    def samples(self, path: Path) -> Path:
+        """The sample grid, under the run's autocast: accelerate makes the prepared denoiser return float32,
+        which a bfloat16/float16 VAE would otherwise refuse."""
+        with self.acc.autocast():
+            return write_sample_grid(self.pipe, self.cfg, path)
+
     def check_finite(self, step: int) -> None:
         """Refuse to save (a checkpoint or the adapter) unless every trainable value is finite."""
         bad = [n for n, p in self.named if not bool(torch.isfinite(p.detach()).all())]
@@ -217,7 +225,7 @@ class _Run:
                     values = {"loss": loss if math.isfinite(loss) else None, "lr": lr} | self._group_lrs()
                     log.write(done, values | ({"skipped_steps": len(self.skipped)} if self.skipped else {}))
                 if cfg.sample.every and done % cfg.sample.every == 0 and self.is_main:
-                    write_sample_grid(self.pipe, cfg, self.out / "samples" / f"step_{done:06d}.png")
+                    self.samples(self.out / "samples" / f"step_{done:06d}.png")
                 if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.train.steps:
                     with interrupts_deferred():
                         self.checkpoint(done)
@@ -317,6 +325,8 @@ def train(
     with time limits would. Returns the adapter path (None when stopped early) and the losses.
     """
     cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
+    if cfg.model.quantize is not None:  # before any folder is made; the error names the config key
+        require_library(cfg.model.quantize, "model.quantize")
     check_folders(cfg)
     run = _Run(cfg, progress=progress)
     run.setup()  # resolves the sizes the config leaves to the model: run.cfg from here on
@@ -346,7 +356,7 @@ def _finish(run: _Run, losses: list[float]) -> TrainResult:
         if cfg.sample.prompts:
             grid = run.out / "samples" / f"step_{cfg.train.steps:06d}.png"
             if not grid.exists():
-                write_sample_grid(run.pipe, cfg, grid)
+                run.samples(grid)
             samples.append(grid)
         write_model_card(run.out / "README.md", cfg, adapter, samples, losses, run.family)
     run.acc.wait_for_everyone()
