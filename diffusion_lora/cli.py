@@ -187,6 +187,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution", type=int, help="data.resolution (default: the model's native image size)")
     p.add_argument("--batch-size", type=int, dest="batch_size", help="train.batch_size")
     p.add_argument("--seed", type=int, help="train.seed")
+    p.add_argument("--quantize", help="model.quantize: nf4, int8 or fp8 (train on a quantized base: QLoRA)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config value")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
     p.set_defaults(func=_run_train)
@@ -196,7 +197,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 FLAG_KEYS = types.MappingProxyType({
     "model": "model.name", "data": "data.path", "out": "output.dir", "steps": "train.steps",
     "rank": "lora.rank", "lr": "train.learning_rate", "resolution": "data.resolution",
-    "batch_size": "train.batch_size", "seed": "train.seed",
+    "batch_size": "train.batch_size", "seed": "train.seed", "quantize": "model.quantize",
 })
 
 

@@ -414,7 +414,7 @@ def test_overrides_apply_before_validation_and_leave_the_source_alone():
 def test_flag_keys_and_flags_to_overrides():
     assert FLAG_KEYS == {"model": "model.name", "data": "data.path", "out": "output.dir", "steps": "train.steps",
                          "rank": "lora.rank", "lr": "train.learning_rate", "resolution": "data.resolution",
-                         "batch_size": "train.batch_size", "seed": "train.seed"}
+                         "batch_size": "train.batch_size", "seed": "train.seed", "quantize": "model.quantize"}
     overrides = flags_to_overrides({"steps": "20", "lr": 3e-4, "data": "my imgs", "out": "o", "model": "m",
                                     "seed": None, "rank": 4})
     cfg = dl.load_config({}, overrides)

@@ -238,7 +238,7 @@ def test_cli_sets_quantize_and_a_bad_value_exits_2_with_one_line(dataset, tmp_pa
     assert main([*common, "--out", str(tmp_path / "bad"), "--set", "model.quantize=nf5"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: model.quantize: ") and err.count("\n") == 1
-    assert main([*common, "--out", str(tmp_path / "ok"), "--set", "model.quantize=int8"]) == 0
+    assert main([*common, "--out", str(tmp_path / "ok"), "--quantize", "int8"]) == 0
     adapter = Path(capsys.readouterr().out.strip())
     meta = read_metadata(adapter)
     assert meta["diffusion_lora.base_quantize"] == "int8"

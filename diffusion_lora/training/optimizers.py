@@ -68,7 +68,9 @@ def build_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimiz
         try:
             import bitsandbytes as bnb  # why here: an optional dependency, needed only for this optimizer
         except ImportError:
-            raise ConfigError("optimizer.name = adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
+            raise ConfigError(
+                "optimizer.name = adamw8bit needs bitsandbytes: pip install 'diffusion-lora[quant]'"
+            ) from None
         return bnb.optim.AdamW8bit(groups, betas=tuple(opt.betas), eps=opt.eps, **kwargs)
     try:
         from prodigyopt import Prodigy  # why here: an optional dependency, needed only for this optimizer
