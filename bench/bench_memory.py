@@ -30,7 +30,8 @@ from memory_probe import build  # noqa: E402
 from diffusion_lora.families import get_family  # noqa: E402
 from diffusion_lora.models.quantize import parse_quantize  # noqa: E402
 from diffusion_lora.training.config import OptimizerName  # noqa: E402
-from diffusion_lora.training.memory import EstimateSettings, _from_reference, _Model, estimate_modules  # noqa: E402
+from diffusion_lora.training.memory import EstimateSettings, estimate_modules  # noqa: E402
+from diffusion_lora.training.memory_models import ModelLayout, layout_of_reference  # noqa: E402
 
 GB = 1e9
 QUANTS = (None, "int8", "nf4")
@@ -76,7 +77,7 @@ def estimates_table() -> list[str]:
              "setup phase (bf16 text encoders loaded) |", "|---|---|---|---|---|---|---|---|"]
     for label, variant, family_name, px in FULL:
         family = get_family(family_name)
-        model = _from_reference(family, family.variant(variant), variant)
+        model = layout_of_reference(family, family.variant(variant), variant)
         cells = [estimate_modules(model, _settings(px, q, True)).step_total / GB for q in QUANTS]
         adam8 = estimate_modules(model, _settings(px, "nf4", True, OptimizerName.ADAMW_8BIT)).step_total / GB
         off = estimate_modules(model, _settings(px, None, False))
@@ -92,8 +93,9 @@ def _reduced_estimate(row: dict) -> tuple[float, float, float]:
     args = types.SimpleNamespace(variant=row["variant"], family=row.get("family"), depth=row["depth"], dry_run=False)
     meta, family, variant = build(args, "cpu")
     s = _settings(row["px"], None if row["quant"] == "none" else row["quant"], row["ckpt"])
-    reduced = estimate_modules(_Model(family, variant, meta, {}, 0, None, "probe"), s)
-    full = estimate_modules(_Model(family, variant, _from_reference(family, variant, "").denoiser, {}, 0, None, ""), s)
+    reduced = estimate_modules(ModelLayout(family, variant, meta, {}, 0, None, "probe"), s)
+    full_denoiser = layout_of_reference(family, variant, "").denoiser
+    full = estimate_modules(ModelLayout(family, variant, full_denoiser, {}, 0, None, ""), s)
     step = reduced.part("LoRA gradients") + reduced.part("activations") + reduced.part("dequantized weight")
     return reduced.part("denoiser weights"), step, full.step_total - reduced.step_total
 

@@ -136,7 +136,8 @@ def main() -> None:
     from diffusion_lora.families.memory import SEQUENCE_TOKENS
     from diffusion_lora.models.quantize import quantize_denoiser
     from diffusion_lora.training.config import OptimizerName
-    from diffusion_lora.training.memory import EstimateSettings, _Model, estimate_modules
+    from diffusion_lora.training.memory import EstimateSettings, estimate_modules
+    from diffusion_lora.training.memory_models import ModelLayout
 
     dtype = torch.bfloat16
     t0 = time.time()
@@ -210,7 +211,7 @@ def main() -> None:
     settings = EstimateSettings(resolution=args.px, batch_size=args.batch, weight_bytes=2, activation_bytes=2,
                                 quantize=_quantize(mode), rank=args.rank, optimizer=OptimizerName.ADAMW,
                                 checkpointing=args.ckpt)
-    est = estimate_modules(_Model(family, variant, meta, {}, 0, None, "probe"), settings)
+    est = estimate_modules(ModelLayout(family, variant, meta, {}, 0, None, "probe"), settings)
     # measured "step" = what grows above the resident weights + LoRA + AdamW state during one step
     est_step = est.part("LoRA gradients") + est.part("activations") + est.part("dequantized weight")
     est_resident = est.part("LoRA weights") + est.part("optimizer state")

@@ -18,11 +18,11 @@ from diffusion_lora.models.quantize import Quantize
 from diffusion_lora.training.config import OptimizerName
 from diffusion_lora.training.memory import (
     EstimateSettings,
-    _from_reference,
     estimate_modules,
     optimizer_state_bytes,
     quantized_weight_bytes,
 )
+from diffusion_lora.training.memory_models import layout_of_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,7 +83,7 @@ def test_adamw8bit_state_bytes_match_bitsandbytes() -> None:
 @pytest.fixture(scope="module")
 def flux1():
     family = get_family("flux1")
-    return _from_reference(family, family.main_variant, "flux1")
+    return layout_of_reference(family, family.main_variant, "flux1")
 
 
 def _estimate(model, **kw):  # noqa: ANN001, ANN202
@@ -109,7 +109,7 @@ def test_activations_linear_in_batch_and_tokens(flux1) -> None:  # noqa: ANN001
 @pytest.mark.parametrize("variant", ["flux1", "sdxl", "flux2-klein"])
 def test_checkpointing_reduces_activations(variant: str) -> None:
     family = get_family(variant.split("-")[0])
-    model = _from_reference(family, family.variant(variant), variant)
+    model = layout_of_reference(family, family.variant(variant), variant)
     off = _estimate(model, resolution=1024)
     on = _estimate(model, resolution=1024, checkpointing=True)
     assert on.part("activations") < off.part("activations") / 3
