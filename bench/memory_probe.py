@@ -122,6 +122,8 @@ def main() -> None:
     p.add_argument("--quant", default="none", choices=["none", "nf4", "int8", "fp8"])
     p.add_argument("--ckpt", action="store_true", help="gradient checkpointing")
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="weights and compute (float32: bf16 convolutions are very slow on CPUs without AMX)")
     p.add_argument("--cuda", action="store_true")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args()
@@ -139,7 +141,7 @@ def main() -> None:
     from diffusion_lora.training.memory import EstimateSettings, estimate_modules
     from diffusion_lora.training.memory_models import ModelLayout
 
-    dtype = torch.bfloat16
+    dtype = getattr(torch, args.dtype)
     t0 = time.time()
     if args.cuda:
         torch.cuda.init()
@@ -208,15 +210,18 @@ def main() -> None:
         reserved = None
     step_s = time.time() - t
 
-    settings = EstimateSettings(resolution=args.px, batch_size=args.batch, weight_bytes=2, activation_bytes=2,
+    size = dtype.itemsize
+    settings = EstimateSettings(resolution=args.px, batch_size=args.batch, weight_bytes=size, activation_bytes=size,
                                 quantize=_quantize(mode), rank=args.rank, optimizer=OptimizerName.ADAMW,
                                 checkpointing=args.ckpt)
-    est = estimate_modules(ModelLayout(family, variant, meta, {}, 0, None, "probe"), settings)
+    fresh, _, _ = build(args, device)  # `meta` became the measured model (to_empty works in place)
+    est = estimate_modules(ModelLayout(family, variant, fresh, {}, 0, None, "probe"), settings)
     # measured "step" = what grows above the resident weights + LoRA + AdamW state during one step
     est_step = est.part("LoRA gradients") + est.part("activations") + est.part("dequantized weight")
     est_resident = est.part("LoRA weights") + est.part("optimizer state")
     result = dict(
-        variant=args.variant, depth=args.depth, px=args.px, txt=txt, batch=args.batch, quant=args.quant,
+        variant=args.variant, depth=args.depth, dtype=args.dtype, px=args.px, txt=txt, batch=args.batch,
+        quant=args.quant,
         ckpt=args.ckpt, device=device, dry_run=args.dry_run, lora_params=sum(x.numel() for x in lora),
         measured_weights=weights, estimated_weights=est.part("denoiser weights"),
         measured_step=step_peak, estimated_step=est_step, estimated_resident_training_state=est_resident,

@@ -156,3 +156,23 @@ def test_cli_estimate_unknown_hub_model_is_a_config_error(tmp_path: Path, capsys
 
 def test_gpu_script_parses() -> None:
     assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu" / "run.sh")]).returncode == 0
+
+
+def test_embedded_model_weights_equal_its_loaded_parameters(tmp_path: Path) -> None:
+    """For a local diffusers folder (the embedded model) the estimate builds its own configs on meta: the
+    denoiser's and text encoder's bytes equal those of the loaded modules' parameters (float32)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from diffusion_lora.models.loading import embedded_model_path
+    from diffusion_lora.training.config import load_config
+    from diffusion_lora.training.memory import estimate_memory
+
+    folder = embedded_model_path("shapes-sd15")
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    est = estimate_memory(load_config(_config(tmp_path, "shapes-sd15")))
+    assert est.part("denoiser weights") == 4 * sum(p.numel() for p in unet.parameters())
+    setup = {p.name: p.bytes for p in est.setup}
+    assert setup["text encoders"] == 4 * sum(p.numel() for p in text.parameters())
+    assert est.part("text encoders") == 0  # cached and freed while training

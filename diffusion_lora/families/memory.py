@@ -7,8 +7,8 @@ checkpointed inputs) with it. Being per channel, one coefficient serves every wi
 (Flux.1-dev and Chroma, SD3 medium and 3.5 large). The numbers were measured on this project's CPU
 runner with ``bench/memory_probe.py`` (peak RSS of one fwd+bwd+AdamW step of real-width, reduced-depth
 models, random bf16 weights, glibc trimming forced; see ``bench/bench_memory.py`` for the table): the
-per-block slope between two depths, divided by ``T · W · s``. Block classes not listed here fall back to
-:data:`DEFAULT_BLOCK` (stated as an assumption in the estimate).
+per-block slope between two depths, divided by ``T · W · s``. A denoiser with no block listed here cannot be
+sized (the estimate says so).
 
 Keyed by diffusers class names and by :class:`~.kinds.Conditioning`, never by a family's name.
 """
@@ -38,9 +38,14 @@ class BlockCost:
     tokens: str = "joint"
     measured: bool = True
     streams: int = 1  # 2: a double-stream block, whose image and text layers come in pairs (to_q / add_q_proj)
+    extra: float = 0.65  # what a step holds beyond the saved activations, x the largest block's kept (see below)
 
 
-# Measured: Flux.1-dev width (3072), 1024+512 and 256+512 tokens, 1-2 blocks of each kind (bench/memory_probe.py).
+# Measured (bench/memory_probe.py, CPU peak RSS, real widths, 1-2 blocks of each kind; slopes between depths):
+# Flux.1-dev width 3072 at 1024 image + 512 text tokens (at 256 + 128 tokens the slopes were 10-15 % lower);
+# Flux.2 Klein 4B width 3072 at 256 + 128 tokens (its 1+1-block step at 1024 + 512 tokens then came out within
+# 1 %); SDXL widths 320/640/1280 in float32 at 256 px (bf16 convolutions are too slow on this CPU; the bf16 run
+# at 512 px came out within 5 %).
 _FLUX_DOUBLE = BlockCost(kept=13.4, width="attn.to_q.in_features", inputs=1.05, streams=2)
 _FLUX_SINGLE = BlockCost(kept=12.8, width="attn.to_q.in_features", inputs=1.0)
 
@@ -50,27 +55,24 @@ BLOCK_COSTS: Mapping[str, BlockCost] = MappingProxyType({
     # Chroma's blocks are Flux.1's without the modulation Linears (same activations per token)
     "ChromaTransformerBlock": BlockCost(kept=_FLUX_DOUBLE.kept, width=_FLUX_DOUBLE.width, measured=False, streams=2),
     "ChromaSingleTransformerBlock": BlockCost(kept=_FLUX_SINGLE.kept, width=_FLUX_SINGLE.width, measured=False),
-    # Flux.2 (Klein 4B width 3072): SwiGLU MLP of ratio 3, fused qkv+mlp projection in single blocks
-    "Flux2TransformerBlock": BlockCost(kept=14.0, width="attn.to_q.in_features", inputs=1.05, streams=2),
-    "Flux2SingleTransformerBlock": BlockCost(kept=12.0, width="attn.to_qkv_mlp_proj.in_features"),
-    "Flux3SingleTransformerBlock": BlockCost(kept=12.0, width="attn.to_q.in_features", measured=False),
-    "Flux3ModeTransformerBlock": BlockCost(kept=12.0, width="attn.to_q.in_features", measured=False),
-    "JointTransformerBlock": BlockCost(kept=15.0, width="attn.to_q.in_features", inputs=1.05, measured=False,
+    # Flux.2: SwiGLU MLP of ratio 3, fused qkv+mlp projection in single blocks
+    "Flux2TransformerBlock": BlockCost(kept=16.6, width="attn.to_q.in_features", inputs=1.05, streams=2,
+                                       extra=1.45),
+    "Flux2SingleTransformerBlock": BlockCost(kept=18.3, width="attn.to_qkv_mlp_proj.in_features", extra=1.45),
+    # Flux.3 (Flux.2-like blocks) and SD3's MMDiT blocks (Flux.1-like): copied, not measured
+    "Flux3SingleTransformerBlock": BlockCost(kept=18.3, width="attn.to_q.in_features", measured=False, extra=1.45),
+    "Flux3ModeTransformerBlock": BlockCost(kept=16.6, width="attn.to_q.in_features", measured=False, extra=1.45),
+    "JointTransformerBlock": BlockCost(kept=13.4, width="attn.to_q.in_features", inputs=1.05, measured=False,
                                        streams=2),
-    # UNets (SDXL widths 320/640/1280): every resnet and every transformer layer at its level's resolution
+    # UNets: every resnet and every transformer layer at its level's resolution
     "ResnetBlock2D": BlockCost(kept=8.0, width="conv1.out_channels", inputs=1.0, tokens="image"),
-    "BasicTransformerBlock": BlockCost(kept=14.0, width="attn1.to_q.in_features", inputs=1.0, tokens="image"),
+    "BasicTransformerBlock": BlockCost(kept=20.7, width="attn1.to_q.in_features", inputs=1.0, tokens="image"),
 })
 
-# A block class with no entry: Flux.1's double block, the widest measured.
-DEFAULT_BLOCK = BlockCost(kept=15.0, width="", measured=False)
-
-# What a step holds beyond the blocks' saved activations, as a multiple of the largest block's ``kept``:
-# the gradient buffers of the block whose backward runs, the embedders' and final layer's activations and
-# the float32 loss. With checkpointing that block's activations are recomputed first, so the peak adds
-# (1 + BACKWARD_EXTRA) x its kept. Fitted on the 1+1-block Flux.1-width runs (with and without checkpointing
-# the fit agreed within a few percent).
-BACKWARD_EXTRA = 0.65
+# ``BlockCost.extra``: what a step holds beyond the blocks' saved activations, as a multiple of the largest
+# block's kept bytes (LoRA copies included): the gradient buffers of the block whose backward runs, the
+# embedders' and final layer's activations, the float32 loss. With checkpointing that block's activations
+# are recomputed first, so the peak adds (1 + extra) x its kept. Fitted per block class on the 1+1-block runs.
 
 
 @dataclass(frozen=True)

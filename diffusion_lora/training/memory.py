@@ -30,9 +30,7 @@ from ..adapters.inject import resolve_targets
 from ..errors import ConfigError
 from ..families import Family
 from ..families.memory import (
-    BACKWARD_EXTRA,
     BLOCK_COSTS,
-    DEFAULT_BLOCK,
     PUBLISHED_VAE_PARAMS,
     SEQUENCE_TOKENS,
     BlockCost,
@@ -224,7 +222,7 @@ def _lora_sizes(model: ModelLayout, s: EstimateSettings) -> list[int]:
 
 
 def _block_cost(block: torch.nn.Module) -> BlockCost:
-    return BLOCK_COSTS.get(type(block).__name__, DEFAULT_BLOCK)
+    return BLOCK_COSTS[type(block).__name__]
 
 
 def _blocks(denoiser: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -295,6 +293,7 @@ def activation_bytes(model: ModelLayout, s: EstimateSettings, checkpointing: boo
     image = (latent // 2) ** 2 * seq.image_factor
     kept: list[float] = []
     inputs: list[float] = []
+    extras: list[float] = []
     unmeasured: set[str] = set()
     targets = _lora_targets(model, s)
     for path, block in _blocks(den):
@@ -307,14 +306,16 @@ def activation_bytes(model: ModelLayout, s: EstimateSettings, checkpointing: boo
         copies = _lora_input_copies(block, path, targets, tokens // cost.streams, seq.context, s)
         kept.append(cost.kept * unit + copies)
         inputs.append(cost.inputs * unit)
+        extras.append(cost.extra)
     if not kept:
         raise ConfigError(f"model.name: {type(den).__name__} has no block this estimate knows; cannot size "
                           "its activations")
-    biggest = max(kept)
+    biggest = max(range(len(kept)), key=kept.__getitem__)
+    extra = extras[biggest] * kept[biggest]
     if checkpointing:
-        total = sum(inputs) + (1 + BACKWARD_EXTRA) * biggest
+        total = sum(inputs) + kept[biggest] + extra
     else:
-        total = sum(kept) + BACKWARD_EXTRA * biggest
+        total = sum(kept) + extra
     if seq.text:
         note = f"{image} image + {seq.text} text tokens per image"
     else:
