@@ -15,6 +15,7 @@ measured columns are kept apart. GB = 1e9 bytes; GPU runtime overhead (CUDA cont
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -51,10 +52,12 @@ FULL = [
 # measured rows: name, probe arguments (all with gradient checkpointing, batch 1, LoRA r16 attn, AdamW)
 _F11 = "num_layers=1;num_single_layers=1"
 MEASURE = [
-    ("sdxl-1024", ["--variant", "sdxl", "--depth", "transformer_layers_per_block=(1,1,1)", "--px", "1024"]),
-    ("flux1-512", ["--variant", "flux1", "--depth", _F11, "--px", "512"]),
-    ("flux1-1024", ["--variant", "flux1", "--depth", _F11, "--px", "1024"]),
-    ("klein4b-1024", ["--variant", "flux2-klein", "--family", "flux2", "--depth", _F11, "--px", "1024"]),
+    ("sdxl-1024", ["--variant", "sdxl", "--depth", "transformer_layers_per_block=(1,1,1)", "--px", "1024"],
+     ("none", "nf4")),
+    ("flux1-512", ["--variant", "flux1", "--depth", _F11, "--px", "512"], ("none", "int8", "nf4")),
+    ("flux1-1024", ["--variant", "flux1", "--depth", _F11, "--px", "1024"], ("nf4",)),
+    ("klein4b-1024", ["--variant", "flux2-klein", "--family", "flux2", "--depth", _F11, "--px", "1024"],
+     ("none", "nf4")),
 ]
 TARGETS = {("SDXL", 1024): (10, "any base"), ("Flux.1-dev", 512): (10, "nf4"), ("Flux.2 Klein 4B", 1024): (8, "any")}
 ANCHORS = [
@@ -93,6 +96,7 @@ def _reduced_estimate(row: dict) -> tuple[float, float, float]:
     args = types.SimpleNamespace(variant=row["variant"], family=row.get("family"), depth=row["depth"], dry_run=False)
     meta, family, variant = build(args, "cpu")
     s = _settings(row["px"], None if row["quant"] == "none" else row["quant"], row["ckpt"])
+    s = dataclasses.replace(s, text_tokens=row["txt"])
     reduced = estimate_modules(ModelLayout(family, variant, meta, {}, 0, None, "probe"), s)
     full_denoiser = layout_of_reference(family, variant, "").denoiser
     full = estimate_modules(ModelLayout(family, variant, full_denoiser, {}, 0, None, ""), s)
@@ -118,13 +122,13 @@ def measured_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def measure(rows_file: Path, names: set[str]) -> None:
+def measure(rows_file: Path, names: set[str], only: str) -> None:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072",
            "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    for name, args in MEASURE:
-        for quant in ("none", "int8", "nf4"):
+    for name, args, quants in MEASURE:
+        for quant in quants:
             key = f"{name}-{quant}"
-            if key in names:
+            if key in names or only not in key:
                 continue
             cmd = [sys.executable, str(HERE / "memory_probe.py"), *args, "--quant", quant, "--ckpt"]
             try:
@@ -143,10 +147,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=Path, default=Path("/tmp/bench_memory_rows.jsonl"))
     p.add_argument("--measure", action="store_true")
+    p.add_argument("--only", default="", help="measure only the rows whose name contains this")
     a = p.parse_args()
     rows = [json.loads(x) for x in a.rows.read_text().splitlines() if x.strip()] if a.rows.exists() else []
     if a.measure:
-        measure(a.rows, {r["name"] for r in rows})
+        measure(a.rows, {r["name"] for r in rows if not r.get("failed")}, a.only)
         rows = [json.loads(x) for x in a.rows.read_text().splitlines() if x.strip()]
     out = estimates_table() + [""] + measured_table(rows) + ["", "## Published by peers (their measurements)", ""]
     out += [f"- {who}: {what}" for who, what in ANCHORS]

@@ -213,7 +213,7 @@ def main() -> None:
     size = dtype.itemsize
     settings = EstimateSettings(resolution=args.px, batch_size=args.batch, weight_bytes=size, activation_bytes=size,
                                 quantize=_quantize(mode), rank=args.rank, optimizer=OptimizerName.ADAMW,
-                                checkpointing=args.ckpt)
+                                checkpointing=args.ckpt, text_tokens=txt)
     fresh, _, _ = build(args, device)  # `meta` became the measured model (to_empty works in place)
     est = estimate_modules(ModelLayout(family, variant, fresh, {}, 0, None, "probe"), settings)
     # measured "step" = what grows above the resident weights + LoRA + AdamW state during one step

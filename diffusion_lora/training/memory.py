@@ -120,6 +120,7 @@ class EstimateSettings:
     optimizer: OptimizerName = OptimizerName.ADAMW
     checkpointing: bool = False
     text_encoders_freed: bool = True
+    text_tokens: int | None = None  # context tokens joined to the image's; None: the family's (SEQUENCE_TOKENS)
     notes: tuple[str, ...] = field(default=())
 
 
@@ -291,6 +292,7 @@ def activation_bytes(model: ModelLayout, s: EstimateSettings, checkpointing: boo
     levels = len(getattr(den, "down_blocks", ())) or 1
     latent = s.resolution // 8  # every family's VAE scales by 8; transformers then take 2x2 patches
     image = (latent // 2) ** 2 * seq.image_factor
+    text = seq.text if s.text_tokens is None or not seq.text else s.text_tokens
     kept: list[float] = []
     inputs: list[float] = []
     extras: list[float] = []
@@ -300,7 +302,7 @@ def activation_bytes(model: ModelLayout, s: EstimateSettings, checkpointing: boo
         cost = _block_cost(block)
         if not cost.measured:
             unmeasured.add(type(block).__name__)
-        tokens = (latent // 2 ** _unet_level(path, levels)) ** 2 if cost.tokens == "image" else image + seq.text
+        tokens = (latent // 2 ** _unet_level(path, levels)) ** 2 if cost.tokens == "image" else image + text
         width = _width(block, cost)
         unit = tokens * width * s.activation_bytes * s.batch_size
         copies = _lora_input_copies(block, path, targets, tokens // cost.streams, seq.context, s)
@@ -316,8 +318,8 @@ def activation_bytes(model: ModelLayout, s: EstimateSettings, checkpointing: boo
         total = sum(inputs) + kept[biggest] + extra
     else:
         total = sum(kept) + extra
-    if seq.text:
-        note = f"{image} image + {seq.text} text tokens per image"
+    if text:
+        note = f"{image} image + {text} text tokens per image"
     else:
         note = f"{latent}x{latent} latent pixels at the first level"
     if unmeasured:
