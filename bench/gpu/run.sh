@@ -58,6 +58,7 @@ probe flux1-512-bf16-ckpt   --variant flux1 --depth "$FULL_FLUX" --px $P512 --ck
 probe flux1-1024-nf4-ckpt   --variant flux1 --depth "$FULL_FLUX" --px $P1024 --quant nf4 --ckpt
 probe flux1-1024-bf16-ckpt  --variant flux1 --depth "$FULL_FLUX" --px $P1024 --ckpt
 probe flux1-512-nf4         --variant flux1 --depth "$FULL_FLUX" --px $P512 --quant nf4
+probe flux1-512-int8        --variant flux1 --depth "$FULL_FLUX" --px $P512 --quant int8  # torchao keeps dequantized weights
 probe sdxl-1024-bf16-ckpt   --variant sdxl --depth "$FULL_SDXL" --px $P1024 --ckpt
 probe sdxl-1024-nf4-ckpt    --variant sdxl --depth "$FULL_SDXL" --px $P1024 --quant nf4 --ckpt
 probe sdxl-1024-bf16        --variant sdxl --depth "$FULL_SDXL" --px $P1024

@@ -75,6 +75,18 @@ BLOCK_COSTS: Mapping[str, BlockCost] = MappingProxyType({
 # are recomputed first, so the peak adds (1 + extra) x its kept. Fitted per block class on the 1+1-block runs.
 
 
+# Linears fed by the timestep embedding (adaLN modulation, a resnet's time projection), by module-name suffix:
+# their input never requires a gradient, so autograd keeps nothing of them (see DEQUANTIZED_WEIGHTS_KEPT).
+TIME_EMBEDDING_LINEARS = ("norm.linear", "norm1.linear", "norm1_context.linear", "time_emb_proj")
+
+# torchao's weight-only tensors (int8, fp8) run F.linear through __torch_function__: autograd records the
+# dequantize and then a plain linear, which keeps the dequantized (16-bit) weight for the input's gradient.
+# Every such Linear whose input requires a gradient keeps one (measured: 0.568 GB on the 1+1-block Flux.1 model,
+# exactly its non-modulation Linears after the first LoRA layer). bitsandbytes' nf4 autograd function keeps the
+# packed weight only. Modes listed here pay it: per block without checkpointing, one block's worth with it.
+DEQUANTIZED_WEIGHTS_KEPT = ("int8", "fp8")
+
+
 @dataclass(frozen=True)
 class SequenceTokens:
     """Tokens a denoiser step sees: ``text`` context tokens joined to the image stream (0 for UNets, whose

@@ -31,8 +31,10 @@ from ..errors import ConfigError
 from ..families import Family
 from ..families.memory import (
     BLOCK_COSTS,
+    DEQUANTIZED_WEIGHTS_KEPT,
     PUBLISHED_VAE_PARAMS,
     SEQUENCE_TOKENS,
+    TIME_EMBEDDING_LINEARS,
     BlockCost,
 )
 from ..models.quantize import Quantize, keeps_float, parse_quantize
@@ -285,6 +287,19 @@ def _lora_input_copies(block: torch.nn.Module, path: str, targets: set[str], tok
     return total
 
 
+def _dequantized_kept(block: torch.nn.Module, path: str, s: EstimateSettings) -> float:
+    """Bytes of dequantized weights autograd keeps for ``block`` when the base is a torchao tensor (see
+    :data:`DEQUANTIZED_WEIGHTS_KEPT`): every quantized Linear except those fed by the timestep embedding."""
+    if s.quantize is None or s.quantize.value not in DEQUANTIZED_WEIGHTS_KEPT:
+        return 0.0
+    total = 0
+    for sub_path, layer in block.named_modules():
+        full = f"{path}.{sub_path}"
+        if type(layer) is torch.nn.Linear and not keeps_float(full) and not full.endswith(TIME_EMBEDDING_LINEARS):
+            total += layer.weight.numel()
+    return float(total * s.activation_bytes * s.batch_size)
+
+
 def activation_bytes(model: ModelLayout, s: EstimateSettings, checkpointing: bool) -> tuple[float, str]:
     """Bytes of activations at a step's peak, and a line saying what was assumed about tokens."""
     seq = SEQUENCE_TOKENS[model.variant.conditioning or model.family.conditioning]
@@ -296,6 +311,7 @@ def activation_bytes(model: ModelLayout, s: EstimateSettings, checkpointing: boo
     kept: list[float] = []
     inputs: list[float] = []
     extras: list[float] = []
+    dequantized: list[float] = []
     unmeasured: set[str] = set()
     targets = _lora_targets(model, s)
     for path, block in _blocks(den):
@@ -309,19 +325,22 @@ def activation_bytes(model: ModelLayout, s: EstimateSettings, checkpointing: boo
         kept.append(cost.kept * unit + copies)
         inputs.append(cost.inputs * unit)
         extras.append(cost.extra)
+        dequantized.append(_dequantized_kept(block, path, s))
     if not kept:
         raise ConfigError(f"model.name: {type(den).__name__} has no block this estimate knows; cannot size "
                           "its activations")
     biggest = max(range(len(kept)), key=kept.__getitem__)
     extra = extras[biggest] * kept[biggest]
     if checkpointing:
-        total = sum(inputs) + kept[biggest] + extra
+        total = sum(inputs) + kept[biggest] + max(dequantized) + extra
     else:
-        total = sum(kept) + extra
+        total = sum(kept) + sum(dequantized) + extra
     if text:
         note = f"{image} image + {text} text tokens per image"
     else:
         note = f"{latent}x{latent} latent pixels at the first level"
+    if sum(dequantized):
+        note += f"; {s.quantize.value} keeps dequantized weights for backward"
     if unmeasured:
         note += f"; not measured, copied from similar blocks: {', '.join(sorted(unmeasured))}"
     return total, note
@@ -355,7 +374,7 @@ def estimate_modules(model: ModelLayout, s: EstimateSettings) -> MemoryEstimate:
         MemoryPart("activations", acts, f"batch {s.batch_size} at {s.resolution} px, gradient checkpointing "
                    f"{'on' if s.checkpointing else 'off'}"),
     ]
-    if s.quantize is not None:
+    if s.quantize is not None and s.quantize.value not in DEQUANTIZED_WEIGHTS_KEPT:  # torchao: in activations
         step.append(MemoryPart("dequantized weight", float(largest * s.activation_bytes),
                                "the largest quantized Linear, dequantized while it computes"))
     setup = [*weights, MemoryPart("text encoders", te_bytes, f"{te_names}: loaded to encode captions"),
