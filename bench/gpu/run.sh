@@ -3,7 +3,7 @@
 #
 #   here:        bash bench/gpu/prepare.sh          # wheels the device lacks -> .gpu_wheels/
 #   device tool: run(command="bash bench/gpu/run.sh", carry=[".gpu_wheels"], timeout_s=540)
-#   anywhere:    bash bench/gpu/run.sh --dry-run    # tiny widths on the CPU: checks the script itself
+#   anywhere:    PYTHON=.venv/bin/python bash bench/gpu/run.sh --dry-run   # tiny widths on the CPU: checks the script
 #
 # Measures CUDA peak memory (torch.cuda.max_memory_allocated / max_memory_reserved) of one LoRA r16 "attn"
 # training step (fwd + bwd + AdamW) at FULL size (published configs on meta -> to_empty("cuda"), random bf16
@@ -32,9 +32,10 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_av
 
 probe() {  # probe NAME ARGS...: one measurement in its own process; a failure is recorded as a row
   local name=$1; shift
-  local line
-  line=$(timeout "$LIMIT" $PY bench/memory_probe.py $DEV "$@" 2>>"$OUT/log.txt" | grep '^{' | tail -1)
-  local rc=$?
+  local line rc
+  timeout "$LIMIT" $PY bench/memory_probe.py $DEV "$@" > "$OUT/probe.out" 2>>"$OUT/log.txt"
+  rc=$?
+  line=$(grep '^{' "$OUT/probe.out" | tail -1)
   if [ -n "$line" ]; then
     echo "$line" | $PY -c "import json,sys; r=json.load(sys.stdin); r['name']='$name'; print(json.dumps(r))" >> "$ROWS"
   else
