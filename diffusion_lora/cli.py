@@ -190,6 +190,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantize", help="model.quantize: nf4, int8 or fp8 (train on a quantized base: QLoRA)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config value")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
+    p.add_argument("--estimate", action="store_true",
+                   help="print the memory the run needs, by part (no weights are loaded), and exit without training")
     p.set_defaults(func=_run_train)
 
 
@@ -220,6 +222,12 @@ def _run_train(args: argparse.Namespace) -> int:
     from .training.trainer import train
 
     overrides = flags_to_overrides({flag: getattr(args, flag, None) for flag in FLAG_KEYS})
+    if args.estimate:
+        from .training.config import load_config
+        from .training.memory import estimate_memory
+
+        print(estimate_memory(load_config(args.config or {}, [*overrides, *args.set])).format())
+        return 0
     result = train(args.config or {}, overrides=[*overrides, *args.set], resume=args.resume)
     if result.adapter is not None:
         print(result.adapter)

@@ -18,7 +18,7 @@ from ..compat import bitsandbytes as compat_bnb
 from ..compat import torchao as compat_torchao
 from ..errors import ConfigError
 
-__all__ = ["Quantize", "parse_quantize", "quantize_denoiser"]
+__all__ = ["Quantize", "keeps_float", "parse_quantize", "quantize_denoiser"]
 
 
 class Quantize(enum.StrEnum):
@@ -56,6 +56,11 @@ def require_library(mode: Quantize, setting: str = "quantize") -> None:
         )
 
 
+def keeps_float(path: str) -> bool:
+    """Whether the denoiser's Linear at ``path`` stays in float when the denoiser is quantized."""
+    return path.rsplit(".", 1)[-1] in _KEEP and "." not in path
+
+
 def _denoiser(pipe: Any) -> torch.nn.Module:
     for attr in ("transformer", "unet"):
         module = getattr(pipe, attr, None)
@@ -76,9 +81,6 @@ def quantize_denoiser(pipe: Any, mode: str | Quantize, *, compute_dtype: torch.d
     model = _denoiser(pipe)
     dtype = compute_dtype or model.dtype
 
-    def skip(path: str) -> bool:
-        return path.rsplit(".", 1)[-1] in _KEEP and "." not in path
-
     if chosen is Quantize.NF4:
-        return compat_bnb.quantize_nf4(model, compute_dtype=dtype, skip=skip)
-    return compat_torchao.quantize(model, chosen.value, skip=skip)
+        return compat_bnb.quantize_nf4(model, compute_dtype=dtype, skip=keeps_float)
+    return compat_torchao.quantize(model, chosen.value, skip=keeps_float)
