@@ -173,10 +173,12 @@ def load_pipeline(
     if file is not None and not parts:
         _swap_denoiser(pipe, file, torch_dtype)
     try:
-        _move(pipe, target, torch_dtype)
-        if mode is not None and not (parts and getattr(next(iter(parts.values())), "is_quantized", False)):
+        in_place = mode is not None and not (parts and getattr(next(iter(parts.values())), "is_quantized", False))
+        # quantized on the CPU, then moved: the full-precision denoiser never has to fit on the accelerator
+        _move(pipe, torch.device("cpu") if in_place else target, torch_dtype)
+        if in_place:
             quantize_denoiser(pipe, mode, compute_dtype=torch_dtype)
-            pipe = pipe.to(device=target)  # bitsandbytes quantizes a weight when it is moved to a device
+            _move(pipe, target, None)
     except (RuntimeError, AssertionError) as exc:  # torch asserts when built without that backend
         raise ConfigError(f"device: cannot move the pipeline to {device!r}: {exc}") from exc
     if exact and target.type == "cpu":
