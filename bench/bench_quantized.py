@@ -49,6 +49,7 @@ from diffusion_lora.families import detect_family  # noqa: E402
 from diffusion_lora.models.invoke import run_pipeline  # noqa: E402
 from diffusion_lora.models.quantize import quantize_denoiser  # noqa: E402
 from diffusion_lora.models.tiny import missing_classes  # noqa: E402
+from tests.gguf_files import write_gguf  # noqa: E402
 
 MODES = ("nf4", "int8", "fp8", "Q8_0", "Q4_0")
 
@@ -100,27 +101,13 @@ def forward(pipe, inputs) -> torch.Tensor:
 
 
 def gguf_quantized(src, qtype: str, folder: Path):
-    import gguf
     from diffusers import GGUFQuantizationConfig
 
     pipe = copy.deepcopy(src)
     name = denoiser_name(pipe)
     model = getattr(pipe, name)
     model.save_config(folder)
-    qt = getattr(gguf.GGMLQuantizationType, qtype)
-    path = folder / f"{qtype}.gguf"
-    writer = gguf.GGUFWriter(str(path), "bench")
-    for key, value in model.state_dict().items():
-        array = value.float().numpy()
-        if array.ndim == 2 and array.shape[1] % gguf.GGML_QUANT_SIZES[qt][0] == 0:
-            packed = gguf.quants.quantize(array, qt)
-            writer.add_tensor(key, packed, raw_shape=packed.shape, raw_dtype=qt)
-        else:
-            writer.add_tensor(key, array.astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_gguf(model, folder / f"{qtype}.gguf", qtype)
     loaded = type(model).from_single_file(str(path), config=str(folder), torch_dtype=torch.float32,
                                           quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32))
     setattr(pipe, name, loaded)

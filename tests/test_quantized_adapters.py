@@ -19,6 +19,7 @@ from diffusion_lora.families import detect_family
 from diffusion_lora.models.quantize import quantize_denoiser
 
 from .conftest import ALL_TINY
+from .gguf_files import write_gguf
 from .helpers import run, trained_adapter
 
 pytest.importorskip("bitsandbytes")
@@ -351,27 +352,14 @@ def _gguf(kind: str, qtype: str, folder: Path):
     """A tiny pipeline whose denoiser was written as a GGUF file (diffusers' key names, 2-D weights whose rows
     split into the type's blocks quantized, the rest float32) with the ``gguf`` package and loaded back through
     diffusers' ``from_single_file(..., quantization_config=GGUFQuantizationConfig)``: GGUFLinear layers."""
-    gguf = pytest.importorskip("gguf")
-    import numpy as np
+    pytest.importorskip("gguf")
     from diffusers import GGUFQuantizationConfig
 
     pipe = _fresh(kind)
     name = detect_family(pipe).denoiser  # (not state_of: its component list would keep the float denoiser)
     model = getattr(pipe, name)
     model.save_config(folder)
-    kind_q = getattr(gguf.GGMLQuantizationType, qtype)
-    writer = gguf.GGUFWriter(str(folder / "denoiser.gguf"), "tiny")
-    for key, value in model.state_dict().items():
-        array = value.float().numpy()
-        if array.ndim == 2 and array.shape[1] % gguf.GGML_QUANT_SIZES[kind_q][0] == 0:
-            packed = gguf.quants.quantize(array, kind_q)
-            writer.add_tensor(key, packed, raw_shape=packed.shape, raw_dtype=kind_q)
-        else:
-            writer.add_tensor(key, array.astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(model, folder / "denoiser.gguf", qtype)
     loaded = type(model).from_single_file(str(folder / "denoiser.gguf"), config=str(folder),
                                           quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
                                           torch_dtype=torch.float32)
