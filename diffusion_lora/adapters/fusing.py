@@ -86,8 +86,11 @@ def _merge_quantized(layer: torch.nn.Module, base: torch.nn.Module, active: list
     The deltas are PEFT's own (``get_delta_weight``, DoRA's ``merge_safe``), as in its float merge."""
     with torch.no_grad():
         bias = None if base.bias is None else base.bias.detach().clone()
-        weight, bias = compat_peft.merged_weights(layer, active, dequantized_weight(base), bias)
-        if not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
+        original = dequantized_weight(base)
+        # summed in float32 (the deltas of several adapters add up before the one rounding), checked in the
+        # dtype the library quantizes from, where a float16 sum could overflow
+        weight, bias = compat_peft.merged_weights(layer, active, original.float(), bias)
+        if not (torch.isfinite(weight.to(original.dtype)).all() and (bias is None or torch.isfinite(bias).all())):
             return False
         requantize(base, weight)
         if bias is not None:
