@@ -55,3 +55,15 @@ class AdapterStateError(DiffusionLoraError, RuntimeError):
 
 class DatasetError(DiffusionLoraError, ValueError):
     """Training images or captions are missing, unreadable or unusable."""
+
+
+class RequestLimitError(ConfigError):
+    """A generation request asks for more than the server allows (steps, pixels, images, adapters, prompt)."""
+
+
+class ServerBusyError(DiffusionLoraError, RuntimeError):
+    """The server's queue is full; retry later (HTTP 429)."""
+
+
+class ServerClosedError(DiffusionLoraError, RuntimeError):
+    """The server is shutting down and takes no more work (HTTP 503)."""

@@ -181,7 +181,7 @@ class ImageFolder:
         raise FormatError(f"{self.path}: found no free image name after {_MAX_NAME_TRIES} tries")
 
 
-def _check_size(pipe: Any, settings: GenerationSettings) -> tuple[int, int]:
+def check_size(pipe: Any, settings: GenerationSettings) -> tuple[int, int]:
     """(height, width) the pipeline will produce, refused when over the pixel limit."""
     native = native_size(pipe) or 1024
     height, width = settings.height or native, settings.width or native
@@ -213,7 +213,7 @@ def _guidance_used(pipe: Any, settings: GenerationSettings) -> tuple[float | Non
     return guidance, None
 
 
-def _call_kwargs(pipe: Any, settings: GenerationSettings) -> dict[str, Any]:
+def call_kwargs(pipe: Any, settings: GenerationSettings) -> dict[str, Any]:
     accepted = call_parameters(pipe)
     kwargs: dict[str, Any] = {"num_inference_steps": settings.steps}
     optional = {
@@ -236,7 +236,7 @@ def _plain(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _parameters_text(pipe: Any, prompt: str, settings: GenerationSettings, seed: int, size: tuple[int, int],
+def parameters_text(pipe: Any, prompt: str, settings: GenerationSettings, seed: int, size: tuple[int, int],
                      tags: Sequence[str], hashes: Mapping[str, str], model_file: str | None = None) -> str:
     """A1111's infotext: prompt line, negative prompt line, then the fields in A1111's order."""
     lines = [f"{prompt} {' '.join(tags)}".strip()]
@@ -287,7 +287,7 @@ def _short_hash(file: str | None) -> str | None:
         return None
 
 
-def _tag_text(pipe: Any, name: str, weight: Any) -> str:
+def tag_text(pipe: Any, name: str, weight: Any) -> str:
     """An adapter's weight as an A1111 tag; a per-block weight the syntax cannot hold shows its default."""
     if not isinstance(weight, Mapping):
         return LoraTag(name, float(weight)).as_text()
@@ -299,10 +299,11 @@ def _tag_text(pipe: Any, name: str, weight: Any) -> str:
     return LoraTag(name, default).as_text()
 
 
-def _pixels_or_oom(pipe: Any, prompt: str, generator: torch.Generator, kwargs: dict[str, Any],
-                   size: tuple[int, int], images: Mapping[str, Image.Image]) -> Image.Image:
+def pixels_or_oom(pipe: Any, prompt: str | Sequence[str], generator: torch.Generator | Sequence[torch.Generator],
+                  kwargs: dict[str, Any], size: tuple[int, int], images: Mapping[str, Image.Image]) -> list[Image.Image]:
+    """The pipeline's images for ``prompt`` (one per prompt), an out-of-memory error turned into a ConfigError."""
     try:
-        return run_pipeline(pipe, prompt, generator=generator, images=images, **kwargs).images[0]
+        return list(run_pipeline(pipe, prompt, generator=generator, images=images, **kwargs).images)
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         text = str(exc)
         oom = isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError)))
@@ -322,8 +323,8 @@ def iter_generate(pipe: Any, settings: GenerationSettings, *, progress: bool = T
     prompt's tags ask for is checked (and loaded) before its first image. ``model_file``, the base
     checkpoint when it is one file, adds A1111's ``Model hash`` and names the model by its stem.
     """
-    kwargs = _call_kwargs(pipe, settings)
-    size = _check_size(pipe, settings)
+    kwargs = call_kwargs(pipe, settings)
+    size = check_size(pipe, settings)
     images = image_inputs(settings.image_inputs())  # read (and refused) before any image is made
     check_image_inputs(pipe, images)
     if images and "max_area" in call_parameters(pipe):
@@ -339,26 +340,26 @@ def iter_generate(pipe: Any, settings: GenerationSettings, *, progress: bool = T
             active[resolve_tag(pipe, tag, settings.lora_dirs)] = tag_weight(pipe, tag)
         plans.append((prompt, active))
     model = os.fspath(model_file) if model_file is not None else None
-    hashes = _lora_hashes(pipe)
+    hashes = lora_hashes(pipe)
     bar = tqdm(total=len(plans) * settings.num_images, desc="generate", unit="img", disable=not progress)
     pipe.set_progress_bar_config(disable=True)
     try:
         for prompt, active in plans:
             set_weights(pipe, active)
-            shown = [_tag_text(pipe, n, w) for n, w in active.items()]
+            shown = [tag_text(pipe, n, w) for n, w in active.items()]
             used = {n: hashes[n] for n in active if hashes.get(n)}
             for index in range(settings.num_images):
                 seed = settings.seed + index
                 generator = torch.Generator(device="cpu").manual_seed(seed)
-                image = _pixels_or_oom(pipe, prompt, generator, kwargs, size, images)
-                text = _parameters_text(pipe, prompt, settings, seed, image.size, shown, used, model)
+                image = pixels_or_oom(pipe, prompt, generator, kwargs, size, images)[0]
+                text = parameters_text(pipe, prompt, settings, seed, image.size, shown, used, model)
                 yield GeneratedImage(image, prompt, seed, text)
                 bar.update(1)
     finally:
         bar.close()
 
 
-def _lora_hashes(pipe: Any) -> dict[str, str | None]:
+def lora_hashes(pipe: Any) -> dict[str, str | None]:
     """Each loaded adapter's short AddNet hash, computed once per file."""
     return {info.name: _short_hash(info.file) for info in list_loras(pipe)}
 

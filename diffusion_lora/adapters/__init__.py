@@ -8,6 +8,7 @@ quantized layer stands for (its float weight and shape).
 from .api import (
     LoadReport,
     LoraInfo,
+    adapter_bytes,
     add_lora,
     disable,
     enable,
@@ -21,6 +22,7 @@ from .api import (
 from .inject import resolve_targets
 from .keys import keys_of_components, pipeline_keys
 from .layers import plain_modules, plain_state_dict
+from .mixed import per_sample_adapters, uses_dora
 from .quantized import dequantized_weight, logical_shape, quant_kind
 from .transfer import adapter_data, hotswap, save_lora
 from .weights import check_weight_value
@@ -28,6 +30,7 @@ from .weights import check_weight_value
 __all__ = [
     "LoadReport",
     "LoraInfo",
+    "adapter_bytes",
     "adapter_data",
     "add_lora",
     "check_weight_value",
@@ -39,6 +42,7 @@ __all__ = [
     "keys_of_components",
     "list_loras",
     "load_lora",
+    "per_sample_adapters",
     "logical_shape",
     "pipeline_keys",
     "plain_modules",
@@ -49,4 +53,5 @@ __all__ = [
     "save_lora",
     "set_weights",
     "unfuse",
+    "uses_dora",
 ]

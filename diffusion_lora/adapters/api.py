@@ -281,6 +281,19 @@ def list_loras(pipe: Any) -> list[LoraInfo]:
     return infos
 
 
+def adapter_bytes(pipe: Any, name: str) -> int:
+    """Bytes the tensors of adapter ``name`` take in the pipeline (down, up, bias, DoRA magnitude)."""
+    state = state_of(pipe)
+    require(state, name)
+    total = 0
+    for site in state.sites():
+        layer = site.layer
+        for holder in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
+            if name in holder:
+                total += sum(p.numel() * p.element_size() for p in holder[name].parameters())
+    return total
+
+
 def _collapse(values: dict[str, Any]) -> Any:
     distinct = set(values.values())
     return distinct.pop() if len(distinct) == 1 else values

@@ -93,6 +93,11 @@ def _run_modular(pipe: Any, prompt: str | Sequence[str], images: Mapping[str, An
     return ImagePipelineOutput(images=[image for out in outs for image in out])
 
 
+def is_modular(pipe: Any) -> bool:
+    """True for a diffusers modular pipeline (one ``str`` prompt per call: a list of prompts runs one by one)."""
+    return isinstance(pipe, ModularPipeline)
+
+
 def call_parameters(pipe: Any) -> Mapping[str, Any]:
     """The inputs a pipeline's call takes -> their defaults (None where there is none): the call's
     signature, or a modular pipeline's block inputs (its ``__call__`` takes ``**kwargs``)."""

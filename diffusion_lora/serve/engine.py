@@ -1,0 +1,331 @@
+"""The serving engine: one base pipeline, adapters on demand, requests with different stacks in one batch.
+
+Jobs go into a bounded queue as single images (image ``i`` of a job has seed ``seed + i``). One worker
+thread owns the pipeline: it takes the oldest image and up to ``max_batch − 1`` more that can share its
+denoiser calls (same size, steps, guidance, sampler), loads their adapters through the cache, and runs
+one pipeline call for all of them. When the samples' stacks differ, every sample gets exactly its own
+adapters and weights (:func:`adapters.per_sample_adapters`); when they agree, PEFT's own path runs (the
+same computation as ``diffusion-lora generate``). Nothing is fused while serving.
+
+A broken adapter fails only the jobs that name it; a failing pipeline call fails only its batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..adapters import per_sample_adapters, set_weights, uses_dora
+from ..adapters.state import Weight  # the type of a weight (number or per-block dict)
+from ..errors import (
+    AdapterStateError,
+    DiffusionLoraError,
+    ServerBusyError,
+    ServerClosedError,
+    UnsupportedModelError,
+)
+from ..families import detect_variant
+from ..generate import GeneratedImage, GenerationSettings, call_kwargs, check_size, parameters_text, pixels_or_oom
+from ..models.invoke import call_parameters, is_modular
+from ..models.loading import native_size
+from ..prompt_tags import tag_weight
+from .cache import AdapterCache, CachedAdapter
+from .jobs import AdapterRef, Job, JobResult, ServeLimits
+
+__all__ = ["Engine"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A job in the engine: its checked settings, its future and the images done so far."""
+
+    job: Job
+    prompt: str  # without tags
+    refs: tuple[AdapterRef, ...]
+    size: tuple[int, int]  # (height, width)
+    future: Future
+    images: dict[int, GeneratedImage] = field(default_factory=dict)
+    failed: bool = False
+
+    @property
+    def key(self) -> tuple:
+        """Images with equal keys can share one pipeline call."""
+        j = self.job
+        return (j.steps, j.guidance, self.size, j.sampler, j.scheduler, bool(j.negative_prompt))
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.failed:
+            self.failed = True
+            self.future.set_exception(exc)
+
+    def deliver(self, image: GeneratedImage, index: int) -> None:
+        if self.failed:
+            return
+        self.images[index] = image
+        if len(self.images) == self.job.count:
+            self.future.set_result(JobResult([self.images[i] for i in range(self.job.count)]))
+
+
+@dataclass(eq=False)
+class _Unit:
+    pending: _Pending
+    index: int
+
+    @property
+    def seed(self) -> int:
+        return self.pending.job.seed + self.index
+
+
+class Engine:
+    """Serve ``pipe`` with adapters from ``lora_dirs``: ``submit(job)`` returns a Future of a :class:`JobResult`.
+
+    ``max_batch`` images share one pipeline call; the cache holds at most ``cache_size`` adapters and
+    ``cache_bytes`` bytes of adapter tensors. ``batch_window`` (seconds) is how long the worker waits for
+    more requests to fill a batch when the queue holds fewer than ``max_batch`` images.
+    """
+
+    def __init__(self, pipe: Any, lora_dirs: Sequence[str] = (), *, limits: ServeLimits | None = None,
+                 max_batch: int = 8, cache_size: int = 32, cache_bytes: int | None = None,
+                 batch_window: float = 0.01, model_file: str | None = None) -> None:
+        if detect_variant(pipe).inputs:
+            raise UnsupportedModelError(
+                f"{type(pipe).__name__} needs image inputs ({', '.join(detect_variant(pipe).inputs)}); the server "
+                "generates from text only")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise AdapterStateError(f"max_batch must be a whole number of at least 1, got {max_batch!r}")
+        self.pipe = pipe
+        self.limits = limits or ServeLimits()
+        # a modular pipeline takes one prompt per call: batching would only run them one by one
+        self.max_batch = 1 if is_modular(pipe) else max_batch
+        self.batch_window = batch_window
+        self.model_file = model_file
+        self.native = native_size(pipe) or 1024
+        self.cache = AdapterCache(pipe, lora_dirs, max_count=cache_size, max_bytes=cache_bytes)
+        pipe.set_progress_bar_config(disable=True)
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Unit] = collections.deque()
+        self._closing = False
+        self._drain = True
+        self._running: list[_Unit] = []
+        self._step = (0, 0)  # (steps done, steps) of the running batch
+        self.batches = self.images_done = 0
+        self._worker = threading.Thread(target=self._work, name="diffusion-lora-engine", daemon=True)
+        self._worker.start()
+
+    # -- client side -------------------------------------------------------------------------------------
+
+    def size_of(self, job: Job) -> tuple[int, int]:
+        return (job.height or self.native, job.width or self.native)
+
+    def check(self, job: Job) -> _Pending:
+        """The job checked against the limits and parsed (tags), not yet queued."""
+        size = self.size_of(job)
+        self.limits.check(job, size, self.native)
+        prompt, refs = job.stack()
+        return _Pending(job, prompt, refs, size, Future())
+
+    def submit(self, job: Job) -> Future:
+        """Queue ``job``; raises RequestLimitError, ServerBusyError (queue full) or ServerClosedError."""
+        pending = self.check(job)
+        with self._cond:
+            if self._closing:
+                raise ServerClosedError("the server is shutting down and takes no new requests")
+            if len(self._queue) + job.count > self.limits.max_queue:
+                raise ServerBusyError(f"the queue is full ({len(self._queue)} images waiting, limit "
+                                      f"{self.limits.max_queue}); retry later")
+            pending.future.set_running_or_notify_cancel()
+            self._queue.extend(_Unit(pending, i) for i in range(job.count))
+            self._cond.notify_all()
+        return pending.future
+
+    def generate(self, job: Job, timeout: float | None = None) -> JobResult:
+        """Submit ``job`` and wait for its images."""
+        return self.submit(job).result(timeout)
+
+    def progress(self) -> dict[str, Any]:
+        """Queue length, running images and the running batch's step."""
+        with self._cond:
+            done, total = self._step
+            return {"queued": len(self._queue), "running": len(self._running), "step": done, "steps": total,
+                    "batches": self.batches, "images": self.images_done}
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking jobs; finish the queued ones (``drain``) or fail them with ServerClosedError."""
+        with self._cond:
+            self._closing = True
+            self._drain = drain
+            if not drain:
+                while self._queue:
+                    self._queue.popleft().pending.fail(ServerClosedError("the server shut down before this request ran"))
+            self._cond.notify_all()
+        self._worker.join(timeout)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- worker side -------------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            units = self._take()
+            if units is None:
+                return
+            try:
+                self._run(units)
+            except BaseException as exc:  # never let the worker die with jobs waiting on it
+                logger.exception("batch failed")
+                for unit in units:
+                    unit.pending.fail(exc if isinstance(exc, DiffusionLoraError) else
+                                      AdapterStateError(f"generation failed: {type(exc).__name__}: {exc}"))
+            finally:
+                with self._cond:
+                    self._running = []
+                    self._step = (0, 0)
+
+    def _take(self) -> list[_Unit] | None:
+        with self._cond:
+            while not self._queue and not self._closing:
+                self._cond.wait()
+            if not self._queue:
+                return None
+            deadline = time.monotonic() + self.batch_window
+            while len(self._queue) < self.max_batch and not self._closing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            key = self._queue[0].pending.key
+            units = [u for u in self._queue if u.pending.key == key and not u.pending.failed][: self.max_batch]
+            taken = set(map(id, units))
+            self._queue = collections.deque(u for u in self._queue if id(u) not in taken and not u.pending.failed)
+            self._running = units
+            return units
+
+    def _requeue(self, units: list[_Unit]) -> None:
+        with self._cond:
+            self._queue.extendleft(reversed(units))
+            self._cond.notify_all()
+
+    def _acquire(self, units: list[_Unit]) -> tuple[list[_Unit], dict[_Pending, dict], list[CachedAdapter | str]]:
+        """Load the adapters of the units' jobs; jobs whose adapters fail are failed, those that do not fit
+        the cache now go back to the queue. Returns (units to run, stack per job, pins to release)."""
+        stacks: dict[_Pending, dict] = {}
+        pins: list[CachedAdapter | str] = []
+        later: list[_Unit] = []
+        for unit in units:
+            pending = unit.pending
+            if pending.failed or pending in stacks:
+                continue
+            got: list[CachedAdapter | str] = []
+            try:
+                for ref in pending.refs:
+                    got.append(self.cache.acquire(ref.name))
+            except AdapterStateError as exc:  # no room: every cached adapter is in use by this batch
+                for entry in got:
+                    self.cache.release(entry)
+                if stacks:
+                    later.extend(u for u in units if u.pending is pending)
+                    continue
+                pending.fail(exc)
+                continue
+            except DiffusionLoraError as exc:
+                for entry in got:
+                    self.cache.release(entry)
+                pending.fail(exc)
+                continue
+            pins.extend(got)
+            stacks[pending] = {(e.loaded_as if isinstance(e, CachedAdapter) else e): (e, ref)
+                               for e, ref in zip(got, pending.refs)}
+        if later:
+            self._requeue(later)
+        run = [u for u in units if not u.pending.failed and u.pending in stacks]
+        return run, stacks, pins
+
+    def _weights(self, stack: dict) -> dict[str, Weight]:
+        return {name: tag_weight(self.pipe, ref.as_tag()) for name, (_, ref) in stack.items()}
+
+    def _run(self, units: list[_Unit]) -> None:
+        units, stacks, pins = self._acquire(units)
+        try:
+            if units:
+                self._generate(units, stacks)
+        finally:
+            for entry in pins:
+                self.cache.release(entry)
+
+    def _split_dora(self, units: list[_Unit], weights: list[dict[str, Weight]]) -> list[_Unit]:
+        """Units that can run together: all when no DoRA adapter is mixed; else those sharing the first stack
+        (the others go back to the queue)."""
+        if all(w == weights[0] for w in weights):
+            return units
+        if not any(uses_dora(self.pipe, n) for w in weights for n in w):
+            return units
+        keep = [u for u, w in zip(units, weights) if w == weights[0]]
+        self._requeue([u for u, w in zip(units, weights) if w != weights[0]])
+        return keep
+
+    def _generate(self, units: list[_Unit], stacks: dict[_Pending, dict]) -> None:
+        weights = [self._weights(stacks[u.pending]) for u in units]
+        keep = self._split_dora(units, weights)
+        weights = [w for u, w in zip(units, weights) if u in keep]
+        units = keep
+        first = units[0].pending
+        job = first.job
+        settings = GenerationSettings(prompts=[first.prompt], negative_prompt=job.negative_prompt or None,
+                                      steps=job.steps, guidance=job.guidance, height=first.size[0],
+                                      width=first.size[1], max_pixels=first.size[0] * first.size[1])
+        size = check_size(self.pipe, settings)
+        kwargs = call_kwargs(self.pipe, settings)
+        if job.negative_prompt:
+            kwargs["negative_prompt"] = [u.pending.job.negative_prompt for u in units]
+        if "callback_on_step_end" in call_parameters(self.pipe):
+            kwargs["callback_on_step_end"] = self._on_step
+        with self._cond:
+            self._step = (0, job.steps)
+        prompts = [u.pending.prompt for u in units]
+        generators = [torch.Generator(device="cpu").manual_seed(u.seed) for u in units]
+        with torch.inference_mode():
+            if all(w == weights[0] for w in weights):
+                set_weights(self.pipe, weights[0])
+                images = pixels_or_oom(self.pipe, prompts, generators, kwargs, size, {})
+            else:
+                with per_sample_adapters(self.pipe, weights):
+                    images = pixels_or_oom(self.pipe, prompts, generators, kwargs, size, {})
+        self.batches += 1
+        self.images_done += len(units)
+        for unit, image in zip(units, images):
+            unit.pending.deliver(self._described(unit, image, stacks[unit.pending]), unit.index)
+
+    def _on_step(self, pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+        with self._cond:
+            self._step = (step + 1, self._step[1])
+        return kwargs
+
+    def _described(self, unit: _Unit, image: Any, stack: dict) -> GeneratedImage:
+        pending = unit.pending
+        job = pending.job
+        shown, hashes = [], {}
+        for name, (entry, ref) in stack.items():
+            label = entry.shown if isinstance(entry, CachedAdapter) else name
+            shown.append(AdapterRef(label, ref.weight, ref.text_encoder_weight).as_tag().as_text())
+            if isinstance(entry, CachedAdapter) and entry.short_hash:
+                hashes[label] = entry.short_hash
+        settings = GenerationSettings(prompts=[pending.prompt], negative_prompt=job.negative_prompt or None,
+                                      steps=job.steps, guidance=job.guidance, height=pending.size[0],
+                                      width=pending.size[1])
+        text = parameters_text(self.pipe, pending.prompt, settings, unit.seed, image.size, shown, hashes,
+                               self.model_file)
+        return GeneratedImage(image, pending.prompt, unit.seed, text)
