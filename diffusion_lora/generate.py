@@ -300,7 +300,8 @@ def tag_text(pipe: Any, name: str, weight: Any) -> str:
 
 
 def pixels_or_oom(pipe: Any, prompt: str | Sequence[str], generator: torch.Generator | Sequence[torch.Generator],
-                  kwargs: dict[str, Any], size: tuple[int, int], images: Mapping[str, Image.Image]) -> list[Image.Image]:
+                  kwargs: dict[str, Any], size: tuple[int, int],
+                  images: Mapping[str, Image.Image]) -> list[Image.Image]:
     """The pipeline's images for ``prompt`` (one per prompt), an out-of-memory error turned into a ConfigError."""
     try:
         return list(run_pipeline(pipe, prompt, generator=generator, images=images, **kwargs).images)

@@ -7,7 +7,6 @@ import torch
 
 import diffusion_lora as dl
 from diffusion_lora.adapters.mixed import per_sample_adapters
-from diffusion_lora.errors import AdapterNotFoundError, AdapterStateError
 from diffusion_lora.families import detect_variant
 from diffusion_lora.models.invoke import is_modular, run_pipeline
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 import diffusion_lora as dl
 from diffusion_lora.cli import main
-from diffusion_lora.serve import AdapterRef, Engine, Job
+from diffusion_lora.serve import Engine, Job
 
 from .helpers import randomize
 

@@ -165,8 +165,9 @@ class Engine:
             self._closing = True
             self._drain = drain
             if not drain:
+                closed = ServerClosedError("the server shut down before this request ran")
                 while self._queue:
-                    self._queue.popleft().pending.fail(ServerClosedError("the server shut down before this request ran"))
+                    self._queue.popleft().pending.fail(closed)
             self._cond.notify_all()
         self._worker.join(timeout)
 
