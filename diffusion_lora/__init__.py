@@ -25,6 +25,9 @@ from .errors import (
     FormatError,
     KeyMappingError,
     ModelLoadError,
+    RequestLimitError,
+    ServerBusyError,
+    ServerClosedError,
     UnsafeFileError,
     UnsupportedModelError,
 )
@@ -49,6 +52,7 @@ if TYPE_CHECKING:
         unfuse,
     )
     from .models import TINY_MODELS, build_tiny_pipeline, enable_offload, load_pipeline
+    from .serve import AdapterRef, Engine, Job, JobResult, ServeLimits
     from .training import TrainConfig, TrainResult, load_config, train
 
 # Public names that need torch/diffusers/peft, by the subpackage that defines them.
@@ -70,6 +74,7 @@ _LAZY_FROM: dict[str, tuple[str, ...]] = {
         "unfuse",
     ),
     ".models": ("TINY_MODELS", "build_tiny_pipeline", "enable_offload", "load_pipeline"),
+    ".serve": ("AdapterRef", "Engine", "Job", "JobResult", "ServeLimits"),
     ".training": ("TrainConfig", "TrainResult", "load_config", "train"),
 }
 _LAZY: dict[str, str] = {name: module for module, names in _LAZY_FROM.items() for name in names}
@@ -79,18 +84,26 @@ __all__ = [
     "FAMILIES",
     "TINY_MODELS",
     "AdapterNotFoundError",
+    "AdapterRef",
     "AdapterStateError",
     "ConfigError",
     "DatasetError",
     "DiffusionLoraError",
+    "Engine",
     "Family",
     "FamilyMismatchError",
     "FormatError",
+    "Job",
+    "JobResult",
     "KeyMappingError",
     "LoadReport",
     "LoraInfo",
     "ModelLoadError",
     "Objective",
+    "RequestLimitError",
+    "ServeLimits",
+    "ServerBusyError",
+    "ServerClosedError",
     "TrainConfig",
     "TrainResult",
     "UnsafeFileError",
