@@ -115,6 +115,7 @@ def test_names_without_diffusers_equivalent_are_refused_with_the_models_samplers
         choose(pipe, "DDIM", "Karras")
     with pytest.raises(ConfigError, match="Karras.*Exponential"):
         choose(pipe, "DPM++ 2M Karras", "Exponential")
+    assert choose(pipe, "", "") is None and choose(pipe, None, "Automatic") is None  # the model's own, as A1111
     if not SCIPY:  # diffusers' LMS scheduler and beta sigmas import scipy
         with pytest.raises(ConfigError, match="LMS.*scipy"):
             choose(pipe, "LMS")

@@ -180,9 +180,10 @@ class Choice:
 
 def parse_names(sampler: str | None, scheduler: str | None) -> tuple[Sampler | None, Schedule | None]:
     """(sampler, schedule) named by A1111 strings, case-insensitive, aliases and combined names (``DPM++ 2M
-    Karras``, ``k_dpmpp_2m_ka``) included; ``Automatic`` (or None) → schedule None. Unknown → ConfigError."""
+    Karras``, ``k_dpmpp_2m_ka``) included; None or "" → None (the model's own), ``Automatic`` → schedule None
+    (the sampler's own). Unknown → ConfigError."""
     schedule = _schedule(scheduler)
-    if sampler is None:
+    if sampler is None or isinstance(sampler, str) and not sampler.strip():  # A1111 reads "" as its default
         return None, schedule
     if not isinstance(sampler, str) or len(sampler) > _MAX_NAME:
         raise ConfigError(f"sampler must be a sampler name, got {str(sampler)[:_MAX_NAME]!r}")
@@ -209,7 +210,7 @@ def parse_names(sampler: str | None, scheduler: str | None) -> tuple[Sampler | N
 
 
 def _schedule(scheduler: str | None) -> Schedule | None:
-    if scheduler is None:
+    if scheduler is None or isinstance(scheduler, str) and not scheduler.strip():
         return None
     if not isinstance(scheduler, str) or len(scheduler) > _MAX_NAME:
         raise ConfigError(f"scheduler must be a schedule type name, got {str(scheduler)[:_MAX_NAME]!r}")
