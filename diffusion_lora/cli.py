@@ -55,6 +55,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, …)")
+    p.add_argument("--sampler", metavar="NAME",
+                   help="A1111 sampler: Euler a, Euler, Heun, DPM2, DPM2 a, DPM++ 2M, DPM++ 2M SDE, DPM++ SDE, DDIM, "
+                   "PLMS, UniPC, LCM, … or an older combined name like 'DPM++ 2M Karras' (default: the model's own)")
+    p.add_argument("--scheduler", metavar="TYPE",
+                   help="A1111 schedule type: Automatic, Uniform, Karras, Exponential, SGM Uniform, Simple, Beta")
     p.add_argument("--out", default="out", help="output folder for the PNGs (default: out)")
     p.add_argument("--max-pixels", type=int,
                    help="largest height x width allowed (default: 16x the model's native pixel count, "
@@ -103,7 +108,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     settings = GenerationSettings(
         prompts=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
         seed=args.seed, height=args.height, width=args.width, num_images=args.num_images,
-        lora_dirs=args.lora_dir, max_pixels=args.max_pixels,
+        lora_dirs=args.lora_dir, max_pixels=args.max_pixels, sampler=args.sampler, scheduler=args.scheduler,
         # read now: a bad image file is refused before the model loads
         **image_inputs({"image": args.image, "mask_image": args.mask, "control_image": args.control_image}),
     )

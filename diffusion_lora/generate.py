@@ -29,6 +29,7 @@ from .formats.hashes import addnet_hash, legacy_hash
 from .models.image_inputs import image_inputs
 from .models.invoke import call_parameters, check_image_inputs, pipeline_name, run_pipeline
 from .models.loading import native_size
+from .models.samplers import choose, infotext_fields, parse_names, swapped_scheduler
 from .prompt_tags import LoraTag, parse_lora_tags, resolve_tag, tag_weight
 
 __all__ = ["GeneratedImage", "GenerationSettings", "ImageFolder", "LoraTag", "generate", "iter_generate",
@@ -66,6 +67,10 @@ class GenerationSettings:
     image: Any = None
     mask_image: Any = None
     control_image: Any = None
+    # A1111's sampler and schedule type names (``Euler a``, ``DPM++ 2M``, ``DPM++ 2M Karras``; ``Karras``,
+    # ``Exponential``); None: the pipeline's own scheduler
+    sampler: str | None = None
+    scheduler: str | None = None
 
     def image_inputs(self) -> dict[str, Any]:
         """The image inputs that are given, by pipeline argument name."""
@@ -98,6 +103,7 @@ class GenerationSettings:
         if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float))
                               or not math.isfinite(g) or not 0 <= g <= _MAX_GUIDANCE):
             raise ConfigError(f"guidance must be a number from 0 to {_MAX_GUIDANCE:g}, got {g!r}")
+        parse_names(self.sampler, self.scheduler)  # an unknown name is refused before any model loads
 
 
 def _check_text(key: str, text: object) -> None:
@@ -243,9 +249,11 @@ def parameters_text(pipe: Any, prompt: str, settings: GenerationSettings, seed: 
     if settings.negative_prompt:
         lines.append(f"Negative prompt: {settings.negative_prompt}")
     cfg, distilled = _guidance_used(pipe, settings)
+    sampler, schedule = infotext_fields(pipe, settings.sampler, settings.scheduler)
     fields: list[tuple[str, object]] = [
         ("Steps", settings.steps),
-        ("Sampler", type(pipe.scheduler).__name__),
+        ("Sampler", sampler),
+        ("Schedule type", schedule),
         ("CFG scale", None if cfg is None else f"{cfg:g}"),
         ("Distilled CFG Scale", None if distilled is None else f"{distilled:g}"),
         ("Seed", seed),
@@ -328,6 +336,8 @@ def iter_generate(pipe: Any, settings: GenerationSettings, *, progress: bool = T
     size = check_size(pipe, settings)
     images = image_inputs(settings.image_inputs())  # read (and refused) before any image is made
     check_image_inputs(pipe, images)
+    choice = choose(pipe, settings.sampler, settings.scheduler)  # refused before any work
+    scheduler = choice.build(pipe.scheduler) if choice is not None else None
     if images and "max_area" in call_parameters(pipe):
         kwargs.setdefault("height", size[0])  # Kontext: the checked size, not its one-megapixel default
         kwargs.setdefault("width", size[1])
@@ -352,7 +362,8 @@ def iter_generate(pipe: Any, settings: GenerationSettings, *, progress: bool = T
             for index in range(settings.num_images):
                 seed = settings.seed + index
                 generator = torch.Generator(device="cpu").manual_seed(seed)
-                image = pixels_or_oom(pipe, prompt, generator, kwargs, size, images)[0]
+                with swapped_scheduler(pipe, scheduler):  # the pipeline's own is back after each call
+                    image = pixels_or_oom(pipe, prompt, generator, kwargs, size, images)[0]
                 text = parameters_text(pipe, prompt, settings, seed, image.size, shown, used, model)
                 yield GeneratedImage(image, prompt, seed, text)
                 bar.update(1)

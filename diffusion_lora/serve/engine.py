@@ -27,7 +27,9 @@ from ..adapters import per_sample_adapters, set_weights, uses_dora
 from ..adapters.state import Weight  # the type of a weight (number or per-block dict)
 from ..errors import (
     AdapterStateError,
+    ConfigError,
     DiffusionLoraError,
+    RequestLimitError,
     ServerBusyError,
     ServerClosedError,
     UnsupportedModelError,
@@ -36,6 +38,7 @@ from ..families import detect_variant
 from ..generate import GeneratedImage, GenerationSettings, call_kwargs, check_size, parameters_text, pixels_or_oom
 from ..models.invoke import call_parameters, is_modular
 from ..models.loading import native_size
+from ..models.samplers import choose, swapped_scheduler
 from ..prompt_tags import tag_weight
 from .cache import AdapterCache, CachedAdapter
 from .jobs import AdapterRef, Job, JobResult, ServeLimits
@@ -111,6 +114,8 @@ class Engine:
         self.model_file = model_file
         self.native = native_size(pipe) or 1024
         self.cache = AdapterCache(pipe, lora_dirs, max_count=cache_size, max_bytes=cache_bytes)
+        # the model's own scheduler: every request's sampler is built from it (the worker swaps pipe.scheduler)
+        self._scheduler = pipe.scheduler
         pipe.set_progress_bar_config(disable=True)
         self._cond = threading.Condition()
         self._queue: collections.deque[_Unit] = collections.deque()
@@ -131,6 +136,12 @@ class Engine:
         """The job checked against the limits and parsed (tags), not yet queued."""
         size = self.size_of(job)
         self.limits.check(job, size, self.native)
+        try:  # a sampler this model cannot run is refused here, not queued
+            choose(self.pipe, job.sampler, job.scheduler, base=self._scheduler)
+        except RequestLimitError:
+            raise
+        except ConfigError as exc:
+            raise RequestLimitError(str(exc)) from None
         prompt, refs = job.stack()
         return _Pending(job, prompt, refs, size, Future())
 
@@ -287,7 +298,8 @@ class Engine:
         job = first.job
         settings = GenerationSettings(prompts=[first.prompt], negative_prompt=job.negative_prompt or None,
                                       steps=job.steps, guidance=job.guidance, height=first.size[0],
-                                      width=first.size[1], max_pixels=first.size[0] * first.size[1])
+                                      width=first.size[1], max_pixels=first.size[0] * first.size[1],
+                                      sampler=job.sampler, scheduler=job.scheduler)
         size = check_size(self.pipe, settings)
         kwargs = call_kwargs(self.pipe, settings)
         if job.negative_prompt:
@@ -298,7 +310,10 @@ class Engine:
             self._step = (0, job.steps)
         prompts = [u.pending.prompt for u in units]
         generators = [torch.Generator(device="cpu").manual_seed(u.seed) for u in units]
-        with torch.inference_mode():
+        # the batch's sampler (part of its key); a stochastic one draws each sample's noise from its own generator
+        choice = choose(self.pipe, job.sampler, job.scheduler, base=self._scheduler)
+        scheduler = choice.build(self._scheduler) if choice is not None else None
+        with torch.inference_mode(), swapped_scheduler(self.pipe, scheduler):
             if all(w == weights[0] for w in weights):
                 set_weights(self.pipe, weights[0])
                 images = pixels_or_oom(self.pipe, prompts, generators, kwargs, size, {})
@@ -326,7 +341,7 @@ class Engine:
                 hashes[label] = entry.short_hash
         settings = GenerationSettings(prompts=[pending.prompt], negative_prompt=job.negative_prompt or None,
                                       steps=job.steps, guidance=job.guidance, height=pending.size[0],
-                                      width=pending.size[1])
+                                      width=pending.size[1], sampler=job.sampler, scheduler=job.scheduler)
         text = parameters_text(self.pipe, pending.prompt, settings, unit.seed, image.size, shown, hashes,
                                self.model_file)
         return GeneratedImage(image, pending.prompt, unit.seed, text)
