@@ -274,7 +274,7 @@ def test_full_queue_is_429_and_progress_reports_the_run(server):
     slow = {"prompt": "a slow one <lora:ink:1>", "steps": 8, "width": 32, "height": 32}
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(server.post, "/v1/generate", json={**slow, "count": 6})
-        _wait(server, lambda s: s["running"] == 6)
+        _wait(server, lambda s: s["running"] == 6 and s["steps"] == 8)
         progress = server.get("/sdapi/v1/progress").json()
         assert progress["state"]["sampling_steps"] == 8 and progress["state"]["job_count"] >= 6
         queued = pool.submit(server.post, "/v1/generate", json={**slow, "count": 6})
