@@ -198,7 +198,9 @@ class _Guard:
                               "auth with the key as password)", {"WWW-Authenticate": 'Bearer, Basic realm="api"'})
             return await response(scope, receive, send)
         length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+        if length is not None and not length.isdigit():
+            return await _error(400, "Content-Length is not a number")(scope, receive, send)
+        if length is not None and int(length) > self.max_body:
             return await _error(413, f"request body over the limit of {self.max_body} bytes")(scope, receive, send)
         seen = 0
 
