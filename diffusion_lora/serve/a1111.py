@@ -31,15 +31,15 @@ __all__ = ["Txt2ImgRequest", "add_a1111_routes", "sampler_items", "scheduler_ite
 
 
 # -- samplers: adapter for the samplers helper ------------------------------------------------------------
-# ISSUE 16 / samplers helper: return A1111's sampler and scheduler names from the samplers module here
-# (SamplerItem {name, aliases, options} and SchedulerItem {name, label, aliases, default_rho,
-# need_inner_model}). Until then the engine runs the model's own scheduler and these lists are empty.
+# ISSUE 16 / samplers helper: return A1111's sampler and scheduler names for ``pipe`` from the samplers
+# module here (A1111's SamplerItem {name, aliases, options} and SchedulerItem {name, label, aliases,
+# default_rho, need_inner_model}). Until then the engine runs the model's own scheduler and the lists are empty.
 
-def sampler_items() -> list[dict[str, Any]]:
+def sampler_items(pipe: Any) -> list[dict[str, Any]]:
     return []
 
 
-def scheduler_items() -> list[dict[str, Any]]:
+def scheduler_items(pipe: Any) -> list[dict[str, Any]]:
     return []
 
 
@@ -241,8 +241,8 @@ def add_a1111_routes(app: FastAPI, ctx: ServerContext) -> None:
 
     @app.get("/sdapi/v1/samplers", tags=["a1111"])
     async def samplers() -> list[dict[str, Any]]:
-        return sampler_items()
+        return sampler_items(ctx.engine.pipe)
 
     @app.get("/sdapi/v1/schedulers", tags=["a1111"])
     async def schedulers() -> list[dict[str, Any]]:
-        return scheduler_items()
+        return scheduler_items(ctx.engine.pipe)
