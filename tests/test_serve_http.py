@@ -133,7 +133,8 @@ def test_concurrent_mixed_stacks_share_a_batch_and_match_cli_generate(server, lo
 
 def test_a1111_response_shape_random_seed_and_batch_seeds(server):
     r = _txt2img(server, "a red circle <lora:ink:0.5>", -1, batch_size=2, n_iter=2, cfg_scale=6.5,
-                 unknown_field_of_a_newer_client=1, hr_scale=2, eta=0.3)  # unknown / unused fields are ignored
+                 unknown_field_of_a_newer_client=1, hr_scale=2, eta=0.3,  # unknown / unused fields are ignored
+                 negative_prompt=None, styles=None, sampler_name=None)  # null: A1111's "the default"
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["parameters"]["seed"] == -1 and body["parameters"]["batch_size"] == 2  # the request, as sent

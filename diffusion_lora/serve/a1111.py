@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Body, FastAPI
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import ConfigError
 from ..prompt_tags import parse_lora_tags
@@ -84,6 +84,14 @@ class Txt2ImgRequest(BaseModel):
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
     send_images: bool = True
     save_images: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        # every field of A1111's request model is Optional: clients send null for "the default"
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
 
 
 def _unset(value: Any) -> bool:
