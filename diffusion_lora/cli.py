@@ -404,20 +404,18 @@ def _run_serve(args: argparse.Namespace) -> int:
     # imported here, not at the top: CLI start-up (--help must not import torch or FastAPI)
     from .models import load_pipeline
     from .serve import Engine, ServeLimits
-    from .serve.server import ServeOptions, bind, serve
+    from .serve.server import ServeOptions, bind, serve  # a missing [serve] extra is refused here, before loading
 
+    options = ServeOptions(api_key=key, grace=args.grace)
+    limits = ServeLimits(max_steps=args.max_steps, max_pixels=args.max_pixels, max_images=args.max_images,
+                         max_adapters=args.max_adapters, max_prompt_chars=args.max_prompt_chars,
+                         max_queue=args.max_queue)
     sock = bind(args.host, args.port)  # before the model loads: a port in use is refused at once
     try:
-        limits = ServeLimits(max_steps=args.max_steps, max_pixels=args.max_pixels, max_images=args.max_images,
-                             max_adapters=args.max_adapters, max_prompt_chars=args.max_prompt_chars,
-                             max_queue=args.max_queue)
-        from .serve import http  # noqa: F401 - a missing [serve] extra is refused before the model loads
-
         pipe = load_pipeline(args.model, device=args.device, **base)
         cache_bytes = None if args.cache_mb is None else int(args.cache_mb * 2**20)
         engine = Engine(pipe, args.lora_dir, limits=limits, max_batch=args.max_batch, cache_size=args.cache_size,
                         cache_bytes=cache_bytes, batch_window=args.batch_window, model_file=_single_file(args.model))
-        options = ServeOptions(host=args.host, port=args.port, api_key=key, grace=args.grace)
         serve(engine, sock, options, on_ready=lambda url: print(f"serving {args.model} on {url}", flush=True))
     finally:
         sock.close()

@@ -17,6 +17,13 @@ from typing import Any
 
 from ..errors import ConfigError
 
+try:
+    import uvicorn
+except ImportError:  # pragma: no cover - depends on the installed extras
+    raise ConfigError("the HTTP server needs uvicorn; pip install 'diffusion-lora[serve]'") from None
+
+from .http import create_app  # noqa: E402 - after the check that names the missing extra
+
 __all__ = ["ServeOptions", "bind", "serve"]
 
 logger = logging.getLogger(__name__)
@@ -24,10 +31,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServeOptions:
-    host: str = "127.0.0.1"
-    port: int = 7860
     api_key: str | None = None
     grace: float = 30.0  # seconds the queue may take to drain on shutdown
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.grace <= 86400:
+            raise ConfigError(f"--grace must be from 0 to 86400 seconds, got {self.grace}")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -53,12 +62,6 @@ def url_of(sock: socket.socket) -> str:
 def serve(engine: Any, sock: socket.socket, options: ServeOptions,
           on_ready: Callable[[str], None] | None = None) -> None:
     """Serve ``engine`` on ``sock`` until SIGINT/SIGTERM, then drain (see the module doc) and close it."""
-    try:
-        import uvicorn
-    except ImportError:
-        raise ConfigError("the HTTP server needs uvicorn; pip install 'diffusion-lora[serve]'") from None
-    from .http import create_app
-
     app = create_app(engine, api_key=options.api_key)
 
     class Server(uvicorn.Server):
