@@ -10,10 +10,11 @@ field, rather than silently giving another image than A1111 would.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import Body, FastAPI
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -21,11 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..errors import ConfigError
 from ..prompt_tags import parse_lora_tags
 from ..version import __version__
-from .http import info_json, png_base64, random_seed
+from .context import ServerContext, png_base64, random_seed
 from .jobs import Job
-
-if TYPE_CHECKING:
-    from .http import ServerContext
 
 __all__ = ["Txt2ImgRequest", "add_a1111_routes", "sampler_items", "scheduler_items"]
 
@@ -211,7 +209,7 @@ def add_a1111_routes(app: FastAPI, ctx: ServerContext) -> None:
         infotexts = [image.parameters for image in result.images]
         images = await asyncio.to_thread(png_base64, result) if body.send_images else []
         echo = {k: v for k, v in body.model_dump().items() if k not in (body.model_extra or {})}
-        return TextToImageResponse(images=images, parameters=echo, info=info_json(_info(body, job, infotexts, ctx)))
+        return TextToImageResponse(images=images, parameters=echo, info=json.dumps(_info(body, job, infotexts, ctx)))
 
     @app.get("/sdapi/v1/loras", tags=["a1111"])
     async def loras() -> list[dict[str, Any]]:
