@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import logging
+import os
 import sys
 import types
 from collections.abc import Sequence
@@ -356,6 +358,75 @@ def _run_bake(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="HTTP server: the AUTOMATIC1111 web API and a native API, many adapters on "
+                       "one base, requests with different adapters batched together")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"base model, as for generate (default: {DEFAULT_MODEL})")
+    _add_quantized_base(p)
+    p.add_argument("--device", help="torch device for the pipeline, e.g. cuda (default: the CPU)")
+    p.add_argument("--lora-dir", action="append", required=True, metavar="DIR",
+                   help="folder of .safetensors adapters that requests name, repeatable")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1; any other needs --api-key)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860, A1111's; 0: any free port)")
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (or HTTP basic auth "
+                   "with KEY as password); default: $DIFFUSION_LORA_API_KEY, which keeps it out of `ps`")
+    p.add_argument("--max-batch", type=int, default=8, help="images in one pipeline call (default: 8)")
+    p.add_argument("--batch-window", type=float, default=0.02, metavar="SECONDS",
+                   help="how long a batch waits for more requests to join it (default: 0.02)")
+    p.add_argument("--cache-size", type=int, default=32, help="adapters kept loaded (default: 32)")
+    p.add_argument("--cache-mb", type=float, help="also bound the loaded adapters' tensors to this many MiB")
+    p.add_argument("--max-steps", type=int, default=150, help="steps per request (default: 150)")
+    p.add_argument("--max-pixels", type=int, help="height x width per image (default: 4x the native pixels)")
+    p.add_argument("--max-images", type=int, default=16,
+                   help="images per request, A1111's batch_size x n_iter (default: 16)")
+    p.add_argument("--max-adapters", type=int, default=8, help="adapters per request (default: 8)")
+    p.add_argument("--max-prompt-chars", type=int, default=4000, help="characters per prompt (default: 4000)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="images waiting; beyond that requests get 429 (default: 64)")
+    p.add_argument("--grace", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGINT/SIGTERM, how long queued work may run before it is refused with 503 (default: 30)")
+    p.set_defaults(func=_run_serve)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    key = args.api_key or os.environ.get("DIFFUSION_LORA_API_KEY") or None
+    if not _is_loopback(args.host) and not key:  # refused before anything loads
+        raise ConfigError(f"--host {args.host} is reachable from other machines: set --api-key KEY (or "
+                          "DIFFUSION_LORA_API_KEY) so that only clients with the key can use the server")
+    if args.cache_mb is not None and args.cache_mb <= 0:
+        raise ConfigError(f"--cache-mb must be positive, got {args.cache_mb}")
+    base = _quantized_base(args)
+    # imported here, not at the top: CLI start-up (--help must not import torch or FastAPI)
+    from .models import load_pipeline
+    from .serve import Engine, ServeLimits
+    from .serve.server import ServeOptions, bind, serve  # a missing [serve] extra is refused here, before loading
+
+    options = ServeOptions(api_key=key, grace=args.grace)
+    limits = ServeLimits(max_steps=args.max_steps, max_pixels=args.max_pixels, max_images=args.max_images,
+                         max_adapters=args.max_adapters, max_prompt_chars=args.max_prompt_chars,
+                         max_queue=args.max_queue)
+    sock = bind(args.host, args.port)  # before the model loads: a port in use is refused at once
+    try:
+        pipe = load_pipeline(args.model, device=args.device, **base)
+        cache_bytes = None if args.cache_mb is None else int(args.cache_mb * 2**20)
+        engine = Engine(pipe, args.lora_dir, limits=limits, max_batch=args.max_batch, cache_size=args.cache_size,
+                        cache_bytes=cache_bytes, batch_window=args.batch_window, model_file=_single_file(args.model))
+        serve(engine, sock, options, on_ready=lambda url: print(f"serving {args.model} on {url}", flush=True))
+    finally:
+        sock.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusion-lora", description=__doc__)
     parser.add_argument("--version", action="version", version=f"diffusion-lora {__version__}")
@@ -369,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resize(sub)
     _add_extract(sub)
     _add_bake(sub)
+    _add_serve(sub)
     return parser
 
 
