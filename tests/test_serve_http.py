@@ -293,3 +293,21 @@ def _wait(client, ready, timeout=60.0):
             return
         time.sleep(0.02)
     raise AssertionError("the server never reached the expected state")
+
+
+def test_a1111_samplers_list_and_sampler_name_in_txt2img(server, lora_dir, tmp_path):
+    names = {item["name"] for item in server.get("/sdapi/v1/samplers").json()}
+    # A1111's names for an SD1.5 model, written by hand; Restart has no diffusers equivalent and is not listed
+    assert {"Euler a", "Euler", "DPM++ 2M", "DDIM", "UniPC"} <= names and "Restart" not in names
+    assert "Karras" in {item["label"] for item in server.get("/sdapi/v1/schedulers").json()}
+    response = _txt2img(server, "a red circle <lora:ink:0.8>", 21, sampler_name="Euler a")
+    assert response.status_code == 200, response.text
+    pixels, text = _png(response.json()["images"][0])
+    out = tmp_path / "cli-euler-a"
+    assert main(["generate", "--model", "tiny-sd15", "--prompt", "a red circle <lora:ink:0.8>", "--steps", "3",
+                 "--height", "32", "--width", "32", "--seed", "21", "--out", str(out), "--lora-dir", str(lora_dir),
+                 "--sampler", "Euler a"]) == 0
+    image = Image.open(sorted(out.glob("*.png"))[0])
+    assert "Sampler: Euler a" in text and text == image.text["parameters"]
+    assert np.abs(pixels - np.asarray(image.convert("RGB")).astype(int)).max() <= 1
+    assert _txt2img(server, "x", 1, sampler_name="Restart").status_code == 422

@@ -20,6 +20,7 @@ from fastapi import Body, FastAPI
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import ConfigError
+from ..models.samplers import api_samplers, api_schedulers
 from ..prompt_tags import parse_lora_tags
 from ..version import __version__
 from .context import ServerContext, png_base64, random_seed
@@ -28,17 +29,16 @@ from .jobs import Job
 __all__ = ["Txt2ImgRequest", "add_a1111_routes", "sampler_items", "scheduler_items"]
 
 
-# -- samplers: adapter for the samplers helper ------------------------------------------------------------
-# ISSUE 16 / samplers helper: return A1111's sampler and scheduler names for ``pipe`` from the samplers
-# module here (A1111's SamplerItem {name, aliases, options} and SchedulerItem {name, label, aliases,
-# default_rho, need_inner_model}). Until then the engine runs the model's own scheduler and the lists are empty.
+# -- samplers ---------------------------------------------------------------------------------------------
 
 def sampler_items(pipe: Any) -> list[dict[str, Any]]:
-    return []
+    """A1111's SamplerItem entries ({name, aliases, options}) for the samplers this model can run."""
+    return api_samplers(pipe)
 
 
 def scheduler_items(pipe: Any) -> list[dict[str, Any]]:
-    return []
+    """A1111's SchedulerItem entries ({name, label, aliases, default_rho, need_inner_model}) for this model."""
+    return api_schedulers(pipe)
 
 
 # -- txt2img ---------------------------------------------------------------------------------------------
