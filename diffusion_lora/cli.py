@@ -362,8 +362,8 @@ def _add_serve_ray(sub: argparse._SubParsersAction) -> None:
                    "address needs --api-key")
     p.add_argument("--port", type=int, default=8000, help="Ray's HTTP proxy port (default: 8000)")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on every request")
-    p.add_argument("--address", help="Ray cluster to join (ray start --head prints it; default: RAY_ADDRESS, "
-                   "else a new local Ray instance)")
+    p.add_argument("--address", help="Ray cluster to join: auto (RAY_ADDRESS, else the one `ray start` runs on this "
+                   "machine), HOST:PORT or ray://HOST:PORT (default: a new local Ray instance on 127.0.0.1)")
     p.add_argument("--replicas", type=int, default=2, help="replicas, each with its own copy of the base (default: 2)")
     p.add_argument("--max-batch", type=int, default=8, help="images per denoiser batch in a replica (default: 8)")
     p.add_argument("--max-stacks", type=int, default=4,

@@ -28,6 +28,7 @@ httpx = pytest.importorskip("httpx")
 
 NAMES = ("ink", "neon", "moss", "rust", "fog", "sun")
 MAX_STACKS = 2
+KEY = "test-key-5e1f"
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def ray_app(lora_dir):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = ray_deployment("tiny-sd15", [str(lora_dir)], replicas=2, max_batch=4, max_stacks=MAX_STACKS,
-                             ray_actor_options={"num_cpus": 1}, batch_window=0.05)
+                             ray_actor_options={"num_cpus": 1}, batch_window=0.05, api_key=KEY)
         handle = serve.run(app, name="diffusion-lora", route_prefix="/")
         yield f"http://127.0.0.1:{port}", handle
     finally:
@@ -70,8 +71,10 @@ def _body(prompt, seed, loras=()):
             "loras": [{"name": n, "weight": w} for n, w in loras]}
 
 
-def _post(url, body, key=None):
+def _post(url, body, key=None, auth=f"Bearer {KEY}"):
     headers = {STACK_ID_HEADER: key} if key else {}
+    if auth is not None:
+        headers["Authorization"] = auth
     return httpx.post(f"{url}/v1/generate", json=body, headers=headers, timeout=120)
 
 
@@ -133,6 +136,8 @@ def test_http_routing_by_stack_matches_cli(ray_app, lora_dir, tmp_path):
     assert wrong.status_code == 400 and STACK_ID_HEADER in wrong.json()["detail"]
     missing = _post(url, _body("x <lora:nothere:1>", 1), "nothere")
     assert missing.status_code == 400 and "nothere" in missing.json()["detail"]
+    for auth in (None, "Bearer wrong", f"Basic {KEY}"):
+        assert _post(url, _body(*a), "ink", auth=auth).status_code == 401
 
 
 def test_eviction_beyond_max_stacks_unpins(ray_app):
@@ -152,3 +157,13 @@ def test_eviction_beyond_max_stacks_unpins(ray_app):
     evicted = [k for states in seen.values() for j, s in enumerate(states) for k in s["stacks"]
                if any(k not in later["stacks"] for later in states[j + 1:])]
     assert evicted
+
+
+def test_serve_ray_refuses_an_open_bind_without_key_and_a_cache_too_small(tmp_path, capsys):
+    from diffusion_lora.serve.ray_app import ray_deployment
+
+    assert main(["serve-ray", "--lora-dir", str(tmp_path), "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --host 0.0.0.0") and "--api-key" in err and err.count("\n") == 1
+    with pytest.raises(dl.ConfigError, match="cache_size 7 cannot hold max_stacks"):
+        ray_deployment("tiny-sd15", [str(tmp_path)], max_stacks=2, cache_size=7)

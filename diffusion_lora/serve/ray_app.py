@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,27 @@ def require_ray() -> Any:
     return serve
 
 
+class _Held:
+    """The stacks a replica holds (Ray evicts from an executor thread, requests read them on the event loop)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stacks: dict[str, _HeldStack] = {}
+
+    def add(self, stack: _HeldStack) -> None:
+        with self._lock:
+            self._stacks[stack.key] = stack
+
+    def remove(self, stack: _HeldStack) -> None:
+        with self._lock:
+            if self._stacks.get(stack.key) is stack:
+                del self._stacks[stack.key]
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return sorted(self._stacks)
+
+
 class _HeldStack:
     """Ray's multiplexed "model" for one stack id: the stack's adapters pinned in the replica's engine.
 
@@ -56,17 +78,16 @@ class _HeldStack:
     collected, so releasing happens once.
     """
 
-    def __init__(self, key: str, engine: Engine, pins: list, held: dict[str, _HeldStack]) -> None:
+    def __init__(self, key: str, engine: Engine, pins: list, held: _Held) -> None:
         self.key, self._engine, self._pins, self._held = key, engine, pins, held
         self._released = False
-        held[key] = self
+        held.add(self)
 
     def __del__(self) -> None:
         if self._released:
             return
         self._released = True
-        if self._held.get(self.key) is self:
-            del self._held[self.key]
+        self._held.remove(self)
         try:
             self._engine.unpin(self._pins)
         except ServerClosedError:
@@ -78,7 +99,8 @@ class StackReplica:
 
     Holds at most ``max_stacks`` adapter stacks for Ray's router (pinned: they stay loaded); everything
     else is the engine's (``max_batch``, ``cache_size``, ``cache_bytes``, ``limits``, ``batch_window``).
-    ``api_key``: HTTP requests must send ``Authorization: Bearer <api_key>``.
+    ``api_key``: HTTP requests (Ray's proxy) must send ``Authorization: Bearer <api_key>``; calls through a
+    DeploymentHandle come from inside the cluster and are not checked.
     """
 
     def __init__(self, model: str, lora_dirs: Sequence[str], *, max_stacks: int, max_batch: int = 8,
@@ -93,7 +115,7 @@ class StackReplica:
                              cache_bytes=cache_bytes, batch_window=batch_window, model_file=model_file)
         self.replica = serve.get_replica_context().replica_tag
         self._api_key = api_key.encode() if api_key else None
-        self._held: dict[str, _HeldStack] = {}
+        self._held = _Held()
         engine, held = self.engine, self._held
 
         async def load_stack(key: str) -> _HeldStack:
@@ -122,7 +144,7 @@ class StackReplica:
 
     def state(self) -> dict[str, Any]:
         """This replica's id, the stack ids it holds, and its cache: adapter (file stem) -> pins."""
-        return {"id": self.replica, "stacks": sorted(self._held),
+        return {"id": self.replica, "stacks": self._held.keys(),
                 "adapters": {e.shown: e.pins for e in self.engine.cache.entries()},
                 "loads": self.engine.cache.loads, "evictions": self.engine.cache.evictions}
 
@@ -228,7 +250,10 @@ def check_bind(host: str, api_key: str | None) -> None:
 
 def run_ray(app: Any, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
             api_key: str | None = None, ready: Callable[[str], None] | None = None) -> None:
-    """Start (or join, ``address``) Ray, serve ``app`` on Ray's HTTP proxy at ``host:port`` until interrupted.
+    """Serve ``app`` on Ray's HTTP proxy at ``host:port`` until interrupted.
+
+    ``address`` None starts a private local Ray instance on 127.0.0.1; otherwise it is ``ray.init``'s
+    (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``) and the cluster's nodes run the replicas.
 
     ``ready(url)`` is called once the replicas are up. Ray Serve stops on return.
     """
@@ -238,7 +263,10 @@ def run_ray(app: Any, *, host: str = "127.0.0.1", port: int = 8000, address: str
 
     import ray
 
-    ray.init(address=address, include_dashboard=False)
+    if address is None:
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+    else:
+        ray.init(address=address)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name="diffusion-lora", route_prefix="/")
