@@ -118,13 +118,14 @@ def test_http_routing_by_stack_matches_cli(ray_app, lora_dir, tmp_path):
     time.sleep(1.0)  # the replica pushes the ids it holds every 0.1 s; let the proxy's router hear it
     first_b = _post(url, _body(*b), "moss+neon")
     assert first_b.status_code == 200, first_b.text
-    replica_a, replica_b = first_a.json()["replica"]["id"], first_b.json()["replica"]["id"]
+    replica_a, replica_b = first_a.json()["replica"], first_b.json()["replica"]
     assert replica_a != replica_b  # a new id goes to the replica holding the fewest stacks
+    assert "state" not in first_a.json()  # what other clients loaded is not shown over HTTP
     time.sleep(1.0)
     with ThreadPoolExecutor(4) as pool:  # concurrent requests: each id still goes to its replica
         again = list(pool.map(lambda args: _post(url, _body(*args[0]), args[1]),
                               [(a, "ink"), (b, "moss+neon"), (a, "ink"), (b, "moss+neon")]))
-    assert [r.json()["replica"]["id"] for r in again] == [replica_a, replica_b, replica_a, replica_b]
+    assert [r.json()["replica"] for r in again] == [replica_a, replica_b, replica_a, replica_b]
     base = _post(url, _body("a green triangle", 23))  # no adapters: no id, any replica
     assert base.status_code == 200, base.text
     unrouted = _post(url, _body(*b))  # no header: the id comes from the body, any replica; same image
@@ -162,12 +163,13 @@ def test_eviction_beyond_max_stacks_unpins(ray_app):
     for i, names in enumerate(stacks):
         key = stack_id(names)
         body = _body(f"shape {i}", 40 + i, [(n, 0.7) for n in names])
-        state = handle.options(multiplexed_model_id=key).generate.remote(body).result(timeout_s=120)["replica"]
+        out = handle.options(multiplexed_model_id=key).generate.remote(body, state=True).result(timeout_s=120)
+        state = out["state"]
         assert key in state["stacks"] and len(state["stacks"]) <= MAX_STACKS
         held = {n for k in state["stacks"] for n in stack_names(k)}
         for adapter, pins in state["adapters"].items():
             assert (pins > 0) == (adapter in held), (adapter, state)  # pinned exactly while a held stack names it
-        seen.setdefault(state["id"], []).append(state)
+        seen.setdefault(out["replica"], []).append(state)
     # six ids on two replicas holding two each: some replica dropped a stack it held before
     evicted = [k for states in seen.values() for j, s in enumerate(states) for k in s["stacks"]
                if any(k not in later["stacks"] for later in states[j + 1:])]

@@ -14,7 +14,7 @@ HTTP (Ray's proxy): ``POST /v1/generate`` with the native JSON body (:mod:`.nati
 ``serve_multiplexed_model_id: <stack_id>``, which Ray's proxy routes on; a header that does not match
 the body's adapters is refused (400), a missing one is computed from the body (no routing preference).
 From Python: ``handle.options(multiplexed_model_id=stack_id(names)).generate.remote(body)``.
-Responses add ``replica``: which replica served the request and the stack ids it holds.
+Responses add ``replica``: the id of the replica that served the request.
 """
 
 from __future__ import annotations
@@ -125,8 +125,12 @@ class StackReplica:
         # wired here, not with a decorator on a method: the bound (max_stacks) is a deployment argument
         self._load_stack: Callable[[str], Any] = serve.multiplexed(max_num_models_per_replica=max_stacks)(load_stack)
 
-    async def generate(self, body: Any) -> dict[str, Any]:
-        """Generate what ``body`` (native JSON) asks for; raises the library's errors."""
+    async def generate(self, body: Any, *, state: bool = False) -> dict[str, Any]:
+        """Generate what ``body`` (native JSON) asks for; raises the library's errors.
+
+        The answer names the ``replica`` that served it; ``state`` adds :meth:`state` (what the replica
+        holds: stack ids and cached adapters, which other clients' requests loaded, so HTTP never asks).
+        """
         serve = require_ray()
         job = job_from_json(body)
         self.engine.check(job)  # limits before any adapter loads
@@ -139,12 +143,14 @@ class StackReplica:
             await self._load_stack(key)
         result = await asyncio.wrap_future(self.engine.submit(job))
         out = result_json(result)
-        out["replica"] = self.state()
+        out["replica"] = self.replica
+        if state:
+            out["state"] = self.state()
         return out
 
     def state(self) -> dict[str, Any]:
-        """This replica's id, the stack ids it holds, and its cache: adapter (file stem) -> pins."""
-        return {"id": self.replica, "stacks": self._held.keys(),
+        """The stack ids this replica holds, its cached adapters (file stem -> pins), loads and evictions."""
+        return {"stacks": self._held.keys(),
                 "adapters": {e.shown: e.pins for e in self.engine.cache.entries()},
                 "loads": self.engine.cache.loads, "evictions": self.engine.cache.evictions}
 
