@@ -427,6 +427,50 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve_ray(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve-ray", help="serve adapters on Ray Serve: replicas routed by adapter stack (needs "
+                       "pip install 'diffusion-lora[ray]')")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"base model of every replica (default: {DEFAULT_MODEL}); "
+                   "on a cluster, the same path or hub id must work on every node")
+    p.add_argument("--lora-dir", action="append", default=[], required=True, metavar="DIR",
+                   help="adapter folder, repeatable; requests name adapters inside it")
+    p.add_argument("--host", default="127.0.0.1", help="Ray's HTTP proxy address (default: 127.0.0.1); another "
+                   "address needs --api-key")
+    p.add_argument("--port", type=int, default=8000, help="Ray's HTTP proxy port (default: 8000)")
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY on every request")
+    p.add_argument("--address", help="Ray cluster to join: auto (RAY_ADDRESS, else the one `ray start` runs on this "
+                   "machine), HOST:PORT or ray://HOST:PORT (default: a new local Ray instance on 127.0.0.1)")
+    p.add_argument("--replicas", type=int, default=2, help="replicas, each with its own copy of the base (default: 2)")
+    p.add_argument("--max-batch", type=int, default=8, help="images per denoiser batch in a replica (default: 8)")
+    p.add_argument("--max-stacks", type=int, default=4,
+                   help="adapter stacks a replica keeps loaded for routing (Ray's max_num_models_per_replica; "
+                   "default: 4)")
+    p.add_argument("--cache-size", type=int, help="adapters a replica's cache holds (default: max-stacks x 8)")
+    p.add_argument("--cache-mb", type=float, help="bound of a replica's adapter cache in MB")
+    p.add_argument("--num-cpus", type=float, default=1, help="CPUs Ray reserves per replica (default: 1)")
+    p.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (default: 0; > 0 runs on cuda)")
+    p.set_defaults(func=_run_serve_ray)
+
+
+def _run_serve_ray(args: argparse.Namespace) -> int:
+    # imported here, not at the top: CLI start-up (--help must not import torch or ray)
+    from .serve.ray_app import check_bind, ray_deployment, require_ray, run_ray
+
+    check_bind(args.host, args.api_key)
+    require_ray()
+    options = {"num_cpus": args.num_cpus, **({"num_gpus": args.num_gpus} if args.num_gpus else {})}
+    cache_bytes = None if args.cache_mb is None else max(1, int(args.cache_mb * 2**20))
+    app = ray_deployment(args.model, args.lora_dir, replicas=args.replicas, max_batch=args.max_batch,
+                         max_stacks=args.max_stacks, cache_size=args.cache_size, cache_bytes=cache_bytes,
+                         api_key=args.api_key, ray_actor_options=options)
+    try:
+        run_ray(app, host=args.host, port=args.port, address=args.address, api_key=args.api_key,
+                ready=lambda url: print(f"serving on {url} (Ctrl-C stops)", flush=True))
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusion-lora", description=__doc__)
     parser.add_argument("--version", action="version", version=f"diffusion-lora {__version__}")
@@ -441,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract(sub)
     _add_bake(sub)
     _add_serve(sub)
+    _add_serve_ray(sub)
     return parser
 
 

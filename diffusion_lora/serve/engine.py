@@ -16,7 +16,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,6 +122,7 @@ class Engine:
         self._closing = False
         self._drain = True
         self._running: list[_Unit] = []
+        self._chores: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._step = (0, 0)  # (steps done, steps) of the running batch
         self.batches = self.images_done = 0
         self._worker = threading.Thread(target=self._work, name="diffusion-lora-engine", daemon=True)
@@ -163,6 +164,44 @@ class Engine:
         """Submit ``job`` and wait for its images."""
         return self.submit(job).result(timeout)
 
+    def pin(self, names: Sequence[str]) -> Future:
+        """Load adapters ``names`` and keep them loaded until :meth:`unpin` (the cache never evicts them).
+
+        Runs on the worker between two batches; the Future gives the pins to pass to :meth:`unpin`, or the
+        error of the first name that fails (naming it; the others are then released). A front end that
+        routes requests by adapter stack (Ray Serve's model multiplexing) holds the stacks it advertises.
+        """
+        def chore() -> list[CachedAdapter | str]:
+            got: list[CachedAdapter | str] = []
+            try:
+                for name in names:
+                    got.append(self.cache.acquire(name))
+            except BaseException:
+                for entry in got:
+                    self.cache.release(entry)
+                raise
+            return got
+
+        return self._chore(chore)
+
+    def unpin(self, pins: Sequence[CachedAdapter | str]) -> Future:
+        """Release what :meth:`pin` gave (on the worker, between batches); the adapters become evictable."""
+        def chore() -> None:
+            for entry in pins:
+                self.cache.release(entry)
+
+        return self._chore(chore)
+
+    def _chore(self, fn: Callable[[], Any]) -> Future:
+        future: Future = Future()
+        with self._cond:
+            if self._closing or not self._worker.is_alive():
+                raise ServerClosedError("the server is shutting down and takes no new requests")
+            future.set_running_or_notify_cancel()
+            self._chores.append((fn, future))
+            self._cond.notify_all()
+        return future
+
     def progress(self) -> dict[str, Any]:
         """Queue length, running images and the running batch's step."""
         with self._cond:
@@ -192,9 +231,13 @@ class Engine:
 
     def _work(self) -> None:
         while True:
+            self._do_chores()
             units = self._take()
             if units is None:
+                self._do_chores()
                 return
+            if not units:
+                continue
             try:
                 self._run(units)
             except BaseException as exc:  # never let the worker die with jobs waiting on it
@@ -207,12 +250,24 @@ class Engine:
                     self._running = []
                     self._step = (0, 0)
 
+    def _do_chores(self) -> None:
+        while True:
+            with self._cond:
+                if not self._chores:
+                    return
+                fn, future = self._chores.popleft()
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
     def _take(self) -> list[_Unit] | None:
+        """The next batch; [] when only chores wait; None when closing with nothing queued."""
         with self._cond:
-            while not self._queue and not self._closing:
+            while not self._queue and not self._chores and not self._closing:
                 self._cond.wait()
             if not self._queue:
-                return None
+                return [] if self._chores else None
             deadline = time.monotonic() + self.batch_window
             while len(self._queue) < self.max_batch and not self._closing:
                 left = deadline - time.monotonic()
