@@ -145,13 +145,13 @@ def test_http_routing_by_stack_matches_cli(ray_app, lora_dir, tmp_path):
     print(f"worst pixel difference to diffusion-lora generate: {worst}/255")
     assert worst <= 1
     unknown = _post(url, {**_body(*a), "stepz": 3}, "ink")
-    assert unknown.status_code == 400 and "stepz" in unknown.json()["detail"]
+    assert unknown.status_code == 422 and "stepz" in unknown.json()["detail"]
     garbage = httpx.post(f"{url}/v1/generate", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
-    assert garbage.status_code == 400 and "not JSON" in garbage.json()["detail"]
+    assert garbage.status_code == 422 and "not JSON" in garbage.json()["detail"]
     wrong = _post(url, _body(*a), "neon")
-    assert wrong.status_code == 400 and STACK_ID_HEADER in wrong.json()["detail"]
+    assert wrong.status_code == 422 and STACK_ID_HEADER in wrong.json()["detail"]
     missing = _post(url, _body("x <lora:nothere:1>", 1), "nothere")
-    assert missing.status_code == 400 and "nothere" in missing.json()["detail"]
+    assert missing.status_code == 404 and "nothere" in missing.json()["detail"]
     for auth in (None, "Bearer wrong", f"Basic {KEY}"):
         assert _post(url, _body(*a), "ink", auth=auth).status_code == 401
 

@@ -85,6 +85,11 @@ class AdapterCache:
         self.loads = self.evictions = 0
 
     @property
+    def preloaded(self) -> frozenset[str]:
+        """Adapters loaded in the pipeline before the cache was made: served by name, never evicted."""
+        return frozenset(self._preloaded)
+
+    @property
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self._entries.values())
 

@@ -37,7 +37,7 @@ class ServerContext:
 def check_names(engine: Engine, refs: Sequence[AdapterRef]) -> None:
     """Refuse a stack naming a file that is not in the folders (404) or that cannot be used (422), before
     the job takes a queue slot. The engine resolves the names again when it loads them."""
-    preloaded = engine.cache._preloaded  # adapters loaded before the server started (served by name)
+    preloaded = engine.cache.preloaded  # adapters loaded before the server started (served by name)
     for ref in refs:
         if ref.name in preloaded:
             continue

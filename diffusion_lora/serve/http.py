@@ -34,15 +34,9 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
                       "pip install 'diffusion-lora[serve]'") from None
 
 from ..errors import (
-    AdapterNotFoundError,
-    AdapterStateError,
     ConfigError,
     DiffusionLoraError,
     FormatError,
-    KeyMappingError,
-    ServerBusyError,
-    ServerClosedError,
-    UnsupportedModelError,
 )
 from ..formats.hashes import legacy_hash
 from ..formats.printable import printable
@@ -52,6 +46,7 @@ from .a1111 import add_a1111_routes
 from .context import ServerContext, png_base64, random_seed
 from .engine import Engine
 from .jobs import AdapterRef, Job
+from .native_json import status_of
 
 __all__ = ["MAX_BODY_BYTES", "create_app", "status_of"]
 
@@ -63,21 +58,6 @@ _OPEN_PATHS = frozenset({"/v1/health"})  # answered without the API key (load ba
 
 
 # -- errors ----------------------------------------------------------------------------------------------
-
-def status_of(exc: BaseException) -> int:
-    """The HTTP status of an error of the library (A1111 answers bad values with 422 too)."""
-    if isinstance(exc, ServerBusyError):
-        return 429
-    if isinstance(exc, ServerClosedError):
-        return 503
-    if isinstance(exc, AdapterNotFoundError):
-        return 404
-    if isinstance(exc, (ConfigError, FormatError, KeyMappingError, UnsupportedModelError)):
-        return 422
-    if isinstance(exc, AdapterStateError):
-        return 500
-    return 400
-
 
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     one_line = printable(detail)  # control characters (and newlines) of names and file paths escaped

@@ -13,16 +13,18 @@ from typing import Any
 
 from ..errors import (
     AdapterNotFoundError,
+    AdapterStateError,
     ConfigError,
     FormatError,
     KeyMappingError,
     ServerBusyError,
     ServerClosedError,
+    UnsupportedModelError,
 )
 from ..formats.printable import printable
 from .jobs import AdapterRef, Job, JobResult
 
-__all__ = ["error_status", "job_from_json", "result_json"]
+__all__ = ["job_from_json", "result_json", "status_of"]
 
 _JOB_KEYS = ("prompt", "negative_prompt", "loras", "steps", "guidance", "width", "height", "seed", "count",
              "sampler", "scheduler")
@@ -66,14 +68,17 @@ def result_json(result: JobResult) -> dict[str, Any]:
             "seeds": result.seeds, "parameters": [image.parameters for image in result.images]}
 
 
-def error_status(exc: BaseException) -> int:
-    """The HTTP status of a failed request: 4xx for what the request asked, 429 busy, 503 closing, 500 else."""
+def status_of(exc: BaseException) -> int:
+    """The HTTP status of an error of the library, the same for every front end (A1111 answers bad values with
+    422 too): 429 busy, 503 closing, 404 unknown adapter, 422 a bad value or unusable file, 500 else."""
     if isinstance(exc, ServerBusyError):
         return 429
     if isinstance(exc, ServerClosedError):
         return 503
-    if isinstance(exc, (ConfigError, AdapterNotFoundError)):  # RequestLimitError is a ConfigError
-        return 400
-    if isinstance(exc, (FormatError, KeyMappingError)):  # an adapter file the request names is unusable
+    if isinstance(exc, AdapterNotFoundError):
+        return 404
+    if isinstance(exc, (ConfigError, FormatError, KeyMappingError, UnsupportedModelError)):
         return 422
-    return 500
+    if isinstance(exc, AdapterStateError):
+        return 500
+    return 400

@@ -29,9 +29,10 @@ from typing import Any
 
 from ..errors import ConfigError, DiffusionLoraError, ServerClosedError
 from ..formats.printable import printable
+from .context import check_names
 from .engine import Engine
 from .jobs import ServeLimits
-from .native_json import error_status, job_from_json, result_json
+from .native_json import job_from_json, result_json, status_of
 from .stack_id import STACK_ID_HEADER, stack_id, stack_names
 
 __all__ = ["StackReplica", "check_bind", "ray_deployment", "require_ray", "run_ray"]
@@ -133,7 +134,8 @@ class StackReplica:
         """
         serve = require_ray()
         job = job_from_json(body)
-        self.engine.check(job)  # limits before any adapter loads
+        refs = self.engine.check(job).refs  # limits before any adapter loads
+        await asyncio.to_thread(check_names, self.engine, refs)  # unknown names: 404 before a queue slot
         key = stack_id(ref.name for ref in job.stack()[1])
         routed = serve.get_multiplexed_model_id()
         if routed and routed != key:
@@ -170,7 +172,7 @@ class StackReplica:
             body = await _read_json(request)
             return JSONResponse(await self.generate(body))
         except DiffusionLoraError as exc:
-            return JSONResponse({"detail": printable(str(exc))}, error_status(exc))
+            return JSONResponse({"detail": printable(str(exc))}, status_of(exc))
         except Exception as exc:  # one line, never a traceback, to the client; the log has the rest
             logger.exception("request failed")
             return JSONResponse({"detail": f"generation failed: {type(exc).__name__}"}, 500)
