@@ -24,26 +24,27 @@ STEPS, SIZE = 2, 32
 
 
 def write_adapters(folder: Path, names: list[str], *, seed: int = 0, std: float = 0.15, dora: tuple[str, ...] = (),
-                   text_encoder: tuple[str, ...] = ()) -> dict[str, Path]:
-    """Rank-4 tiny-sd15 adapters with random weights saved as ``folder/NAME.safetensors``."""
+                   text_encoder: tuple[str, ...] = (), targets: Any = "attn", rank: int = 4) -> dict[str, Path]:
+    """Tiny-sd15 adapters (rank 4 unless said) with random weights saved as ``folder/NAME.safetensors``."""
     pipe = dl.build_tiny_pipeline("tiny-sd15")
     paths = {}
     for i, name in enumerate(names):
-        dl.add_lora(pipe, name, rank=4, alpha=4, text_encoder=name in text_encoder, use_dora=name in dora)
+        dl.add_lora(pipe, name, rank=rank, alpha=rank, targets=targets, text_encoder=name in text_encoder,
+                    use_dora=name in dora)
         randomize(pipe, name, seed=seed + i, std=std)
         paths[name] = folder / f"{name}.safetensors"
         dl.save_lora(pipe, name, paths[name])
     return paths
 
 
-def rewrite_random(source: Path, target: Path, seed: int, std: float = 0.15) -> None:
-    """``target``: ``source``'s keys, shapes and metadata with other random up/down values."""
+def rewrite_random(source: Path, target: Path, seed: int, std: float = 0.15, dtype: torch.dtype | None = None) -> None:
+    """``target``: ``source``'s keys, shapes and metadata with other random up/down values (in ``dtype``)."""
     from safetensors import safe_open
 
     with safe_open(str(source), "pt") as f:
         metadata = f.metadata()
     g = torch.Generator().manual_seed(seed)
-    tensors = {k: (torch.randn(v.shape, generator=g) * std).to(v.dtype) if v.dim() == 2 else v
+    tensors = {k: (torch.randn(v.shape, generator=g) * std).to(dtype or v.dtype) if v.dim() == 2 else v
                for k, v in load_file(str(source)).items()}
     save_file(tensors, str(target), metadata=metadata)
 

@@ -239,6 +239,35 @@ def test_each_limit_is_named_before_queueing(gated, field, job):
     assert eng.progress()["queued"] == 0
 
 
+@pytest.mark.parametrize("make, what", [
+    (lambda: AdapterRef("g0", 101.0), "weight"),
+    (lambda: AdapterRef("g0", float("nan")), "weight"),
+    (lambda: AdapterRef("g0", 1.0, float("-inf")), "text_encoder_weight"),
+    (lambda: AdapterRef("x" * 1001), "adapter name"),
+    (lambda: Job("a", seed=-1), "seed"),
+    (lambda: Job("a", seed=2**64 - 1, count=2), "seed"),
+    (lambda: Job("a", count=0), "count"),
+    (lambda: Job("a", steps=0), "steps"),
+    (lambda: Job("a", width=36), "width"),
+    (lambda: Job("a", height=16392), "height"),
+    (lambda: Job("a", guidance=float("inf")), "guidance"),
+    (lambda: Job("a", loras="g0"), "loras"),
+    (lambda: Job("a", loras=[{"name": "g0"}]), "loras"),
+    (lambda: Job("a", sampler="E" * 101), "sampler"),
+    (lambda: Job("a", steps=2.5), "steps"),
+])
+def test_untrusted_values_are_bounded(make, what):
+    with pytest.raises(ConfigError, match=what):
+        make()
+
+
+def test_job_keeps_no_list_the_caller_can_change():
+    loras = [AdapterRef("g0")]
+    job = Job("a", loras=loras)
+    loras.extend(AdapterRef(f"g{i}") for i in range(1, 6))  # after the limits were checked: no effect
+    assert job.stack()[1] == (AdapterRef("g0"),)
+
+
 def test_more_images_than_the_queue_holds_is_a_limit():
     with pytest.raises(RequestLimitError, match="max_queue"):  # never fits: a 4xx, not a 429 to retry
         ServeLimits(max_images=8, max_queue=4).check(Job("a", count=5), (32, 32), 32)
@@ -296,5 +325,8 @@ def test_worker_survives_a_failing_batch(gated, ref):
     with pytest.raises(AdapterStateError, match="injected fault"):
         eng.generate(_job("fails", 1, [("g0", 1.0)]), timeout=60)
     assert eng.cache.entries()[0].pins == 0  # the failed batch released its adapters
-    image = eng.generate(_job("works", 2, [("g0", 1.0)]), timeout=60).images[0]
-    assert abs(pixels(image.image) - solo(ref, "works", 2, {"g0": 1.0})).max() <= 1
+    batches = eng.batches
+    result = eng.generate(_job("works", 2, [("g0", 1.0)], count=2), timeout=60)
+    assert eng.batches == batches + 2 and result.seeds == [2, 3]  # max_batch 1: one job split over two batches
+    for image in result.images:
+        assert abs(pixels(image.image) - solo(ref, "works", image.seed, {"g0": 1.0})).max() <= 1
