@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import diffusion_lora as dl
-from diffusion_lora.errors import AdapterStateError
+from diffusion_lora.errors import AdapterStateError, FormatError
 from diffusion_lora.serve import AdapterCache, AdapterRef, Engine, Job
 
 from .serve_files import SIZE, STEPS, lora_params, peft_names, pixels, rewrite_random, solo, write_adapters
@@ -219,3 +219,21 @@ def test_engine_byte_bound_fails_only_the_adapter_that_cannot_fit(folder, pipe, 
             bad.result(timeout=120)
         assert all(e.pins == 0 for e in eng.cache.entries()) and eng.cache.nbytes <= 0.85 * full
         assert peft_names(served) == {e.loaded_as for e in eng.cache.entries()}
+
+
+def test_broken_file_is_refused_until_it_changes(caches, folder):
+    path = folder / "mended.safetensors"
+    path.write_bytes((40).to_bytes(8, "little") + b"\xff" * 40)
+    try:
+        cache = caches()
+        errors = []
+        for _ in range(2):  # the second time from memory: same error, nothing loaded
+            with pytest.raises(FormatError, match=r"mended\.safetensors") as info:
+                cache.acquire("mended")
+            errors.append(str(info.value))
+        assert errors[0] == errors[1] and cache.loads == 0
+        shutil.copy(folder / "a.safetensors", path)  # fixed on disk: another size and time
+        cache.release(cache.acquire("mended"))
+        assert cache.loads == 1
+    finally:
+        path.unlink()

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters import adapter_bytes, disable, list_loras, load_lora, remove_lora
-from ..errors import AdapterStateError, ConfigError, DiffusionLoraError, FormatError
+from ..errors import AdapterStateError, ConfigError, DiffusionLoraError, FormatError, KeyMappingError
 from ..formats.adapter_files import default_adapter_name, header_of
 from ..formats.hashes import addnet_hash
 from ..formats.printable import printable
@@ -35,6 +35,7 @@ __all__ = ["AdapterCache", "CachedAdapter", "LoraFile"]
 
 logger = logging.getLogger(__name__)
 
+_MAX_BROKEN = 1024  # broken files remembered (by size and mtime) so that asking again does not read them again
 _MAX_INDEXED = 100_000  # files listed from the folders (an index bigger than that is a mistake, not a library)
 
 
@@ -88,6 +89,8 @@ class AdapterCache:
         # internal names never collide with an adapter already in the pipe (say, a closed engine's)
         self._names = (n for n in (f"serve_{i}" for i in itertools.count()) if n not in self._preloaded)
         self.loads = self.evictions = 0
+        # path -> (stamp, error) of files that failed to load: refused again without reading them until they change
+        self._broken: OrderedDict[Path, tuple[tuple[int, int], DiffusionLoraError]] = OrderedDict()
 
     @property
     def preloaded(self) -> frozenset[str]:
@@ -136,6 +139,9 @@ class AdapterCache:
             logger.info("%s changed on disk: loading it again", printable(str(path)))
             self._evict(entry)
             entry = None
+        broken = self._broken.get(path)
+        if entry is None and broken is not None and broken[0] == stamp:
+            raise type(broken[1])(*broken[1].args)
         if entry is None:
             entry = self._load(path, stamp)
         else:
@@ -165,11 +171,18 @@ class AdapterCache:
                 "adapters per batch")
         name = next(self._names)
         try:
-            load_lora(self.pipe, path, name=name, weight=1.0)
-        except DiffusionLoraError:
+            try:
+                load_lora(self.pipe, path, name=name, weight=1.0)
+            except DiffusionLoraError:
+                raise
+            except Exception as exc:  # a hostile file must fail its requests, never the server
+                raise FormatError(f"{printable(str(path))}: could not be loaded: {type(exc).__name__}: {exc}") from None
+        except (FormatError, KeyMappingError) as exc:  # the file's own fault: remembered until it changes
+            self._broken[path] = (stamp, exc)
+            self._broken.move_to_end(path)
+            while len(self._broken) > _MAX_BROKEN:
+                self._broken.popitem(last=False)
             raise
-        except Exception as exc:  # a hostile file must fail its requests, never the server
-            raise FormatError(f"{printable(str(path))}: could not be loaded: {type(exc).__name__}: {exc}") from None
         try:
             disable(self.pipe, name)  # active only in the batches that ask for it, at their weights
             nbytes = adapter_bytes(self.pipe, name)
