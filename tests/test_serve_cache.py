@@ -237,3 +237,17 @@ def test_broken_file_is_refused_until_it_changes(caches, folder):
         assert cache.loads == 1
     finally:
         path.unlink()
+
+
+def test_internal_names_skip_the_pipes_own_and_a_fused_pipe_is_refused(folder):
+    own = dl.build_tiny_pipeline("tiny-sd15")
+    dl.load_lora(own, folder / "b.safetensors", name="serve_0")  # say, left by an engine that was not closed
+    cache = AdapterCache(own, [folder])
+    entry = cache.acquire("a")
+    assert entry.loaded_as != "serve_0" and {"serve_0", entry.loaded_as} == peft_names(own)
+    assert cache.acquire("serve_0") == "serve_0"  # the pipe's own adapter, served by its name
+    cache.release(entry)
+    cache.clear()
+    dl.fuse(own)
+    with pytest.raises(AdapterStateError, match="fused"):
+        Engine(own, [str(folder)])
