@@ -7,28 +7,33 @@ one pipeline call for all of them. When the samples' stacks differ, every sample
 adapters and weights (:func:`adapters.per_sample_adapters`); when they agree, PEFT's own path runs (the
 same computation as ``diffusion-lora generate``). Nothing is fused while serving.
 
-A broken adapter fails only the jobs that name it; a failing pipeline call fails only its batch.
+A broken adapter fails only the jobs that name it; a failing pipeline call fails only its batch. Jobs
+whose adapters do not fit the cache beside the batch's (or that mix a DoRA adapter into other stacks) go
+back to the queue in their place and run in a later batch. Between batches the pipeline's adapters are as
+the operator left them: weights a batch sets are put back, and ``close`` unloads what the cache loaded.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..adapters import per_sample_adapters, set_weights, uses_dora
-from ..adapters.state import Weight  # the type of a weight (number or per-block dict)
+from ..adapters import disable, per_sample_adapters, set_weights, uses_dora
+from ..adapters.state import Weight, state_of  # the type of a weight (number or per-block dict)
 from ..errors import (
     AdapterStateError,
     ConfigError,
     DiffusionLoraError,
+    FormatError,
     RequestLimitError,
     ServerBusyError,
     ServerClosedError,
@@ -67,22 +72,29 @@ class _Pending:
         return (j.steps, j.guidance, self.size, j.sampler, j.scheduler, bool(j.negative_prompt))
 
     def fail(self, exc: BaseException) -> None:
-        if not self.failed:
-            self.failed = True
+        # close(drain=False) on a client thread may race the worker finishing this job: first one wins
+        self.failed = True
+        try:
             self.future.set_exception(exc)
+        except InvalidStateError:
+            pass
 
     def deliver(self, image: GeneratedImage, index: int) -> None:
         if self.failed:
             return
         self.images[index] = image
         if len(self.images) == self.job.count:
-            self.future.set_result(JobResult([self.images[i] for i in range(self.job.count)]))
+            try:
+                self.future.set_result(JobResult([self.images[i] for i in range(self.job.count)]))
+            except InvalidStateError:
+                pass
 
 
 @dataclass(eq=False)
 class _Unit:
     pending: _Pending
     index: int
+    order: int  # submission order: a unit sent back to the queue goes back to its place
 
     @property
     def seed(self) -> int:
@@ -110,6 +122,9 @@ class Engine:
         self.limits = limits or ServeLimits()
         # a modular pipeline takes one prompt per call: batching would only run them one by one
         self.max_batch = 1 if is_modular(pipe) else max_batch
+        if state_of(pipe).fused is not None:
+            raise AdapterStateError("the pipeline's adapters are fused; unfuse them before serving (the server "
+                                    "applies adapters per request and never changes the base weights)")
         self.batch_window = batch_window
         self.model_file = model_file
         self.native = native_size(pipe) or 1024
@@ -123,6 +138,7 @@ class Engine:
         self._drain = True
         self._running: list[_Unit] = []
         self._chores: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._order = itertools.count()
         self._step = (0, 0)  # (steps done, steps) of the running batch
         self.batches = self.images_done = 0
         self._worker = threading.Thread(target=self._work, name="diffusion-lora-engine", daemon=True)
@@ -156,7 +172,7 @@ class Engine:
                 raise ServerBusyError(f"the queue is full ({len(self._queue)} images waiting, limit "
                                       f"{self.limits.max_queue}); retry later")
             pending.future.set_running_or_notify_cancel()
-            self._queue.extend(_Unit(pending, i) for i in range(job.count))
+            self._queue.extend(_Unit(pending, i, next(self._order)) for i in range(job.count))
             self._cond.notify_all()
         return pending.future
 
@@ -235,7 +251,7 @@ class Engine:
             units = self._take()
             if units is None:
                 self._do_chores()
-                return
+                break
             if not units:
                 continue
             try:
@@ -249,6 +265,10 @@ class Engine:
                 with self._cond:
                     self._running = []
                     self._step = (0, 0)
+        try:
+            self.cache.clear()  # the pipeline leaves the server with the adapters it came with
+        except Exception:
+            logger.exception("unloading the cached adapters failed")
 
     def _do_chores(self) -> None:
         while True:
@@ -264,62 +284,98 @@ class Engine:
     def _take(self) -> list[_Unit] | None:
         """The next batch; [] when only chores wait; None when closing with nothing queued."""
         with self._cond:
-            while not self._queue and not self._chores and not self._closing:
+            while True:
+                self._fail_if_closed()
+                self._queue = collections.deque(u for u in self._queue if not u.pending.failed)
+                if self._queue:
+                    break
+                if self._chores:
+                    return []
+                if self._closing:
+                    return None
                 self._cond.wait()
-            if not self._queue:
-                return [] if self._chores else None
             deadline = time.monotonic() + self.batch_window
             while len(self._queue) < self.max_batch and not self._closing:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            key = self._queue[0].pending.key
+            self._fail_if_closed()
+            key = self._queue[0].pending.key if self._queue else None
             units = [u for u in self._queue if u.pending.key == key and not u.pending.failed][: self.max_batch]
             taken = set(map(id, units))
             self._queue = collections.deque(u for u in self._queue if id(u) not in taken and not u.pending.failed)
             self._running = units
             return units
 
+    def _fail_if_closed(self) -> None:
+        """Under the lock: after close(drain=False), every queued job fails with ServerClosedError."""
+        if self._closing and not self._drain:
+            closed = ServerClosedError("the server shut down before this request ran")
+            while self._queue:
+                self._queue.popleft().pending.fail(closed)
+
     def _requeue(self, units: list[_Unit]) -> None:
+        """Send units back to the queue, each in its submission place (ahead of younger ones)."""
         with self._cond:
-            self._queue.extendleft(reversed(units))
+            self._queue = collections.deque(sorted([*self._queue, *units], key=lambda u: u.order))
+            self._fail_if_closed()
             self._cond.notify_all()
 
     def _acquire(self, units: list[_Unit]) -> tuple[list[_Unit], dict[_Pending, dict], list[CachedAdapter | str]]:
         """Load the adapters of the units' jobs; jobs whose adapters fail are failed, those that do not fit
-        the cache now go back to the queue. Returns (units to run, stack per job, pins to release)."""
+        the cache beside the others go back to the queue. Returns (units to run, stack per job, pins to
+        release); on any error every pin taken here is released."""
         stacks: dict[_Pending, dict] = {}
         pins: list[CachedAdapter | str] = []
-        later: list[_Unit] = []
-        for unit in units:
-            pending = unit.pending
-            if pending.failed or pending in stacks:
-                continue
-            got: list[CachedAdapter | str] = []
-            try:
-                for ref in pending.refs:
-                    got.append(self.cache.acquire(ref.name))
-            except AdapterStateError as exc:  # no room: every cached adapter is in use by this batch
-                for entry in got:
-                    self.cache.release(entry)
-                if stacks:
-                    later.extend(u for u in units if u.pending is pending)
+        deferred: set[_Pending] = set()
+        try:
+            for unit in units:
+                pending = unit.pending
+                if pending.failed or pending in stacks or pending in deferred:
                     continue
-                pending.fail(exc)
-                continue
-            except DiffusionLoraError as exc:
-                for entry in got:
-                    self.cache.release(entry)
-                pending.fail(exc)
-                continue
-            pins.extend(got)
-            stacks[pending] = {(e.loaded_as if isinstance(e, CachedAdapter) else e): (e, ref)
-                               for e, ref in zip(got, pending.refs)}
-        if later:
-            self._requeue(later)
+                got = self._acquire_job(pending, alone=not stacks)
+                if got is None:
+                    deferred.add(pending)
+                    continue
+                pins.extend(got)
+                stacks[pending] = {(e.loaded_as if isinstance(e, CachedAdapter) else e): (e, ref)
+                                   for e, ref in zip(got, pending.refs)}
+        except BaseException:
+            for entry in pins:
+                self.cache.release(entry)
+            raise
+        if deferred:
+            self._requeue([u for u in units if u.pending in deferred])
         run = [u for u in units if not u.pending.failed and u.pending in stacks]
         return run, stacks, pins
+
+    def _acquire_job(self, pending: _Pending, alone: bool) -> list[CachedAdapter | str] | None:
+        """Pin one job's adapters: their entries, or None when they do not fit beside the batch's (try later).
+        A job whose adapters fail to load, or do not fit even ``alone``, is failed (returns [] then)."""
+        got: list[CachedAdapter | str] = []
+        try:
+            for ref in pending.refs:
+                got.append(self.cache.acquire(ref.name))
+            return got
+        except AdapterStateError as exc:  # no room beside the adapters this batch pins
+            error: DiffusionLoraError = exc
+            if not alone:
+                for entry in got:
+                    self.cache.release(entry)
+                return None
+            error = AdapterStateError(f"this request's {len(pending.refs)} adapters do not fit in the adapter cache "
+                                      f"(cache_size {self.cache.max_count}, cache_bytes {self.cache.max_bytes}): "
+                                      f"{exc}")
+        except DiffusionLoraError as exc:
+            error = exc
+        except Exception as exc:  # whatever a hostile file does, it fails the request that names it, only
+            name = pending.refs[len(got)].name
+            error = FormatError(f"adapter {name!r} could not be loaded: {type(exc).__name__}: {exc}")
+        for entry in got:
+            self.cache.release(entry)
+        pending.fail(error)
+        return []
 
     def _weights(self, stack: dict) -> dict[str, Weight]:
         return {name: tag_weight(self.pipe, ref.as_tag()) for name, (_, ref) in stack.items()}
@@ -334,15 +390,36 @@ class Engine:
                 self.cache.release(entry)
 
     def _split_dora(self, units: list[_Unit], weights: list[dict[str, Weight]]) -> list[_Unit]:
-        """Units that can run together: all when no DoRA adapter is mixed; else those sharing the first stack
-        (the others go back to the queue)."""
+        """Units that can run together: all when their stacks agree or none uses DoRA; else, when the first
+        uses DoRA, those sharing its stack, and otherwise those without DoRA (the others go back to the queue)."""
         if all(w == weights[0] for w in weights):
             return units
-        if not any(uses_dora(self.pipe, n) for w in weights for n in w):
+        dora = [any(uses_dora(self.pipe, n) for n in w) for w in weights]
+        if not any(dora):
             return units
-        keep = [u for u, w in zip(units, weights) if w == weights[0]]
-        self._requeue([u for u, w in zip(units, weights) if w != weights[0]])
-        return keep
+        if dora[0]:
+            keep = [w == weights[0] for w in weights]
+        else:
+            keep = [not d for d in dora]
+        self._requeue([u for u, k in zip(units, keep) if not k])
+        return [u for u, k in zip(units, keep) if k]
+
+    def _set_weights(self, weights: dict[str, Weight]) -> dict[str, tuple[bool, Weight]]:
+        """Activate exactly ``weights`` (PEFT's path); returns what to give :meth:`_restore` afterwards."""
+        saved = {n: (r.enabled, r.weight) for n, r in state_of(self.pipe).records.items()}
+        set_weights(self.pipe, weights)
+        return saved
+
+    def _restore(self, saved: dict[str, tuple[bool, Weight]]) -> None:
+        """Every adapter's enabled flag and weight as before the batch (adapters loaded since: disabled)."""
+        records = state_of(self.pipe).records
+        now = {n: (r.enabled, r.weight) for n, r in records.items() if n in saved}
+        if now == saved and all(not r.enabled for n, r in records.items() if n not in saved):
+            return
+        set_weights(self.pipe, {n: w for n, (_, w) in saved.items() if n in records})
+        off = [n for n, (enabled, _) in saved.items() if not enabled and n in records]
+        if off:
+            disable(self.pipe, off)
 
     def _generate(self, units: list[_Unit], stacks: dict[_Pending, dict]) -> None:
         weights = [self._weights(stacks[u.pending]) for u in units]
@@ -370,8 +447,11 @@ class Engine:
         scheduler = choice.build(self._scheduler) if choice is not None else None
         with torch.inference_mode(), swapped_scheduler(self.pipe, scheduler):
             if all(w == weights[0] for w in weights):
-                set_weights(self.pipe, weights[0])
-                images = pixels_or_oom(self.pipe, prompts, generators, kwargs, size, {})
+                saved = self._set_weights(weights[0])
+                try:
+                    images = pixels_or_oom(self.pipe, prompts, generators, kwargs, size, {})
+                finally:
+                    self._restore(saved)
             else:
                 with per_sample_adapters(self.pipe, weights):
                     images = pixels_or_oom(self.pipe, prompts, generators, kwargs, size, {})

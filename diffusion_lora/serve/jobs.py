@@ -8,8 +8,10 @@ prompt length) is bounded by :class:`ServeLimits`, and a job over a limit is ref
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath, PureWindowsPath
 
 from ..errors import ConfigError, RequestLimitError
 from ..generate import GeneratedImage
@@ -19,6 +21,22 @@ __all__ = ["AdapterRef", "Job", "JobResult", "ServeLimits"]
 
 _MAX_SEED = 2**64 - 1
 _MAX_WEIGHT = 100.0  # far beyond any useful blend factor; bounds what a request can do to activations
+_MAX_NAME = 1000  # characters of an adapter name (a relative path inside the adapter folders)
+_MAX_SIDE = 16384  # pixels per side, whatever max_pixels allows (a 8 x 10^6 strip is a mistake, not an image)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _check_name(name: object) -> None:
+    """An adapter name is a relative path without '..' (resolved, and checked again, inside the folders)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError("loras: an adapter name must be a non-empty string")
+    shown = ascii(name[:80])
+    if len(name) > _MAX_NAME or _CONTROL.search(name):
+        raise ConfigError(f"loras: adapter name {shown} is over {_MAX_NAME} characters or holds control characters")
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if pure.is_absolute() or PureWindowsPath(name).drive or ".." in pure.parts:
+        raise ConfigError(f"loras: adapter name {shown} must be a name or a relative path inside the adapter "
+                          "folders, without '..'")
 
 
 @dataclass(frozen=True)
@@ -31,8 +49,7 @@ class AdapterRef:
     text_encoder_weight: float | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name.strip():
-            raise ConfigError("loras: an adapter name must be a non-empty string")
+        _check_name(self.name)
         for key in ("weight", "text_encoder_weight"):
             value = getattr(self, key)
             if value is None and key == "text_encoder_weight":
@@ -80,20 +97,31 @@ class Job:
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"{key} must be a whole number, got {value!r}")
+        if isinstance(self.loras, (str, bytes)):
+            raise ConfigError("loras must be a list of AdapterRef")
+        # a tuple: a list the caller keeps could change after the limits were checked
+        try:
+            object.__setattr__(self, "loras", tuple(self.loras))
+        except TypeError:
+            raise ConfigError(f"loras must be a list of AdapterRef, got {type(self.loras).__name__}") from None
         if self.steps < 1 or self.count < 1:
             raise ConfigError(f"steps and count must be at least 1, got steps={self.steps}, count={self.count}")
         if not 0 <= self.seed <= _MAX_SEED - (self.count - 1):
             raise ConfigError(f"seed must be between 0 and {_MAX_SEED - (self.count - 1)}, got {self.seed}")
         for key in ("width", "height"):
             value = getattr(self, key)
-            if value is not None and (value < 8 or value % 8):
-                raise ConfigError(f"{key} must be a positive multiple of 8, got {value}")
+            if value is not None and (value < 8 or value % 8 or value > _MAX_SIDE):
+                raise ConfigError(f"{key} must be a positive multiple of 8 up to {_MAX_SIDE}, got {value}")
         g = self.guidance
         if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g)
                               or not 0 <= g <= 100):
             raise ConfigError(f"guidance must be a number from 0 to 100, got {g!r}")
-        if isinstance(self.loras, (str, bytes)) or not all(isinstance(r, AdapterRef) for r in self.loras):
+        if not all(isinstance(r, AdapterRef) for r in self.loras):
             raise ConfigError("loras must be a list of AdapterRef")
+        for key in ("sampler", "scheduler"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or len(value) > 100):
+                raise ConfigError(f"{key} must be a name (a string of at most 100 characters), got {value!r:.100}")
 
     def stack(self) -> tuple[str, tuple[AdapterRef, ...]]:
         """(prompt without tags, the adapter stack: ``loras`` then the prompt's tags, one entry per name)."""
@@ -134,10 +162,16 @@ class ServeLimits:
         if job.count > self.max_images:
             raise RequestLimitError(f"{job.count} images in one request is over the limit of {self.max_images} "
                                     "(max_images; A1111's batch_size × n_iter)")
+        if job.count > self.max_queue:  # would never fit the queue: a limit, not a busy server
+            raise RequestLimitError(f"{job.count} images in one request is over the queue's size of "
+                                    f"{self.max_queue} (max_queue)")
         limit = self.max_pixels or 4 * native * native
         if size[0] * size[1] > limit:
             raise RequestLimitError(f"height x width {size[0]}x{size[1]} is {size[0] * size[1]} pixels, over the "
                                     f"limit of {limit} (max_pixels)")
+        if len(job.loras) > self.max_adapters:  # before the tags are parsed: duplicates count too
+            raise RequestLimitError(f"{len(job.loras)} adapters in one request is over the limit of "
+                                    f"{self.max_adapters} (max_adapters)")
         _, stack = job.stack()
         if len(stack) > self.max_adapters:
             raise RequestLimitError(f"{len(stack)} adapters in one request is over the limit of "
