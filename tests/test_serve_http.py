@@ -311,3 +311,19 @@ def test_a1111_samplers_list_and_sampler_name_in_txt2img(server, lora_dir, tmp_p
     assert "Sampler: Euler a" in text and text == image.text["parameters"]
     assert np.abs(pixels - np.asarray(image.convert("RGB")).astype(int)).max() <= 1
     assert _txt2img(server, "x", 1, sampler_name="Restart").status_code == 422
+
+
+def test_lora_list_is_read_once_and_again_on_refresh(server, lora_dir):
+    import shutil
+
+    before = {entry["name"] for entry in server.get("/sdapi/v1/loras").json()}
+    shutil.copy(lora_dir / "ink.safetensors", lora_dir / "ink_copy.safetensors")
+    try:
+        assert {entry["name"] for entry in server.get("/v1/loras").json()} == before  # the cached list
+        assert server.post("/sdapi/v1/refresh-loras").status_code == 200
+        assert {entry["name"] for entry in server.get("/sdapi/v1/loras").json()} == before | {"ink_copy"}
+        # a request resolves names on disk, refreshed or not
+        assert _txt2img(server, "a red circle <lora:ink_copy:0.5>", 3).status_code == 200
+    finally:
+        (lora_dir / "ink_copy.safetensors").unlink()
+        server.post("/sdapi/v1/refresh-loras")

@@ -213,11 +213,12 @@ def add_a1111_routes(app: FastAPI, ctx: ServerContext) -> None:
 
     @app.get("/sdapi/v1/loras", tags=["a1111"])
     async def loras() -> list[dict[str, Any]]:
-        return [vars(f) for f in await asyncio.to_thread(ctx.engine.cache.index)]
+        return [vars(f) for f in await ctx.lora_index()]
 
     @app.post("/sdapi/v1/refresh-loras", tags=["a1111"])
     async def refresh_loras() -> None:
-        """The list is read from the folders on every request (a changed file is reloaded when next used)."""
+        """Read the folders' list again (a changed file is reloaded when next used, refreshed or not)."""
+        await ctx.lora_index(refresh=True)
         return None
 
     @app.get("/sdapi/v1/sd-models", tags=["a1111"])

@@ -6,12 +6,13 @@ import asyncio
 import base64
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..errors import AdapterNotFoundError, ConfigError
 from ..formats.printable import printable
 from .engine import Engine
+from .cache import LoraFile
 from .jobs import AdapterRef, Job, JobResult
 
 __all__ = ["ServerContext", "check_names", "png_base64", "random_seed"]
@@ -26,6 +27,16 @@ class ServerContext:
     engine: Engine
     model_name: str
     model_hash: str | None = None
+    _index: list[LoraFile] | None = field(default=None, repr=False)
+    _index_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+    async def lora_index(self, refresh: bool = False) -> list[LoraFile]:
+        """The adapter files of the folders, read once (walking the folders and every header is not per-request
+        work) and again on ``refresh`` (A1111's refresh-loras). Requests resolve names on disk either way."""
+        async with self._index_lock:
+            if self._index is None or refresh:
+                self._index = await asyncio.to_thread(self.engine.cache.index)
+            return self._index
 
     async def run(self, job: Job) -> JobResult:
         """Check the job's adapter names, queue it and wait for its images without blocking the loop."""

@@ -218,7 +218,7 @@ def _add_native_routes(app: FastAPI, ctx: ServerContext) -> None:
     @app.get("/v1/loras", response_model=list[LoraInfo], tags=["native"])
     async def loras() -> list[LoraInfo]:
         """The adapter files of the folders."""
-        return [LoraInfo(**vars(f)) for f in await asyncio.to_thread(ctx.engine.cache.index)]
+        return [LoraInfo(**vars(f)) for f in await ctx.lora_index()]
 
     @app.get("/v1/health", tags=["native"])
     async def health() -> dict[str, str]:
