@@ -11,8 +11,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..errors import AdapterNotFoundError, ConfigError
 from ..formats.printable import printable
-from .engine import Engine
 from .cache import LoraFile
+from .engine import Engine
 from .jobs import AdapterRef, Job, JobResult
 
 __all__ = ["ServerContext", "check_names", "png_base64", "random_seed"]
