@@ -9,10 +9,12 @@ from .api import (
     LoadReport,
     LoraInfo,
     adapter_bytes,
+    adapter_settings,
     add_lora,
     disable,
     enable,
     fuse,
+    is_fused,
     list_loras,
     load_lora,
     remove_lora,
@@ -24,13 +26,16 @@ from .keys import keys_of_components, pipeline_keys
 from .layers import plain_modules, plain_state_dict
 from .mixed import per_sample_adapters, uses_dora
 from .quantized import dequantized_weight, logical_shape, quant_kind
+from .state import Weight
 from .transfer import adapter_data, hotswap, save_lora
 from .weights import check_weight_value
 
 __all__ = [
     "LoadReport",
     "LoraInfo",
+    "Weight",
     "adapter_bytes",
+    "adapter_settings",
     "adapter_data",
     "add_lora",
     "check_weight_value",
@@ -39,6 +44,7 @@ __all__ = [
     "enable",
     "fuse",
     "hotswap",
+    "is_fused",
     "keys_of_components",
     "list_loras",
     "load_lora",

@@ -281,6 +281,17 @@ def list_loras(pipe: Any) -> list[LoraInfo]:
     return infos
 
 
+def adapter_settings(pipe: Any) -> dict[str, tuple[bool, Weight]]:
+    """Every loaded adapter's (enabled, weight), cheaply (no per-layer scan, unlike :func:`list_loras`)."""
+    state = state_of(pipe)
+    return {n: (state.record(n).enabled, state.record(n).weight) for n in state.peft_adapter_names()}
+
+
+def is_fused(pipe: Any) -> bool:
+    """True while :func:`fuse` has adapters merged into the base weights."""
+    return state_of(pipe).fused is not None
+
+
 def adapter_bytes(pipe: Any, name: str) -> int:
     """Bytes the tensors of adapter ``name`` take in the pipeline (down, up, bias, DoRA magnitude)."""
     state = state_of(pipe)

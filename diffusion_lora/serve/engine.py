@@ -27,8 +27,7 @@ from typing import Any
 
 import torch
 
-from ..adapters import disable, per_sample_adapters, set_weights, uses_dora
-from ..adapters.state import Weight, state_of  # the type of a weight (number or per-block dict)
+from ..adapters import Weight, adapter_settings, disable, is_fused, per_sample_adapters, set_weights, uses_dora
 from ..errors import (
     AdapterStateError,
     ConfigError,
@@ -122,7 +121,7 @@ class Engine:
         self.limits = limits or ServeLimits()
         # a modular pipeline takes one prompt per call: batching would only run them one by one
         self.max_batch = 1 if is_modular(pipe) else max_batch
-        if state_of(pipe).fused is not None:
+        if is_fused(pipe):
             raise AdapterStateError("the pipeline's adapters are fused; unfuse them before serving (the server "
                                     "applies adapters per request and never changes the base weights)")
         self.batch_window = batch_window
@@ -406,15 +405,15 @@ class Engine:
 
     def _set_weights(self, weights: dict[str, Weight]) -> dict[str, tuple[bool, Weight]]:
         """Activate exactly ``weights`` (PEFT's path); returns what to give :meth:`_restore` afterwards."""
-        saved = {n: (r.enabled, r.weight) for n, r in state_of(self.pipe).records.items()}
+        saved = adapter_settings(self.pipe)
         set_weights(self.pipe, weights)
         return saved
 
     def _restore(self, saved: dict[str, tuple[bool, Weight]]) -> None:
         """Every adapter's enabled flag and weight as before the batch (adapters loaded since: disabled)."""
-        records = state_of(self.pipe).records
-        now = {n: (r.enabled, r.weight) for n, r in records.items() if n in saved}
-        if now == saved and all(not r.enabled for n, r in records.items() if n not in saved):
+        records = adapter_settings(self.pipe)
+        now = {n: r for n, r in records.items() if n in saved}
+        if now == saved and all(not enabled for n, (enabled, _) in records.items() if n not in saved):
             return
         set_weights(self.pipe, {n: w for n, (_, w) in saved.items() if n in records})
         off = [n for n, (enabled, _) in saved.items() if not enabled and n in records]
