@@ -23,9 +23,10 @@ text encoder, both random; a small 8×-downscaling VAE; the embedded model's tok
    1/255 per channel, and the 8 adapters' images must differ from each other by more than that (so a request
    answered with another's image would be caught). No future may be left unanswered.
 
-    python bench/bench_serve.py                 # both models (~10 min on 2 quiet CPU cores)
-    python bench/bench_serve.py --quick         # fewer rounds / requests, SD1.5 size at 64 px only
-    python bench/bench_serve.py --models shapes-sd15 --out serve.md --json serve.json
+    python bench/bench_serve.py                 # both models: ~22 min on 2 shared CPU cores (1 thread)
+    python bench/bench_serve.py --sd15-128      # plus SD1.5-size throughput at 128 px: ~27 min
+    python bench/bench_serve.py --quick         # fewer rounds / requests, no heap tracing at SD1.5 size
+    python bench/bench_serve.py --models shapes-sd15 --out serve.md --json serve.json   # ~6 min
 
 Timings are wall-clock (``time.perf_counter``). No HTTP row: the HTTP front end is measured only when
 ``diffusion_lora.serve.http`` exists (it does not on this branch); the engine is what it would call.
@@ -96,6 +97,7 @@ class Plan:
     load_requests: int
     load_fraction: float  # arrival rate as a fraction of the mixed batch's throughput
     busy: bool  # repeat the first throughput row beside a CPU-bound process
+    heap: bool = True  # trace the Python heap during the churn (tracemalloc makes the loads ~4× slower)
 
 
 PLANS = {
@@ -104,7 +106,7 @@ PLANS = {
 }
 QUICK = {
     "shapes-sd15": Plan("shapes-sd15", (64, 32), 4, (16,), 3, 5, 200, 16, 24, 0.7, True),
-    "sd15-size": Plan("sd15-size", (64,), 2, (16,), 2, 4, 200, 16, 16, 0.6, False),
+    "sd15-size": Plan("sd15-size", (64,), 2, (16,), 2, 4, 200, 16, 16, 0.6, False, heap=False),
 }
 
 
@@ -354,13 +356,14 @@ def hooks(pipe) -> int:
 
 
 def memory(pipe) -> dict:
-    return {"rss": rss(), "heap": tracemalloc.get_traced_memory()[0], "tensors": tensor_bytes(pipe),
-            "hooks": hooks(pipe)}
+    heap = tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else float("nan")
+    return {"rss": rss(), "heap": heap, "tensors": tensor_bytes(pipe), "hooks": hooks(pipe)}
 
 
-def churn(pipe, folder: Path, names: list[str], cache: int, steps: int) -> dict:
+def churn(pipe, folder: Path, names: list[str], cache: int, steps: int, heap: bool) -> dict:
     """All ``names`` through a cache of ``cache`` in 8-image mixed batches; memory when first full and at the end."""
-    tracemalloc.start()
+    if heap:
+        tracemalloc.start()
     marks = {}
     with Engine(pipe, [str(folder)], max_batch=8, cache_size=cache, batch_window=0.5) as engine:
         marks["empty"] = memory(pipe)
@@ -497,15 +500,16 @@ def bench_model(plan: Plan, pipe, folder: Path, report: Report) -> None:
 
     log(f"{plan.label}: churn of {plan.churn} adapters through a cache of {plan.cache}")
     churn_names = write_adapters(layouts[rank], folder, "churn_", plan.churn, seed=9000)
-    got = churn(pipe, folder, churn_names, plan.cache, 1)
+    got = churn(pipe, folder, churn_names, plan.cache, 1, plan.heap)
     data["churn"] = got
     g, full, end = got["growth_slots"], got["marks"]["full"], got["marks"]["end"]
+    heap = f"{g['heap']:+.2f} slots" if plan.heap else "not traced"
     report.add(plan.label, f"churn: {plan.churn} adapters through a cache of {plan.cache} "
                f"(slot {got['slot_bytes'] / 2**20:.2f} MiB)",
                f"RSS {full['rss'] / 2**20:.0f} → {end['rss'] / 2**20:.0f} MiB: {g['rss']:+.2f} slots "
                f"({g['rss_second_half']:+.2f} over the last {plan.churn // 2}; every 40: "
                f"{', '.join(map(str, got['marks']['rss_series_mib']))} MiB)",
-               f"torch tensors {g['tensors']:+.2f} slots, Python heap {g['heap']:+.2f} slots, hooks left "
+               f"torch tensors {g['tensors']:+.2f} slots, Python heap {heap}, hooks left "
                f"{end['hooks']}", f"{got['loads']} loads, {got['evictions']} evictions")
     if g["rss"] > 1 or g["tensors"] > 0.01 or end["hooks"]:
         report.failures.append(f"{plan.label}: churn grew RSS by {g['rss']:.2f} slots "
