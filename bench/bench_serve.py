@@ -25,7 +25,7 @@ text encoder, both random; a small 8×-downscaling VAE; the embedded model's tok
 
     python bench/bench_serve.py                 # both models: ~22 min on 2 shared CPU cores (1 thread)
     python bench/bench_serve.py --sd15-128      # plus SD1.5-size throughput at 128 px: ~27 min
-    python bench/bench_serve.py --quick         # fewer rounds / requests, no heap tracing at SD1.5 size
+    python bench/bench_serve.py --quick         # fewer rounds / requests, no heap tracing at SD1.5 size: ~14 min
     python bench/bench_serve.py --models shapes-sd15 --out serve.md --json serve.json   # ~6 min
 
 Timings are wall-clock (``time.perf_counter``). No HTTP row: the HTTP front end is measured only when
