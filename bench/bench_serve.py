@@ -225,13 +225,6 @@ def worst(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.abs(a - b).max())
 
 
-def unload_cache(pipe, engine: Engine) -> None:
-    """Remove the engine's cached adapters from the pipeline (closing an engine leaves them loaded, and the
-    next engine's cache would name its first adapter serve_0 again)."""
-    for entry in engine.cache.entries():
-        dl.remove_lora(pipe, entry.loaded_as)
-
-
 @contextlib.contextmanager
 def busy_cpu() -> Iterator[None]:
     """A CPU-bound process (a Python loop of matmuls, one thread) beside the block."""
@@ -319,7 +312,6 @@ def cold_latency(pipe, folder: Path, names: list[str], size: int, steps: int) ->
             cold.append(served(engine, [job(name, size, steps)])[0])
             warm.append(served(engine, [job(name, size, steps)])[0])
         loads = engine.cache.loads
-        unload_cache(pipe, engine)
     if loads != len(names):
         raise SystemExit(f"cold run: {loads} loads for {len(names)} adapters")
     return {"cold_p50": pct(cold, 0.5), "cold_p99": pct(cold, 0.99), "warm_p50": pct(warm, 0.5),
@@ -378,7 +370,6 @@ def churn(pipe, folder: Path, names: list[str], cache: int, steps: int, heap: bo
                 marks.setdefault("rss_series_mib", []).append(round(rss() / 2**20, 1))
         marks["end"] = memory(pipe)
         loads, evictions, held = engine.cache.loads, engine.cache.evictions, len(engine.cache)
-        unload_cache(pipe, engine)
     tracemalloc.stop()
     growth = {k: (marks["end"][k] - marks["full"][k]) / slot for k in ("rss", "heap", "tensors")}
     growth["rss_second_half"] = (marks["end"]["rss"] - marks["half"]["rss"]) / slot
