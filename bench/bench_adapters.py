@@ -38,8 +38,6 @@ import os
 import platform
 import pstats
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -55,6 +53,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import diffusers
 import peft
 import torch
+from busy import busy_cpu  # bench/busy.py, beside this script
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from peft.tuners.lora import LoraLayer
 
@@ -252,22 +251,8 @@ def column(rounds: list[tuple[float, ...]], i: int) -> float:
 
 # One core's worth of steady CPU work in another process: what a user's machine usually has beside
 # the program (a browser, a second job). torch's thread pool then waits for a core at every parallel op.
-BUSY_LOOP = "\n".join(
-    ["import torch", "torch.set_num_threads(1)", "x = torch.randn(256, 256)",
-     "while True:", "    x = torch.tanh(x @ x)"]
-)
 
 
-@contextlib.contextmanager
-def busy_cpu() -> Iterator[None]:
-    """Run a CPU-bound Python process beside the block (started, given a second to spin up, killed)."""
-    proc = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
-    try:
-        time.sleep(1.0)
-        yield
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 @contextlib.contextmanager

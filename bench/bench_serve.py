@@ -43,14 +43,13 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import tracemalloc
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -61,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from busy import busy_cpu  # noqa: E402  (bench/busy.py, beside this script)
 from diffusers import AutoencoderKL, StableDiffusionPipeline  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -75,10 +75,6 @@ from diffusion_lora.serve import Engine, Job  # noqa: E402
 PROMPT = "a red circle on a blue square"
 SEED = 7
 UP_STD = 0.02  # random non-zero up: every adapter changes the image
-BUSY_LOOP = "\n".join(
-    ["import torch", "torch.set_num_threads(1)", "x = torch.randn(256, 256)", "while True:",
-     "    x = torch.tanh(x @ x)"]
-)
 _T0 = time.perf_counter()
 
 
@@ -225,16 +221,6 @@ def worst(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.abs(a - b).max())
 
 
-@contextlib.contextmanager
-def busy_cpu() -> Iterator[None]:
-    """A CPU-bound process (a Python loop of matmuls, one thread) beside the block."""
-    proc = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
-    try:
-        time.sleep(1.0)
-        yield
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 # ── 1. throughput ────────────────────────────────────────────────────────────────────────────────
