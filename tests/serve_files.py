@@ -1,4 +1,4 @@
-"""Adapter files and solo references for the serving tests (test_serve_safety, test_serve_cache).
+"""Adapter files and solo references for the serving tests (engine, safety, cache, HTTP, Ray).
 
 A reference image is made the way `diffusion-lora generate` makes it, on its own pipeline: the stack set
 with ``set_weights``, one prompt, one seed, nothing else in the batch.
@@ -147,3 +147,17 @@ def lora_params(pipe: Any) -> int:
                 for holder in (module.lora_A, module.lora_B, module.lora_magnitude_vector):
                     total += sum(p.numel() for p in holder.parameters())
     return total
+
+
+def cli_image(out: Path, lora_dir: Path, prompt: str, seed: int, *extra: str) -> tuple[np.ndarray, str]:
+    """(pixels as int, PNG parameters text) of `diffusion-lora generate` on tiny-sd15, 3 steps at 32 px, with the
+    prompt's tags resolved in ``lora_dir``: the independent reference every served image is compared with."""
+    from PIL import Image
+
+    from diffusion_lora.cli import main
+
+    args = ["generate", "--model", "tiny-sd15", "--prompt", prompt, "--steps", "3", "--height", "32", "--width", "32",
+            "--seed", str(seed), "--out", str(out), "--lora-dir", str(lora_dir), *extra]
+    assert main(args) == 0
+    image = Image.open(sorted(Path(out).glob("*.png"))[0])
+    return np.asarray(image.convert("RGB")).astype(int), image.text["parameters"]

@@ -21,10 +21,9 @@ import torch
 from PIL import Image
 
 import diffusion_lora as dl
-from diffusion_lora.cli import main
 from diffusion_lora.serve import Engine, ServeLimits
 
-from .helpers import randomize
+from .serve_files import cli_image, write_adapters
 
 uvicorn = pytest.importorskip("uvicorn")
 from diffusion_lora.serve.http import create_app  # noqa: E402 - after the importorskip
@@ -40,11 +39,9 @@ SMALL = {"steps": 3, "width": 32, "height": 32}
 def lora_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("loras")
     outside = tmp_path_factory.mktemp("outside")
+    write_adapters(folder, list(NAMES), seed=60, text_encoder=NAMES[1::2])
     pipe = dl.build_tiny_pipeline("tiny-sd15")
-    for i, name in enumerate(NAMES):
-        dl.add_lora(pipe, name, rank=4, alpha=4, text_encoder=i % 2 == 1)
-        randomize(pipe, name, seed=60 + i, std=0.15)
-        dl.save_lora(pipe, name, folder / f"{name}.safetensors")
+    dl.add_lora(pipe, "ink", rank=4, alpha=4)
     dl.save_lora(pipe, "ink", outside / "away.safetensors")
     (folder / "away.safetensors").symlink_to(outside / "away.safetensors")  # a symlink leading out
     torch.save({"x": torch.zeros(2)}, folder / "pickled.safetensors")  # a pickle named .safetensors
@@ -99,14 +96,6 @@ def _concurrently(calls):
         return [f.result() for f in [pool.submit(call) for call in calls]]
 
 
-def _cli(tmp_path, lora_dir, prompt, seed):
-    out = tmp_path / f"cli-{seed}"
-    assert main(["generate", "--model", "tiny-sd15", "--prompt", prompt, "--steps", "3", "--height", "32",
-                 "--width", "32", "--seed", str(seed), "--out", str(out), "--lora-dir", str(lora_dir)]) == 0
-    image = Image.open(sorted(out.glob("*.png"))[0])
-    return np.asarray(image.convert("RGB")).astype(int), image.text["parameters"]
-
-
 JOBS = [
     ("a red circle <lora:ink:0.8>", 11),
     ("a blue square <lora:neon:1> <lora:moss:-0.5>", 12),
@@ -122,7 +111,7 @@ def test_concurrent_mixed_stacks_share_a_batch_and_match_cli_generate(server, lo
     assert _batches(server) == before + 1  # the four requests ran in one pipeline call
     worst = 0
     for (prompt, seed), response in zip(JOBS, responses):
-        pixels, text = _cli(tmp_path, lora_dir, prompt, seed)
+        pixels, text = cli_image(tmp_path / f"cli-{seed}", lora_dir, prompt, seed)
         served, served_text = _png(response.json()["images"][0])
         worst = max(worst, int(np.abs(served - pixels).max()))
         assert served_text == text
@@ -303,13 +292,10 @@ def test_a1111_samplers_list_and_sampler_name_in_txt2img(server, lora_dir, tmp_p
     response = _txt2img(server, "a red circle <lora:ink:0.8>", 21, sampler_name="Euler a")
     assert response.status_code == 200, response.text
     pixels, text = _png(response.json()["images"][0])
-    out = tmp_path / "cli-euler-a"
-    assert main(["generate", "--model", "tiny-sd15", "--prompt", "a red circle <lora:ink:0.8>", "--steps", "3",
-                 "--height", "32", "--width", "32", "--seed", "21", "--out", str(out), "--lora-dir", str(lora_dir),
-                 "--sampler", "Euler a"]) == 0
-    image = Image.open(sorted(out.glob("*.png"))[0])
-    assert "Sampler: Euler a" in text and text == image.text["parameters"]
-    assert np.abs(pixels - np.asarray(image.convert("RGB")).astype(int)).max() <= 1
+    cli_pixels, cli_text = cli_image(tmp_path / "cli-euler-a", lora_dir, "a red circle <lora:ink:0.8>", 21,
+                                     "--sampler", "Euler a")
+    assert "Sampler: Euler a" in text and text == cli_text
+    assert np.abs(pixels - cli_pixels).max() <= 1
     assert _txt2img(server, "x", 1, sampler_name="Restart").status_code == 422
 
 

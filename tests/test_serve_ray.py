@@ -21,7 +21,7 @@ import diffusion_lora as dl
 from diffusion_lora.cli import main
 from diffusion_lora.serve.stack_id import STACK_ID_HEADER, stack_id, stack_names
 
-from .helpers import randomize
+from .serve_files import cli_image, write_adapters
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -35,11 +35,7 @@ KEY = "test-key-5e1f"
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ray-loras")
-    pipe = dl.build_tiny_pipeline("tiny-sd15")
-    for i, name in enumerate(NAMES):
-        dl.add_lora(pipe, name, rank=4, alpha=4, text_encoder=i % 2 == 1)
-        randomize(pipe, name, seed=80 + i, std=0.15)
-        dl.save_lora(pipe, name, folder / f"{name}.safetensors")
+    write_adapters(folder, list(NAMES), seed=80, text_encoder=NAMES[1::2])
     return folder
 
 
@@ -90,15 +86,6 @@ def _pixels(b64):
     return np.asarray(image.convert("RGB")).astype(int), image.text["parameters"]
 
 
-def _cli(tmp_path, lora_dir, prompt, seed):
-    out = tmp_path / f"cli-{seed}"
-    args = ["generate", "--model", "tiny-sd15", "--prompt", prompt, "--steps", "3", "--height", "32", "--width", "32",
-            "--seed", str(seed), "--out", str(out), "--lora-dir", str(lora_dir)]
-    assert main(args) == 0
-    image = Image.open(sorted(out.glob("*.png"))[0])
-    return np.asarray(image.convert("RGB")).astype(int), image.text["parameters"]
-
-
 def test_stack_id_is_canonical():
     assert stack_id(["neon", "ink", "neon"]) == stack_id(["ink", "neon"]) == "ink+neon"
     odd = ["a+b", "dir/c", "é"]
@@ -138,7 +125,7 @@ def test_http_routing_by_stack_matches_cli(ray_app, lora_dir, tmp_path):
         served, text = _pixels(data["images"][0])
         assert data["parameters"] == [text]
         if seed not in reference:
-            reference[seed] = _cli(tmp_path, lora_dir, prompt, seed)
+            reference[seed] = cli_image(tmp_path / f"cli-{seed}", lora_dir, prompt, seed)
         pixels, cli_text = reference[seed]
         worst = max(worst, int(np.abs(served - pixels).max()))
         assert text == cli_text
