@@ -161,3 +161,15 @@ def cli_image(out: Path, lora_dir: Path, prompt: str, seed: int, *extra: str) ->
     assert main(args) == 0
     image = Image.open(sorted(Path(out).glob("*.png"))[0])
     return np.asarray(image.convert("RGB")).astype(int), image.text["parameters"]
+
+
+def wait_for_stats(client: Any, ready: Any, timeout: float = 60.0) -> None:
+    """Poll a running server's ``/v1/stats`` (an httpx client) until ``ready(stats)`` is true."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready(client.get("/v1/stats").json()):
+            return
+        time.sleep(0.02)
+    raise AssertionError("the server never reached the expected state")

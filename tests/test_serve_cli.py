@@ -14,6 +14,7 @@ import pytest
 import diffusion_lora as dl
 
 from .helpers import randomize
+from .serve_files import wait_for_stats
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
@@ -67,9 +68,9 @@ def test_sigterm_finishes_the_running_batch_then_drains_or_refuses_the_queue(lor
         job = {"prompt": "a circle <lora:ink:0.9>", "steps": 4, "width": 32, "height": 32, "seed": 4, "count": 2}
         with ThreadPoolExecutor(2) as pool:
             running = pool.submit(client.post, "/v1/generate", json=job)
-            _wait(client, lambda s: s["running"] == 2)
+            wait_for_stats(client, lambda s: s["running"] == 2)
             queued = pool.submit(client.post, "/v1/generate", json={**job, "seed": 9})
-            _wait(client, lambda s: s["queued"] == 2)
+            wait_for_stats(client, lambda s: s["queued"] == 2)
             proc.send_signal(signal.SIGTERM)
             first, second = running.result(), queued.result()
         assert first.status_code == 200 and len(first.json()["images"]) == 2
@@ -83,15 +84,6 @@ def test_sigterm_finishes_the_running_batch_then_drains_or_refuses_the_queue(lor
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def _wait(client, ready, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ready(client.get("/v1/stats").json()):
-            return
-        time.sleep(0.02)
-    raise AssertionError("the server never reached the expected state")
 
 
 def test_serve_help_imports_neither_torch_nor_the_web_stack():

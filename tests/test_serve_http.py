@@ -23,7 +23,7 @@ from PIL import Image
 import diffusion_lora as dl
 from diffusion_lora.serve import Engine, ServeLimits
 
-from .serve_files import cli_image, write_adapters
+from .serve_files import cli_image, wait_for_stats, write_adapters
 
 uvicorn = pytest.importorskip("uvicorn")
 from diffusion_lora.serve.http import create_app  # noqa: E402 - after the importorskip
@@ -265,23 +265,14 @@ def test_full_queue_is_429_and_progress_reports_the_run(server):
     slow = {"prompt": "a slow one <lora:ink:1>", "steps": 8, "width": 32, "height": 32}
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(server.post, "/v1/generate", json={**slow, "count": 6})
-        _wait(server, lambda s: s["running"] == 6 and s["steps"] == 8)
+        wait_for_stats(server, lambda s: s["running"] == 6 and s["steps"] == 8)
         progress = server.get("/sdapi/v1/progress").json()
         assert progress["state"]["sampling_steps"] == 8 and progress["state"]["job_count"] >= 6
         queued = pool.submit(server.post, "/v1/generate", json={**slow, "count": 6})
-        _wait(server, lambda s: s["queued"] == 6)
+        wait_for_stats(server, lambda s: s["queued"] == 6)
         r = server.post("/v1/generate", json={**slow, "count": 3})  # 6 + 3 > max_queue 8
         assert r.status_code == 429 and "queue" in r.json()["detail"] and r.headers["Retry-After"]
         assert running.result().status_code == 200 and queued.result().status_code == 200
-
-
-def _wait(client, ready, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ready(client.get("/v1/stats").json()):
-            return
-        time.sleep(0.02)
-    raise AssertionError("the server never reached the expected state")
 
 
 def test_a1111_samplers_list_and_sampler_name_in_txt2img(server, lora_dir, tmp_path):
