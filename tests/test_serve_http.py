@@ -268,6 +268,11 @@ def test_full_queue_is_429_and_progress_reports_the_run(server):
         wait_for_stats(server, lambda s: s["running"] == 6 and s["steps"] == 8)
         progress = server.get("/sdapi/v1/progress").json()
         assert progress["state"]["sampling_steps"] == 8 and progress["state"]["job_count"] >= 6
+        for _ in range(2000):  # until a sample falls inside the run (steps 1-7 of 8)
+            progress = server.get("/sdapi/v1/progress").json()
+            if 0 < progress["progress"] < 1:
+                break
+        assert 0 < progress["progress"] < 1 and progress["eta_relative"] > 0  # A1111: seconds left, estimated
         queued = pool.submit(server.post, "/v1/generate", json={**slow, "count": 6})
         wait_for_stats(server, lambda s: s["queued"] == 6)
         r = server.post("/v1/generate", json={**slow, "count": 3})  # 6 + 3 > max_queue 8

@@ -244,7 +244,9 @@ def add_a1111_routes(app: FastAPI, ctx: ServerContext) -> None:
                  "job_count": p["queued"] + p["running"], "job_timestamp": "0", "job_no": 0,
                  "sampling_step": p["step"], "sampling_steps": p["steps"]}
         text = f"{p['running']} images running, {p['queued']} waiting" if p["running"] or p["queued"] else None
-        return ProgressResponse(progress=share, eta_relative=0.0, state=state, textinfo=text)
+        # A1111's estimate: time so far / share done − time so far (the running batch's remaining seconds)
+        eta = p["elapsed"] / share - p["elapsed"] if share > 0 else 0.0
+        return ProgressResponse(progress=share, eta_relative=eta, state=state, textinfo=text)
 
     @app.get("/sdapi/v1/samplers", tags=["a1111"])
     async def samplers() -> list[dict[str, Any]]:

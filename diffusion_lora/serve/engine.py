@@ -139,6 +139,7 @@ class Engine:
         self._chores: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._order = itertools.count()
         self._step = (0, 0)  # (steps done, steps) of the running batch
+        self._started = 0.0  # when the running batch started (time.monotonic)
         self.batches = self.images_done = 0
         self._worker = threading.Thread(target=self._work, name="diffusion-lora-engine", daemon=True)
         self._worker.start()
@@ -218,11 +219,12 @@ class Engine:
         return future
 
     def progress(self) -> dict[str, Any]:
-        """Queue length, running images and the running batch's step."""
+        """Queue length, running images, the running batch's step and its seconds so far (``elapsed``)."""
         with self._cond:
             done, total = self._step
+            elapsed = time.monotonic() - self._started if total else 0.0
             return {"queued": len(self._queue), "running": len(self._running), "step": done, "steps": total,
-                    "batches": self.batches, "images": self.images_done}
+                    "elapsed": elapsed, "batches": self.batches, "images": self.images_done}
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop taking jobs; finish the queued ones (``drain``) or fail them with ServerClosedError."""
@@ -439,6 +441,7 @@ class Engine:
             kwargs["callback_on_step_end"] = self._on_step
         with self._cond:
             self._step = (0, job.steps)
+            self._started = time.monotonic()
         prompts = [u.pending.prompt for u in units]
         generators = [torch.Generator(device="cpu").manual_seed(u.seed) for u in units]
         # the batch's sampler (part of its key); a stochastic one draws each sample's noise from its own generator
