@@ -295,7 +295,7 @@ def _short_hash(file: str | None) -> str | None:
         return None
 
 
-def tag_text(pipe: Any, name: str, weight: Any) -> str:
+def _tag_text(pipe: Any, name: str, weight: Any) -> str:
     """An adapter's weight as an A1111 tag; a per-block weight the syntax cannot hold shows its default."""
     if not isinstance(weight, Mapping):
         return LoraTag(name, float(weight)).as_text()
@@ -351,13 +351,13 @@ def iter_generate(pipe: Any, settings: GenerationSettings, *, progress: bool = T
             active[resolve_tag(pipe, tag, settings.lora_dirs)] = tag_weight(pipe, tag)
         plans.append((prompt, active))
     model = os.fspath(model_file) if model_file is not None else None
-    hashes = lora_hashes(pipe)
+    hashes = _lora_hashes(pipe)
     bar = tqdm(total=len(plans) * settings.num_images, desc="generate", unit="img", disable=not progress)
     pipe.set_progress_bar_config(disable=True)
     try:
         for prompt, active in plans:
             set_weights(pipe, active)
-            shown = [tag_text(pipe, n, w) for n, w in active.items()]
+            shown = [_tag_text(pipe, n, w) for n, w in active.items()]
             used = {n: hashes[n] for n in active if hashes.get(n)}
             for index in range(settings.num_images):
                 seed = settings.seed + index
@@ -371,7 +371,7 @@ def iter_generate(pipe: Any, settings: GenerationSettings, *, progress: bool = T
         bar.close()
 
 
-def lora_hashes(pipe: Any) -> dict[str, str | None]:
+def _lora_hashes(pipe: Any) -> dict[str, str | None]:
     """Each loaded adapter's short AddNet hash, computed once per file."""
     return {info.name: _short_hash(info.file) for info in list_loras(pipe)}
 
