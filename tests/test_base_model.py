@@ -7,6 +7,7 @@ import torch
 
 import diffusion_lora as dl
 from diffusion_lora.models.loading import embedded_model_path
+from diffusion_lora.toy import world
 from diffusion_lora.toy.evaluate import prompt_following
 from diffusion_lora.toy.scenes import held_out_combos
 from diffusion_lora.toy.train_base import BasePlan, train_base_model
@@ -38,19 +39,30 @@ def test_embedded_model_is_a_plain_sd15_folder_of_at_most_25_mb():
 
 
 @pytest.fixture(scope="module")
-def held_out_score():
+def base():
+    pipe = dl.load_pipeline("shapes-sd15")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _score(pipe, caption):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        pipe = dl.load_pipeline("shapes-sd15")
-        pipe.set_progress_bar_config(disable=True)
         combos = held_out_combos()
         assert len(combos) == 100
-        score = prompt_following(pipe, combos, seed=0, steps=20, guidance=GUIDANCE)
+        score = prompt_following(pipe, combos, caption=caption, seed=0, steps=20, guidance=GUIDANCE)
     finally:
         torch.set_num_threads(before)
-    print(f"held-out prompt following: colour {score.colour:.0%}, shape {score.shape:.0%}")
+    print(f"held-out prompt following ({caption.__name__}): colour {score.colour:.0%}, shape {score.shape:.0%}")
     return score
+
+
+@pytest.fixture(scope="module")
+def held_out_score(base):
+    from diffusion_lora.toy.evaluate import caption_of
+
+    return _score(base, caption_of)  # "a large blue circle on a white background"
 
 
 def test_base_model_draws_the_requested_shape_for_60_percent_of_held_out_prompts(held_out_score):
@@ -61,16 +73,30 @@ def test_base_model_draws_the_requested_colour_for_80_percent_of_held_out_prompt
     assert held_out_score.colour >= 0.80
 
 
-def test_base_model_training_is_reproducible(tmp_path, two_threads):
-    """Every stage is seeded: two short runs of the real trainer give the same weights."""
-    plan = BasePlan(vae_steps=2, vae_batch=2, sharpen_steps=2, polish_steps=2, images=16, unet_steps=3,
-                    unet_batch=4, warmup=1, checkpoint_every=2)
+def _tiny_plan() -> BasePlan:
+    return BasePlan(vae_steps=2, vae_batch=2, sharpen_steps=2, polish_steps=2, images=16, unet_steps=3,
+                    unet_batch=4, warmup=1, checkpoint_every=2, photos=world.photos_available(), open_vae_steps=2,
+                    open_vae2_steps=2, open_images=16, open_unet_steps=3, open_warmup=1, open_decay_from=2)
+
+
+def _weights(pipe) -> dict[str, torch.Tensor]:
+    return {f"{c}.{k}": v.clone() for c in ("vae", "unet", "text_encoder")
+            for k, v in getattr(pipe, c).state_dict().items()}
+
+
+def test_base_model_training_is_reproducible_and_resumable(tmp_path, two_threads):
+    """Every stage is seeded: two short runs of the real trainer give the same weights, and a run stopped
+    after one open-world UNet step (as a killed run) and started again ends with the same weights too."""
+    plan = _tiny_plan()
     states = []
     for run in ("a", "b"):
         pipe = train_base_model(tmp_path / run / "model", tmp_path / run / "work", plan)
-        states.append({f"{c}.{k}": v.clone() for c in ("vae", "unet", "text_encoder")
-                       for k, v in getattr(pipe, c).state_dict().items()})
-    assert states[0].keys() == states[1].keys()
-    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+        states.append(_weights(pipe))
+    assert train_base_model(tmp_path / "c" / "model", tmp_path / "c" / "work", plan, until=1) is None
+    assert not (tmp_path / "c" / "model").exists()
+    states.append(_weights(train_base_model(tmp_path / "c" / "model", tmp_path / "c" / "work", plan)))
+    for other in states[1:]:
+        assert states[0].keys() == other.keys()
+        assert all(torch.equal(states[0][k], other[k]) for k in states[0])
     reloaded = dl.load_pipeline(tmp_path / "a" / "model")
     assert torch.equal(reloaded.unet.conv_in.weight, states[0]["unet.conv_in.weight"])

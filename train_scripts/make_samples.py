@@ -3,7 +3,8 @@
     python train_scripts/make_samples.py [--out samples/datasets]
 
 Deterministic: rerunning rewrites byte-identical files. Three styles the embedded base model never
-draws (outline, stripes, pastel) and one character (the mascot "zorbo").
+draws (outline, stripes, pastel), three more that are also kept out of its training altogether
+(checker, faded, ink: stand-ins for a user's own style) and one character (the mascot "zorbo").
 """
 
 from __future__ import annotations

@@ -1,6 +1,10 @@
 """Train the embedded base model (shapes-sd15) from scratch on CPU and save it as a diffusers folder.
 
+    pip install -e ".[world]"     # scikit-image, whose bundled sample photographs the photo family crops
     python train_scripts/train_base_model.py --out diffusion_lora/assets/shapes-sd15 --work out/base-work
+
+--photos false trains without photographs (a different model). --work train_scripts/base_work
+continues from the shipped run's checkpoints.
 
 Reproducible: the same plan and thread count give the same weights. A killed run continues from
 the checkpoints in --work. Ends by scoring prompt following on the 100 held-out captions. On two
@@ -22,6 +26,12 @@ from diffusion_lora.toy.scenes import held_out_combos
 from diffusion_lora.toy.train_base import BasePlan, polish_decoder_stage, train_base_model
 
 
+def _flag(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+    return text.lower() in ("true", "1", "yes")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for the trained diffusers pipeline")
@@ -30,7 +40,8 @@ def main() -> None:
     parser.add_argument("--decoder-only", action="store_true",
                         help="run only stage 4 (needs --work/vae-sharp.pt), e.g. beside the UNet stage")
     for f in dataclasses.fields(BasePlan):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+        kind = _flag if isinstance(f.default, bool) else type(f.default)
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)

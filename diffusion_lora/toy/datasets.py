@@ -11,11 +11,15 @@ from diffusion_lora.toy import scenes, styles
 
 __all__ = ["SAMPLE_SETS", "character_scenes", "style_scenes", "write_set"]
 
-# name -> (kind, style); every set has 20 images.
+# name -> (kind, style); every set has 20 images. checker, faded and ink are held-out styles
+# (styles.HELD_OUT_STYLES): a user's own style, never part of base training.
 SAMPLE_SETS: dict[str, tuple[str, str]] = {
     "outline": ("style", "outline"),
     "stripes": ("style", "stripes"),
     "pastel": ("style", "pastel"),
+    "checker": ("style", "checker"),
+    "faded": ("style", "faded"),
+    "ink": ("style", "ink"),
     "zorbo": ("character", "plain"),
 }
 _SET_SIZE = 20

@@ -24,6 +24,7 @@ __all__ = [
     "SIZES",
     "Scene",
     "all_combos",
+    "caption_variant",
     "held_out_combos",
     "random_scene",
     "render",
@@ -72,6 +73,48 @@ class Scene:
 
     def with_style(self, style: str) -> Scene:
         return replace(self, style=style)
+
+
+# Words a caption may use instead of the template's (natural prompts name things in many ways).
+_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "small": ("small", "little", "tiny"),
+    "medium": ("medium", "medium-sized", "mid-sized"),
+    "large": ("large", "big", "huge"),
+    "gray": ("gray", "grey"),
+    "circle": ("circle", "circle", "disc", "round dot"),
+    "square": ("square", "square", "box"),
+    "triangle": ("triangle",),
+    "star": ("star", "star", "five-pointed star"),
+}
+
+
+def _word(rng: random.Random, word: str) -> str:
+    return rng.choice(_SYNONYMS.get(word, (word,)))
+
+
+def caption_variant(scene: Scene, rng: random.Random) -> str:
+    """A natural rewording of ``scene.caption``: size or background left out, another order, synonyms.
+
+    Every variant still names the colour and the shape, which is what a short prompt ("a blue
+    circle") asks for; the mascot's caption is kept as it is (its trigger word is the point)."""
+    if scene.shape == "zorbo":
+        return scene.caption
+    size, colour, shape, bg = (_word(rng, scene.size), scene.colour, _word(rng, scene.shape),
+                               _word(rng, scene.background))
+    article = "an" if size[0] in "aeiou" else "a"
+    forms = (
+        f"a {colour} {shape}",
+        f"{colour} {shape}",
+        f"{article} {size} {colour} {shape}",
+        f"a {colour} {shape} on {bg}",
+        f"a {colour} {shape} on a {bg} background",
+        f"{article} {size} {colour} {shape} on {bg}",
+        f"{colour} {shape}, {size}, {bg} background",
+        f"a {shape}, {colour}, on a {bg} background",
+        f"{bg} background with {article} {size} {colour} {shape}",
+        f"a picture of a {colour} {shape}",
+    )
+    return rng.choice(forms)
 
 
 def all_combos() -> list[Combo]:

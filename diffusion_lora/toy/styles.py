@@ -4,6 +4,12 @@ A style changes how a scene is drawn, never what it shows, so one caption descri
 every style: ``outline`` draws only a 3-pixel contour, ``stripes`` fills with diagonal stripes of
 the colour and white, ``pastel`` draws everything in a fixed pastel palette on a cream ground.
 The mascot, called by the made-up trigger word ``zorbo``, is an orange ghost with two eyes.
+
+:data:`STYLES` are the looks the base model's VAE trains on (its UNet sees only ``plain``).
+:data:`HELD_OUT_STYLES` stand for a user's own style and are never part of base training (the base
+trainer refuses them): ``checker`` fills the shape with a checkerboard of its colour and a darker
+shade (a pattern), ``faded`` grades the whole picture to washed-out, warm, lifted-black colours (a
+colour grading), ``ink`` draws a near-black contour around the filled shape (a line treatment).
 """
 
 from __future__ import annotations
@@ -11,18 +17,24 @@ from __future__ import annotations
 import math
 from typing import Protocol
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from diffusion_lora.toy.shapes import COLOURS, shape_polygon
 
-__all__ = ["MASCOT", "MASCOT_COLOUR", "STYLES", "draw_styled", "mascot_polygon"]
+__all__ = ["HELD_OUT_STYLES", "MASCOT", "MASCOT_COLOUR", "STYLES", "draw_styled", "mascot_polygon"]
 
 STYLES: tuple[str, ...] = ("plain", "outline", "stripes", "pastel")
+HELD_OUT_STYLES: tuple[str, ...] = ("checker", "faded", "ink")
 MASCOT = "zorbo"  # the trigger word; several CLIP tokens, like real trigger words
 MASCOT_COLOUR = "orange"
 _OUTLINE_WIDTH = 3.0  # pixels of the 64×64 image
 _STRIPE_PERIOD = 8.0  # pixels of the 64×64 image, along x + y
 _PASTEL_GROUND = (250, 236, 214)
+_CHECKER_CELL = 4.0  # pixels of the 64×64 image
+_CHECKER_SHADE = 0.55  # the dark cells' colour, as a share of the shape's colour
+_INK = (15, 15, 25)
+_INK_WIDTH = 2.0  # pixels of the 64×64 image
 
 
 class Drawn(Protocol):
@@ -86,10 +98,33 @@ def draw_styled(
     elif scene.style == "pastel":
         draw.rectangle((0, 0, image.size[0], image.size[1]), fill=_PASTEL_GROUND)
         draw.polygon(points, fill=_pastel(colour))
+    elif scene.style == "checker":
+        draw.polygon(points, fill=colour)
+        mask = Image.new("L", image.size, 0)
+        ImageDraw.Draw(mask).polygon(points, fill=255)
+        cell = _CHECKER_CELL * k
+        ys, xs = np.indices((image.size[1], image.size[0]))
+        dark = ((xs // cell + ys // cell) % 2 == 1) & (np.asarray(mask) > 0)
+        shade = Image.new("RGB", image.size, tuple(round(_CHECKER_SHADE * c) for c in colour))
+        image.paste(shade, (0, 0), Image.fromarray((dark * 255).astype(np.uint8)))
+    elif scene.style == "ink":
+        draw.polygon(points, fill=colour, outline=_INK, width=round(_INK_WIDTH * k))
+    elif scene.style == "faded":
+        draw.polygon(points, fill=colour)
     else:
-        raise ValueError(f"unknown style {scene.style!r}; expected one of {STYLES}")
+        raise ValueError(f"unknown style {scene.style!r}; expected one of {STYLES + HELD_OUT_STYLES}")
     if scene.shape == MASCOT:
         _draw_eyes(draw, box)
+    if scene.style == "faded":
+        image.paste(_faded(image))
+
+
+def _faded(image: Image.Image) -> Image.Image:
+    """Washed-out film grading: 30 % desaturated, contrast 0.85 around lifted blacks, a warm cast."""
+    rgb = np.asarray(image, dtype=np.float32)
+    luma = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    graded = (0.7 * rgb + 0.3 * luma[..., None]) * 0.85 + 35 + np.array([10, 4, -10], dtype=np.float32)
+    return Image.fromarray(np.clip(np.rint(graded), 0, 255).astype(np.uint8))
 
 
 def _draw_eyes(draw: ImageDraw.ImageDraw, box: tuple[float, float, float, float]) -> None:

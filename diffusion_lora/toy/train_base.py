@@ -1,6 +1,6 @@
-"""Train the embedded base model from scratch on procedural scenes, on CPU, reproducibly.
+"""Train the embedded base model from scratch on procedural pictures, on CPU, reproducibly.
 
-Three stages, each a pure function of the plan and its seed:
+Seven stages, each a pure function of the plan and its seed:
 
 1. the VAE learns to reconstruct scenes of every style (and the mascot), as a real SD VAE can
    reconstruct pictures its UNet never draws: from the posterior mean, with shape pixels weighted
@@ -15,8 +15,22 @@ Three stages, each a pure function of the plan and its seed:
 4. the decoder alone trains on (as Stable Diffusion's ft-MSE VAE did). The encoder is fixed, so the
    UNet's latents stay valid and this stage may run beside stage 3 (``polish_decoder_stage``).
 
-Work in progress is checkpointed in ``work_dir`` after every stage and every ``checkpoint_every``
-UNet steps, so a killed run continues where it stopped.
+Then, when the plan gives these stages steps (the shipped model is the closed world: its plan gives
+none), the closed world of shape scenes opens up (:mod:`diffusion_lora.toy.open_world`), starting
+from the weights above:
+
+5. the whole VAE trains on scenes in every base style mixed with generic pictures (textures and
+   patterns, gradients, noise, line art, glyphs, colour fields, photographs), in two cosine cycles
+   (the second at a lower peak learning rate), and its ``scaling_factor`` is measured again on that
+   mix;
+6. a fixed set of plain scenes (captioned by the template or a natural rewording) mixed with generic
+   pictures and their captions is encoded once;
+7. the UNet and the text encoder continue from stage 3's averaged weights on those latents, with the
+   objective of stage 3 and a fresh optimizer and average.
+
+Held-out styles and families never enter (``open_world.check_trainable``). Work in progress is
+checkpointed in ``work_dir`` after every stage and every ``checkpoint_every`` UNet steps, so a
+killed run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -30,9 +44,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 from tqdm.auto import tqdm
 
-from diffusion_lora.toy import scenes, styles
+from diffusion_lora.toy import open_world, scenes
 from diffusion_lora.toy.base_model import build_untrained_pipeline, scheduler_config
 from diffusion_lora.training.objectives import add_noise, ddpm_schedule, ddpm_target, snr
 
@@ -64,6 +79,50 @@ class BasePlan:
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
     checkpoint_every: int = 500
+    # The open world (stages 5–7). 0 steps keep the closed-world model, which is the shipped one. The open
+    # run measured in issue 17 (not shipped: LoRAs trained on it learn the demo's style less well) was
+    # --open-vae-steps 1500 --open-vae2-steps 1500 --open-unet-steps 3000.
+    photos: bool = True
+    open_vae_steps: int = 0
+    open_vae_lr: float = 4e-4
+    open_vae_scene_share: float = 0.35
+    open_vae2_steps: int = 0  # a second cycle, as stage 1b follows stage 1
+    open_vae2_lr: float = 3e-4
+    open_images: int = 24000
+    open_scene_share: float = 0.7
+    template_share: float = 0.4
+    open_unet_steps: int = 0
+    open_unet_lr: float = 4e-4
+    open_warmup: int = 100
+    open_decay_from: int = 1000
+
+
+@dataclass(frozen=True)
+class _DenoiserRun:
+    """One UNet + CLIP stage: its steps, learning-rate schedule, seed and checkpoint file."""
+
+    steps: int
+    lr: float
+    warmup: int
+    decay_from: int
+    seed: int
+    checkpoint: str
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up, constant, then linear decay to 0 from ``decay_from`` to ``steps``."""
+        factor = min(1.0, (step + 1) / self.warmup)
+        if step >= self.decay_from:
+            factor *= max(0.0, (self.steps - step) / max(1, self.steps - self.decay_from))
+        return factor
+
+
+def _closed_run(plan: BasePlan) -> _DenoiserRun:
+    return _DenoiserRun(plan.unet_steps, plan.unet_lr, plan.warmup, plan.decay_from, plan.seed + 2, "denoiser.pt")
+
+
+def _open_run(plan: BasePlan) -> _DenoiserRun:
+    return _DenoiserRun(plan.open_unet_steps, plan.open_unet_lr, plan.open_warmup, plan.open_decay_from,
+                        plan.seed + 7, "denoiser-open.pt")
 
 
 def _to_tensor(images: list) -> torch.Tensor:
@@ -78,14 +137,6 @@ def _reconstruction_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     err = recon - x
     coarse = F.avg_pool2d(err, 4)
     return (weight * (err.abs() + err.pow(2))).mean() + 2.0 * coarse.pow(2).mean()
-
-
-def _vae_scene(rng: random.Random, combos: list) -> scenes.Scene:
-    scene = scenes.random_scene(rng, combos, style=rng.choice(styles.STYLES))
-    if rng.random() < 0.15:
-        scene = scenes.Scene(styles.MASCOT, styles.MASCOT_COLOUR, scene.size, scene.background, scene.cx, scene.cy,
-                             scene.style)
-    return scene
 
 
 def _vae_loss(vae, plan: BasePlan):
@@ -103,16 +154,21 @@ def _vae_loss(vae, plan: BasePlan):
 def _train_vae(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list) -> None:
     vae = pipe.vae.train()
     rng = _fit_vae(list(vae.parameters()), _vae_loss(vae, plan), plan.seed, plan.vae_steps, plan.vae_lr,
-                   plan.vae_batch, combos, "VAE",
+                   plan.vae_batch, _scene_sampler(combos), "VAE",
                    lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, plan.vae_lr, total_steps=plan.vae_steps,
                                                                    pct_start=0.05))
     vae.eval()
     _measure_scaling_factor(pipe, rng, combos)
 
 
-def _measure_scaling_factor(pipe: StableDiffusionPipeline, rng: random.Random, combos: list) -> None:
+def _scene_sampler(combos: list):
+    return lambda rng: scenes.render(open_world.vae_scene(rng, combos))
+
+
+def _measure_scaling_factor(pipe: StableDiffusionPipeline, rng: random.Random, combos: list, sample=None) -> None:
+    sample = sample or _scene_sampler(combos)
     with torch.no_grad():
-        x = _to_tensor([scenes.render(_vae_scene(rng, combos)) for _ in range(256)])
+        x = _to_tensor([sample(rng) for _ in range(256)])
         std = pipe.vae.encode(x).latent_dist.mean.std().item()
     pipe.vae.register_to_config(scaling_factor=round(1.0 / std, 5))
     logger.info("VAE scaling_factor %.5f", 1.0 / std)
@@ -122,7 +178,7 @@ def _sharpen_vae(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list) ->
     """Stage 1's loss again at a lower, cosine-decaying learning rate, until colours come out exact."""
     vae = pipe.vae.train().requires_grad_(True)
     rng = _fit_vae(list(vae.parameters()), _vae_loss(vae, plan), plan.seed + 3, plan.sharpen_steps, plan.sharpen_lr,
-                   plan.vae_batch, combos, "VAE sharpen")
+                   plan.vae_batch, _scene_sampler(combos), "VAE sharpen")
     vae.eval().requires_grad_(False)
     _measure_scaling_factor(pipe, rng, combos)
 
@@ -140,21 +196,21 @@ def _polish_decoder(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list)
         return _reconstruction_loss(vae.decode(latents).sample, x)
 
     _fit_vae([p for p in vae.parameters() if p.requires_grad], loss_of, plan.seed + 4, plan.polish_steps,
-             plan.polish_lr, plan.vae_batch, combos, "decoder polish")
+             plan.polish_lr, plan.vae_batch, _scene_sampler(combos), "decoder polish")
     vae.eval().requires_grad_(False)
 
 
-def _fit_vae(params: list, loss_of, seed: int, steps: int, lr: float, batch: int, combos: list, desc: str,
+def _fit_vae(params: list, loss_of, seed: int, steps: int, lr: float, batch: int, sample, desc: str,
              lr_schedule=None) -> random.Random:
-    """AdamW on fresh scenes, with ``lr_schedule(opt)`` (default: cosine decay over ``steps``); returns
-    the scene generator for what follows."""
+    """AdamW on fresh pictures ``sample(rng)``, with ``lr_schedule(opt)`` (default: cosine decay over
+    ``steps``); returns the picture generator for what follows."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = lr_schedule(opt) if lr_schedule else torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     bar = tqdm(range(steps), desc=desc, unit="step")
     for _ in bar:
-        loss = loss_of(_to_tensor([scenes.render(_vae_scene(rng, combos)) for _ in range(batch)]))
+        loss = loss_of(_to_tensor([sample(rng) for _ in range(batch)]))
         loss.backward()
         opt.step()
         sched.step()
@@ -189,23 +245,27 @@ def _tokenize(pipe: StableDiffusionPipeline, captions: list[str]) -> torch.Tenso
                return_tensors="pt").input_ids
 
 
+def _encode(pipe: StableDiffusionPipeline, images: list, captions: list[str]) -> dict[str, torch.Tensor]:
+    latents = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(images), 64), desc="encode", unit="batch"):
+            x = _to_tensor(images[start : start + 64])
+            latents.append(pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor)
+    return {"latents": torch.cat(latents), "ids": _tokenize(pipe, captions)}
+
+
 def _encode_dataset(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list) -> dict[str, torch.Tensor]:
     rng = random.Random(plan.seed + 1)
     items = [scenes.random_scene(rng, combos) for _ in range(plan.images)]
-    latents = []
-    with torch.no_grad():
-        for start in tqdm(range(0, len(items), 64), desc="encode", unit="batch"):
-            x = _to_tensor([scenes.render(s) for s in items[start : start + 64]])
-            latents.append(pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor)
-    return {"latents": torch.cat(latents), "ids": _tokenize(pipe, [s.caption for s in items])}
+    return _encode(pipe, [scenes.render(s) for s in items], [s.caption for s in items])
 
 
-def _lr_factor(plan: BasePlan, step: int) -> float:
-    """Linear warm-up, constant, then linear decay to 0 from ``decay_from`` to ``unet_steps``."""
-    factor = min(1.0, (step + 1) / plan.warmup)
-    if step >= plan.decay_from:
-        factor *= max(0.0, (plan.unet_steps - step) / max(1, plan.unet_steps - plan.decay_from))
-    return factor
+def _encode_open_dataset(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list) -> dict[str, torch.Tensor]:
+    rng = random.Random(plan.seed + 6)
+    families = open_world.base_families(plan.photos)
+    items = [open_world.unet_item(rng, combos, families, plan.open_scene_share, plan.template_share)
+             for _ in tqdm(range(plan.open_images), desc="draw", unit="image")]
+    return _encode(pipe, [it.image for it in items], [it.caption for it in items])
 
 
 def _ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
@@ -213,17 +273,21 @@ def _ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: floa
         torch._foreach_lerp_(ema, params, 1.0 - decay)
 
 
-def _train_denoiser(pipe: StableDiffusionPipeline, plan: BasePlan, data: dict, work_dir: Path) -> None:
+def _train_denoiser(pipe: StableDiffusionPipeline, plan: BasePlan, run: _DenoiserRun, load_data,
+                    work_dir: Path, until: int | None = None) -> bool:
+    """Run ``run`` (continuing its checkpoint) on the latents ``load_data()`` gives, read only when
+    steps remain; the UNet and text encoder end holding the average of the weights. With ``until``,
+    stop after that step (checkpointed, as a killed run) and return False."""
     unet, te = pipe.unet.train(), pipe.text_encoder.train()
     params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=plan.unet_lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(plan, s))
+    opt = torch.optim.AdamW(params, lr=run.lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, run.lr_factor)
     ema = [p.detach().clone() for p in params]
     schedule = ddpm_schedule(scheduler_config())
     empty = _tokenize(pipe, [""])[0]
-    gen = torch.Generator().manual_seed(plan.seed + 2)
+    gen = torch.Generator().manual_seed(run.seed)
     start = 0
-    ckpt = work_dir / "denoiser.pt"
+    ckpt = work_dir / run.checkpoint
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         unet.load_state_dict(state["unet"])
@@ -234,8 +298,10 @@ def _train_denoiser(pipe: StableDiffusionPipeline, plan: BasePlan, data: dict, w
             e.copy_(s)
         gen.set_state(state["gen"])
         start = state["step"]
-        logger.info("resuming the denoiser at step %d", start)
-    bar = tqdm(range(start, plan.unet_steps), desc="UNet+CLIP", unit="step", initial=start, total=plan.unet_steps)
+        logger.info("resuming %s at step %d", run.checkpoint, start)
+    stop = run.steps if until is None else min(run.steps, max(until, start))
+    data = load_data() if start < stop else {}
+    bar = tqdm(range(start, stop), desc="UNet+CLIP", unit="step", initial=start, total=run.steps)
     for step in bar:
         idx = torch.randint(0, data["latents"].shape[0], (plan.unet_batch,), generator=gen)
         latents, ids = data["latents"][idx], data["ids"][idx].clone()
@@ -256,20 +322,53 @@ def _train_denoiser(pipe: StableDiffusionPipeline, plan: BasePlan, data: dict, w
         opt.zero_grad(set_to_none=True)
         _ema_update(ema, [p.detach() for p in params], plan.ema_decay)
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % plan.checkpoint_every == 0 or step + 1 == plan.unet_steps:
+        if (step + 1) % plan.checkpoint_every == 0 or step + 1 in (run.steps, stop):
             state = {"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(),
                      "sched": sched.state_dict(), "ema": ema, "gen": gen.get_state(), "step": step + 1}
-            torch.save(state, work_dir / "denoiser.tmp")
-            (work_dir / "denoiser.tmp").replace(ckpt)
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save(state, tmp)
+            tmp.replace(ckpt)
+    if stop < run.steps:
+        return False
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)
     unet.eval()
     te.eval()
+    return True
 
 
-def train_base_model(out_dir: str | Path, work_dir: str | Path, plan: BasePlan = BasePlan()) -> StableDiffusionPipeline:
-    """Train the base model by ``plan`` and save it as a diffusers folder at ``out_dir``."""
+def _cached(path: Path, make):
+    """``make()``, saved at ``path``; or what an earlier run saved there."""
+    if path.exists():
+        return torch.load(path)
+    value = make()
+    torch.save(value, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return value
+
+
+def _open_vae(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list, cycle: int) -> None:
+    """Stage 5: the whole VAE on scenes in every base style mixed with generic pictures; ``cycle`` 2 runs
+    the same loss again from there at its own learning rate."""
+    families = open_world.base_families(plan.photos)
+    steps, lr = (plan.open_vae_steps, plan.open_vae_lr) if cycle == 1 else (plan.open_vae2_steps, plan.open_vae2_lr)
+
+    def sample(rng: random.Random) -> Image.Image:
+        return open_world.vae_item(rng, combos, families, plan.open_vae_scene_share).image
+
+    vae = pipe.vae.train().requires_grad_(True)
+    rng = _fit_vae(list(vae.parameters()), _vae_loss(vae, plan), plan.seed + 5 + 3 * (cycle - 1), steps, lr,
+                   plan.vae_batch, sample, f"VAE open world {cycle}")
+    vae.eval().requires_grad_(False)
+    _measure_scaling_factor(pipe, rng, combos, sample)
+
+
+def train_base_model(out_dir: str | Path, work_dir: str | Path, plan: BasePlan = BasePlan(),
+                     until: int | None = None) -> StableDiffusionPipeline | None:
+    """Train the base model by ``plan`` and save it as a diffusers folder at ``out_dir``. With ``until``,
+    stop after that step of the open-world UNet stage (checkpointed in ``work_dir``, as a killed run
+    would be) and return None; a later call continues from there."""
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "plan.txt").write_text(repr(asdict(plan)))
@@ -282,15 +381,26 @@ def train_base_model(out_dir: str | Path, work_dir: str | Path, plan: BasePlan =
             stage(pipe, plan, combos)
             _save_vae(pipe, work_dir / name)
     pipe.vae.eval().requires_grad_(False)
-    data_file = work_dir / "latents.pt"
-    if data_file.exists():
-        data = torch.load(data_file)
-    else:
-        data = _encode_dataset(pipe, plan, combos)
-        torch.save(data, data_file)
-    _train_denoiser(pipe, plan, data, work_dir)
+    _train_denoiser(pipe, plan, _closed_run(plan),
+                    lambda: _cached(work_dir / "latents.pt", lambda: _encode_dataset(pipe, plan, combos)), work_dir)
     if not (work_dir / "decoder.pt").exists():
         polish_decoder_stage(work_dir, plan)
     _load_vae(pipe, work_dir / "decoder.pt")
+    for cycle, steps, name in ((1, plan.open_vae_steps, "vae-open.pt"), (2, plan.open_vae2_steps, "vae-open-2.pt")):
+        if not steps:
+            continue
+        if (work_dir / name).exists():
+            _load_vae(pipe, work_dir / name)
+        else:
+            _open_vae(pipe, plan, combos, cycle)
+            _save_vae(pipe, work_dir / f"{name}.tmp")
+            (work_dir / f"{name}.tmp").replace(work_dir / name)
+    if plan.open_unet_steps:
+        done = _train_denoiser(
+            pipe, plan, _open_run(plan),
+            lambda: _cached(work_dir / "latents-open.pt", lambda: _encode_open_dataset(pipe, plan, combos)),
+            work_dir, until)
+        if not done:
+            return None
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return pipe

@@ -1,0 +1,104 @@
+"""The open world of the embedded base: generic picture families, natural captions, held-out sets kept out."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusion_lora.toy import open_world, scenes, styles, world
+from diffusion_lora.toy.datasets import SAMPLE_SETS, style_scenes
+from diffusion_lora.toy.shapes import COLOURS, SHAPES
+
+
+def _digest(image: Image.Image | np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(image)).tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("family", [f for f in world.FAMILIES if "photo" not in f])
+def test_every_family_renders_64px_rgb_deterministically_and_varies_with_the_seed(family):
+    first = [world.render_family(family, np.random.default_rng(5), jitter=j) for j in (False, True)]
+    again = [world.render_family(family, np.random.default_rng(5), jitter=j) for j in (False, True)]
+    other = world.render_family(family, np.random.default_rng(6))
+    for (a, cap_a), (b, cap_b) in zip(first, again):
+        assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+        assert np.array_equal(a, b) and cap_a == cap_b and cap_a.strip()
+    assert not np.array_equal(first[0][0], other[0])
+    assert first[0][0].std() > 1.0  # a picture, not a flat fill
+
+
+def test_named_colours_in_captions_are_the_colours_drawn():
+    """Two-colour families name their colours; the named colours are what the image holds (no jitter)."""
+    rng = np.random.default_rng(0)
+    for family in ("stripes", "checks", "gradient"):
+        for _ in range(5):
+            image, caption = world.render_family(family, rng)
+            names = [n for n in world.NAMED_COLOURS if re.search(rf"\b{n}\b", caption)]
+            assert len(names) == 2, caption
+            pixels = image.reshape(-1, 3).astype(int)
+            for name in names:
+                nearest = np.abs(pixels - np.array(world.NAMED_COLOURS[name])).sum(axis=1).min()
+                assert nearest <= 12, (caption, name, nearest)
+
+
+def test_held_out_sets_are_disjoint_from_training_by_name():
+    assert not set(world.TRAINING_FAMILIES) & set(world.HELD_OUT_FAMILIES)
+    assert not set(styles.STYLES) & set(styles.HELD_OUT_STYLES)
+    assert not set(world.TRAINING_PHOTOS) & set(world.HELD_OUT_PHOTOS)
+    assert {SAMPLE_SETS[s][1] for s in styles.HELD_OUT_STYLES} == set(styles.HELD_OUT_STYLES)
+
+
+def test_base_training_streams_never_yield_a_held_out_style_or_family():
+    """Thousands of items of both training streams (VAE and UNet): every one is a base style or a training
+    family, and no image is pixel-equal to a held-out style set's image or a held-out family's test image."""
+    combos = scenes.training_combos()
+    families = open_world.base_families(photos=False)
+    held_out_images = {_digest(scenes.render(s)) for st in styles.HELD_OUT_STYLES for s in style_scenes(st)}
+    held_out_images |= {_digest(im) for f in world.HELD_OUT_FAMILIES if f != "held-out photos"
+                        for im in world.held_out_images(f, 16)}
+    rng = random.Random(0)
+    seen_styles, seen_families = set(), set()
+    for i in range(1500):
+        item = (open_world.vae_item(rng, combos, families, 0.35) if i % 2
+                else open_world.unet_item(rng, combos, families, 0.7, 0.4))
+        (seen_styles if item.kind == "scene" else seen_families).add(item.name)
+        assert _digest(item.image) not in held_out_images
+    assert seen_styles == set(styles.STYLES)  # the VAE sees every base style (and only those)
+    assert seen_families == set(families)
+    assert not seen_families & set(world.HELD_OUT_FAMILIES)
+
+
+@pytest.mark.parametrize("name", [*styles.HELD_OUT_STYLES, "rings", "held-out photos"])
+def test_check_trainable_refuses_held_out_items(name):
+    kind = "scene" if name in styles.HELD_OUT_STYLES else "family"
+    item = open_world.Item(kind, name, "x", Image.new("RGB", (64, 64)))
+    with pytest.raises(ValueError, match="held out of base training"):
+        open_world.check_trainable(item)
+
+
+def test_every_caption_variant_names_the_colour_and_a_word_for_the_shape():
+    shape_words = {"circle": ("circle", "disc", "round dot"), "square": ("square", "box"),
+                   "triangle": ("triangle",), "star": ("star",)}
+    rng = random.Random(3)
+    forms = set()
+    for _ in range(600):
+        scene = scenes.random_scene(rng)
+        text = scenes.caption_variant(scene, rng)
+        assert re.search(rf"\b{scene.colour}\b", text), text
+        assert any(w in text for w in shape_words[scene.shape]), text
+        assert not any(re.search(rf"\b{c}\b", text) for c in COLOURS if c != scene.colour), text
+        forms.add(re.sub(r"\b(" + "|".join(list(COLOURS) + list(SHAPES)) + r")\b", "_", text))
+    assert len(forms) > 20  # many wordings, not one template
+    mascot = scenes.Scene(styles.MASCOT, styles.MASCOT_COLOUR, "small", "white", 32, 32)
+    assert scenes.caption_variant(mascot, rng) == mascot.caption
+
+
+def test_the_photo_family_needs_scikit_image_and_says_so(monkeypatch):
+    monkeypatch.setattr(world, "_photo_dir", lambda: None)
+    with pytest.raises(RuntimeError, match="pip install scikit-image"):
+        open_world.base_families(photos=True)
+    assert "photos" not in open_world.base_families(photos=False)
