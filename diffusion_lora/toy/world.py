@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from diffusion_lora.toy.scenes import BACKGROUNDS
 from diffusion_lora.toy.shapes import COLOURS
 
 __all__ = [
@@ -39,9 +40,7 @@ __all__ = [
 SIZE = 64
 NAMED_COLOURS: dict[str, tuple[int, int, int]] = {
     **COLOURS,
-    "white": (245, 245, 245),
-    "black": (20, 20, 20),
-    "gray": (125, 125, 125),
+    **BACKGROUNDS,  # white, black, gray
     "brown": (120, 75, 40),
     "navy": (25, 35, 95),
     "beige": (225, 205, 165),
