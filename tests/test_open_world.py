@@ -91,6 +91,7 @@ def test_every_caption_variant_names_the_colour_and_a_word_for_the_shape():
         assert re.search(rf"\b{scene.colour}\b", text), text
         assert any(w in text for w in shape_words[scene.shape]), text
         assert not any(re.search(rf"\b{c}\b", text) for c in COLOURS if c != scene.colour), text
+        assert not re.search(r"\ba [aeiou]", text), text  # "an orange star", never "a orange star"
         forms.add(re.sub(r"\b(" + "|".join(list(COLOURS) + list(SHAPES)) + r")\b", "_", text))
     assert len(forms) > 20  # many wordings, not one template
     mascot = scenes.Scene(styles.MASCOT, styles.MASCOT_COLOUR, "small", "white", 32, 32)

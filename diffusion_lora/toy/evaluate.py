@@ -32,9 +32,9 @@ def caption_of(combo: tuple[str, str, str, str]) -> str:
 
 
 def short_caption(combo: tuple[str, str, str, str]) -> str:
-    """The natural short prompt for ``combo``: "a blue circle" (no size, no background)."""
+    """The natural short prompt for ``combo``: "a blue circle", "an orange star" (no size, no background)."""
     _, colour, shape, _ = combo
-    return f"a {colour} {shape}"
+    return f"{scenes.article(colour)} {colour} {shape}"
 
 
 def generate(pipe, prompts: Sequence[str], seed: int = 0, steps: int = 20, guidance: float = 5.0,

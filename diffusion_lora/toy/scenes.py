@@ -24,6 +24,7 @@ __all__ = [
     "SIZES",
     "Scene",
     "all_combos",
+    "article",
     "caption_variant",
     "held_out_combos",
     "random_scene",
@@ -92,6 +93,11 @@ def _word(rng: random.Random, word: str) -> str:
     return rng.choice(_SYNONYMS.get(word, (word,)))
 
 
+def article(word: str) -> str:
+    """``"an"`` before a vowel ("an orange star"), else ``"a"``."""
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def caption_variant(scene: Scene, rng: random.Random) -> str:
     """A natural rewording of ``scene.caption``: size or background left out, another order, synonyms.
 
@@ -101,18 +107,18 @@ def caption_variant(scene: Scene, rng: random.Random) -> str:
         return scene.caption
     size, colour, shape, bg = (_word(rng, scene.size), scene.colour, _word(rng, scene.shape),
                                _word(rng, scene.background))
-    article = "an" if size[0] in "aeiou" else "a"
+    a_size, a_colour, a_shape = article(size), article(colour), article(shape)
     forms = (
-        f"a {colour} {shape}",
+        f"{a_colour} {colour} {shape}",
         f"{colour} {shape}",
-        f"{article} {size} {colour} {shape}",
-        f"a {colour} {shape} on {bg}",
-        f"a {colour} {shape} on a {bg} background",
-        f"{article} {size} {colour} {shape} on {bg}",
+        f"{a_size} {size} {colour} {shape}",
+        f"{a_colour} {colour} {shape} on {bg}",
+        f"{a_colour} {colour} {shape} on a {bg} background",
+        f"{a_size} {size} {colour} {shape} on {bg}",
         f"{colour} {shape}, {size}, {bg} background",
-        f"a {shape}, {colour}, on a {bg} background",
-        f"{bg} background with {article} {size} {colour} {shape}",
-        f"a picture of a {colour} {shape}",
+        f"{a_shape} {shape}, {colour}, on a {bg} background",
+        f"{bg} background with {a_size} {size} {colour} {shape}",
+        f"a picture of {a_colour} {colour} {shape}",
     )
     return rng.choice(forms)
 
