@@ -225,12 +225,18 @@ def polish_decoder_stage(work_dir: str | Path, plan: BasePlan = BasePlan()) -> N
     pipe = build_untrained_pipeline(plan.seed)
     _load_vae(pipe, work_dir / "vae-sharp.pt")
     _polish_decoder(pipe, plan, scenes.training_combos())
-    _save_vae(pipe, work_dir / "decoder.tmp")
-    (work_dir / "decoder.tmp").replace(work_dir / "decoder.pt")
+    _save_vae(pipe, work_dir / "decoder.pt")
+
+
+def _save_atomic(value, path: Path) -> None:
+    """``torch.save`` through ``path``'s ``.tmp`` sibling and a rename: a killed run never leaves half a file."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(value, tmp)
+    tmp.replace(path)
 
 
 def _save_vae(pipe: StableDiffusionPipeline, path: Path) -> None:
-    torch.save({"weights": pipe.vae.state_dict(), "scaling_factor": pipe.vae.config.scaling_factor}, path)
+    _save_atomic({"weights": pipe.vae.state_dict(), "scaling_factor": pipe.vae.config.scaling_factor}, path)
 
 
 def _load_vae(pipe: StableDiffusionPipeline, path: Path) -> None:
@@ -325,9 +331,7 @@ def _train_denoiser(pipe: StableDiffusionPipeline, plan: BasePlan, run: _Denoise
         if (step + 1) % plan.checkpoint_every == 0 or step + 1 in (run.steps, stop):
             state = {"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(),
                      "sched": sched.state_dict(), "ema": ema, "gen": gen.get_state(), "step": step + 1}
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save(state, tmp)
-            tmp.replace(ckpt)
+            _save_atomic(state, ckpt)
     if stop < run.steps:
         return False
     with torch.no_grad():
@@ -343,8 +347,7 @@ def _cached(path: Path, make):
     if path.exists():
         return torch.load(path)
     value = make()
-    torch.save(value, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
+    _save_atomic(value, path)
     return value
 
 
@@ -393,8 +396,7 @@ def train_base_model(out_dir: str | Path, work_dir: str | Path, plan: BasePlan =
             _load_vae(pipe, work_dir / name)
         else:
             _open_vae(pipe, plan, combos, cycle)
-            _save_vae(pipe, work_dir / f"{name}.tmp")
-            (work_dir / f"{name}.tmp").replace(work_dir / name)
+            _save_vae(pipe, work_dir / name)
     if plan.open_unet_steps:
         done = _train_denoiser(
             pipe, plan, _open_run(plan),
