@@ -319,7 +319,8 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tuned", required=True, help="the fine-tuned model")
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("-o", "--out", required=True, help="output .safetensors")
-    p.add_argument("--targets", default="attn", help="preset (attn, attn-ff, all-linear) or comma-separated names")
+    p.add_argument("--targets", default="attn",
+                   help="preset (attn, attn-ff, all-linear, all = every Linear and Conv2d) or comma-separated names")
     p.add_argument("--text-encoder", action="store_true", help="also extract the text encoders' attention")
     p.add_argument("--threshold", type=float, default=1e-6, help="skip modules whose ‖ΔW‖/‖W‖ is at most this")
     p.add_argument("--to", default="diffusers", choices=_FORMATS)

@@ -65,11 +65,11 @@ def add_lora(
 ) -> str:
     """Add a new, trainable LoRA adapter (ΔW = 0 at start) to the pipeline's denoiser.
 
-    ``targets`` is a preset of the family (``attn``, ``attn-ff``, ``all-linear``) or a list of module
-    names/suffixes; ``alpha`` defaults to ``rank`` (scale 1). With ``text_encoder=True`` the family's
-    LoRA-able (CLIP) text encoders get LoRA on their attention projections too (a family with none,
-    such as Flux.3, adapts its denoiser only; training refuses ``lora.text_encoder`` there).
-    Afterwards only LoRA parameters require grad.
+    ``targets`` is a preset of the family (``attn``, ``attn-ff``, ``all-linear``, ``all``: every Linear and
+    Conv2d) or a list of module names/suffixes (Conv2d ones too: ``conv1``, ``conv2``); ``alpha`` defaults
+    to ``rank`` (scale 1). With ``text_encoder=True`` the family's LoRA-able (CLIP) text encoders get LoRA
+    on their attention projections too (a family with none, such as Flux.3, adapts its denoiser only;
+    training refuses ``lora.text_encoder`` there). Afterwards only LoRA parameters require grad.
     """
     state = state_of(pipe)
     check_name(name)

@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..compat import peft as compat_peft
 from ..errors import ConfigError, UnsupportedModelError
-from ..families import ALL_LINEAR, Family
+from ..families import ALL_LAYERS, ALL_LINEAR, Family
 from ..formats.adapter_data import ModuleLora
 from ..formats.peft_format import lora_config_fields
 from .layers import ADAPTABLE, plain_modules
@@ -26,13 +26,15 @@ logger = logging.getLogger(__name__)
 def resolve_targets(
     model: torch.nn.Module, suffixes: Sequence[str], *, component: str, linear_only: bool = True
 ) -> list[str]:
-    """Exact module paths in ``model`` whose names end with one of ``suffixes`` (``*`` = all Linear).
+    """Exact module paths in ``model`` whose names end with one of ``suffixes`` (:data:`ALL_LINEAR`: every
+    Linear; :data:`ALL_LAYERS`: every Linear and Conv2d). Named suffixes match Linear layers only, or Conv2d
+    layers too when ``linear_only`` is false.
 
     Raises ConfigError when nothing matches, naming the component and the suffixes.
     """
     wanted = tuple(suffixes)
-    everything = wanted == ALL_LINEAR
-    kinds = (torch.nn.Linear,) if linear_only else ADAPTABLE
+    everything = wanted in (ALL_LINEAR, ALL_LAYERS)
+    kinds = (torch.nn.Linear,) if linear_only and wanted != ALL_LAYERS else ADAPTABLE
     paths = [
         path
         for path, module in plain_modules(model)
@@ -48,9 +50,11 @@ def resolve_targets(
 
 
 def target_paths(model: torch.nn.Module, family: Family, targets: str | Sequence[str], component: str) -> list[str]:
-    """Module paths for a preset name or an explicit list of module names/suffixes."""
-    suffixes = family.targets(targets) if isinstance(targets, str) else tuple(targets)
-    return resolve_targets(model, suffixes, component=component)
+    """Module paths for a preset name or an explicit list of module names/suffixes (which may name Conv2d
+    layers: ``conv1``, ``conv2``, ``proj_in``)."""
+    if isinstance(targets, str):
+        return resolve_targets(model, family.targets(targets), component=component)
+    return resolve_targets(model, tuple(targets), component=component, linear_only=False)
 
 
 def inject(

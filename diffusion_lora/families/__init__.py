@@ -2,6 +2,7 @@
 and the published real-size layouts (:mod:`.published`). Importing this package never imports torch."""
 
 from .registry import (
+    ALL_LAYERS,
     ALL_LINEAR,
     FAMILIES,
     BlockGroup,
@@ -22,6 +23,7 @@ from .registry import (
 from .specs import ComponentSpec, PipelineSpec
 
 __all__ = [
+    "ALL_LAYERS",
     "ALL_LINEAR",
     "FAMILIES",
     "BlockGroup",

@@ -169,6 +169,9 @@ class Family:
 
 
 ALL_LINEAR = ("*",)
+# every Linear and every Conv2d (kohya's LoCon, LyCORIS' "full" preset): a style that lives in textures
+# and colours is drawn by a UNet's convolutions at least as much as by its attention
+ALL_LAYERS = ("**",)
 SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 _UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 _UNET_FF = ("ff.net.0.proj", "ff.net.2")
@@ -213,7 +216,7 @@ _FINAL_ADALN_EVIDENCE = r"^(lora_unet_|diffusion_model\.)final_layer[._]adaLN_mo
 
 
 def _presets(attn: tuple[str, ...], ff: tuple[str, ...]) -> Mapping[str, tuple[str, ...]]:
-    return MappingProxyType({"attn": attn, "attn-ff": attn + ff, "all-linear": ALL_LINEAR})
+    return MappingProxyType({"attn": attn, "attn-ff": attn + ff, "all-linear": ALL_LINEAR, "all": ALL_LAYERS})
 
 
 FAMILIES: Mapping[str, Family] = MappingProxyType(

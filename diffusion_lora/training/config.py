@@ -130,7 +130,7 @@ def _one_tag(v: str) -> str | None:
 def _targets(v: str | list[str]) -> str | None:
     items = [v] if isinstance(v, str) else v
     if not items or any(not s.strip() for s in items):
-        return "must be a preset name (attn, attn-ff, all-linear) or a non-empty list of module names"
+        return "must be a preset name (attn, attn-ff, all-linear, all) or a non-empty list of module names"
     return None
 
 

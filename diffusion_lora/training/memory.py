@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..adapters.inject import resolve_targets
+from ..adapters.inject import target_paths
 from ..errors import ConfigError
 from ..families import Family
 from ..families.memory import (
@@ -208,20 +208,27 @@ def _denoiser_weights(denoiser: torch.nn.Module, s: EstimateSettings) -> tuple[f
 def _lora_sizes(model: ModelLayout, s: EstimateSettings) -> list[int]:
     """Element counts of every LoRA tensor (down, up, DoRA magnitude) the run adds."""
     family = model.family
-    targets = family.targets(s.targets) if isinstance(s.targets, str) else tuple(s.targets)
-    parts: list[tuple[str, torch.nn.Module, Sequence[str]]] = [(family.denoiser, model.denoiser, targets)]
+    parts: list[tuple[str, torch.nn.Module, str | Sequence[str]]] = [(family.denoiser, model.denoiser, s.targets)]
     if s.text_encoder:
         parts += [(n, model.text_encoders[n], family.text_encoder_targets)
                   for n in family.lora_text_encoders if n in model.text_encoders]
     sizes: list[int] = []
-    for component, module, suffixes in parts:
+    for component, module, targets in parts:
         mods = dict(module.named_modules())
-        for path in resolve_targets(module, suffixes, component=component):
-            layer = mods[path]
-            sizes += [s.rank * layer.in_features, layer.out_features * s.rank]
+        for path in target_paths(module, family, targets, component):
+            fan_in, fan_out = _fans(mods[path])
+            sizes += [s.rank * fan_in, fan_out * s.rank]
             if s.use_dora:
-                sizes.append(layer.out_features)
+                sizes.append(fan_out)
     return sizes
+
+
+def _fans(layer: torch.nn.Module) -> tuple[int, int]:
+    """(inputs, outputs) of a Linear, or of a Conv2d's kernel (in_channels × kernel area, out_channels)."""
+    if isinstance(layer, torch.nn.Conv2d):
+        kh, kw = layer.kernel_size
+        return layer.in_channels // layer.groups * kh * kw, layer.out_channels
+    return layer.in_features, layer.out_features
 
 
 def _block_cost(block: torch.nn.Module) -> BlockCost:
@@ -264,16 +271,16 @@ def _unet_level(path: str, levels: int) -> int:
 
 def _lora_targets(model: ModelLayout, s: EstimateSettings) -> set[str]:
     family = model.family
-    suffixes = family.targets(s.targets) if isinstance(s.targets, str) else tuple(s.targets)
-    return set(resolve_targets(model.denoiser, suffixes, component=family.denoiser))
+    return set(target_paths(model.denoiser, family, s.targets, family.denoiser))
 
 
 def _lora_input_copies(block: torch.nn.Module, path: str, targets: set[str], tokens: int, context: int,
                        s: EstimateSettings) -> float:
     """Bytes of the float32 input copies the LoRA layers of ``block`` keep for backward: PEFT casts a layer's
     input to the LoRA weights' dtype (float32, as the trainer keeps them), so a 16-bit model keeps one
-    float32 copy of each targeted Linear's input. A cross-attention key/value layer reads the ``context``
-    tokens; every other layer ``tokens`` (a double-stream block's average per stream)."""
+    float32 copy of each targeted layer's input. A cross-attention key/value layer reads the ``context``
+    tokens; every other layer ``tokens`` (a double-stream block's average per stream; a Conv2d's input has
+    ``in_channels`` values at each of ``tokens`` positions)."""
     if s.activation_bytes >= 4:
         return 0.0
     total = 0.0
@@ -283,7 +290,8 @@ def _lora_input_copies(block: torch.nn.Module, path: str, targets: set[str], tok
         parent_path, _, leaf = sub_path.rpartition(".")
         parent = block.get_submodule(parent_path) if parent_path else block
         cross = bool(getattr(parent, "is_cross_attention", False)) and leaf in ("to_k", "to_v")
-        total += 4.0 * layer.in_features * (context if cross else tokens) * s.batch_size
+        width = layer.in_channels if isinstance(layer, torch.nn.Conv2d) else layer.in_features
+        total += 4.0 * width * (context if cross else tokens) * s.batch_size
     return total
 
 
