@@ -100,3 +100,21 @@ def test_base_model_training_is_reproducible_and_resumable(tmp_path, two_threads
         assert all(torch.equal(states[0][k], other[k]) for k in states[0])
     reloaded = dl.load_pipeline(tmp_path / "a" / "model")
     assert torch.equal(reloaded.unet.conv_in.weight, states[0]["unet.conv_in.weight"])
+    _assert_sample_is_the_mean(reloaded.vae)
+
+
+def _assert_sample_is_the_mean(vae) -> None:
+    """A LoRA trainer's ``latent_dist.sample()`` must give the means the base UNet was trained on."""
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        posterior = vae.encode(images).latent_dist
+        sample = posterior.sample(generator=torch.Generator().manual_seed(4))
+    spread = float(posterior.mean.std())
+    assert spread > 0.01
+    assert float((sample - posterior.mean).abs().max()) < 1e-5 * spread
+
+
+def test_embedded_vae_posterior_is_its_mean():
+    from diffusers import AutoencoderKL
+
+    _assert_sample_is_the_mean(AutoencoderKL.from_pretrained(embedded_model_path("shapes-sd15"), subfolder="vae"))

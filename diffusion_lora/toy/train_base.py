@@ -28,6 +28,10 @@ from the weights above:
 7. the UNet and the text encoder continue from stage 3's averaged weights on those latents, with the
    objective of stage 3 and a fresh optimizer and average.
 
+Last, the VAE's posterior is made deterministic (:func:`deterministic_posterior`): every stage above
+encodes and trains on the posterior's *mean*, so its variance was never trained (a small KL only pulls
+it towards 1) and a sample would add noise the UNet never saw.
+
 Held-out styles and families never enter (``open_world.check_trainable``). Work in progress is
 checkpointed in ``work_dir`` after every stage and every ``checkpoint_every`` UNet steps, so a
 killed run continues where it stopped.
@@ -51,7 +55,7 @@ from diffusion_lora.toy import open_world, scenes
 from diffusion_lora.toy.base_model import build_untrained_pipeline, scheduler_config
 from diffusion_lora.training.objectives import add_noise, ddpm_schedule, ddpm_target, snr
 
-__all__ = ["BasePlan", "polish_decoder_stage", "train_base_model"]
+__all__ = ["BasePlan", "deterministic_posterior", "polish_decoder_stage", "train_base_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +153,25 @@ def _vae_loss(vae, plan: BasePlan):
         return loss + plan.kl_weight * posterior.kl().mean() / x[0].numel()
 
     return loss_of
+
+
+# diffusers clamps the posterior's log-variance to [-30, 20]: its floor gives std e^-15 ≈ 3e-7
+_LOGVAR_FLOOR = -30.0
+
+
+def deterministic_posterior(vae) -> None:
+    """Make ``vae.encode(x).latent_dist`` a point mass at its mean, in place: the log-variance half of
+    ``quant_conv`` (its last ``latent_channels`` outputs) outputs the floor whatever the input, so
+    ``latent_dist.sample()`` equals ``latent_dist.mean`` to within 3e-7 of the raw latent scale.
+
+    The base model's VAE and UNet only ever use means (see :func:`_vae_loss`, :func:`_encode`), but a
+    LoRA trainer encodes with ``latent_dist.sample()``, as kohya's, diffusers' and SimpleTuner's do:
+    with the untrained variance (a std of about 0.4 of the latents' spread) every training latent
+    carried noise worth 8–17 / 255 per pixel when decoded, and LoRAs learnt that noise as texture."""
+    channels = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[channels:].zero_()
+        vae.quant_conv.bias[channels:].fill_(_LOGVAR_FLOOR)
 
 
 def _train_vae(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list) -> None:
@@ -404,5 +427,6 @@ def train_base_model(out_dir: str | Path, work_dir: str | Path, plan: BasePlan =
             work_dir, until)
         if not done:
             return None
+    deterministic_posterior(pipe.vae)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return pipe
