@@ -188,11 +188,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help=f"base model (model.name; default: {DEFAULT_MODEL})")
     p.add_argument("--data", help="image folder (data.path)")
     p.add_argument("--out", help="output folder (output.dir)")
-    p.add_argument("--steps", type=int, help="train.steps")
+    p.add_argument("--steps", type=int, help="train.steps (default: each image seen 100 times, in [100, 4000])")
     p.add_argument("--rank", type=int, help="lora.rank")
-    p.add_argument("--lr", type=float, help="train.learning_rate")
+    p.add_argument("--lr", type=float, help="train.learning_rate (default: from the denoiser's size; 1e-4 from "
+                                             "500 M parameters)")
     p.add_argument("--resolution", type=int, help="data.resolution (default: the model's native image size)")
-    p.add_argument("--batch-size", type=int, dest="batch_size", help="train.batch_size")
+    p.add_argument("--batch-size", type=int, dest="batch_size",
+                   help="train.batch_size (default: 1; up to 8 for denoisers under 50 M parameters)")
     p.add_argument("--seed", type=int, help="train.seed")
     p.add_argument("--quantize", help="model.quantize: nf4, int8 or fp8 (train on a quantized base: QLoRA)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config value")

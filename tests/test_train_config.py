@@ -56,9 +56,10 @@ DEFAULTS = {
              "shuffle_captions": False, "keep_tokens": 0, "repeats": 1, "skip_bad_images": False,
              "control_path": "", "control_dir": "", "allow_unpaired": False, "mask_path": ""},
     "prior": {"class_dir": "", "class_prompt": "", "weight": 1.0, "num_images": 0},
-    "lora": {"rank": 16, "alpha": None, "targets": "attn", "text_encoder": False, "use_dora": False,
+    # targets, steps, batch_size and learning_rate: chosen from the model and the data (training.recipe)
+    "lora": {"rank": 16, "alpha": None, "targets": "auto", "text_encoder": False, "use_dora": False,
              "use_rslora": False},
-    "train": {"steps": 500, "batch_size": 1, "gradient_accumulation": 1, "learning_rate": 1e-4,
+    "train": {"steps": None, "batch_size": None, "gradient_accumulation": 1, "learning_rate": None,
               "text_encoder_lr": None, "seed": 0, "mixed_precision": "no", "gradient_checkpointing": False,
               "noise_offset": 0.0, "min_snr_gamma": None, "loss": "l2", "huber_delta": 0.1,
               "timestep_sampling": "uniform", "logit_mean": 0.0, "logit_std": 1.0, "shift": None,

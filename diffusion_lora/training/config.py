@@ -130,7 +130,7 @@ def _one_tag(v: str) -> str | None:
 def _targets(v: str | list[str]) -> str | None:
     items = [v] if isinstance(v, str) else v
     if not items or any(not s.strip() for s in items):
-        return "must be a preset name (attn, attn-ff, all-linear, all) or a non-empty list of module names"
+        return "must be a preset name (auto, attn, attn-ff, all-linear, all) or a non-empty list of module names"
     return None
 
 
@@ -211,7 +211,8 @@ class LoraSection(Section):
     SECTION: ClassVar[str] = "lora"
     rank: int = setting(16, ge=1, le=1024)
     alpha: float | None = setting(None, gt=0)
-    targets: str | list[str] = setting("attn", check=_targets)
+    # "auto": chosen from the model's family once it is loaded (training.recipe)
+    targets: str | list[str] = setting("auto", check=_targets)
     text_encoder: bool = setting(False)
     use_dora: bool = setting(False)
     use_rslora: bool = setting(False)
@@ -225,10 +226,11 @@ class LoraSection(Section):
 @_section
 class TrainSection(Section):
     SECTION: ClassVar[str] = "train"
-    steps: int = setting(500, ge=1)
-    batch_size: int = setting(1, ge=1)
+    # Unset (None): chosen from the model and the number of training images (training.recipe).
+    steps: int | None = setting(None, ge=1)
+    batch_size: int | None = setting(None, ge=1)
     gradient_accumulation: int = setting(1, ge=1)
-    learning_rate: float = setting(1e-4, gt=0)
+    learning_rate: float | None = setting(None, gt=0)
     text_encoder_lr: float | None = setting(None, gt=0)
     seed: int = setting(0, ge=0, le=_SEED_MAX)
     mixed_precision: MixedPrecision = setting(MixedPrecision.NO)
@@ -364,7 +366,7 @@ def _cross_check(cfg: TrainConfig) -> None:
     if cfg.sample.every > 0 and not cfg.sample.prompts:
         raise ConfigError(f"sample.prompts: empty while sample.every = {cfg.sample.every}; add at least one "
                           "prompt or set sample.every = 0")
-    if cfg.scheduler.warmup_steps >= t.steps:
+    if t.steps is not None and cfg.scheduler.warmup_steps >= t.steps:
         raise ConfigError(f"scheduler.warmup_steps: {cfg.scheduler.warmup_steps} must be smaller than "
                           f"train.steps ({t.steps})")
     if cfg.lora.text_encoder and cfg.cache.text in (TextCache.MEMORY, TextCache.DISK):

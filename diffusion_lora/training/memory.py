@@ -40,6 +40,7 @@ from ..families.memory import (
 from ..models.quantize import Quantize, keeps_float, parse_quantize
 from .config import MixedPrecision, ModelDtype, OptimizerName, TextCache, TextEncoders, TrainConfig
 from .memory_models import ModelLayout, resolve_model
+from .recipe import AUTO_TARGETS, auto_targets
 
 __all__ = ["EstimateSettings", "MemoryEstimate", "MemoryPart", "estimate_memory", "estimate_modules",
            "optimizer_state_bytes", "quantized_weight_bytes"]
@@ -173,8 +174,11 @@ def settings_of(cfg: TrainConfig, family: Family, resolution: int | None = None)
     freed = (cfg.text_cache is not TextCache.OFF and not cfg.lora.text_encoder
              and cfg.cache.text_encoders is not TextEncoders.KEEP)
     return EstimateSettings(
-        resolution=res, batch_size=cfg.train.batch_size, weight_bytes=weight, activation_bytes=act,
-        quantize=quant, rank=cfg.lora.rank, targets=cfg.lora.targets, text_encoder=cfg.lora.text_encoder,
+        # unset batch size and targets: what training.recipe chooses for a real-size model of the family
+        resolution=res, batch_size=cfg.train.batch_size or 1, weight_bytes=weight, activation_bytes=act,
+        quantize=quant, rank=cfg.lora.rank,
+        targets=auto_targets(family.denoiser) if cfg.lora.targets == AUTO_TARGETS else cfg.lora.targets,
+        text_encoder=cfg.lora.text_encoder,
         use_dora=cfg.lora.use_dora, optimizer=cfg.optimizer.name,
         checkpointing=cfg.train.gradient_checkpointing, text_encoders_freed=freed,
     )

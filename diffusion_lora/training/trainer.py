@@ -13,6 +13,7 @@ import functools
 import logging
 import math
 import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ from .optimizers import build_lr_scheduler, build_optimizer, param_groups, train
 from .outputs import MetricsLog, sample_image, write_model_card, write_sample_grid
 from .parallel import average_text_encoder_grads, check_ranks_agree
 from .preflight import check_folders, native_resolution, training_metadata
+from .recipe import resolve_recipe
 from .sample_inputs import sample_plans
 from .steps import StepContext, micro_step_loss, text_condition
 from .text_encoders import can_free, check_free_request, free_text_encoders
@@ -96,6 +98,10 @@ class _Run:
         self.cfg = cfg = resolve_sizes(cfg, native_resolution(self.pipe))
         sample_plans(self.pipe, list(cfg.sample.prompts))  # their image inputs are checked before training
         self.dataset, self.items = build_dataset(cfg, self.pipe, self.acc)
+        denoiser_module = getattr(self.pipe, self.family.denoiser)
+        self.cfg = cfg = resolve_recipe(cfg, parameters=sum(p.numel() for p in denoiser_module.parameters()),
+                                        images=len(self.dataset), denoiser=self.family.denoiser,
+                                        report=_tell if self.progress and self.is_main else None)
         self.metadata = training_metadata(cfg, self.items)  # checked now, not at the final save
         name = cfg.output.name
         add_lora(self.pipe, name, rank=cfg.lora.rank, alpha=cfg.lora.effective_alpha, targets=cfg.lora.targets,
@@ -300,6 +306,11 @@ class _Run:
                        step, loss, len(self.skipped), limit)
 
 
+def _tell(line: str) -> None:
+    """A line for the user beside the progress bars (stderr, where tqdm writes)."""
+    tqdm.write(line, file=sys.stderr)
+
+
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
     """Whether every value of ``tensors`` is finite, with one fused max-abs per device and dtype and one
     synchronisation, not a check and a sync per tensor (hundreds of tiny multi-threaded ops a step wait
@@ -329,11 +340,12 @@ def train(
         require_library(cfg.model.quantize, "model.quantize")
     check_folders(cfg)
     run = _Run(cfg, progress=progress)
-    run.setup()  # resolves the sizes the config leaves to the model: run.cfg from here on
+    run.setup()  # resolves the sizes and the recipe the config leaves to the model and data: run.cfg from here on
+    steps = run.cfg.train.steps
     start = run.resume() if resume else 0
-    stop = cfg.train.steps if max_steps_this_run is None else min(cfg.train.steps, start + max_steps_this_run)
+    stop = steps if max_steps_this_run is None else min(steps, start + max_steps_this_run)
     losses = run.run(start, stop) if start < stop else []
-    if stop < cfg.train.steps:
+    if stop < steps:
         return TrainResult(None, stop, losses, run.checkpoint(stop), skipped_steps=list(run.skipped),
                            freed_text_encoders=run.freed)
     return _finish(run, losses)

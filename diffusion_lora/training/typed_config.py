@@ -158,6 +158,9 @@ def _convert_union(value: Any, hint: Any, key: str) -> Any:
     args = get_args(hint)
     if value is None and type(None) in args:
         return None
+    real = [a for a in args if a is not type(None)]
+    if len(real) == 1:  # an optional setting: the one type's own message is the useful one
+        return _convert(value, real[0], key)
     for arg in args:
         is_list = get_origin(arg) is list
         if is_list and isinstance(value, (list, tuple)):
