@@ -61,14 +61,18 @@ def test_a_target_list_may_name_convolutions():
 
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
 def test_conv_adapter_file_loads_in_plain_diffusers(fmt: str, tmp_path: Path):
+    """Rank 6 on every layer: more than conv_out's 4 output channels (redundant, as LyCORIS' "full"
+    preset writes it), which plain diffusers and our loader both accept."""
     pipe = fresh()
     base = run(pipe)
-    trained_adapter(pipe, "locon", seed=11, rank=3, alpha=2, targets="all")
+    assert pipe.unet.conv_out.out_channels < 6
+    trained_adapter(pipe, "locon", seed=11, rank=6, alpha=2, targets="all")
     expected = run(pipe)
     assert not torch.equal(expected, base)
     data = dl.adapter_data(pipe, "locon")
     conv_keys = [k for k, m in data.modules.items() if m.down.dim() == 4]
     assert conv_keys and all(data.modules[k].up.dim() == 4 for k in conv_keys)
+    assert data.modules["unet.conv_out"].rank == 6
     path = dl.save_lora(pipe, "locon", tmp_path / f"locon-{fmt}.safetensors", format=fmt)
     plain = fresh()
     plain.load_lora_weights(str(path))

@@ -18,7 +18,13 @@ def fit_problem(
     ``has_bias`` None means the layer's bias is unknown (a reference model's weight shapes only).
     """
     down, up, rank = m.down, m.up, m.rank
-    if rank < 1 or rank > min(in_f * max(1, _numel(kernel)), out_f):
+    # A rank above min(inputs, outputs) is redundant, not wrong: PEFT and diffusers accept it, and LyCORIS'
+    # "full" preset and LoRA on every conv write it for a UNet's 4-channel conv_out at the network's rank.
+    # Above both, it is a broken file.
+    fan_in = in_f
+    for k in kernel:
+        fan_in *= k
+    if rank < 1 or rank > max(fan_in, out_f):
         return f"{where}: rank {rank} is impossible for a layer of {in_f}→{out_f} features"
     if down.shape[1:2] != (in_f,) or (kernel and tuple(down.shape[2:]) not in (kernel,)):
         return f"{where}: down/lora_A has shape {list(down.shape)}, the layer needs [{rank}, {in_f}, …]"
@@ -33,13 +39,6 @@ def fit_problem(
     if m.bias is not None and (tuple(m.bias.shape) != (out_f,) or has_bias is False):
         return f"{where}: a bias delta of shape {list(m.bias.shape)} needs a layer with a [{out_f}] bias"
     return None
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def check_finite(key: str, m: ModuleLora, source: str) -> None:
