@@ -61,8 +61,8 @@ def test_a_target_list_may_name_convolutions():
 
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
 def test_conv_adapter_file_loads_in_plain_diffusers(fmt: str, tmp_path: Path):
-    """Rank 6 on every layer: more than conv_out's 4 output channels (redundant, as LyCORIS' "full"
-    preset writes it), which plain diffusers and our loader both accept."""
+    """Rank 6 on every layer: more than conv_out's 4 output channels (redundant, as LoRA on every conv
+    writes it), which plain diffusers and our loader both accept."""
     pipe = fresh()
     base = run(pipe)
     assert pipe.unet.conv_out.out_channels < 6

@@ -18,9 +18,9 @@ def fit_problem(
     ``has_bias`` None means the layer's bias is unknown (a reference model's weight shapes only).
     """
     down, up, rank = m.down, m.up, m.rank
-    # A rank above min(inputs, outputs) is redundant, not wrong: PEFT and diffusers accept it, and LyCORIS'
-    # "full" preset and LoRA on every conv write it for a UNet's 4-channel conv_out at the network's rank.
-    # Above both, it is a broken file.
+    # A rank above min(inputs, outputs) is redundant, not wrong: PEFT and diffusers accept it, and LoRA on
+    # every conv (the `all` preset; LyCORIS' full one) puts the network's rank on a UNet's 4-channel
+    # conv_out. Above both, it is a broken file.
     fan_in = in_f
     for k in kernel:
         fan_in *= k
