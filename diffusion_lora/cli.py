@@ -188,7 +188,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help=f"base model (model.name; default: {DEFAULT_MODEL})")
     p.add_argument("--data", help="image folder (data.path)")
     p.add_argument("--out", help="output folder (output.dir)")
-    p.add_argument("--steps", type=int, help="train.steps (default: each image seen 100 times, in [100, 4000])")
+    p.add_argument("--steps", type=int, help="train.steps (default: each image seen 200 times, in [100, 4000])")
     p.add_argument("--rank", type=int, help="lora.rank")
     p.add_argument("--lr", type=float, help="train.learning_rate (default: from the denoiser's size; 1e-4 from "
                                              "500 M parameters)")

@@ -91,3 +91,12 @@ def test_the_plain_command_trains_with_the_recipe_and_records_it(tmp_path, capsy
     steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "logs" / "metrics.jsonl").read_text().splitlines()
              if line.strip() and "loss" in line]
     assert steps[-1] == 200
+
+
+def test_the_cli_help_states_the_recipe_constants(capsys):
+    from diffusion_lora.cli import main
+    from diffusion_lora.training.recipe import EPOCHS
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert f"each image seen {EPOCHS} times" in " ".join(capsys.readouterr().out.split())
