@@ -103,6 +103,24 @@ def test_base_model_training_is_reproducible_and_resumable(tmp_path, two_threads
     _assert_sample_is_the_mean(reloaded.vae)
 
 
+def test_a_wider_base_trains_and_loads_in_plain_diffusers(tmp_path, two_threads):
+    """--vae-width / --unet-width (the shipped model: 32) widen every block; 48 takes 16 norm groups in the
+    UNet. The saved folder loads in plain StableDiffusionPipeline with the trained weights."""
+    from dataclasses import replace
+
+    from diffusers import StableDiffusionPipeline
+
+    plan = replace(_tiny_plan(), vae_width=48, unet_width=48, open_vae_steps=0, open_vae2_steps=0, open_unet_steps=0)
+    pipe = train_base_model(tmp_path / "model", tmp_path / "work", plan)
+    plain = StableDiffusionPipeline.from_pretrained(tmp_path / "model", safety_checker=None)
+    assert tuple(plain.vae.config.block_out_channels) == tuple(plain.unet.config.block_out_channels) == (48, 96, 96)
+    assert plain.unet.config.norm_num_groups == 16 and plain.vae.config.norm_num_groups == 16
+    assert torch.equal(plain.unet.conv_in.weight, pipe.unet.conv_in.weight)
+    assert torch.equal(plain.vae.decoder.conv_out.weight, pipe.vae.decoder.conv_out.weight)
+    with pytest.raises(ValueError, match="UNet width 40: expected a positive multiple of 16"):
+        train_base_model(tmp_path / "bad", tmp_path / "bad-work", replace(plan, unet_width=40))
+
+
 def _assert_sample_is_the_mean(vae) -> None:
     """A LoRA trainer's ``latent_dist.sample()`` must give the means the base UNet was trained on."""
     images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1

@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="folder for the trained diffusers pipeline")
     parser.add_argument("--work", required=True, help="folder for checkpoints and cached latents")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where the networks train, e.g. cuda (default: cpu)")
     parser.add_argument("--decoder-only", action="store_true",
                         help="run only stage 4 (needs --work/vae-sharp.pt), e.g. beside the UNet stage")
     for f in dataclasses.fields(BasePlan):
@@ -47,9 +48,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     plan = BasePlan(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BasePlan)})
     if args.decoder_only:
-        polish_decoder_stage(args.work, plan)
+        polish_decoder_stage(args.work, plan, args.device)
         return
-    pipe = train_base_model(args.out, args.work, plan)
+    pipe = train_base_model(args.out, args.work, plan, device=args.device)
     pipe.set_progress_bar_config(disable=True)
     score = prompt_following(pipe, held_out_combos())
     print(f"held-out prompt following: colour {score.colour:.0%}, shape {score.shape:.0%}")

@@ -15,19 +15,29 @@ from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusio
 from diffusion_lora.models.tokenizers import CLIP_BOS, CLIP_EOS, build_clip_tokenizer, clip_vocab_size
 
 __all__ = [
-    "BASE_MODEL_NAME", "build_untrained_pipeline", "scheduler_config", "text_config", "unet_config", "vae_config",
+    "BASE_MODEL_NAME", "WIDTH", "build_untrained_pipeline", "scheduler_config", "text_config", "unet_config",
+    "vae_config",
 ]
 
 BASE_MODEL_NAME = "shapes-sd15"
 _TEXT_WIDTH = 64
 
 
-def vae_config() -> dict:
+WIDTH = 32  # channels of the first block of the shipped VAE and UNet (then 2×, 2×)
+
+
+def _widths(width: int, groups: int, what: str) -> tuple[int, int, int]:
+    if width < groups or width % groups:
+        raise ValueError(f"{what} width {width}: expected a positive multiple of {groups} (its group norm's groups)")
+    return (width, 2 * width, 2 * width)
+
+
+def vae_config(width: int = WIDTH) -> dict:
     return dict(
         sample_size=64,
         in_channels=3,
         out_channels=3,
-        block_out_channels=(32, 64, 64),
+        block_out_channels=_widths(width, 16, "VAE"),
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
         layers_per_block=1,
@@ -36,19 +46,20 @@ def vae_config() -> dict:
     )
 
 
-def unet_config() -> dict:
+def unet_config(width: int = WIDTH) -> dict:
+    groups = 32 if width % 32 == 0 else 16  # 32 as SD's UNet; 16 lets widths such as 48 divide
     return dict(
         sample_size=16,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=(32, 64, 64),
+        block_out_channels=_widths(width, groups, "UNet"),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         mid_block_type="UNetMidBlock2DCrossAttn",
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=_TEXT_WIDTH,
         attention_head_dim=8,
-        norm_num_groups=32,
+        norm_num_groups=groups,
     )
 
 
@@ -85,12 +96,14 @@ def scheduler_config() -> dict:
     )
 
 
-def build_untrained_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """The base pipeline with freshly initialised weights (``torch.manual_seed(seed)`` per component)."""
+def build_untrained_pipeline(seed: int = 0, vae_width: int = WIDTH, unet_width: int = WIDTH
+                             ) -> StableDiffusionPipeline:
+    """The base pipeline with freshly initialised weights (``torch.manual_seed(seed)`` per component);
+    the widths are the first block's channels (the shipped model: 32 and 32)."""
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**vae_config())
+    vae = AutoencoderKL(**vae_config(vae_width))
     torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(**unet_config())
+    unet = UNet2DConditionModel(**unet_config(unet_width))
     torch.manual_seed(seed + 2)
     text_encoder = transformers.CLIPTextModel(text_config())
     return StableDiffusionPipeline(

@@ -52,7 +52,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from diffusion_lora.toy import open_world, scenes
-from diffusion_lora.toy.base_model import build_untrained_pipeline, scheduler_config
+from diffusion_lora.toy.base_model import WIDTH, build_untrained_pipeline, scheduler_config
 from diffusion_lora.training.objectives import add_noise, ddpm_schedule, ddpm_target, snr
 
 __all__ = ["BasePlan", "deterministic_posterior", "polish_decoder_stage", "train_base_model"]
@@ -99,6 +99,9 @@ class BasePlan:
     open_unet_lr: float = 4e-4
     open_warmup: int = 100
     open_decay_from: int = 1000
+    # Channels of the first VAE and UNet block (then 2×, 2×): 32 is the shipped model.
+    vae_width: int = WIDTH
+    unet_width: int = WIDTH
 
 
 @dataclass(frozen=True)
@@ -129,9 +132,9 @@ def _open_run(plan: BasePlan) -> _DenoiserRun:
                         plan.seed + 7, "denoiser-open.pt")
 
 
-def _to_tensor(images: list) -> torch.Tensor:
+def _to_tensor(images: list, device: torch.device | str = "cpu") -> torch.Tensor:
     arr = np.stack([np.asarray(im, dtype=np.float32) for im in images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+    return torch.from_numpy(arr).to(device).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
 def _reconstruction_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +194,7 @@ def _scene_sampler(combos: list):
 def _measure_scaling_factor(pipe: StableDiffusionPipeline, rng: random.Random, combos: list, sample=None) -> None:
     sample = sample or _scene_sampler(combos)
     with torch.no_grad():
-        x = _to_tensor([sample(rng) for _ in range(256)])
+        x = _to_tensor([sample(rng) for _ in range(256)], pipe.vae.device)
         std = pipe.vae.encode(x).latent_dist.mean.std().item()
     pipe.vae.register_to_config(scaling_factor=round(1.0 / std, 5))
     logger.info("VAE scaling_factor %.5f", 1.0 / std)
@@ -233,7 +236,7 @@ def _fit_vae(params: list, loss_of, seed: int, steps: int, lr: float, batch: int
     sched = lr_schedule(opt) if lr_schedule else torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     bar = tqdm(range(steps), desc=desc, unit="step")
     for _ in bar:
-        loss = loss_of(_to_tensor([sample(rng) for _ in range(batch)]))
+        loss = loss_of(_to_tensor([sample(rng) for _ in range(batch)], params[0].device))
         loss.backward()
         opt.step()
         sched.step()
@@ -242,10 +245,14 @@ def _fit_vae(params: list, loss_of, seed: int, steps: int, lr: float, batch: int
     return rng
 
 
-def polish_decoder_stage(work_dir: str | Path, plan: BasePlan = BasePlan()) -> None:
+def _untrained(plan: BasePlan, device: torch.device | str) -> StableDiffusionPipeline:
+    return build_untrained_pipeline(plan.seed, plan.vae_width, plan.unet_width).to(device)
+
+
+def polish_decoder_stage(work_dir: str | Path, plan: BasePlan = BasePlan(), device: torch.device | str = "cpu") -> None:
     """Stage 4 alone (it needs ``vae-sharp.pt`` in ``work_dir``), e.g. in a second process."""
     work_dir = Path(work_dir)
-    pipe = build_untrained_pipeline(plan.seed)
+    pipe = _untrained(plan, device)
     _load_vae(pipe, work_dir / "vae-sharp.pt")
     _polish_decoder(pipe, plan, scenes.training_combos())
     _save_vae(pipe, work_dir / "decoder.pt")
@@ -263,7 +270,7 @@ def _save_vae(pipe: StableDiffusionPipeline, path: Path) -> None:
 
 
 def _load_vae(pipe: StableDiffusionPipeline, path: Path) -> None:
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=False, map_location=pipe.vae.device)
     pipe.vae.load_state_dict(state["weights"])
     pipe.vae.register_to_config(scaling_factor=state["scaling_factor"])
 
@@ -278,8 +285,8 @@ def _encode(pipe: StableDiffusionPipeline, images: list, captions: list[str]) ->
     latents = []
     with torch.no_grad():
         for start in tqdm(range(0, len(images), 64), desc="encode", unit="batch"):
-            x = _to_tensor(images[start : start + 64])
-            latents.append(pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor)
+            x = _to_tensor(images[start : start + 64], pipe.vae.device)
+            latents.append((pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor).cpu())
     return {"latents": torch.cat(latents), "ids": _tokenize(pipe, captions)}
 
 
@@ -308,6 +315,7 @@ def _train_denoiser(pipe: StableDiffusionPipeline, plan: BasePlan, run: _Denoise
     steps remain; the UNet and text encoder end holding the average of the weights. With ``until``,
     stop after that step (checkpointed, as a killed run) and return False."""
     unet, te = pipe.unet.train(), pipe.text_encoder.train()
+    device = unet.device
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=run.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, run.lr_factor)
@@ -318,14 +326,14 @@ def _train_denoiser(pipe: StableDiffusionPipeline, plan: BasePlan, run: _Denoise
     start = 0
     ckpt = work_dir / run.checkpoint
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location=device)
         unet.load_state_dict(state["unet"])
         te.load_state_dict(state["te"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         for e, s in zip(ema, state["ema"]):
             e.copy_(s)
-        gen.set_state(state["gen"])
+        gen.set_state(state["gen"].cpu())
         start = state["step"]
         logger.info("resuming %s at step %d", run.checkpoint, start)
     stop = run.steps if until is None else min(run.steps, max(until, start))
@@ -338,6 +346,8 @@ def _train_denoiser(pipe: StableDiffusionPipeline, plan: BasePlan, run: _Denoise
         ids[drop] = empty
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, schedule.num_train_timesteps, (plan.unet_batch,), generator=gen)
+        # Every draw comes from the CPU generator, so a device changes the arithmetic, not the samples.
+        latents, ids, noise, t = (v.to(device) for v in (latents, ids, noise, t))
         pred = unet(add_noise(latents, noise, t, schedule), t, te(ids)[0]).sample
         target = ddpm_target(latents, noise, t, schedule, schedule.prediction_type)
         # The v-loss is the x0-loss times (snr + 1); cap that factor at γ (min-SNR). Unlike the usual
@@ -391,14 +401,15 @@ def _open_vae(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list, cycle
 
 
 def train_base_model(out_dir: str | Path, work_dir: str | Path, plan: BasePlan = BasePlan(),
-                     until: int | None = None) -> StableDiffusionPipeline | None:
+                     until: int | None = None, device: torch.device | str = "cpu") -> StableDiffusionPipeline | None:
     """Train the base model by ``plan`` and save it as a diffusers folder at ``out_dir``. With ``until``,
     stop after that step of the open-world UNet stage (checkpointed in ``work_dir``, as a killed run
-    would be) and return None; a later call continues from there."""
+    would be) and return None; a later call continues from there. ``device`` (e.g. ``"cuda"``) runs the
+    networks there; every random draw still comes from CPU generators."""
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "plan.txt").write_text(repr(asdict(plan)))
-    pipe = build_untrained_pipeline(plan.seed)
+    pipe = _untrained(plan, device)
     combos = scenes.training_combos()
     for name, stage in (("vae.pt", _train_vae), ("vae-sharp.pt", _sharpen_vae)):
         if (work_dir / name).exists():  # a finished stage of an earlier (killed) run
@@ -410,7 +421,7 @@ def train_base_model(out_dir: str | Path, work_dir: str | Path, plan: BasePlan =
     _train_denoiser(pipe, plan, _closed_run(plan),
                     lambda: _cached(work_dir / "latents.pt", lambda: _encode_dataset(pipe, plan, combos)), work_dir)
     if not (work_dir / "decoder.pt").exists():
-        polish_decoder_stage(work_dir, plan)
+        polish_decoder_stage(work_dir, plan, device)
     _load_vae(pipe, work_dir / "decoder.pt")
     for cycle, steps, name in ((1, plan.open_vae_steps, "vae-open.pt"), (2, plan.open_vae2_steps, "vae-open-2.pt")):
         if not steps:
@@ -427,6 +438,7 @@ def train_base_model(out_dir: str | Path, work_dir: str | Path, plan: BasePlan =
             work_dir, until)
         if not done:
             return None
+    pipe.to("cpu")
     deterministic_posterior(pipe.vae)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return pipe
