@@ -8,9 +8,7 @@ from diffusion_lora.errors import ConfigError
 from diffusion_lora.training.config import load_config
 from diffusion_lora.training.recipe import (
     auto_batch_size,
-    auto_caption_dropout,
     auto_learning_rate,
-    auto_min_snr_gamma,
     auto_steps,
     auto_targets,
     resolve_recipe,
@@ -45,18 +43,8 @@ def test_targets_follow_the_denoiser_kind():
     assert auto_targets("unet") == "attn-ff" and auto_targets("transformer") == "attn"
 
 
-def test_caption_dropout_trains_the_empty_prompt_for_a_style_and_never_for_a_subject():
-    assert auto_caption_dropout("") == 0.3
-    assert auto_caption_dropout("zorbo") == 0.0
-
-
-def test_min_snr_weighting_is_on_for_ddpm_objectives_and_off_for_flow_matching():
-    assert auto_min_snr_gamma(flow_matching=False) == 5.0
-    assert auto_min_snr_gamma(flow_matching=True) == 0.0
-
-
-def _cfg(data=None, **train):
-    return load_config({"model": {"name": "tiny-sd15"}, "data": {"path": "x", **(data or {})}, "output": {"dir": "y"},
+def _cfg(**train):
+    return load_config({"model": {"name": "tiny-sd15"}, "data": {"path": "x"}, "output": {"dir": "y"},
                         "train": train})
 
 
@@ -65,16 +53,9 @@ def test_resolution_fills_only_what_the_config_leaves_unset():
     assert (auto.train.learning_rate, auto.train.batch_size, auto.train.steps, auto.lora.targets) == \
         (1.8e-3, 8, 500, "attn-ff")
     given = resolve_recipe(_cfg(learning_rate=3e-4, batch_size=2, steps=7), parameters=1_489_028, images=20,
-                           denoiser="transformer", flow_matching=True)
+                           denoiser="transformer")
     assert (given.train.learning_rate, given.train.batch_size, given.train.steps, given.lora.targets) == \
         (3e-4, 2, 7, "attn")
-    assert (auto.data.caption_dropout, auto.train.min_snr_gamma) == (0.3, 5.0)
-    assert (given.data.caption_dropout, given.train.min_snr_gamma) == (0.3, 0.0)  # "transformer": flow matching
-    kept = resolve_recipe(_cfg(data={"caption_dropout": 0.05, "trigger_word": "zorbo"}, min_snr_gamma=0),
-                          parameters=1_489_028, images=20, denoiser="unet")
-    assert (kept.data.caption_dropout, kept.train.min_snr_gamma) == (0.05, 0.0)
-    subject = resolve_recipe(_cfg(data={"trigger_word": "zorbo"}), parameters=1_489_028, images=20, denoiser="unet")
-    assert subject.data.caption_dropout == 0.0
     # a batch size the config gives decides the automatic step count
     assert resolve_recipe(_cfg(batch_size=4), parameters=10**9, images=20, denoiser="unet").train.steps == 1000
 
@@ -105,7 +86,6 @@ def test_the_plain_command_trains_with_the_recipe_and_records_it(tmp_path, capsy
     cfg = tomllib.loads((tmp_path / "out" / "config.toml").read_text())
     assert cfg["train"]["learning_rate"] == auto_learning_rate(parameters) == 1.8e-3  # a 1.5 M-parameter UNet
     assert (cfg["train"]["batch_size"], cfg["train"]["steps"], cfg["lora"]["targets"]) == (3, 200, "attn-ff")
-    assert (cfg["data"]["caption_dropout"], cfg["train"]["min_snr_gamma"]) == (0.3, 5.0)
     import json
 
     steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "logs" / "metrics.jsonl").read_text().splitlines()

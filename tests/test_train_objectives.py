@@ -272,7 +272,7 @@ def test_a_bad_scheduler_config_raises_config_error_naming_its_key(config, setti
         ({"shift": -1.0}, "train.shift: -1.0 is out of range"),
         ({"logit_std": 0.0}, "train.logit_std: 0.0 is out of range"),
         ({"huber_delta": 0}, "train.huber_delta: 0.0 is out of range"),
-        ({"min_snr_gamma": -1}, "train.min_snr_gamma: -1.0 is out of range"),
+        ({"min_snr_gamma": 0}, "train.min_snr_gamma: 0.0 is out of range"),
         ({"noise_offset": -0.1}, "train.noise_offset: -0.1 is out of range"),
     ],
 )

@@ -179,8 +179,7 @@ class DataSection(Section):
     no_upscale: bool = setting(False)
     center_crop: bool = setting(True)
     flip: bool = setting(False)
-    # Unset (None): chosen by the recipe (training.recipe): 0.3 without a trigger word, 0 with one.
-    caption_dropout: float | None = setting(None, ge=0, le=1)
+    caption_dropout: float = setting(0.0, ge=0, le=1)
     shuffle_captions: bool = setting(False)
     keep_tokens: int = setting(0, ge=0)
     repeats: int = setting(1, ge=1, le=MAX_REPEATS)
@@ -237,8 +236,7 @@ class TrainSection(Section):
     mixed_precision: MixedPrecision = setting(MixedPrecision.NO)
     gradient_checkpointing: bool = setting(False)
     noise_offset: float = setting(0.0, ge=0)
-    # Unset (None): 5 for epsilon and v-prediction models, off for flow matching (training.recipe); 0 = off.
-    min_snr_gamma: float | None = setting(None, ge=0)
+    min_snr_gamma: float | None = setting(None, gt=0)
     loss: Loss = setting(Loss.L2)
     huber_delta: float = setting(0.1, gt=0)
     timestep_sampling: TimestepSampling = setting(TimestepSampling.UNIFORM)

@@ -97,7 +97,7 @@ def build_dataset(cfg: Any, pipe: Any, acc: Any) -> tuple[BucketedDataset, list[
     dataset = BucketedDataset(
         good, resolution=d.resolution, seed=cfg.train.seed, bucket_step=d.bucket_step,
         min_bucket=low, max_bucket=high, no_upscale=d.no_upscale, center_crop=d.center_crop,
-        flip=d.flip, trigger_word=d.trigger_word, caption_dropout=d.caption_dropout or 0.0,
+        flip=d.flip, trigger_word=d.trigger_word, caption_dropout=d.caption_dropout,
         shuffle_caption=d.shuffle_captions, keep_tokens=d.keep_tokens,
     )
     return dataset, good

@@ -86,11 +86,6 @@ class BucketedDataset(torch.utils.data.Dataset):
                 raise DatasetError(f"{item.path}: repeats is {item.repeats}; it must be in [1, {MAX_REPEATS}]")
         self._ends = list(itertools.accumulate(item.repeats for item in self.items))
 
-    def set_caption_dropout(self, dropout: float) -> None:
-        """Change the caption dropout (the recipe chooses it once the images are counted)."""
-        process_caption("", rng=random.Random(0), **dict(self.caption_options, dropout=dropout))  # checks it
-        self.caption_options["dropout"] = dropout
-
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose augmentations ``__getitem__`` reproduces."""
         self.epoch = epoch

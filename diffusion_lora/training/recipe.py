@@ -19,15 +19,6 @@ resolved ``config.toml`` beside the adapter:
     ``"attn-ff"`` for UNet families (attention and feed-forward: kohya's LoRA adapts every Linear of
     the transformer blocks, and a style lives as much in the feed-forward layers), ``"attn"`` for
     transformer families (diffusers' and ai-toolkit's default).
-``data.caption_dropout``
-    :data:`STYLE_CAPTION_DROPOUT` (0.3) without a trigger word: a share of the steps trains the
-    empty prompt too, so classifier-free guidance's unconditional half draws the style as well instead
-    of pulling every image back to the base's look (see README, *Training*, for the measurements).
-    ``0`` with ``data.trigger_word``: a subject stays tied to its word.
-``train.min_snr_gamma``
-    ``5`` (Hang et al.'s value, kohya's usual setting) for epsilon and v-prediction models: it weights
-    the noisy steps, where colour and composition are decided, against the nearly clean ones. Off for
-    flow-matching models, where it does not apply.
 """
 
 from __future__ import annotations
@@ -41,8 +32,7 @@ from diffusion_lora.errors import ConfigError
 
 from .config import TrainConfig
 
-__all__ = ["AUTO_TARGETS", "EPOCHS", "MIN_SNR_GAMMA", "STYLE_CAPTION_DROPOUT", "auto_batch_size",
-           "auto_caption_dropout", "auto_learning_rate", "auto_min_snr_gamma", "auto_steps", "auto_targets",
+__all__ = ["AUTO_TARGETS", "EPOCHS", "auto_batch_size", "auto_learning_rate", "auto_steps", "auto_targets",
            "resolve_recipe"]
 
 logger = logging.getLogger(__name__)
@@ -53,8 +43,6 @@ _REAL_SIZE = 500e6  # parameters from which a denoiser trains at the usual 1e-4
 _SMALL = 50e6  # parameters under which a denoiser trains at batch 8
 _BASE_LR, _MAX_LR = 1e-4, 2e-3
 _MIN_STEPS, _MAX_STEPS = 100, 4000
-STYLE_CAPTION_DROPOUT = 0.3  # share of steps trained on the empty prompt when there is no trigger word
-MIN_SNR_GAMMA = 5.0
 
 
 def auto_learning_rate(parameters: int) -> float:
@@ -76,20 +64,10 @@ def auto_targets(denoiser: str) -> str:
     return "attn-ff" if denoiser == "unet" else "attn"
 
 
-def auto_caption_dropout(trigger_word: str) -> float:
-    return 0.0 if trigger_word else STYLE_CAPTION_DROPOUT
-
-
-def auto_min_snr_gamma(flow_matching: bool) -> float:
-    """0 (off) for flow-matching models, else :data:`MIN_SNR_GAMMA`."""
-    return 0.0 if flow_matching else MIN_SNR_GAMMA
-
-
-def resolve_recipe(cfg: TrainConfig, *, parameters: int, images: int, denoiser: str, flow_matching: bool = False,
+def resolve_recipe(cfg: TrainConfig, *, parameters: int, images: int, denoiser: str,
                    report: Callable[[str], None] | None = None) -> TrainConfig:
-    """``cfg`` with every recipe setting it leaves unset chosen from the denoiser's size and objective and
-    the training images (their number, repeats included, and whether a trigger word names a subject);
-    the choices go to ``report`` (default: the log)."""
+    """``cfg`` with every recipe setting it leaves unset chosen from the denoiser's size and the number
+    of training images (repeats included); the choices go to ``report`` (default: the log)."""
     t, chosen = cfg.train, []
     lr = t.learning_rate
     if lr is None:
@@ -108,21 +86,11 @@ def resolve_recipe(cfg: TrainConfig, *, parameters: int, images: int, denoiser: 
     if targets == AUTO_TARGETS:
         targets = auto_targets(denoiser)
         chosen.append(f"lora.targets = {targets!r} (a {denoiser})")
-    dropout = cfg.data.caption_dropout
-    if dropout is None:
-        dropout = auto_caption_dropout(cfg.data.trigger_word)
-        why = "a trigger word" if cfg.data.trigger_word else "no trigger word"
-        chosen.append(f"data.caption_dropout = {dropout:g} ({why})")
-    gamma = t.min_snr_gamma
-    if gamma is None:
-        gamma = auto_min_snr_gamma(flow_matching)
-        why = "off: flow matching" if flow_matching else "an epsilon or v-prediction objective"
-        chosen.append(f"train.min_snr_gamma = {gamma:g} ({why})")
     if cfg.scheduler.warmup_steps >= steps:
         raise ConfigError(f"scheduler.warmup_steps: {cfg.scheduler.warmup_steps} must be smaller than train.steps "
                           f"({steps}{', chosen for ' + str(images) + ' images' if t.steps is None else ''}); "
                           "lower it or set train.steps")
     if chosen:
         (report or logger.info)("recipe from the model and the data: " + "; ".join(chosen))
-    return replace(cfg, train=replace(t, learning_rate=lr, batch_size=batch, steps=steps, min_snr_gamma=gamma),
-                   lora=replace(cfg.lora, targets=targets), data=replace(cfg.data, caption_dropout=dropout))
+    return replace(cfg, train=replace(t, learning_rate=lr, batch_size=batch, steps=steps),
+                   lora=replace(cfg.lora, targets=targets))

@@ -156,7 +156,7 @@ def _ddpm_step(ctx: StepContext, latents, noise, text, sizes, gen):  # noqa: ANN
     target = obj.ddpm_target(latents, noise, t, schedule, objective)
     pred = ctx.conditioner.predict(ctx.pipe, ctx.denoiser, noisy, t, text, sizes, cfg.guidance)
     weights = None
-    if cfg.min_snr_gamma:  # None (flow matching) or 0: off
+    if cfg.min_snr_gamma is not None:
         weights = obj.min_snr_weights(t, schedule, cfg.min_snr_gamma, objective).to(ctx.device)
     return pred, target, weights
 

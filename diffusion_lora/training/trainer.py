@@ -101,9 +101,7 @@ class _Run:
         denoiser_module = getattr(self.pipe, self.family.denoiser)
         self.cfg = cfg = resolve_recipe(cfg, parameters=sum(p.numel() for p in denoiser_module.parameters()),
                                         images=len(self.dataset), denoiser=self.family.denoiser,
-                                        flow_matching=self.family.objective is Objective.FLOW_MATCHING,
                                         report=_tell if self.progress and self.is_main else None)
-        self.dataset.set_caption_dropout(cfg.data.caption_dropout)
         self.metadata = training_metadata(cfg, self.items)  # checked now, not at the final save
         name = cfg.output.name
         add_lora(self.pipe, name, rank=cfg.lora.rank, alpha=cfg.lora.effective_alpha, targets=cfg.lora.targets,
