@@ -12,18 +12,7 @@
 # runs in its own process with a timeout, so one OOM or failure loses only its own row.
 # Results: $OUT/gpu_memory.jsonl (one JSON object per row), $OUT/log.txt, a table on stdout.
 set -u
-cd "$(dirname "$0")/../.."
-DRY=0
-[ "${1:-}" = "--dry-run" ] && DRY=1
-OUT=${OUT:-/tmp/diffusion_lora_gpu}
-mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-if [ -d .gpu_wheels ] && [ "$DRY" = 0 ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu_wheels/*.whl \
-    >> "$OUT/log.txt" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+source "$(dirname "$0")/common.sh" "$@"
 export MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072
 ROWS="$OUT/gpu_memory.jsonl"
 : > "$ROWS"

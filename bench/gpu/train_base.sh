@@ -11,18 +11,7 @@
 # without it the plan runs with --photos false. Results under $OUT: the model folder as model.tar split into
 # <= 15 MiB parts (join: cat model.tar.* > model.tar), log.txt with the held-out prompt-following score.
 set -u
-cd "$(dirname "$0")/../.."
-DRY=0
-[ "${1:-}" = "--dry-run" ] && DRY=1
-OUT=${OUT:-/tmp/diffusion_lora_gpu}
-mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-if [ -d .gpu_wheels ] && [ "$DRY" = 0 ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu_wheels/*.whl \
-    >> "$OUT/log.txt" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+source "$(dirname "$0")/common.sh" "$@"
 PHOTOS=true
 $PY -c "import skimage" 2>/dev/null || PHOTOS=false
 if [ "$DRY" = 1 ]; then
