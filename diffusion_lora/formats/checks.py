@@ -3,6 +3,8 @@ numbers finite, does a whole file fit a model's layer list (the file tools' chec
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import FormatError, KeyMappingError
@@ -21,10 +23,7 @@ def fit_problem(
     # A rank above min(inputs, outputs) is redundant, not wrong: PEFT and diffusers accept it, and LoRA on
     # every conv (the `all` preset; LyCORIS' full one) puts the network's rank on a UNet's 4-channel
     # conv_out. Above both, it is a broken file.
-    fan_in = in_f
-    for k in kernel:
-        fan_in *= k
-    if rank < 1 or rank > max(fan_in, out_f):
+    if rank < 1 or rank > max(in_f * math.prod(kernel), out_f):
         return f"{where}: rank {rank} is impossible for a layer of {in_f}→{out_f} features"
     if down.shape[1:2] != (in_f,) or (kernel and tuple(down.shape[2:]) not in (kernel,)):
         return f"{where}: down/lora_A has shape {list(down.shape)}, the layer needs [{rank}, {in_f}, …]"
