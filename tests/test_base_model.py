@@ -103,6 +103,28 @@ def test_base_model_training_is_reproducible_and_resumable(tmp_path, two_threads
     _assert_sample_is_the_mean(reloaded.vae)
 
 
+def test_the_frozen_encoder_stages_keep_every_latent_and_are_reproducible_and_resumable(tmp_path, two_threads):
+    """Stages 5b (the decoder on the open-world mix) and 7b (the text encoder on rewordings, held to its
+    template outputs) change only the decoder and the text encoder: the encoder and the UNet are bit-equal
+    to the closed-world run's, so LoRAs trained on the closed world's latents stay valid. A run stopped
+    after one stage-7b step and started again ends with the same weights as an uninterrupted one."""
+    from dataclasses import replace
+
+    closed_plan = replace(_tiny_plan(), open_vae_steps=0, open_vae2_steps=0, open_unet_steps=0)
+    plan = replace(closed_plan, open_decoder_steps=2, reword_steps=3)
+    closed = _weights(train_base_model(tmp_path / "closed" / "model", tmp_path / "closed" / "work", closed_plan))
+    opened = _weights(train_base_model(tmp_path / "a" / "model", tmp_path / "a" / "work", plan))
+    assert train_base_model(tmp_path / "c" / "model", tmp_path / "c" / "work", plan, until=1) is None
+    resumed = _weights(train_base_model(tmp_path / "c" / "model", tmp_path / "c" / "work", plan))
+    assert all(torch.equal(opened[k], resumed[k]) for k in opened)
+    kept = [k for k in closed if k.startswith(("unet.", "vae.encoder.", "vae.quant_conv."))]
+    assert len(kept) > 50 and all(torch.equal(closed[k], opened[k]) for k in kept)
+    for part in ("vae.decoder.", "text_encoder."):
+        assert any(not torch.equal(closed[k], opened[k]) for k in closed if k.startswith(part)), part
+    with pytest.raises(ValueError, match="two alternative plans"):
+        train_base_model(tmp_path / "bad", tmp_path / "bad-work", replace(plan, open_unet_steps=1))
+
+
 def test_a_wider_base_trains_and_loads_in_plain_diffusers(tmp_path, two_threads):
     """--vae-width / --unet-width (the shipped model: 32) widen every block; 48 takes 16 norm groups in the
     UNet. The saved folder loads in plain StableDiffusionPipeline with the trained weights."""

@@ -28,6 +28,16 @@ from the weights above:
 7. the UNet and the text encoder continue from stage 3's averaged weights on those latents, with the
    objective of stage 3 and a fresh optimizer and average.
 
+Or, the other way out (``open_decoder_steps``, ``reword_steps``; a plan gives steps to one way only),
+which keeps the encoder, and so every latent the UNet learned and every LoRA trained on them:
+
+5b. the decoder alone (stage 4's loss) on the mix of stage 5, so it draws what the encoder's latents
+    hold beyond the shape world;
+7b. the text encoder alone learns stage 3's pictures under reworded and short captions through the
+    frozen UNet (stage 3's objective), while its output for the template captions and the empty caption
+    is held to stage 3's (a squared-error term): natural prompts work, and the template captions the
+    demo's LoRAs train on mean what they meant.
+
 Last, the VAE's posterior is made deterministic (:func:`deterministic_posterior`): every stage above
 encodes and trains on the posterior's *mean*, so its variance was never trained (a small KL only pulls
 it towards 1) and a sample would add noise the UNet never saw.
@@ -39,6 +49,7 @@ killed run continues where it stopped.
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 from dataclasses import asdict, dataclass
@@ -99,6 +110,16 @@ class BasePlan:
     open_unet_lr: float = 4e-4
     open_warmup: int = 100
     open_decay_from: int = 1000
+    # The frozen-encoder way out of the closed world (stages 5b and 7b): the encoder, and so every latent the
+    # UNet learned, stays as stage 1 left it. 5b: the decoder alone on scenes mixed with generic pictures;
+    # 7b: the text encoder alone learns reworded and short captions through the frozen UNet, while its
+    # output for the template captions (and the empty one) is held to stage 3's.
+    open_decoder_steps: int = 0
+    open_decoder_lr: float = 4e-4
+    reword_steps: int = 0
+    reword_lr: float = 3e-4
+    reword_template_share: float = 0.3
+    reword_distill: float = 10.0
     # Channels of the first VAE and UNet block (then 2×, 2×): 32 is the shipped model.
     vae_width: int = WIDTH
     unet_width: int = WIDTH
@@ -114,6 +135,9 @@ class _DenoiserRun:
     decay_from: int
     seed: int
     checkpoint: str
+    ema_decay: float | None = None  # None: the plan's; 0: no average (the last weights are kept)
+    text_only: bool = False  # the UNet stays frozen; only the text encoder trains
+    distill: float = 0.0  # weight of holding the text encoder's output for data["template_ids"] to the start's
 
     def lr_factor(self, step: int) -> float:
         """Linear warm-up, constant, then linear decay to 0 from ``decay_from`` to ``steps``."""
@@ -125,6 +149,11 @@ class _DenoiserRun:
 
 def _closed_run(plan: BasePlan) -> _DenoiserRun:
     return _DenoiserRun(plan.unet_steps, plan.unet_lr, plan.warmup, plan.decay_from, plan.seed + 2, "denoiser.pt")
+
+
+def _reword_run(plan: BasePlan) -> _DenoiserRun:
+    return _DenoiserRun(plan.reword_steps, plan.reword_lr, plan.open_warmup, 0, plan.seed + 8, "text-reword.pt",
+                        ema_decay=0.0, text_only=True, distill=plan.reword_distill)
 
 
 def _open_run(plan: BasePlan) -> _DenoiserRun:
@@ -296,6 +325,18 @@ def _encode_dataset(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list)
     return _encode(pipe, [scenes.render(s) for s in items], [s.caption for s in items])
 
 
+def _reword_dataset(pipe: StableDiffusionPipeline, plan: BasePlan, closed: dict[str, torch.Tensor],
+                    combos: list) -> dict[str, torch.Tensor]:
+    """Stage 3's latents, each captioned by its template (``reword_template_share``) or a rewording; the
+    template captions stay beside them as the distillation's inputs. The scenes are drawn again exactly
+    as :func:`_encode_dataset` drew them (only the draw: the pictures are not rendered again)."""
+    rng, words = random.Random(plan.seed + 1), random.Random(plan.seed + 7)
+    items = [scenes.random_scene(rng, combos) for _ in range(plan.images)]
+    captions = [s.caption if words.random() < plan.reword_template_share else scenes.caption_variant(s, words)
+                for s in items]
+    return {"latents": closed["latents"], "ids": _tokenize(pipe, captions), "template_ids": closed["ids"]}
+
+
 def _encode_open_dataset(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list) -> dict[str, torch.Tensor]:
     rng = random.Random(plan.seed + 6)
     families = open_world.base_families(plan.photos)
@@ -316,7 +357,14 @@ def _train_denoiser(pipe: StableDiffusionPipeline, plan: BasePlan, run: _Denoise
     stop after that step (checkpointed, as a killed run) and return False."""
     unet, te = pipe.unet.train(), pipe.text_encoder.train()
     device = unet.device
-    params = list(unet.parameters()) + list(te.parameters())
+    # The distillation target is the text encoder as this run starts (also on resume: the stages before
+    # this one end in the same averaged weights, which the checkpoint below then replaces).
+    teacher = copy.deepcopy(te).eval().requires_grad_(False) if run.distill else None
+    if run.text_only:
+        unet.eval()
+    unet.requires_grad_(not run.text_only)
+    te.requires_grad_(True)
+    params = list(te.parameters()) if run.text_only else list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=run.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, run.lr_factor)
     ema = [p.detach().clone() for p in params]
@@ -338,7 +386,8 @@ def _train_denoiser(pipe: StableDiffusionPipeline, plan: BasePlan, run: _Denoise
         logger.info("resuming %s at step %d", run.checkpoint, start)
     stop = run.steps if until is None else min(run.steps, max(until, start))
     data = load_data() if start < stop else {}
-    bar = tqdm(range(start, stop), desc="UNet+CLIP", unit="step", initial=start, total=run.steps)
+    bar = tqdm(range(start, stop), desc="CLIP" if run.text_only else "UNet+CLIP", unit="step", initial=start,
+               total=run.steps)
     for step in bar:
         idx = torch.randint(0, data["latents"].shape[0], (plan.unet_batch,), generator=gen)
         latents, ids = data["latents"][idx], data["ids"][idx].clone()
@@ -354,12 +403,18 @@ def _train_denoiser(pipe: StableDiffusionPipeline, plan: BasePlan, run: _Denoise
         # min(snr, γ) / (snr + 1), this keeps full weight at the zero-SNR step, where layout is decided.
         weight = torch.clamp(plan.min_snr_gamma / (snr(t, schedule) + 1), max=1.0)
         loss = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
+        if teacher is not None:
+            pick = torch.randint(0, data["template_ids"].shape[0], (plan.unet_batch,), generator=gen)
+            held = torch.cat([data["template_ids"][pick], empty[None]]).to(device)
+            with torch.no_grad():
+                target_states = teacher(held)[0]
+            loss = loss + run.distill * (te(held)[0] - target_states).pow(2).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        _ema_update(ema, [p.detach() for p in params], plan.ema_decay)
+        _ema_update(ema, [p.detach() for p in params], plan.ema_decay if run.ema_decay is None else run.ema_decay)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % plan.checkpoint_every == 0 or step + 1 in (run.steps, stop):
             state = {"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(),
@@ -384,6 +439,26 @@ def _cached(path: Path, make):
     return value
 
 
+def _open_decoder(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list) -> None:
+    """Stage 5b: stage 4's loss (the decoder alone, the encoder fixed) on scenes in every base style mixed
+    with generic pictures, so the decoder draws what the encoder's latents hold beyond the shape world."""
+    families = open_world.base_families(plan.photos)
+    vae = pipe.vae.eval().requires_grad_(False)
+    vae.decoder.requires_grad_(True).train()
+    vae.post_quant_conv.requires_grad_(True)
+
+    def loss_of(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            latents = vae.encode(x).latent_dist.mode()
+        return _reconstruction_loss(vae.decode(latents).sample, x)
+
+    _fit_vae([p for p in vae.parameters() if p.requires_grad], loss_of, plan.seed + 9, plan.open_decoder_steps,
+             plan.open_decoder_lr, plan.vae_batch,
+             lambda rng: open_world.vae_item(rng, combos, families, plan.open_vae_scene_share).image,
+             "decoder open world")
+    vae.eval().requires_grad_(False)
+
+
 def _open_vae(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list, cycle: int) -> None:
     """Stage 5: the whole VAE on scenes in every base style mixed with generic pictures; ``cycle`` 2 runs
     the same loss again from there at its own learning rate."""
@@ -403,10 +478,15 @@ def _open_vae(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list, cycle
 def train_base_model(out_dir: str | Path, work_dir: str | Path, plan: BasePlan = BasePlan(),
                      until: int | None = None, device: torch.device | str = "cpu") -> StableDiffusionPipeline | None:
     """Train the base model by ``plan`` and save it as a diffusers folder at ``out_dir``. With ``until``,
-    stop after that step of the open-world UNet stage (checkpointed in ``work_dir``, as a killed run
-    would be) and return None; a later call continues from there. ``device`` (e.g. ``"cuda"``) runs the
+    stop after that step of the open-world UNet stage or stage 7b (checkpointed in ``work_dir``, as a
+    killed run would be) and return None; a later call continues from there. ``device`` (e.g. ``"cuda"``) runs the
     networks there; every random draw still comes from CPU generators."""
     work_dir = Path(work_dir)
+    if (plan.open_decoder_steps or plan.reword_steps) and (plan.open_vae_steps or plan.open_vae2_steps
+                                                          or plan.open_unet_steps):
+        raise ValueError("the frozen-encoder stages (open_decoder_steps, reword_steps) and the retrained-VAE "
+                         "stages (open_vae_steps, open_vae2_steps, open_unet_steps) are two alternative plans: "
+                         "give steps to one of them")
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "plan.txt").write_text(repr(asdict(plan)))
     pipe = _untrained(plan, device)
@@ -423,6 +503,17 @@ def train_base_model(out_dir: str | Path, work_dir: str | Path, plan: BasePlan =
     if not (work_dir / "decoder.pt").exists():
         polish_decoder_stage(work_dir, plan, device)
     _load_vae(pipe, work_dir / "decoder.pt")
+    if plan.open_decoder_steps:
+        if (work_dir / "decoder-open.pt").exists():
+            _load_vae(pipe, work_dir / "decoder-open.pt")
+        else:
+            _open_decoder(pipe, plan, combos)
+            _save_vae(pipe, work_dir / "decoder-open.pt")
+    if plan.reword_steps:
+        closed = lambda: _cached(work_dir / "latents.pt", lambda: _encode_dataset(pipe, plan, combos))  # noqa: E731
+        if not _train_denoiser(pipe, plan, _reword_run(plan), lambda: _reword_dataset(pipe, plan, closed(), combos),
+                               work_dir, until):
+            return None
     for cycle, steps, name in ((1, plan.open_vae_steps, "vae-open.pt"), (2, plan.open_vae2_steps, "vae-open-2.pt")):
         if not steps:
             continue
