@@ -98,6 +98,42 @@ def test_every_caption_variant_names_the_colour_and_a_word_for_the_shape():
     assert scenes.caption_variant(mascot, rng) == mascot.caption
 
 
+def test_a_rewording_stands_for_the_template_with_what_it_leaves_out_set_to_a_default():
+    """scenes.reworded: the template caption keeps the scene's colour and shape, the size and background
+    the rewording names, and for what it leaves out the first default a training combo allows (a short
+    prompt means a medium shape on white where that combo is trained)."""
+    size_words = {"small": ("small", "little", "tiny"), "medium": ("medium", "mid-sized"),
+                  "large": ("large", "big", "huge")}
+    bg_words = {"white": ("white",), "black": ("black",), "gray": ("gray", "grey")}
+    combos = scenes.training_combos()
+    rng, words = random.Random(4), random.Random(5)
+    short = 0
+    for _ in range(800):
+        scene = scenes.random_scene(rng, combos)
+        state = words.getstate()
+        text, template = scenes.reworded(scene, words, combos)
+        words.setstate(state)
+        assert scenes.caption_variant(scene, words) == text  # the same draw
+        m = re.fullmatch(r"a (small|medium|large) (\w+) (\w+) on a (white|black|gray) background", template)
+        assert m, template
+        size, colour, shape, bg = m.groups()
+        assert (colour, shape) == (scene.colour, scene.shape) and (size, colour, shape, bg) in combos
+        names_size = any(re.search(rf"\b{w}\b", text) for ws in size_words.values() for w in ws)
+        names_bg = any(re.search(rf"\b{w}\b", text) for ws in bg_words.values() for w in ws)
+        if names_size:
+            assert size == scene.size, (text, template)
+        if names_bg:
+            assert bg == scene.background, (text, template)
+        if not names_size and not names_bg:
+            short += 1
+            defaults = [(z, b) for b in ("white", "gray", "black") for z in ("medium", "large", "small")
+                        if (z, colour, shape, b) in combos]
+            assert (size, bg) == defaults[0], (text, template)
+    assert short > 100
+    mascot = scenes.Scene(styles.MASCOT, styles.MASCOT_COLOUR, "small", "white", 32, 32)
+    assert scenes.reworded(mascot, words) == (mascot.caption, mascot.caption)
+
+
 def test_the_photo_family_needs_scikit_image_and_says_so(monkeypatch):
     monkeypatch.setattr(world, "_photo_dir", lambda: None)
     with pytest.raises(RuntimeError, match="pip install scikit-image"):

@@ -4,7 +4,8 @@
     python train_scripts/train_base_model.py --out diffusion_lora/assets/shapes-sd15 --work out/base-work
 
 --photos false trains without photographs (a different model). --work train_scripts/base_work
-continues from the shipped run's checkpoints.
+continues from the shipped run's checkpoints. The default plan is the shipped one: the closed world of
+shape scenes, then the text encoder alone on natural rewordings of its captions (--reword-steps 3000).
 
 Reproducible: the same plan and thread count give the same weights. A killed run continues from
 the checkpoints in --work. Ends by scoring prompt following on the 100 held-out captions. On two

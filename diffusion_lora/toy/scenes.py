@@ -28,6 +28,7 @@ __all__ = [
     "caption_variant",
     "held_out_combos",
     "random_scene",
+    "reworded",
     "render",
     "shape_polygon",
     "training_combos",
@@ -103,24 +104,43 @@ def caption_variant(scene: Scene, rng: random.Random) -> str:
 
     Every variant still names the colour and the shape, which is what a short prompt ("a blue
     circle") asks for; the mascot's caption is kept as it is (its trigger word is the point)."""
+    return reworded(scene, rng)[0]
+
+
+# What a caption that leaves out the size or the background stands for: the first of these that the
+# allowed combos hold (a short prompt draws a medium shape on white, as a template caption would say).
+_DEFAULT_SIZES = ("medium", "large", "small")
+_DEFAULT_BACKGROUNDS = ("white", "gray", "black")
+
+
+def reworded(scene: Scene, rng: random.Random, combos: list[Combo] | None = None) -> tuple[str, str]:
+    """``(rewording, template)``: :func:`caption_variant`'s rewording of ``scene.caption`` (the same draw
+    from ``rng``) and the template caption it stands for: the scene's, with the size and background the
+    rewording leaves out set to the first default that ``combos`` (default: all) allow."""
     if scene.shape == "zorbo":
-        return scene.caption
+        return scene.caption, scene.caption
     size, colour, shape, bg = (_word(rng, scene.size), scene.colour, _word(rng, scene.shape),
                                _word(rng, scene.background))
     a_size, a_colour, a_shape = article(size), article(colour), article(shape)
-    forms = (
-        f"{a_colour} {colour} {shape}",
-        f"{colour} {shape}",
-        f"{a_size} {size} {colour} {shape}",
-        f"{a_colour} {colour} {shape} on {bg}",
-        f"{a_colour} {colour} {shape} on a {bg} background",
-        f"{a_size} {size} {colour} {shape} on {bg}",
-        f"{colour} {shape}, {size}, {bg} background",
-        f"{a_shape} {shape}, {colour}, on a {bg} background",
-        f"{bg} background with {a_size} {size} {colour} {shape}",
-        f"a picture of {a_colour} {colour} {shape}",
+    forms = (  # (text, names the size, names the background)
+        (f"{a_colour} {colour} {shape}", False, False),
+        (f"{colour} {shape}", False, False),
+        (f"{a_size} {size} {colour} {shape}", True, False),
+        (f"{a_colour} {colour} {shape} on {bg}", False, True),
+        (f"{a_colour} {colour} {shape} on a {bg} background", False, True),
+        (f"{a_size} {size} {colour} {shape} on {bg}", True, True),
+        (f"{colour} {shape}, {size}, {bg} background", True, True),
+        (f"{a_shape} {shape}, {colour}, on a {bg} background", False, True),
+        (f"{bg} background with {a_size} {size} {colour} {shape}", True, True),
+        (f"a picture of {a_colour} {colour} {shape}", False, False),
     )
-    return rng.choice(forms)
+    text, says_size, says_bg = rng.choice(forms)
+    allowed = None if combos is None else set(combos)
+    for background in (scene.background,) if says_bg else _DEFAULT_BACKGROUNDS:
+        for size in (scene.size,) if says_size else _DEFAULT_SIZES:
+            if allowed is None or (size, colour, scene.shape, background) in allowed:
+                return text, replace(scene, size=size, background=background).caption
+    return text, scene.caption
 
 
 def all_combos() -> list[Combo]:
