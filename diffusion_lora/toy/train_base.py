@@ -1,6 +1,6 @@
 """Train the embedded base model from scratch on procedural pictures, on CPU, reproducibly.
 
-Seven stages, each a pure function of the plan and its seed:
+Stages, each a pure function of the plan and its seed:
 
 1. the VAE learns to reconstruct scenes of every style (and the mascot), as a real SD VAE can
    reconstruct pictures its UNet never draws: from the posterior mean, with shape pixels weighted
@@ -33,11 +33,12 @@ which keeps the encoder, and so every latent the UNet learned and every LoRA tra
 
 5b. the decoder alone (stage 4's loss) on the mix of stage 5, so it draws what the encoder's latents
     hold beyond the shape world;
-7b. the text encoder alone learns that a reworded or short caption ("a blue circle", "red box, big,
+7b. the text encoder alone learns that a reworded or short caption ("an orange star", "red box, big,
     grey background") means the template caption it stands for (size and background it leaves out set
-    to a default: "a medium blue circle on a white background"): its output for the rewording is pulled
-    to stage 3's output for that template, and for the template captions and the empty caption to their
-    own. The UNet never changes, so the template captions the demo's LoRAs train on mean what they meant.
+    to a default: "a medium orange star on a white background"): its output for the rewording is pulled
+    to stage 3's output for that template, and for the template captions, the empty caption and other
+    text (made-up trigger words around or inside a caption) to their own. The UNet never changes, so the
+    captions LoRAs train on mean what they meant.
 
 Last, the VAE's posterior is made deterministic (:func:`deterministic_posterior`): every stage above
 encodes and trains on the posterior's *mean*, so its variance was never trained (a small KL only pulls
@@ -236,6 +237,13 @@ def _sharpen_vae(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list) ->
 def _polish_decoder(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list) -> None:
     """Train the decoder alone, longer, for exact colours and edges. The encoder is fixed, so the
     latents the UNet learned stay valid and this stage may run beside the UNet stage."""
+    _fit_decoder(pipe, _scene_sampler(combos), plan.seed + 4, plan.polish_steps, plan.polish_lr, plan.vae_batch,
+                 "decoder polish")
+
+
+def _fit_decoder(pipe: StableDiffusionPipeline, sample, seed: int, steps: int, lr: float, batch: int,
+                 desc: str) -> None:
+    """The decoder (and ``post_quant_conv``) alone reconstructs ``sample(rng)`` from the fixed encoder's means."""
     vae = pipe.vae.eval().requires_grad_(False)
     vae.decoder.requires_grad_(True).train()
     vae.post_quant_conv.requires_grad_(True)
@@ -245,8 +253,7 @@ def _polish_decoder(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list)
             latents = vae.encode(x).latent_dist.mode()
         return _reconstruction_loss(vae.decode(latents).sample, x)
 
-    _fit_vae([p for p in vae.parameters() if p.requires_grad], loss_of, plan.seed + 4, plan.polish_steps,
-             plan.polish_lr, plan.vae_batch, _scene_sampler(combos), "decoder polish")
+    _fit_vae([p for p in vae.parameters() if p.requires_grad], loss_of, seed, steps, lr, batch, sample, desc)
     vae.eval().requires_grad_(False)
 
 
@@ -364,7 +371,7 @@ def _reword_text_encoder(pipe: StableDiffusionPipeline, plan: BasePlan, combos: 
                          until: int | None = None) -> bool:
     """Stage 7b (continuing ``text-reword.pt``): the text encoder's output for each caption is pulled to
     what it output, at the start of this stage, for the template caption the caption stands for; the
-    template captions and the empty caption to their own. With ``until``, stop after that step
+    template captions, held text and the empty caption to their own. With ``until``, stop after that step
     (checkpointed, as a killed run) and return False."""
     te = pipe.text_encoder
     device = te.device
@@ -498,20 +505,8 @@ def _open_decoder(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list) -
     """Stage 5b: stage 4's loss (the decoder alone, the encoder fixed) on scenes in every base style mixed
     with generic pictures, so the decoder draws what the encoder's latents hold beyond the shape world."""
     families = open_world.base_families(plan.photos)
-    vae = pipe.vae.eval().requires_grad_(False)
-    vae.decoder.requires_grad_(True).train()
-    vae.post_quant_conv.requires_grad_(True)
-
-    def loss_of(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            latents = vae.encode(x).latent_dist.mode()
-        return _reconstruction_loss(vae.decode(latents).sample, x)
-
-    _fit_vae([p for p in vae.parameters() if p.requires_grad], loss_of, plan.seed + 9, plan.open_decoder_steps,
-             plan.open_decoder_lr, plan.vae_batch,
-             lambda rng: open_world.vae_item(rng, combos, families, plan.open_vae_scene_share).image,
-             "decoder open world")
-    vae.eval().requires_grad_(False)
+    _fit_decoder(pipe, lambda rng: open_world.vae_item(rng, combos, families, plan.open_vae_scene_share).image,
+                 plan.seed + 9, plan.open_decoder_steps, plan.open_decoder_lr, plan.vae_batch, "decoder open world")
 
 
 def _open_vae(pipe: StableDiffusionPipeline, plan: BasePlan, combos: list, cycle: int) -> None:
@@ -534,8 +529,8 @@ def train_base_model(out_dir: str | Path, work_dir: str | Path, plan: BasePlan =
                      until: int | None = None, device: torch.device | str = "cpu") -> StableDiffusionPipeline | None:
     """Train the base model by ``plan`` and save it as a diffusers folder at ``out_dir``. With ``until``,
     stop after that step of the open-world UNet stage or stage 7b (checkpointed in ``work_dir``, as a
-    killed run would be) and return None; a later call continues from there. ``device`` (e.g. ``"cuda"``) runs the
-    networks there; every random draw still comes from CPU generators."""
+    killed run would be) and return None; a later call continues from there. ``device`` (e.g.
+    ``"cuda"``) runs the networks there; every random draw still comes from CPU generators."""
     work_dir = Path(work_dir)
     if (plan.open_decoder_steps or plan.reword_steps) and (plan.open_vae_steps or plan.open_vae2_steps
                                                           or plan.open_unet_steps):
