@@ -14,7 +14,8 @@ from PIL import Image
 from diffusion_lora.toy import analysis, scenes
 
 __all__ = [
-    "PromptScore", "Reconstruction", "caption_of", "generate", "prompt_following", "reconstruction", "short_caption",
+    "PromptScore", "Reconstruction", "caption_of", "generate", "prompt_following", "reconstruction", "score_images",
+    "short_caption",
 ]
 
 
@@ -54,11 +55,15 @@ def prompt_following(pipe, combos: Sequence[tuple[str, str, str, str]],
                      caption: Callable[[tuple[str, str, str, str]], str] = caption_of, **kwargs) -> PromptScore:
     """Generate one image per combo's ``caption`` (default: the full template) and score colour and
     shape (see :mod:`.analysis`)."""
-    images = generate(pipe, [caption(c) for c in combos], **kwargs)
+    return score_images(generate(pipe, [caption(c) for c in combos], **kwargs), combos)
+
+
+def score_images(images: Sequence[Image.Image], combos: Sequence[tuple[str, str, str, str]]) -> PromptScore:
+    """How often the shape reader finds image ``i``'s combo's colour and shape (see :mod:`.analysis`)."""
     readings = [analysis.read_image(im) for im in images]
     colour = sum(r.colour == c[1] for r, c in zip(readings, combos)) / len(combos)
     shape = sum(r.shape == c[2] for r, c in zip(readings, combos)) / len(combos)
-    return PromptScore(colour, shape, images, readings)
+    return PromptScore(colour, shape, list(images), readings)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ __all__ = [
     "article",
     "caption_variant",
     "held_out_combos",
+    "place",
     "random_scene",
     "reworded",
     "render",
@@ -163,12 +164,18 @@ def training_combos(held_out: int = 100, seed: int = 1234) -> list[Combo]:
 
 def random_scene(rng: random.Random, combos: list[Combo] | None = None, style: str = "plain") -> Scene:
     """A scene with a combo drawn from ``combos`` (default: all) and a random position that fits."""
-    size, colour, shape, background = rng.choice(combos if combos is not None else all_combos())
+    scene = place(rng.choice(combos if combos is not None else all_combos()), rng, style)
+    return replace(scene, cx=round(scene.cx, 2), cy=round(scene.cy, 2))
+
+
+def place(combo: Combo, rng: random.Random, style: str = "plain") -> Scene:
+    """``combo`` drawn in ``style`` at a random position from ``rng`` where the whole shape fits."""
+    size, colour, shape, background = combo
     half = SIZES[size] / 2
     margin = 3
     cx = rng.uniform(half + margin, RESOLUTION - half - margin)
     cy = rng.uniform(half + margin, RESOLUTION - half - margin)
-    return Scene(shape, colour, size, background, round(cx, 2), round(cy, 2), style)
+    return Scene(shape, colour, size, background, cx, cy, style)
 
 
 def render(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:

@@ -30,14 +30,13 @@ from PIL import Image
 from diffusion_lora.adapters.api import load_lora, remove_lora, set_weights
 from diffusion_lora.cli import main as cli_main
 from diffusion_lora.metrics import image_stats, style_distance
-from diffusion_lora.toy import analysis, scenes
-from diffusion_lora.toy.evaluate import caption_of, generate
+from diffusion_lora.toy import scenes
+from diffusion_lora.toy.evaluate import caption_of, generate, score_images
 
-__all__ = ["COLUMNS", "REFERENCES", "SeedResult", "StyleResult", "learn_style", "matched_references",
+__all__ = ["COLUMNS", "SeedResult", "StyleResult", "learn_style", "matched_references",
            "style_prompts"]
 
 COLUMNS = ("base", "0.5", "1.0")
-REFERENCES = ("set", "matched")  # the style set's pictures; the evaluation prompts drawn in the style
 _PROMPTS = 24
 _SEED = 1000  # generation seeds (image i: _SEED + i), the same for every column and training seed
 
@@ -53,13 +52,7 @@ def matched_references(style: str, combos: list[tuple[str, str, str, str]], seed
     """Each combo drawn in ``style`` by the renderer, at a random position that fits (the picture a
     perfect LoRA would draw for that prompt)."""
     rng = random.Random(seed)
-    images = []
-    for size, colour, shape, background in combos:
-        half = scenes.SIZES[size] / 2
-        margin = half + 3
-        cx, cy = (rng.uniform(margin, scenes.RESOLUTION - margin) for _ in range(2))
-        images.append(scenes.render(scenes.Scene(shape, colour, size, background, cx, cy, style)))
-    return images
+    return [scenes.render(scenes.place(combo, rng, style)) for combo in combos]
 
 
 @dataclass
@@ -68,7 +61,8 @@ class SeedResult:
 
     seed: int
     adapter: Path
-    distance: dict[str, dict[str, float]] = field(default_factory=dict)  # reference -> column -> distance
+    # reference ("set": the style set's pictures; "matched": the prompts drawn in the style) -> column -> distance
+    distance: dict[str, dict[str, float]] = field(default_factory=dict)
     shape: dict[str, float] = field(default_factory=dict)  # column -> share of images with the prompt's shape
 
     def gap_closed(self, reference: str = "set", column: str = "1.0") -> float:
@@ -91,11 +85,6 @@ class StyleResult:
 
     def shape(self, column: str = "1.0") -> float:
         return statistics.fmean(r.shape[column] for r in self.runs)
-
-
-def _shape_rate(images: list[Image.Image], combos: list[tuple[str, str, str, str]]) -> float:
-    readings = [analysis.read_image(im) for im in images]
-    return sum(r.shape == c[2] for r, c in zip(readings, combos)) / len(combos)
 
 
 def learn_style(pipe, folder: str | Path, out_dir: str | Path, *, style: str | None = None,
@@ -129,7 +118,7 @@ def learn_style(pipe, folder: str | Path, out_dir: str | Path, *, style: str | N
             remove_lora(pipe, name)
         for reference, stats in references.items():
             run.distance[reference] = {c: style_distance(ims, stats).total for c, ims in columns.items()}
-        run.shape = {c: _shape_rate(ims, combos) for c, ims in columns.items()}
+        run.shape = {c: score_images(ims, combos).shape for c, ims in columns.items()}
         runs.append(run)
     base_to_set = style_distance(images["base"], references["set"]).total
     ceiling = 1.0 - style_distance(references["matched"], references["set"]).total / base_to_set
