@@ -14,8 +14,8 @@ from PIL import Image
 from diffusion_lora.toy import analysis, scenes
 
 __all__ = [
-    "PromptScore", "Reconstruction", "caption_of", "generate", "prompt_following", "reconstruction", "score_images",
-    "short_caption",
+    "PromptScore", "Reconstruction", "caption_of", "generate", "prompt_following", "reconstruction", "round_trip",
+    "score_images", "short_caption",
 ]
 
 
@@ -72,18 +72,29 @@ class Reconstruction:
     psnr: float  # dB, from the mean squared error over the whole set
 
 
-def reconstruction(vae, images: Sequence[Image.Image], batch: int = 32) -> Reconstruction:
-    """How well ``vae`` reconstructs ``images`` (encoded to the posterior mean, decoded, rounded to 8 bits)."""
-    abs_sum = sq_sum = count = 0.0
+def round_trip(vae, images: Sequence[Image.Image], batch: int = 32) -> list[Image.Image]:
+    """``images`` encoded by ``vae`` to the posterior mean and decoded again, rounded to 8 bits: the
+    closest a denoiser that reproduces their latents exactly can come to them."""
+    out_images: list[Image.Image] = []
     with torch.no_grad():
         for start in range(0, len(images), batch):
             x = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images[start : start + batch]])
             t = torch.from_numpy(x).permute(0, 3, 1, 2) / 127.5 - 1.0
             t = t.to(device=vae.device, dtype=vae.dtype)
             out = vae.decode(vae.encode(t).latent_dist.mean).sample.float().cpu()
-            y = torch.round((out.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).numpy()
-            abs_sum += float(np.abs(y - x).sum())
-            sq_sum += float(((y - x) ** 2).sum())
-            count += x.size
+            y = torch.round((out.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).numpy().astype(np.uint8)
+            out_images += [Image.fromarray(a) for a in y]
+    return out_images
+
+
+def reconstruction(vae, images: Sequence[Image.Image], batch: int = 32) -> Reconstruction:
+    """How well ``vae`` reconstructs ``images`` (:func:`round_trip`)."""
+    abs_sum = sq_sum = count = 0.0
+    for im, back in zip(images, round_trip(vae, images, batch)):
+        x = np.asarray(im.convert("RGB"), dtype=np.float64)
+        d = np.asarray(back, dtype=np.float64) - x
+        abs_sum += float(np.abs(d).sum())
+        sq_sum += float((d**2).sum())
+        count += x.size
     mse = sq_sum / count
     return Reconstruction(abs_sum / count, 10 * math.log10(255**2 / max(mse, 1e-12)))

@@ -13,6 +13,11 @@ Two measurements, because one alone misleads on this model:
   keeps a distance (its :attr:`StyleResult.ceiling`). The content-matched reference
   (:func:`matched_references`: the evaluation prompts themselves drawn in the style by the renderer)
   has no such floor: 0 means the LoRA drew each prompt exactly as the style would.
+- **The decoder's limit.** A LoRA changes the denoiser only: the best it can do is produce exactly the
+  latents the VAE's encoder gives the matched references, and the decoder turns those back into its own
+  version of them (:func:`~diffusion_lora.toy.evaluate.round_trip`). :attr:`StyleResult.decoder_ceiling`
+  is the gap against the matched references that such a perfect LoRA closes: a style the decoder cannot
+  draw cannot be learned, whatever the recipe.
 
 The held-out styles (:data:`~diffusion_lora.toy.styles.HELD_OUT_STYLES`) are the test: they are never
 part of base training (:func:`~diffusion_lora.toy.open_world.check_trainable`).
@@ -31,7 +36,7 @@ from diffusion_lora.adapters.api import load_lora, remove_lora, set_weights
 from diffusion_lora.cli import main as cli_main
 from diffusion_lora.metrics import image_stats, style_distance
 from diffusion_lora.toy import scenes
-from diffusion_lora.toy.evaluate import caption_of, generate, score_images
+from diffusion_lora.toy.evaluate import caption_of, generate, round_trip, score_images
 
 __all__ = ["COLUMNS", "SeedResult", "StyleResult", "learn_style", "matched_references",
            "style_prompts"]
@@ -78,6 +83,8 @@ class StyleResult:
     runs: list[SeedResult]
     images: dict[str, list[Image.Image]]  # "base", and "SEED:COLUMN" for each run's 0.5 and 1.0
     ceiling: float  # the gap a perfect LoRA (the matched references) would close against the style set
+    # the gap against the matched references a LoRA closes that produces their latents exactly (decoded)
+    decoder_ceiling: float
 
     def gap_closed(self, reference: str = "set", column: str = "1.0") -> float:
         """The mean over the training seeds."""
@@ -96,10 +103,12 @@ def learn_style(pipe, folder: str | Path, out_dir: str | Path, *, style: str | N
     style = style or folder.name
     combos = style_prompts()
     prompts = [caption_of(c) for c in combos]
+    matched = matched_references(style, combos)
     references = {"set": image_stats([Image.open(p) for p in sorted(folder.glob("*.png"))]),
-                  "matched": image_stats(matched_references(style, combos))}
+                  "matched": image_stats(matched)}
     set_weights(pipe, {})
     images = {"base": generate(pipe, prompts, seed=_SEED)}
+    decoded = round_trip(pipe.vae, matched)
     runs = []
     for seed in seeds:
         run_dir = out_dir / f"seed-{seed}"
@@ -122,4 +131,6 @@ def learn_style(pipe, folder: str | Path, out_dir: str | Path, *, style: str | N
         runs.append(run)
     base_to_set = style_distance(images["base"], references["set"]).total
     ceiling = 1.0 - style_distance(references["matched"], references["set"]).total / base_to_set
-    return StyleResult(folder.name, prompts, runs, images, ceiling)
+    base_to_matched = style_distance(images["base"], references["matched"]).total
+    decoder_ceiling = 1.0 - style_distance(decoded, references["matched"]).total / base_to_matched
+    return StyleResult(folder.name, prompts, runs, images, ceiling, decoder_ceiling)
