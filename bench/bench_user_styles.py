@@ -16,6 +16,8 @@ the base, the LoRA at 0.5 and at 1.0 and prints, per seed and as the mean over s
   produces exactly the latents of the matched reference, which the VAE decodes into its own version).
 
 One seed decides nothing on this model (the seed moves the gap by up to 30 points): run three or more.
+``--decoder-grid PATH`` writes what the decoder makes of the matched references (reference | decoded, in
+pairs); with ``--seeds`` and nothing after it, only that (no training, seconds).
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusion_lora.models.loading import load_pipeline  # noqa: E402
+from diffusion_lora.toy.evaluate import round_trip  # noqa: E402
 from diffusion_lora.toy.styles import HELD_OUT_STYLES  # noqa: E402
-from diffusion_lora.toy.user_style import learn_style  # noqa: E402
+from diffusion_lora.toy.user_style import learn_style, matched_references, style_prompts  # noqa: E402
 from diffusion_lora.training.outputs import image_grid  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "datasets"
@@ -43,16 +46,33 @@ def _pct(values) -> str:
     return " · ".join(f"{v:.0%}" for v in values)
 
 
+def decoder_grid(pipe, styles, path: str, per_row: int = 4) -> None:
+    """Per style, the first matched references next to their VAE round trip (what a perfect LoRA yields)."""
+    rows, labels = [], []
+    for style in styles:
+        refs = matched_references(style, style_prompts()[:per_row])
+        cells = [im for pair in zip(refs, round_trip(pipe.vae, refs)) for im in pair]
+        rows.append([c.convert("RGB").resize((CELL, CELL), Image.Resampling.NEAREST) for c in cells])
+        labels.append(f"{style}: [matched reference | through the VAE] x {per_row}")
+    image_grid(rows, labels).save(path)
+    print(f"decoder grid: {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="shapes-sd15", help="the base (a model name or diffusers folder)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default="out/user-styles")
     parser.add_argument("--grid", default="", help="also write a comparison grid (first seed) here")
+    parser.add_argument("--decoder-grid", default="", help="write the decoder's-limit picture here")
     parser.add_argument("--styles", nargs="*", default=list(HELD_OUT_STYLES))
     args = parser.parse_args()
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
+    if args.decoder_grid:
+        decoder_grid(pipe, args.styles, args.decoder_grid)
+    if not args.seeds:
+        return
     extra = () if args.model == "shapes-sd15" else ("--model", args.model)
     print(f"model {args.model}, training seeds {args.seeds}, torch threads {torch.get_num_threads()}")
     print("| style | vs style set: gap per seed → mean (ceiling) | vs matched: gap per seed → mean "
