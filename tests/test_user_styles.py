@@ -55,10 +55,10 @@ def test_learn_style_runs_the_plain_command_once_per_seed(tmp_path):
     assert result.prompts == prompts
     again = generate(pipe, prompts, seed=1000)
     assert [im.tobytes() for im in again] == [im.tobytes() for im in result.images["base"]]
-    matched = style_distance(result.images["base"], matched_references("ink", style_prompts())).total
+    refs = matched_references("ink", style_prompts())
+    matched = style_distance(result.images["base"], refs).total
     assert result.runs[1].distance["matched"]["base"] == pytest.approx(matched)
     # The decoder's limit: the matched references through the VAE (posterior mean, 8-bit), against them.
-    refs = matched_references("ink", style_prompts())
     x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
                      for im in refs]) / 127.5 - 1
     with torch.no_grad():
